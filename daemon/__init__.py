@@ -1,0 +1,1 @@
+"""benchsync.daemon: the wiring — libp2p host, services, control API, CLI and config."""

@@ -1,0 +1,5 @@
+import sys
+
+from benchsync.daemon.cli import main
+
+sys.exit(main())

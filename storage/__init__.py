@@ -1,0 +1,1 @@
+"""benchsync.storage: everything on disk (DuckDB, Parquet, UnixFS, CAR, blocks). No networking."""
