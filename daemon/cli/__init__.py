@@ -13,6 +13,11 @@ import sys
 
 COMMAND_MODULES = [
     "init",
+    "snapshots",
+    "config_cmd",
+    "cid",
+    "record",
+    "query",
 ]
 
 
@@ -31,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from benchsync.daemon.cli.common import CLIError, fail
+    from benchsync.storage.errors import StorageError
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -38,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         rc = args.func(args)
     except CLIError as e:
         return fail(e)
+    except StorageError as e:
+        return fail(CLIError(str(e), "run with the same arguments again after fixing the cause above"))
     except KeyboardInterrupt:
         print("Interrupted.", file=sys.stderr)
         return 130

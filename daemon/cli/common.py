@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from benchsync.storage.dataset import LocalDataset
 
 
 class CLIError(Exception):
@@ -33,3 +38,40 @@ def data_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
         return Path(home).expanduser()
     xdg = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(xdg) / "benchsync"
+
+
+def add_home_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--home", metavar="DIR", help="data directory (default: $BENCHSYNC_HOME, else XDG data dir)"
+    )
+
+
+def parse_size(text: str) -> int:
+    """`64M`, `1G`, `300000` -> bytes (binary multiples)."""
+    units = {"K": 1024, "M": 1024**2, "G": 1024**3}
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    try:
+        if t and t[-1] in units:
+            return int(float(t[:-1]) * units[t[-1]])
+        return int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 64M or 300000)") from None
+
+
+def open_dataset(args: argparse.Namespace) -> LocalDataset:
+    """Open the data directory offline (no running node), creating it on first use."""
+    from benchsync.daemon.identity import load_or_create_identity, peer_id_of
+    from benchsync.storage.dataset import LocalDataset
+
+    home = data_dir(getattr(args, "home", None))
+    home.mkdir(parents=True, exist_ok=True)
+    peer_id = peer_id_of(load_or_create_identity(home))
+    try:
+        return LocalDataset(home, str(peer_id))
+    except Exception as e:
+        if "lock" in str(e).lower():
+            raise CLIError(
+                f"the database in {home} is in use by another process ({e})",
+                "a node is running on this data directory: use it (benchsync status) or stop it",
+            ) from e
+        raise

@@ -1,0 +1,268 @@
+"""Head announcements over GossipSub and the direct head protocol.
+
+This service owns the node's GossipSub router on the topic
+`benchsync/<network>/heads/1`, the validator guarding it, the periodic
+re-announcement of the local head, and `/benchsync/head/1.0.0` on both sides
+(answering "what is your head" and asking it of a newly connected peer, so
+late joiners and lost gossip do not matter).
+
+Trust model: a gossip message is signed by its origin (StrictSign), and the
+validator accepts it only when the origin is the dataset's owner, is allowed
+by the `AccessPolicy` (trusted, not banned), the head parses, and its seq
+grows. A head response's own head must be the responder's dataset. The
+replica heads in a head response are not signed by their owner, so they are
+only *provider hints* (this peer can serve that root); they never move a
+dataset's head. Accepted heads are handed to `on_head(head, peer)`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+import trio
+from benchsync.daemon.host import AccessPolicy, StreamReader, guard_handler, remote_peer
+from benchsync.protocol.frames import (
+    MAX_FRAME,
+    Refused,
+    check_network,
+    decode_json,
+    encode_json_frame,
+    refusal,
+)
+from benchsync.protocol.heads import (
+    HEAD_PROTOCOL_ID,
+    MAX_HEAD_RESPONSE,
+    Head,
+    HeadBook,
+    HeadResponse,
+    InvalidHead,
+    check_announcement,
+    decode_head,
+    encode_head,
+    head_request,
+    head_response,
+    parse_head_response,
+    topic_for,
+)
+from libp2p.abc import IHost, INetStream
+from libp2p.custom_types import TProtocol
+from libp2p.peer.id import ID
+from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
+from libp2p.pubsub.pb import rpc_pb2
+from libp2p.pubsub.pubsub import Pubsub
+from libp2p.tools.anyio_service import background_trio_service
+
+if TYPE_CHECKING:
+    from trio_typing import TaskStatus
+
+log = logging.getLogger(__name__)
+
+REANNOUNCE_INTERVAL = 30.0  # seconds between re-announcements of an unchanged head
+HEARTBEAT_INTERVAL = 1  # seconds (py-libp2p's default of 120 s makes a mesh form far too slowly)
+MESH_DEGREE = 6  # GossipSub D: peers in the mesh per topic (go-libp2p's default)
+MESH_DEGREE_LOW = 4  # D_lo: graft more below this
+MESH_DEGREE_HIGH = 12  # D_hi: prune above this
+REQUEST_TIMEOUT = 10.0  # seconds for a whole head request/response exchange
+MESSAGE_QUEUE = 32  # py-libp2p's subscription queue length (overflow is dropped)
+
+HeadCallback = Callable[[Head, str], Awaitable[None]]
+ReplicaHintCallback = Callable[[Head, str], Awaitable[None]]
+
+
+class Announcer:
+    """GossipSub heads for one network, plus the head request protocol.
+
+    `run()` starts the router and serves until cancelled; `announce(head)`
+    publishes our head now and keeps re-announcing it; `request_head(peer)`
+    asks a peer directly.
+    """
+
+    def __init__(
+        self,
+        host: IHost,
+        *,
+        network: str,
+        policy: AccessPolicy,
+        on_head: HeadCallback,
+        on_replica_hint: ReplicaHintCallback | None = None,
+        replicas: Callable[[], list[Head]] = list,
+        reannounce_interval: float = REANNOUNCE_INTERVAL,
+    ) -> None:
+        self.host = host
+        self.network = network
+        self.topic = topic_for(network)
+        self.policy = policy
+        self.on_head = on_head
+        self.on_replica_hint = on_replica_hint
+        self.replicas = replicas
+        self.reannounce_interval = reannounce_interval
+        self.book = HeadBook()
+        self.local_head: Head | None = None
+        self.rejected = 0  # gossip messages the validator refused (for status and tests)
+        self._rejected_event = trio.Event()
+        self.my_id = host.get_id().to_base58()
+        self.gossipsub = GossipSub(
+            protocols=[PROTOCOL_ID_V12, PROTOCOL_ID_V11],
+            degree=MESH_DEGREE,
+            degree_low=MESH_DEGREE_LOW,
+            degree_high=MESH_DEGREE_HIGH,
+            heartbeat_interval=HEARTBEAT_INTERVAL,
+            # Eclipse protection grafts for IP diversity; a lab (and a loopback
+            # test) runs many nodes per address, where it only adds churn.
+            eclipse_protection_enabled=False,
+        )
+        self.pubsub = Pubsub(host, self.gossipsub, strict_signing=True, allowed_topics={self.topic})
+        self._wake_reannounce = trio.Event()
+
+    # --- service ----------------------------------------------------------------
+
+    async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the router, the subscription and the re-announcer until cancelled."""
+        self.host.set_stream_handler(
+            TProtocol(HEAD_PROTOCOL_ID), guard_handler("head", self._handle_head)
+        )
+        async with background_trio_service(self.pubsub), background_trio_service(self.gossipsub):
+            await self.pubsub.wait_until_ready()
+            self.pubsub.set_topic_validator(self.topic, self._validate, False)
+            subscription = await self.pubsub.subscribe(self.topic)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._receive, subscription)
+                nursery.start_soon(self._reannounce_loop)
+                task_status.started()
+
+    async def _receive(self, subscription: object) -> None:
+        get = subscription.get  # type: ignore[attr-defined]
+        while True:
+            msg: rpc_pb2.Message = await get()
+            signer = ID(msg.from_id).to_base58()
+            if signer == self.my_id:
+                continue
+            try:
+                head = decode_head(msg.data)
+                # Re-check: another head of this dataset may have been accepted
+                # between validation and delivery.
+                self.book.accept(head)
+            except InvalidHead as e:
+                log.debug("dropping stale announcement from %s: %s", signer, e)
+                continue
+            await self.on_head(head, signer)
+
+    def _validate(self, forwarder: ID, msg: rpc_pb2.Message) -> bool:
+        """GossipSub topic validator: True lets the message be delivered and forwarded."""
+        try:
+            signer = ID(msg.from_id).to_base58()
+        except Exception:
+            self._reject()
+            return False
+        if signer == self.my_id:
+            return True  # our own publish passes through the validator too
+        for peer in (signer, forwarder.to_base58()):
+            reason = self.policy.refusal(peer)
+            if reason is not None:
+                log.info("rejecting head announcement via %s: %s", forwarder, reason)
+                self._reject()
+                return False
+        try:
+            check_announcement(msg.data, signer, self.book)
+        except InvalidHead as e:
+            log.info("rejecting head announcement from %s: %s", signer, e)
+            self._reject()
+            return False
+        return True
+
+    def _reject(self) -> None:
+        self.rejected += 1
+        self._rejected_event.set()
+        self._rejected_event = trio.Event()
+
+    async def wait_rejected(self, count: int) -> None:
+        """Return once the validator has rejected at least `count` messages."""
+        while self.rejected < count:
+            await self._rejected_event.wait()
+
+    # --- announcing -------------------------------------------------------------
+
+    def set_local_head(self, head: Head | None) -> None:
+        """Make `head` the head we answer head requests with and re-announce."""
+        if head is not None and head.dataset != self.my_id:
+            raise ValueError(
+                f"local head names dataset {head.dataset}, but this node is {self.my_id}"
+            )
+        self.local_head = head
+
+    async def announce(self, head: Head) -> None:
+        """Set `head` as ours and publish it now (and periodically from then on)."""
+        self.set_local_head(head)
+        await self._publish()
+        self._wake_reannounce.set()  # restart the interval from this publish
+
+    async def _publish(self) -> None:
+        if self.local_head is None:
+            return
+        try:
+            await self.pubsub.publish(self.topic, encode_head(self.local_head))
+        except Exception as e:  # a publish failure must not stop the node
+            log.warning("could not publish head seq %d: %r", self.local_head.seq, e)
+
+    async def _reannounce_loop(self) -> None:
+        while True:
+            with trio.move_on_after(self.reannounce_interval):
+                await self._wake_reannounce.wait()
+                self._wake_reannounce = trio.Event()
+                continue
+            await self._publish()
+
+    # --- /benchsync/head/1.0.0 ---------------------------------------------------
+
+    async def _handle_head(self, stream: INetStream) -> None:
+        peer = str(remote_peer(stream))
+        with trio.fail_after(REQUEST_TIMEOUT):
+            reader = StreamReader(stream, max_frame=MAX_FRAME)
+            request = decode_json(await reader.frame())
+            reason = self.policy.refusal(peer)
+            if reason is None:
+                try:
+                    check_network(request, self.network)
+                except Refused as e:
+                    reason = e.reason
+            if reason is not None:
+                await stream.write(encode_json_frame(refusal(reason)))
+                return
+            body = head_response(self.local_head, self.replicas())
+            await stream.write(encode_json_frame(body, max_frame=MAX_HEAD_RESPONSE))
+
+    async def request_head(self, peer: ID) -> HeadResponse:
+        """Ask `peer` for its head and the replicas it serves.
+
+        Accepted heads go to `on_head` and replica hints to `on_replica_hint`
+        as for gossip. Raises `Refused` (with the peer's reason),
+        `ProtocolError` for a malformed answer, `trio.TooSlowError`, or the
+        libp2p error of a failed dial.
+        """
+        reason = self.policy.refusal(str(peer))
+        if reason is not None:
+            raise Refused(f"not asking: {reason}")
+        with trio.fail_after(REQUEST_TIMEOUT):
+            stream = await self.host.new_stream(peer, [TProtocol(HEAD_PROTOCOL_ID)])
+            try:
+                await stream.write(encode_json_frame(head_request(self.network)))
+                reader = StreamReader(stream, max_frame=MAX_HEAD_RESPONSE)
+                response = parse_head_response(decode_json(await reader.frame()), str(peer))
+            finally:
+                await stream.close()
+        peer_s = str(peer)
+        if response.head is not None:
+            try:
+                self.book.accept(response.head)
+            except InvalidHead as e:
+                log.info("ignoring head from %s: %s", peer_s, e)
+            else:
+                await self.on_head(response.head, peer_s)
+        if self.on_replica_hint is not None:
+            for rep in response.replicas:
+                if rep.dataset != self.my_id:
+                    await self.on_replica_hint(rep, peer_s)
+        return response
+

@@ -1,0 +1,135 @@
+"""`benchsync record perf|compat|test`: store benchmark results in the local database.
+
+Each subcommand takes one record as flags, or many with `--from FILE.jsonl`
+(one JSON object per line, keyword names of the Python API). Flags map onto
+those keyword names through one table per kind (`_FLAGS`), so `--help`, the
+flag parsing and the record fields cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from benchsync.daemon.cli.common import CLIError, data_dir
+from benchsync.storage.db import DB_FILENAME, BenchmarkDB, DatabaseLocked
+from benchsync.storage.errors import InvalidRecord, StorageError
+
+# (flag, record field, type, help) per kind; type "bool" becomes --flag/--no-flag.
+_COMMON = [
+    ("--model", "model_name", str, "model name (created on first use)"),
+    ("--model-family", "model_family", str, "model family, e.g. bert"),
+    ("--hardware", "hardware_type", str, "hardware type, e.g. cuda, cpu, rocm"),
+    ("--device", "device_name", str, "device name, e.g. 'NVIDIA A100'"),
+]
+_TAIL = [
+    ("--run-id", "run_id", int, "id of an existing test run"),
+]
+_FLAGS: dict[str, list[tuple[str, str, Any, str]]] = {
+    "perf": _COMMON + [
+        ("--batch-size", "batch_size", int, "batch size (default 1)"),
+        ("--precision", "precision", str, "numeric precision (default fp32)"),
+        ("--test-case", "test_case", str, "test case (default 'default')"),
+        ("--throughput", "throughput", float, "items per second"),
+        ("--latency-avg", "latency_avg", float, "mean latency, ms"),
+        ("--latency-p90", "latency_p90", float, "90th percentile latency, ms"),
+        ("--latency-p95", "latency_p95", float, "95th percentile latency, ms"),
+        ("--latency-p99", "latency_p99", float, "99th percentile latency, ms"),
+        ("--memory-peak", "memory_peak", float, "peak memory, MB"),
+        ("--total-time", "total_time_seconds", float, "total time, seconds"),
+        ("--iterations", "iterations", int, "measured iterations"),
+        ("--warmup-iterations", "warmup_iterations", int, "warm-up iterations"),
+        ("--metrics", "metrics", str, "extra metrics as a JSON object"),
+    ] + _TAIL,
+    "compat": _COMMON + [
+        ("--compatible", "is_compatible", "bool", "the model works on this hardware"),
+        ("--detection-success", "detection_success", "bool", "hardware detected (default: --compatible)"),
+        ("--initialization-success", "initialization_success", "bool",
+         "model initialised (default: --compatible)"),
+        ("--error-message", "error_message", str, "error seen"),
+        ("--error-type", "error_type", str, "error class"),
+        ("--suggested-fix", "suggested_fix", str, "what to try"),
+        ("--workaround-available", "workaround_available", "bool", "a workaround exists"),
+        ("--score", "compatibility_score", float, "compatibility score"),
+        ("--metadata", "metadata", str, "extra metadata as a JSON object"),
+    ] + _TAIL,
+    "test": _COMMON + [
+        ("--test-module", "test_module", str, "test module"),
+        ("--test-class", "test_class", str, "test class"),
+        ("--test-name", "test_name", str, "test name"),
+        ("--status", "status", str, "pass, fail, error or skip"),
+        ("--execution-time", "execution_time_seconds", float, "seconds"),
+        ("--error-message", "error_message", str, "error seen"),
+        ("--error-traceback", "error_traceback", str, "traceback text"),
+        ("--metadata", "metadata", str, "extra metadata as a JSON object"),
+    ] + _TAIL,
+}
+_KIND_HELP = {
+    "perf": "a performance result (throughput, latency, memory)",
+    "compat": "a hardware compatibility result",
+    "test": "an integration test result",
+}
+_STORE = {
+    "perf": BenchmarkDB.store_performance_result,
+    "compat": BenchmarkDB.store_hardware_compatibility,
+    "test": BenchmarkDB.store_integration_test_result,
+}
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("record", help="store benchmark results in the local database")
+    kinds = p.add_subparsers(dest="kind", metavar="KIND")
+    kinds.required = True
+    for kind, flags in _FLAGS.items():
+        k = kinds.add_parser(kind, help=_KIND_HELP[kind])
+        k.add_argument("--home", help="data directory (default: $BENCHSYNC_HOME, else XDG data dir)")
+        k.add_argument("--from", dest="from_file", metavar="FILE.jsonl",
+                       help="read records from a JSONL file (keyword names), all or nothing")
+        for flag, dest, type_, help_ in flags:
+            if type_ == "bool":
+                k.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, help=help_)
+            else:
+                k.add_argument(flag, dest=dest, type=type_, help=help_)
+        k.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    kind = args.kind
+    fields = {dest: getattr(args, dest) for _, dest, _, _ in _FLAGS[kind]
+              if getattr(args, dest) is not None}
+    if args.from_file and fields:
+        raise CLIError("--from cannot be combined with record flags",
+                       "put every field in the JSONL file, or drop --from")
+    for name in ("metrics", "metadata"):
+        if name in fields:
+            try:
+                fields[name] = json.loads(fields[name])
+            except ValueError as e:
+                raise CLIError(f"--{name} is not valid JSON: {e}",
+                               f"""--{name} '{{"key": 1}}'""") from None
+    path = data_dir(args.home) / DB_FILENAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with BenchmarkDB(path) as db:
+            if args.from_file:
+                source = Path(args.from_file)
+                if not source.is_file():
+                    raise CLIError(f"no such file: {source}", "check the path given to --from")
+                count = db.ingest_jsonl(kind, source)
+                print(f"Recorded {count} {kind} record(s) from {source} into {path}")
+            else:
+                record_id = _STORE[kind](db, **fields)
+                print(f"Recorded {kind} record {record_id} into {path}")
+    except InvalidRecord as e:
+        flag = next((f for f, dest, _, _ in _FLAGS[kind] if dest == e.field), None)
+        hint = (f"fix {flag} ({e.field})" if flag and not args.from_file
+                else f"fix field {e.field!r}; nothing was written")
+        raise CLIError(str(e), hint) from None
+    except DatabaseLocked as e:
+        raise CLIError(str(e), "stop the running node, or record through it when its "
+                       "control API is available") from None
+    except StorageError as e:
+        raise CLIError(str(e), f"check {path}") from None
+    return 0

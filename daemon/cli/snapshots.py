@@ -1,0 +1,145 @@
+"""`benchsync snapshot | log | restore | export | import | gc`: versions of the local dataset."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+from benchsync.daemon.cli.common import CLIError, add_home_argument, open_dataset, parse_size
+from benchsync.storage.errors import NotFound, StorageError
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("snapshot", help="snapshot the database; prints the version's CID")
+    add_home_argument(p)
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.set_defaults(func=run_snapshot)
+
+    p = sub.add_parser("log", help="list versions, newest first")
+    add_home_argument(p)
+    p.add_argument("-n", "--limit", type=int, default=None, help="show at most N versions")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.set_defaults(func=run_log)
+
+    p = sub.add_parser("restore", help="make an old version's content current (history is kept)")
+    add_home_argument(p)
+    p.add_argument("cid", help="root CID of the version (from `benchsync log`)")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.set_defaults(func=run_restore)
+
+    p = sub.add_parser("export", help="write a version (default: the head) as CAR file(s)")
+    add_home_argument(p)
+    p.add_argument("cid", nargs="?", help="root CID (default: the head)")
+    p.add_argument("--car", required=True, metavar="FILE", help="output CAR file")
+    p.add_argument(
+        "--max-size",
+        type=parse_size,
+        default=None,
+        metavar="SIZE",
+        help="split into CARs of at most SIZE bytes (e.g. 64M): FILE.0000.car, FILE.0001.car, ...",
+    )
+    p.set_defaults(func=run_export)
+
+    p = sub.add_parser("import", help="import CAR file(s): verify every block, then make the roots available")
+    add_home_argument(p)
+    p.add_argument("files", nargs="+", metavar="FILE.car")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.set_defaults(func=run_import)
+
+    p = sub.add_parser("gc", help="delete blocks no kept version, pin or replica references")
+    add_home_argument(p)
+    p.set_defaults(func=run_gc)
+
+
+def run_snapshot(args: argparse.Namespace) -> int:
+    with open_dataset(args) as ds:
+        result = ds.snapshot()
+    v = result.version
+    if args.json:
+        doc = v.to_json() | {"created": result.created, "new_blocks": result.new_blocks,
+                             "new_bytes": result.new_bytes}
+        print(json.dumps(doc))
+    else:
+        if not result.created:
+            print("no change since the head", file=sys.stderr)
+        print(v.cid)
+    return 0
+
+
+def run_log(args: argparse.Namespace) -> int:
+    with open_dataset(args) as ds:
+        versions = ds.history(args.limit)
+    if args.json:
+        print(json.dumps([v.to_json() for v in versions]))
+        return 0
+    if not versions:
+        print("no versions yet (run `benchsync snapshot`)", file=sys.stderr)
+        return 0
+    for v in versions:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v.created_at))
+        rows = ", ".join(f"{t}={i.rows}" for t, i in sorted(v.manifest.tables.items()) if i.rows)
+        print(f"{v.seq:>5}  {v.cid}  {when}  parent={v.parent or '-'}")
+        print(f"       rows: {rows or '(empty)'}")
+    return 0
+
+
+def run_restore(args: argparse.Namespace) -> int:
+    with open_dataset(args) as ds:
+        try:
+            version = ds.restore(args.cid)
+        except NotFound as e:
+            raise CLIError(str(e), "list versions with `benchsync log`") from e
+    if args.json:
+        print(json.dumps(version.to_json()))
+    else:
+        print(version.cid)
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    out = Path(args.car)
+    with open_dataset(args) as ds:
+        if args.max_size:
+            paths = ds.export_cars(out, args.cid, args.max_size)
+            for p in paths:
+                print(p)
+        else:
+            tmp = out.with_name(f".{out.name}.partial")
+            with open(tmp, "wb") as f:
+                root, n = ds.export_car(f, args.cid)
+            tmp.replace(out)
+            print(f"{root}  {n} bytes  {out}", file=sys.stderr)
+            print(root)
+    return 0
+
+
+def run_import(args: argparse.Namespace) -> int:
+    for name in args.files:
+        if not Path(name).is_file():
+            raise CLIError(f"{name}: no such file", "pass the path of a .car file")
+    with open_dataset(args) as ds, ExitStack() as stack:
+        streams = [(name, stack.enter_context(open(name, "rb"))) for name in args.files]
+        try:
+            result = ds.import_cars(streams)
+        except StorageError as e:
+            raise CLIError(str(e), "check the file is a complete CAR written by `benchsync export`") from e
+    if args.json:
+        print(json.dumps({"roots": result.roots, "blocks": result.blocks,
+                          "new_blocks": result.new_blocks, "new_bytes": result.new_bytes}))
+    else:
+        if result.noop:
+            print("already present: nothing new imported", file=sys.stderr)
+        for root in result.roots:
+            print(root)
+    return 0
+
+
+def run_gc(args: argparse.Namespace) -> int:
+    with open_dataset(args) as ds:
+        removed, freed = ds.gc()
+    print(f"removed {removed} block(s), freed {freed} bytes")
+    return 0

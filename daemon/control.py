@@ -1,0 +1,665 @@
+"""The control API: HTTP/1.1 + JSON for the CLI and for operators.
+
+Owns the server (h11 on trio streams) that listens on a Unix socket (mode
+0600: file permissions are the authentication) and optionally on TCP (every
+request needs `Authorization: Bearer <token>`), the `Router` that maps
+(method, path) to handlers, the one error shape every route answers with, and
+the synchronous `ControlClient` the CLI uses.
+
+A handler is `async def handler(request: Request) -> tuple[int, object]`; the
+object is sent as JSON, or as is when it is a `Text` (Prometheus exposition).
+A handler signals a client mistake with `ApiError(status, code, message,
+hint)`; any other exception is logged and becomes a 500 for that request only.
+Every error, including 400 (bad JSON), 401, 404, 405, 408, 413 and 500, has
+the body `{"error": {"code": ..., "message": ..., "hint": ...}}`.
+
+This module knows no routes of its own; the node registers them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import hmac
+import http.client
+import json
+import logging
+import os
+import socket
+import stat
+import urllib.parse
+from collections.abc import Awaitable, Callable, Mapping
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import h11
+import trio
+
+if TYPE_CHECKING:
+    # trio-typing's stubs (a libp2p dependency) shadow trio's own annotations.
+    from trio_typing import TaskStatus
+
+MAX_BODY_BYTES = 1 * 1024 * 1024  # bytes; largest request body (records come in batches)
+MAX_HEADER_BYTES = 16 * 1024  # bytes; request line plus headers
+REQUEST_TIMEOUT = 10.0  # seconds to receive one whole request (also keep-alive idle time)
+MAX_CONNECTIONS = 64  # connections served at once; more wait for a free slot
+RECEIVE_SIZE = 64 * 1024  # bytes per read
+MAX_DRAIN_BYTES = 64 * 1024 * 1024  # bytes of a refused body we read and discard at most
+BACKLOG = 64  # pending connections per listener
+SOCKET_PROBE_TIMEOUT = 1.0  # seconds to decide whether a socket file has a live server
+MAX_UNIX_PATH = 107  # bytes; sun_path holds 108 including the terminating NUL
+SOCKET_MODE = 0o600  # only the node's user may talk to it
+SOCKET_DIR_MODE = 0o700  # for a directory we create to hold the socket
+CLIENT_TIMEOUT = 60.0  # seconds a ControlClient waits for an answer
+SERVER_NAME = b"benchsync"
+JSON_TYPE = "application/json"
+TEXT_TYPE = "text/plain; charset=utf-8"
+
+log = logging.getLogger(__name__)
+
+
+# --- errors ------------------------------------------------------------------
+
+
+class ApiError(Exception):
+    """Raised by a handler (or the server) to answer with an error status.
+
+    `code` is a stable machine-readable word (`not_found`, `bad_json`, ...),
+    `message` says what happened and `hint` what the caller could try.
+    """
+
+    def __init__(self, status: int, code: str, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.hint = hint
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"code": self.code, "message": self.message, "hint": self.hint}}
+
+
+class ControlSocketError(OSError):
+    """The control socket cannot be created (our environment's fault, not a client's)."""
+
+    def __init__(self, path: Path, message: str, hint: str) -> None:
+        super().__init__(f"control socket {path}: {message}")
+        self.path = path
+        self.message = f"control socket {path}: {message}"
+        self.hint = hint
+
+
+class ControlSocketInUse(ControlSocketError):
+    """Another process (most likely another node) is serving on the socket path."""
+
+
+class ControlAPIError(Exception):
+    """The control API answered with an error (or, as `ControlUnavailable`, not at all).
+
+    Carries the server's error shape: `status`, `code`, `message`, `hint`.
+    """
+
+    def __init__(
+        self, status: int | None, code: str, message: str, hint: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.hint = hint
+
+
+class ControlUnavailable(ControlAPIError):
+    """No node answers at the address (not running, stale socket, or no permission)."""
+
+
+# --- requests, responses, routing --------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """One HTTP request as a handler sees it."""
+
+    method: str
+    path: str  # without the query string, percent-decoded
+    query: Mapping[str, str]  # last value wins for a repeated key
+    headers: Mapping[str, str]  # names in lower case
+    body: bytes
+    params: Mapping[str, str] = dataclasses.field(default_factory=dict)  # from {name} segments
+    transport: str = "unix"  # "unix" or "tcp"
+
+    def json(self) -> Any:
+        """The body decoded as JSON (None for an empty body); ApiError 400 if it is not JSON."""
+        if not self.body:
+            return None
+        try:
+            return json.loads(self.body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ApiError(
+                400, "bad_json", f"request body is not valid JSON: {e}",
+                "send a JSON document with Content-Type: application/json",
+            ) from None  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class Text:
+    """A non-JSON response body, e.g. Prometheus text exposition."""
+
+    body: bytes | str
+    content_type: str = TEXT_TYPE
+
+
+Handler = Callable[[Request], Awaitable[tuple[int, Any]]]
+
+
+class Router:
+    """Maps (method, path) to handlers; `{name}` path segments become `request.params`."""
+
+    def __init__(self) -> None:
+        self._routes: list[tuple[tuple[str, ...], str, Handler]] = []
+
+    def add(self, method: str, path: str, handler: Handler) -> None:
+        """Register `handler` for `method` on `path` (e.g. "/v1/replicas/{peer}")."""
+        pattern = _segments(path)
+        method = method.upper()
+        for existing, m, _ in self._routes:
+            if existing == pattern and m == method:
+                raise ValueError(f"route {method} {path} is already registered")
+        self._routes.append((pattern, method, handler))
+
+    def resolve(self, method: str, path: str) -> tuple[Handler, dict[str, str]]:
+        """The handler and path parameters; ApiError 404 (no such path) or 405 (wrong method)."""
+        segments = _segments(path)
+        allowed: list[str] = []
+        for pattern, m, handler in self._routes:
+            params = _match(pattern, segments)
+            if params is None:
+                continue
+            if m == method.upper():
+                return handler, params
+            allowed.append(m)
+        if allowed:
+            raise ApiError(
+                405, "method_not_allowed", f"{method} is not allowed on {path}",
+                f"use {' or '.join(sorted(set(allowed)))}",
+            )  # fmt: skip
+        known = ", ".join(f"{m} {p}" for m, p in self.routes())
+        raise ApiError(404, "not_found", f"no route {path}", f"known routes: {known}")
+
+    def routes(self) -> list[tuple[str, str]]:
+        """(method, path) of every route, in registration order."""
+        return [(m, "/" + "/".join(p)) for p, m, _ in self._routes]
+
+
+def _segments(path: str) -> tuple[str, ...]:
+    return tuple(s for s in path.split("/") if s)
+
+
+def _match(pattern: tuple[str, ...], segments: tuple[str, ...]) -> dict[str, str] | None:
+    if len(pattern) != len(segments):
+        return None
+    params: dict[str, str] = {}
+    for p, s in zip(pattern, segments, strict=True):
+        if p.startswith("{") and p.endswith("}"):
+            params[p[1:-1]] = s
+        elif p != s:
+            return None
+    return params
+
+
+# --- the server --------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ControlEndpoints:
+    """Where a started server listens (TCP port resolved when 0 was asked for)."""
+
+    socket_path: Path
+    tcp_address: tuple[str, int] | None
+
+
+@dataclasses.dataclass
+class ControlServer:
+    """Serves a `Router` on a Unix socket and, if `tcp` is set, on TCP with a bearer token."""
+
+    router: Router
+    socket_path: Path
+    tcp: tuple[str, int] | None = None
+    token: str | None = None
+    max_body_bytes: int = MAX_BODY_BYTES
+    request_timeout: float = REQUEST_TIMEOUT
+    max_connections: int = MAX_CONNECTIONS
+
+    def __post_init__(self) -> None:
+        self.socket_path = Path(self.socket_path)
+        if self.tcp is not None and not self.token:
+            raise ValueError("a TCP control listener needs a token")
+        self._limiter = trio.CapacityLimiter(self.max_connections)
+
+    @classmethod
+    def from_config(cls, router: Router, config: Any) -> ControlServer:
+        """A server for a `benchsync.daemon.config.Config`."""
+        return cls(router, config.control_socket, config.control_tcp_address, config.control_token)
+
+    async def run(
+        self, *, task_status: TaskStatus[ControlEndpoints] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Listen and serve until cancelled; removes the socket file on the way out.
+
+        `task_status.started()` gets the `ControlEndpoints`. Raises
+        `ControlSocketInUse` if a live server owns the socket path, and
+        `ControlSocketError` if the socket cannot be created.
+        """
+        unix_listener = await _open_unix_listener(self.socket_path)
+        ino = os.stat(self.socket_path).st_ino
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(
+                    trio.serve_listeners, partial(self._serve, transport="unix"), [unix_listener]
+                )
+                tcp_address = None
+                if self.tcp is not None:
+                    host, port = self.tcp
+                    tcp_listeners = await trio.open_tcp_listeners(port, host=host, backlog=BACKLOG)
+                    sockname = tcp_listeners[0].socket.getsockname()
+                    tcp_address = (sockname[0], sockname[1])
+                    await nursery.start(
+                        trio.serve_listeners, partial(self._serve, transport="tcp"), tcp_listeners
+                    )
+                log.info("control API on %s%s", self.socket_path,
+                         f" and http://{tcp_address[0]}:{tcp_address[1]}" if tcp_address else "")
+                task_status.started(ControlEndpoints(self.socket_path, tcp_address))
+        finally:
+            # Remove the socket only if it is still ours (a successor may have replaced it).
+            with contextlib.suppress(OSError):
+                if os.stat(self.socket_path).st_ino == ino:
+                    os.unlink(self.socket_path)
+
+    async def _serve(self, stream: trio.abc.Stream, *, transport: str) -> None:
+        async with self._limiter:
+            try:
+                await _Connection(self, stream, transport).serve()
+            except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
+                pass  # the client went away; nothing to answer
+            except Exception:  # never let one connection take the server down
+                log.exception("control API connection failed")
+            finally:
+                with contextlib.suppress(Exception):
+                    await stream.aclose()
+
+    async def dispatch(self, request: Request) -> tuple[int, Any]:
+        """Route one request: (status, body) where body is JSON-able or `Text`."""
+        try:
+            if request.transport == "tcp":
+                self._authorize(request)
+            handler, params = self.router.resolve(request.method, request.path)
+            request = dataclasses.replace(request, params=params)
+            status, body = await handler(request)
+            return status, body
+        except ApiError as e:
+            return e.status, e
+        except Exception:
+            log.exception("control API handler for %s %s failed", request.method, request.path)
+            return 500, ApiError(
+                500, "internal", f"internal error while handling {request.method} {request.path}",
+                "the node's log has the details; please report it",
+            )  # fmt: skip
+
+    def _authorize(self, request: Request) -> None:
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        expected = (self.token or "").encode()
+        # compare_digest takes time independent of where the tokens differ.
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected):
+            raise ApiError(
+                401, "unauthorized",
+                "missing or wrong bearer token" if given else "this listener needs a bearer token",
+                "send Authorization: Bearer <control_token>, or use the Unix socket",
+            )  # fmt: skip
+
+
+class _Connection:
+    """One HTTP/1.1 connection: read a request, answer it, repeat while keep-alive holds."""
+
+    def __init__(self, server: ControlServer, stream: trio.abc.Stream, transport: str) -> None:
+        self.server = server
+        self.stream = stream
+        self.transport = transport
+        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
+        self._received = False  # any bytes of the current request yet?
+
+    async def serve(self) -> None:
+        while True:
+            self._received = False
+            request: Request | None = None
+            error: ApiError | None = None
+            with trio.move_on_after(self.server.request_timeout) as timeout:
+                try:
+                    request = await self._read_request()
+                except ApiError as e:
+                    error = e
+                except h11.RemoteProtocolError as e:
+                    error = ApiError(
+                        e.error_status_hint, "bad_request", f"malformed HTTP request: {e}",
+                        "send HTTP/1.1",
+                    )  # fmt: skip
+            if timeout.cancelled_caught:
+                if not self._received:
+                    return  # an idle keep-alive connection: close quietly
+                error = ApiError(
+                    408, "request_timeout",
+                    f"request not received within {self.server.request_timeout:g} s",
+                    "send the whole request at once",
+                )  # fmt: skip
+            if error is not None:
+                await self._respond(error.status, error, close=True)
+                if error.status == 413:
+                    await self._drain()
+                return
+            if request is None:
+                return  # the client closed the connection
+            status, body = await self.server.dispatch(request)
+            await self._respond(status, body)
+            if self.conn.our_state is h11.MUST_CLOSE or self.conn.their_state is not h11.DONE:
+                return
+            self.conn.start_next_cycle()
+
+    async def _drain(self) -> None:
+        """Read and discard the rest of a refused body, so that the client reads our
+        413 instead of failing with a broken pipe while it still writes."""
+        discarded = 0
+        with trio.move_on_after(self.server.request_timeout):
+            while discarded < MAX_DRAIN_BYTES:
+                try:
+                    event = await self._next_event()
+                except h11.RemoteProtocolError:
+                    return
+                if not isinstance(event, h11.Data):
+                    return  # end of the body, or the client closed
+                discarded += len(event.data)
+
+    async def _next_event(self) -> Any:
+        while True:
+            event = self.conn.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            if self.conn.they_are_waiting_for_100_continue:
+                await self._send(h11.InformationalResponse(status_code=100, headers=[]))
+            data = await self.stream.receive_some(RECEIVE_SIZE)
+            if data:
+                self._received = True
+            self.conn.receive_data(data)
+
+    async def _read_request(self) -> Request | None:
+        event = await self._next_event()
+        if isinstance(event, h11.ConnectionClosed):
+            return None
+        assert isinstance(event, h11.Request)
+        head = event
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in head.headers}
+        limit = self.server.max_body_bytes
+        length = headers.get("content-length")
+        if length is not None and int(length) > limit:
+            raise _too_large(limit, int(length))
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            event = await self._next_event()
+            if isinstance(event, h11.EndOfMessage):
+                break
+            if isinstance(event, h11.ConnectionClosed):
+                return None
+            assert isinstance(event, h11.Data)
+            size += len(event.data)
+            if size > limit:
+                raise _too_large(limit, size)
+            chunks.append(bytes(event.data))
+        target = urllib.parse.urlsplit(head.target.decode("latin-1"))
+        return Request(
+            method=head.method.decode("ascii").upper(),
+            path=urllib.parse.unquote(target.path) or "/",
+            query=dict(urllib.parse.parse_qsl(target.query, keep_blank_values=True)),
+            headers=headers,
+            body=b"".join(chunks),
+            transport=self.transport,
+        )
+
+    async def _respond(self, status: int, body: Any, *, close: bool = False) -> None:
+        if self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return  # h11 will not let us answer (e.g. we already did); just close
+        if isinstance(body, ApiError):
+            body = body.body()
+        if isinstance(body, Text):
+            payload = body.body.encode() if isinstance(body.body, str) else body.body
+            content_type = body.content_type
+        else:
+            try:
+                payload = (json.dumps(body, ensure_ascii=False) + "\n").encode()
+            except (TypeError, ValueError):
+                log.exception("control API handler returned a body that is not JSON-able")
+                status = 500
+                payload = (json.dumps(ApiError(
+                    500, "internal", "the handler returned a body that is not JSON-able",
+                    "the node's log has the details; please report it",
+                ).body()) + "\n").encode()  # fmt: skip
+            content_type = JSON_TYPE
+        headers = [
+            ("Content-Type", content_type),
+            ("Content-Length", str(len(payload))),
+            ("Server", SERVER_NAME.decode()),
+        ]
+        if status == 401:
+            headers.append(("WWW-Authenticate", 'Bearer realm="benchsync"'))
+        if close:
+            headers.append(("Connection", "close"))
+        await self._send(h11.Response(status_code=status, headers=headers))
+        await self._send(h11.Data(data=payload))
+        await self._send(h11.EndOfMessage())
+
+    async def _send(self, event: Any) -> None:
+        data = self.conn.send(event)
+        if data:
+            await self.stream.send_all(data)
+
+
+def _too_large(limit: int, got: int) -> ApiError:
+    return ApiError(
+        413, "too_large", f"request body too large: {got} bytes, limit {limit}",
+        "send fewer records per request",
+    )  # fmt: skip
+
+
+async def _open_unix_listener(path: Path) -> trio.SocketListener:
+    """Bind a Unix socket at `path` (mode 0600), replacing a stale socket file."""
+    if len(os.fsencode(path)) > MAX_UNIX_PATH:
+        raise ControlSocketError(
+            path, f"path longer than {MAX_UNIX_PATH} bytes",
+            "set control_socket (BENCHSYNC_CONTROL_SOCKET) to a shorter path",
+        )  # fmt: skip
+    if not path.parent.exists():
+        path.parent.mkdir(parents=True, mode=SOCKET_DIR_MODE)
+    if path.is_symlink() or path.exists():
+        if not stat.S_ISSOCK(path.lstat().st_mode):
+            raise ControlSocketError(
+                path, "exists and is not a socket",
+                "move that file away, or set control_socket to another path",
+            )  # fmt: skip
+        if await _socket_is_live(path):
+            raise ControlSocketInUse(
+                path, "another node is already listening there",
+                "stop that node (`systemctl stop benchsync` or Ctrl-C), or give this one "
+                "another --home or --control-socket",
+            )  # fmt: skip
+        path.unlink()  # stale: left by a node that did not shut down cleanly
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # The umask makes the socket 0600 from its creation: a chmod after bind
+    # would leave a moment in which anyone could connect. The umask is
+    # process-wide, so the bind is synchronous: no other task runs meanwhile.
+    old_umask = os.umask(0o777 & ~SOCKET_MODE)
+    try:
+        sock.bind(os.fspath(path))
+    except OSError as e:
+        sock.close()
+        raise ControlSocketError(
+            path, f"cannot bind: {e.strerror}",
+            "check that the directory exists and is writable by the node's user",
+        ) from e  # fmt: skip
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, SOCKET_MODE)
+    sock.listen(BACKLOG)
+    return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+
+
+async def _socket_is_live(path: Path) -> bool:
+    probe = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with trio.move_on_after(SOCKET_PROBE_TIMEOUT):
+            await probe.connect(os.fspath(path))
+            return True
+        return True  # it accepted the connection attempt without completing: busy, not stale
+    except OSError as e:
+        if e.errno in (errno.ECONNREFUSED, errno.ENOENT):
+            return False
+        raise ControlSocketError(
+            path, f"cannot check whether a node is listening: {e.strerror}",
+            "check the socket file's permissions",
+        ) from e  # fmt: skip
+    finally:
+        probe.close()
+
+
+# --- the client --------------------------------------------------------------
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self._path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+class ControlClient:
+    """Synchronous client of a node's control API, for the CLI.
+
+    Give `socket_path` (the Unix socket) or `url` (`http://host:port` of the
+    TCP listener, with `token`). `get`/`post` return the decoded JSON answer
+    or raise `ControlAPIError` with the server's error shape;
+    `ControlUnavailable` when no node answers.
+    """
+
+    def __init__(
+        self,
+        socket_path: str | os.PathLike[str] | None = None,
+        url: str | None = None,
+        token: str | None = None,
+        timeout: float = CLIENT_TIMEOUT,
+    ) -> None:
+        if (socket_path is None) == (url is None):
+            raise ValueError("give exactly one of socket_path and url")
+        self.socket_path = Path(socket_path) if socket_path is not None else None
+        self.url = url
+        self.token = token
+        self.timeout = timeout
+        if url is not None:
+            parts = urllib.parse.urlsplit(url)
+            if parts.scheme != "http" or not parts.hostname:
+                raise ValueError(f"control URL must look like http://HOST:PORT, got {url!r}")
+            self._host, self._port = parts.hostname, parts.port or 80
+            self._prefix = parts.path.rstrip("/")
+
+    @classmethod
+    def from_config(cls, config: Any, timeout: float = CLIENT_TIMEOUT) -> ControlClient:
+        """A client for the node configured by a `Config` (always over its Unix socket)."""
+        return cls(socket_path=config.control_socket, timeout=timeout)
+
+    @property
+    def where(self) -> str:
+        return str(self.socket_path) if self.socket_path is not None else str(self.url)
+
+    def _connection(self, timeout: float) -> http.client.HTTPConnection:
+        if self.socket_path is not None:
+            return _UnixHTTPConnection(os.fspath(self.socket_path), timeout)
+        return http.client.HTTPConnection(self._host, self._port, timeout=timeout)
+
+    def available(self) -> bool:
+        """Whether a node accepts connections at the address (no request is sent)."""
+        conn = self._connection(min(self.timeout, SOCKET_PROBE_TIMEOUT))
+        try:
+            conn.connect()
+            return True
+        except OSError:
+            return False
+        finally:
+            conn.close()
+
+    def request(
+        self, method: str, path: str, body: Any = None
+    ) -> tuple[int, str, bytes]:
+        """Send one request; (status, content type, body). Raises `ControlUnavailable`."""
+        headers = {"Accept": JSON_TYPE}
+        payload = None
+        if body is not None:
+            payload = json.dumps(body).encode()
+            headers["Content-Type"] = JSON_TYPE
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        if self.url is not None:
+            path = self._prefix + path
+        conn = self._connection(self.timeout)
+        try:
+            conn.request(method, path, body=payload, headers=headers)
+            response = conn.getresponse()
+            data = response.read()
+            return response.status, response.getheader("Content-Type", ""), data
+        except (OSError, http.client.HTTPException) as e:
+            raise ControlUnavailable(
+                None, "unavailable", f"no answer from the node at {self.where}: {e}",
+                "start the node with `benchsync up`, or check --home / the control address",
+            ) from e  # fmt: skip
+        finally:
+            conn.close()
+
+    def get(self, path: str) -> Any:
+        """GET `path`; the decoded JSON answer."""
+        return self._json(*self.request("GET", path))
+
+    def post(self, path: str, json: Any = None) -> Any:
+        """POST `json` to `path`; the decoded JSON answer."""
+        return self._json(*self.request("POST", path, json))
+
+    def get_text(self, path: str) -> str:
+        """GET a text route (e.g. /metrics)."""
+        status, content_type, data = self.request("GET", path)
+        if status >= 400:
+            self._json(status, content_type, data)  # raises with the error shape
+        return data.decode("utf-8", "replace")
+
+    def _json(self, status: int, content_type: str, data: bytes) -> Any:
+        try:
+            decoded = json.loads(data) if data else None
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise ControlAPIError(
+                status, "bad_response", f"the node answered {status} with a non-JSON body",
+                "check that the address is a benchsync control API",
+            ) from None  # fmt: skip
+        if status >= 400:
+            err = decoded.get("error") if isinstance(decoded, dict) else None
+            if not isinstance(err, dict):
+                raise ControlAPIError(status, "http_error", f"HTTP {status}")
+            raise ControlAPIError(
+                status, str(err.get("code", "error")), str(err.get("message", f"HTTP {status}")),
+                err.get("hint"),
+            )  # fmt: skip
+        return decoded

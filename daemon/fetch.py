@@ -1,0 +1,427 @@
+"""`/benchsync/car/1.0.0` on both sides: serving blocks, and fetching a DAG from providers.
+
+This module owns block transfer between nodes. `BlockProvider` answers fetch
+requests from the local blockstore (access policy, network name and a
+per-peer concurrency limit checked first). `Fetcher` completes a DAG: it asks
+in rounds for exactly the blocks it lacks (see `benchsync.protocol.fetch` for
+the design), verifies every block against its CID (the CAR decoder, then
+`put(verify=True)`), stores verified blocks as they arrive so a broken
+transfer keeps them, and moves on to the next provider when one fails. A
+provider that sends a block not matching its CID, an unsolicited block or
+garbage is banned (`AccessPolicy.ban`) and disconnected; a provider that merely
+dies or stalls is not blamed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import trio
+from benchsync.daemon.host import AccessPolicy, StreamReader, remote_peer
+from benchsync.protocol.fetch import (
+    CAR_PROTOCOL_ID,
+    MAX_BLOCK,
+    MAX_FETCH_FRAME,
+    MAX_RESPONSE,
+    MAX_WANT,
+    BlockSequence,
+    FetchRequest,
+    FetchStatus,
+    expected_blocks,
+    missing_blocks,
+    plan_response,
+)
+from benchsync.protocol.frames import (
+    ProtocolError,
+    Refused,
+    TruncatedFrame,
+    decode_json,
+    encode_json_frame,
+    refusal,
+)
+from benchsync.storage import car
+from benchsync.storage.blockstore import Blockstore
+from benchsync.storage.dagpb import links
+from benchsync.storage.errors import StorageError
+from libp2p.abc import IHost, INetStream
+from libp2p.custom_types import TProtocol
+from libp2p.peer.id import ID
+from multiformats import CID
+
+log = logging.getLogger(__name__)
+
+MAX_FETCHES_PER_PEER = 4  # concurrent fetch streams one peer may have open to us
+REQUEST_TIMEOUT = 10.0  # seconds to open a stream and receive a request or status frame
+STALL_TIMEOUT = 10.0  # seconds without a byte before a transfer counts as broken
+IO_BATCH = 4 * 1024 * 1024  # bytes of blocks read or stored per worker-thread call
+STORE_QUEUE = 8  # batches buffered between the network reader and the store thread
+
+
+@dataclass(frozen=True)
+class FetchLimits:
+    """Named limits of the fetch protocol (both sides)."""
+
+    max_block: int = MAX_BLOCK  # bytes: largest block accepted
+    max_response: int = MAX_RESPONSE  # bytes: largest sum of blocks in one response
+    max_fetches_per_peer: int = MAX_FETCHES_PER_PEER  # concurrent requests served per peer
+    max_want: int = MAX_WANT  # blocks asked for per round
+
+    @property
+    def max_section(self) -> int:
+        return self.max_block + car.MAX_CID_BYTES
+
+
+class FetchInterrupted(Exception):
+    """A transfer broke (stream ended early or stalled); the provider is not blamed."""
+
+
+class ProviderMisbehaved(Exception):
+    """A provider broke the protocol or sent a block that does not match its CID."""
+
+
+class FetchFailed(Exception):
+    """No provider could complete the DAG; `errors` says what each one did."""
+
+    def __init__(self, root: CID, missing: int, errors: dict[str, str]) -> None:
+        detail = "; ".join(f"{p}: {e}" for p, e in errors.items()) or "no provider was available"
+        super().__init__(f"could not fetch {root}: {missing}+ blocks missing ({detail})")
+        self.root = root
+        self.missing = missing
+        self.errors = errors
+
+
+@dataclass
+class TransferStats:
+    """Counters of what moved, for status output and the benchmarks."""
+
+    blocks: int = 0  # blocks received and stored
+    block_bytes: int = 0  # bytes of those blocks
+    wire_in: int = 0  # bytes read from fetch streams (frames + CAR)
+    wire_out: int = 0  # bytes written to fetch streams
+    rounds: int = 0  # request/response exchanges
+
+
+@dataclass
+class FetchResult:
+    """What one `Fetcher.fetch` call did; the DAG under `root` is complete when it returns."""
+
+    root: CID
+    stats: TransferStats = field(default_factory=TransferStats)
+    providers_used: list[str] = field(default_factory=list)
+
+
+def _batches(items: Sequence[CID], sizes: dict[CID, int], limit: int) -> list[list[CID]]:
+    out: list[list[CID]] = []
+    cur: list[CID] = []
+    total = 0
+    for cid in items:
+        if cur and total + sizes[cid] > limit:
+            out.append(cur)
+            cur, total = [], 0
+        cur.append(cid)
+        total += sizes[cid]
+    if cur:
+        out.append(cur)
+    return out
+
+
+class BlockProvider:
+    """Serves `/benchsync/car/1.0.0` from a blockstore."""
+
+    def __init__(
+        self,
+        store: Blockstore,
+        *,
+        network: str,
+        policy: AccessPolicy,
+        limits: FetchLimits | None = None,
+    ) -> None:
+        self.store = store
+        self.network = network
+        self.policy = policy
+        self.limits = limits or FetchLimits()
+        self.active: dict[str, int] = {}  # peer -> requests being served
+        self.served = TransferStats()
+
+    async def handle(self, stream: INetStream) -> None:
+        """Answer one fetch request (the caller wraps this with `guard_handler`)."""
+        peer = str(remote_peer(stream))
+        reader = StreamReader(stream, max_frame=MAX_FETCH_FRAME)
+        with trio.fail_after(REQUEST_TIMEOUT):
+            body = await reader.frame()
+        reason = self.policy.refusal(peer)
+        request: FetchRequest | None = None
+        if reason is None:
+            try:
+                request = FetchRequest.from_json(decode_json(body), self.network)
+            except Refused as e:
+                reason = e.reason
+            except ProtocolError as e:
+                reason = f"malformed fetch request: {e}"
+        if reason is None and self.active.get(peer, 0) >= self.limits.max_fetches_per_peer:
+            reason = (
+                f"busy: already serving {self.limits.max_fetches_per_peer} fetches to peer "
+                f"{peer} (max_fetches_per_peer); retry when one finishes"
+            )
+        if reason is not None or request is None:
+            await stream.write(encode_json_frame(refusal(reason or "refused")))
+            return
+        self.active[peer] = self.active.get(peer, 0) + 1
+        try:
+            await self._serve(stream, request)
+        finally:
+            self.active[peer] -= 1
+            if not self.active[peer]:
+                del self.active[peer]
+
+    async def _serve(self, stream: INetStream, request: FetchRequest) -> None:
+        store = self.store
+
+        def sizes() -> dict[CID, int]:
+            return {c: store.size(c) for c in request.want if store.has(c)}
+
+        held = await trio.to_thread.run_sync(sizes)
+        send, status = plan_response(
+            request.want, held.get, max_response=self.limits.max_response
+        )
+        head = encode_json_frame(status.to_json(), max_frame=MAX_FETCH_FRAME)
+        if send:
+            head += car.encode_header([request.root])
+        await stream.write(head)
+        self.served.wire_out += len(head)
+        self.served.rounds += 1
+        for batch in _batches(send, held, IO_BATCH):
+            blocks = await trio.to_thread.run_sync(lambda b=batch: [store.get(c) for c in b])
+            for cid, data in zip(batch, blocks, strict=True):
+                section = car.encode_section(cid, data)
+                await stream.write(section)
+                self.served.wire_out += len(section)
+                self.served.blocks += 1
+                self.served.block_bytes += len(data)
+
+
+class Fetcher:
+    """Completes DAGs in the local blockstore from providers."""
+
+    def __init__(
+        self,
+        host: IHost,
+        store: Blockstore,
+        *,
+        network: str,
+        policy: AccessPolicy,
+        limits: FetchLimits | None = None,
+    ) -> None:
+        self.host = host
+        self.store = store
+        self.network = network
+        self.policy = policy
+        self.limits = limits or FetchLimits()
+        self.stats = TransferStats()  # totals over every fetch of this node
+
+    async def missing(self, root: CID, limit: int | None = None) -> list[CID]:
+        """Blocks of the DAG under `root` not yet held (empty: complete and verified)."""
+        store = self.store
+        return await trio.to_thread.run_sync(
+            lambda: missing_blocks(
+                root, store.has, store.get, links, limit=limit or self.limits.max_want
+            )
+        )
+
+    async def fetch(self, root: CID, providers: Sequence[str]) -> FetchResult:
+        """Make the whole DAG under `root` present, asking `providers` in order.
+
+        Returns once every block is stored and verified. A provider that fails
+        is dropped for the rest of this call (and banned if it misbehaved);
+        raises `FetchFailed` when none is left while blocks are still missing.
+        Verified blocks stay stored either way. Raises `StorageError` when the
+        local store fails (a full disk): no provider can fix that.
+        """
+        me = self.host.get_id().to_base58()
+        candidates = [p for p in dict.fromkeys(providers) if p != me]
+        result = FetchResult(root)
+        errors: dict[str, str] = {}
+        while True:
+            want = await self.missing(root)
+            if not want:
+                return result
+            progressed = False
+            for peer in list(candidates):
+                reason = self.policy.refusal(peer)
+                if reason is not None:
+                    errors[peer] = reason
+                    candidates.remove(peer)
+                    continue
+                try:
+                    got = await self.fetch_round(ID.from_base58(peer), root, want, result.stats)
+                    print("ROUND", peer[-6:], len(want), got, flush=True)
+                except ProviderMisbehaved as e:
+                    errors[peer] = f"misbehaved: {e}"
+                    candidates.remove(peer)
+                    await self.penalise(peer, str(e))
+                    continue
+                except StorageError:
+                    raise
+                except Exception as e:  # dial errors, refusals, broken transfers
+                    print("ROUNDFAIL", peer[-6:], len(want), repr(e), flush=True)
+                    errors[peer] = f"{type(e).__name__}: {e}"
+                    candidates.remove(peer)
+                    continue
+                if peer not in result.providers_used:
+                    result.providers_used.append(peer)
+                if got == 0:
+                    errors[peer] = "does not hold the missing blocks"
+                    candidates.remove(peer)
+                    continue
+                progressed = True
+                break
+            if not progressed:
+                raise FetchFailed(root, len(want), errors)
+
+    async def penalise(self, peer: str, reason: str) -> None:
+        """Ban `peer` and drop our connection to it."""
+        self.policy.ban(peer, reason)
+        with trio.move_on_after(2):
+            try:
+                await self.host.disconnect(ID.from_base58(peer))
+            except Exception as e:  # the connection may already be gone
+                log.debug("disconnecting %s: %r", peer, e)
+
+    async def fetch_round(
+        self, peer: ID, root: CID, want: Sequence[CID], stats: TransferStats | None = None
+    ) -> int:
+        """One request/response exchange with `peer`; returns the blocks stored.
+
+        Raises `ProviderMisbehaved` (ban it), `FetchInterrupted`, `Refused`,
+        `trio.TooSlowError` or a libp2p error when the stream cannot be opened.
+        Blocks verified before a failure are stored all the same.
+        """
+        request = FetchRequest(self.network, root, tuple(want[: self.limits.max_want]))
+        local = stats or TransferStats()
+        with trio.fail_after(REQUEST_TIMEOUT):
+            stream = await self.host.new_stream(peer, [TProtocol(CAR_PROTOCOL_ID)])
+        ok = False
+        try:
+            frame = encode_json_frame(request.to_json(), max_frame=MAX_FETCH_FRAME)
+            await stream.write(frame)
+            self._count(local, wire_out=len(frame))
+            stored = await self._receive(stream, request, local)
+            ok = True
+            return stored
+        finally:
+            # The peer may already be gone; closing is best effort.
+            with trio.move_on_after(1), contextlib.suppress(Exception):
+                await (stream.close() if ok else stream.reset())
+
+    def _count(self, local: TransferStats, **deltas: int) -> None:
+        for name, value in deltas.items():
+            setattr(local, name, getattr(local, name) + value)
+            if local is not self.stats:
+                setattr(self.stats, name, getattr(self.stats, name) + value)
+
+    async def _receive(
+        self, stream: INetStream, request: FetchRequest, local: TransferStats
+    ) -> int:
+        reader = StreamReader(stream, max_frame=MAX_FETCH_FRAME)
+        try:
+            with trio.fail_after(REQUEST_TIMEOUT):
+                body = await reader.frame()
+            status = FetchStatus.from_json(decode_json(body))
+        except TruncatedFrame as e:
+            raise FetchInterrupted(f"stream ended before the status frame: {e}") from None
+        except Refused:
+            raise
+        except ProtocolError as e:
+            raise ProviderMisbehaved(f"bad status frame: {e}") from None
+        self._count(local, wire_in=len(body) + 1, rounds=1)
+        try:
+            expected = expected_blocks(request, status)
+            sequence = BlockSequence(expected, status.bytes, max_response=self.limits.max_response)
+        except ProtocolError as e:
+            raise ProviderMisbehaved(str(e)) from None
+        if not expected:
+            return 0
+        decoder = car.CarDecoder(
+            max_section=self.limits.max_section, max_block=self.limits.max_block
+        )
+        send, recv = trio.open_memory_channel[list[tuple[CID, bytes]]](STORE_QUEUE)
+        stored = [0]
+        error: BaseException | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._store, recv, local, stored)
+            try:
+                async with send:
+                    await self._read_car(reader, request.root, decoder, sequence, send, local)
+            except (FetchInterrupted, ProviderMisbehaved) as e:
+                error = e  # let the store task finish the verified blocks first
+        if error is not None:
+            raise error
+        return stored[0]
+
+    async def _read_car(
+        self,
+        reader: StreamReader,
+        root: CID,
+        decoder: car.CarDecoder,
+        sequence: BlockSequence,
+        send: trio.MemorySendChannel[list[tuple[CID, bytes]]],
+        local: TransferStats,
+    ) -> None:
+        batch: list[tuple[CID, bytes]] = []
+        batch_bytes = 0
+        while not sequence.done:
+            with trio.move_on_after(STALL_TIMEOUT) as stall:
+                data = await reader.read()
+            if stall.cancelled_caught:
+                raise FetchInterrupted(f"no data for {STALL_TIMEOUT} s")
+            if not data:
+                if batch:
+                    await send.send(batch)
+                raise FetchInterrupted(
+                    f"stream ended after {sequence.received_bytes} of {sequence.announced} bytes"
+                )
+            self._count(local, wire_in=len(data))
+            try:
+                blocks = decoder.feed(data)
+                if decoder.roots is not None and decoder.roots != [root]:
+                    raise ProviderMisbehaved(f"CAR roots {decoder.roots} are not [{root}]")
+                for cid, block in blocks:
+                    sequence.check(cid, block)
+                    batch.append((cid, block))
+                    batch_bytes += len(block)
+            except (car.CarError, ProtocolError) as e:
+                if batch:
+                    await send.send(batch)  # blocks before the bad one were verified
+                raise ProviderMisbehaved(str(e)) from None
+            if batch and (batch_bytes >= IO_BATCH or sequence.done or len(data) < 1024):
+                await send.send(batch)
+                batch, batch_bytes = [], 0
+        if batch:
+            await send.send(batch)
+        try:
+            sequence.finish()
+        except ProtocolError as e:
+            raise ProviderMisbehaved(str(e)) from None
+
+    async def _store(
+        self,
+        recv: trio.MemoryReceiveChannel[list[tuple[CID, bytes]]],
+        local: TransferStats,
+        stored: list[int],
+    ) -> None:
+        store = self.store
+
+        def put_all(blocks: list[tuple[CID, bytes]]) -> None:
+            for cid, data in blocks:
+                # Verified again on purpose: the store must never hold a block
+                # that does not match its name, whatever the decoder did.
+                store.put(cid, data, verify=True)
+
+        async with recv:
+            async for blocks in recv:
+                await trio.to_thread.run_sync(put_all, blocks)
+                stored[0] += len(blocks)
+                self._count(local, blocks=len(blocks), block_bytes=sum(len(d) for _, d in blocks))

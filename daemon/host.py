@@ -1,0 +1,236 @@
+"""Building and running the node's py-libp2p host: TCP + Noise + Yamux only.
+
+This module owns the host's configuration and the safety wrappers every
+protocol handler goes through. py-libp2p's defaults are unsafe or slow for us
+(see notes/libp2p.md): a default host also offers TLS, secio and *plaintext*
+and a default dialer silently downgrades to plaintext; it offers Mplex; it
+waits a 250 ms happy-eyeballs delay per dial unless the per-peer connection
+limit is 1; and an exception escaping a stream handler tears down the whole
+host. `new_benchsync_host` fixes the first three, `guard_handler` the last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import multiaddr
+import trio
+from benchsync.protocol.frames import FrameDecoder, TruncatedFrame
+from libp2p import new_host
+from libp2p.abc import IHost, INetStream
+from libp2p.crypto.keys import KeyPair
+from libp2p.crypto.x25519 import create_new_key_pair as create_new_x25519_key_pair
+from libp2p.custom_types import TProtocol
+from libp2p.network.config import ConnectionConfig
+from libp2p.network.stream.exceptions import StreamError
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
+from libp2p.stream_muxer.yamux.yamux import Yamux
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LISTEN = ["/ip4/127.0.0.1/tcp/0"]
+DIAL_TIMEOUT = 10.0  # seconds: a LAN peer that has not answered by then is down
+MAX_CONNECTIONS = 1024  # connections: far above a lab's node count
+READ_CHUNK = 256 * 1024  # bytes asked per stream read (Noise returns at most ~64 KiB anyway)
+
+StreamHandler = Callable[[INetStream], Awaitable[None]]
+
+
+class HostConfigError(ValueError):
+    """A listen or bootstrap address given by the user is unusable."""
+
+
+def parse_multiaddr(addr: str, what: str) -> multiaddr.Multiaddr:
+    """Parse `addr`; raises `HostConfigError` naming which setting is wrong."""
+    try:
+        return multiaddr.Multiaddr(addr)
+    except Exception as e:  # the multiaddr package raises several types
+        raise HostConfigError(
+            f"{what} address {addr!r} is not a multiaddr ({e}); "
+            "expected e.g. /ip4/127.0.0.1/tcp/4001"
+        ) from None
+
+
+def parse_peer_addr(addr: str) -> PeerInfo:
+    """Parse a full peer address `/ip4/.../tcp/.../p2p/<peer id>` into a PeerInfo."""
+    maddr = parse_multiaddr(addr, "peer")
+    try:
+        return info_from_p2p_addr(maddr)
+    except Exception as e:
+        raise HostConfigError(
+            f"peer address {addr!r} has no /p2p/<peer id> part ({e}); "
+            "copy the full address from `benchsync status` on that node"
+        ) from None
+
+
+def new_benchsync_host(
+    key_pair: KeyPair,
+    *,
+    bootstrap: list[str] | None = None,
+    mdns: bool = False,
+) -> IHost:
+    """Create (not start) a host that speaks only TCP + Noise + Yamux.
+
+    Bootstrap addresses must be full `/p2p/` addresses; raises
+    `HostConfigError` otherwise. mDNS fills the peerstore with peers of the
+    local network (off by default: it binds every interface).
+    """
+    for addr in bootstrap or []:
+        parse_peer_addr(addr)
+    noise = NoiseTransport(key_pair, noise_privkey=create_new_x25519_key_pair().private_key)
+    return new_host(
+        key_pair=key_pair,
+        # Exactly one security transport and one muxer: nothing to downgrade to.
+        sec_opt={TProtocol(NOISE_PROTOCOL_ID): noise},
+        muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
+        enable_mDNS=mdns,
+        bootstrap=list(bootstrap) if bootstrap else None,
+        # One connection per peer makes a dial take ~10 ms instead of waiting
+        # the 250 ms happy-eyeballs delay for a second connection.
+        connection_config=ConnectionConfig(
+            max_connections_per_peer=1,
+            max_connections=MAX_CONNECTIONS,
+            dial_timeout=DIAL_TIMEOUT,
+        ),
+    )
+
+
+def remote_peer(stream: INetStream) -> ID:
+    """The authenticated peer ID at the other end of `stream` (Noise proved it)."""
+    return stream.muxed_conn.peer_id
+
+
+def guard_handler(name: str, handler: StreamHandler) -> StreamHandler:
+    """Wrap a stream handler so that any failure costs only its stream.
+
+    py-libp2p tears the whole host down when a handler raises; a bad peer must
+    never be able to do that. The wrapped handler resets the stream on error
+    and closes it on success (an unclosed stream leaves the reader hanging).
+    """
+
+    async def guarded(stream: INetStream) -> None:
+        try:
+            await handler(stream)
+        except trio.Cancelled:
+            raise
+        except BaseException as e:  # an ExceptionGroup from a nursery, too
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                raise
+            log.info("%s handler failed for peer %s: %r", name, _peer_or_unknown(stream), e)
+            # The stream may already be gone; resetting is best effort.
+            with trio.move_on_after(1), contextlib.suppress(Exception):
+                await stream.reset()
+            return
+        with trio.move_on_after(1), contextlib.suppress(Exception):
+            await stream.close()
+
+    return guarded
+
+
+def _peer_or_unknown(stream: INetStream) -> str:
+    try:
+        return str(remote_peer(stream))
+    except Exception:
+        return "?"
+
+
+async def read_some(stream: INetStream, n: int = READ_CHUNK) -> bytes:
+    """Read up to `n` bytes; returns b"" at end of stream (EOF, reset or closed)."""
+    try:
+        return await stream.read(n)
+    except StreamError:  # StreamEOF, StreamReset, StreamClosed: a dead peer looks like EOF
+        return b""
+
+
+class StreamReader:
+    """Reads frames, then raw bytes, from one stream, with a named frame limit.
+
+    Bytes read past a frame stay buffered and come back first from `read()`,
+    so a status frame followed by a CAR stream splits cleanly.
+    """
+
+    def __init__(self, stream: INetStream, *, max_frame: int) -> None:
+        self.stream = stream
+        self._decoder = FrameDecoder(max_frame=max_frame)
+        self._pending: list[bytes] = []
+
+    async def frame(self) -> bytes:
+        """The next frame body. Raises `TruncatedFrame` if the stream ends first,
+        `FrameTooLarge`/`RemoteProtocolError` on a bad prefix."""
+        while not self._pending:
+            data = await read_some(self.stream)
+            if not data:
+                self._decoder.close()
+                raise TruncatedFrame("stream ended before a frame was received")
+            self._pending.extend(self._decoder.feed(data, max_frames=1))
+        return self._pending.pop(0)
+
+    async def read(self) -> bytes:
+        """The next raw bytes after the frames read so far; b"" at end of stream."""
+        leftover = self._decoder.take_buffer()
+        if leftover:
+            return leftover
+        return await read_some(self.stream)
+
+
+BAN_DURATION = 600.0  # seconds a peer that sent corrupt data or garbage stays banned
+
+
+class AccessPolicy:
+    """Who may talk to us: the `trusted_peers` allow-list and temporary bans.
+
+    py-libp2p has no peer-ID connection gater, so every protocol handler and
+    the gossip validator ask `refusal(peer)` themselves. An empty trusted set
+    means every peer of the network is welcome.
+    """
+
+    def __init__(
+        self, trusted_peers: set[str] | None = None, *, ban_duration: float = BAN_DURATION
+    ) -> None:
+        self.trusted_peers = frozenset(trusted_peers or ())
+        self.ban_duration = ban_duration
+        self._bans: dict[str, tuple[float, str]] = {}  # peer -> (monotonic expiry, reason)
+
+    def is_trusted(self, peer: str) -> bool:
+        return not self.trusted_peers or peer in self.trusted_peers
+
+    def ban(self, peer: str, reason: str) -> None:
+        """Ban `peer` for `ban_duration` seconds because of `reason`."""
+        log.warning("banning peer %s for %.0f s: %s", peer, self.ban_duration, reason)
+        self._bans[peer] = (time.monotonic() + self.ban_duration, reason)
+
+    def ban_reason(self, peer: str) -> str | None:
+        entry = self._bans.get(peer)
+        if entry is None:
+            return None
+        expiry, reason = entry
+        if time.monotonic() >= expiry:
+            del self._bans[peer]
+            return None
+        return reason
+
+    def is_banned(self, peer: str) -> bool:
+        return self.ban_reason(peer) is not None
+
+    def banned_peers(self) -> dict[str, str]:
+        """Currently banned peers and why."""
+        return {p: r for p in list(self._bans) if (r := self.ban_reason(p)) is not None}
+
+    def refusal(self, peer: str) -> str | None:
+        """Why `peer` may not use our services, or None when it may."""
+        ban = self.ban_reason(peer)
+        if ban is not None:
+            return f"peer {peer} is temporarily banned by this node: {ban}"
+        if not self.is_trusted(peer):
+            return (
+                f"peer {peer} is not in this node's trusted_peers; "
+                "ask its operator to add your peer ID"
+            )
+        return None

@@ -1,0 +1,177 @@
+"""The node's Prometheus metrics.
+
+Owns one `CollectorRegistry` per node (never prometheus_client's global one,
+so that several nodes can run in one process, as the tests do), the metric
+names and label sets, and the text exposition served at `GET /metrics` of the
+control API (`metrics_handler`). Services receive the `Metrics` object and
+update its attributes; label values are checked against small fixed sets so
+that a bug cannot explode the number of time series.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+
+from benchsync.daemon.control import Handler, Request, Text
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    disable_created_metrics,
+    generate_latest,
+)
+
+NAMESPACE = "benchsync"
+QUERY_SCOPES = ("local", "replicas", "network")
+QUERY_OUTCOMES = ("ok", "error", "timeout", "refused", "too_large")
+DIRECTIONS = ("sent", "received")
+VERIFICATION_KINDS = ("block", "announcement", "snapshot")
+# Latencies from a cached local aggregate (ms) to a slow network fan-out (s).
+QUERY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)  # s
+SNAPSHOT_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0)  # seconds
+
+
+class Metrics:
+    """Every metric of one node, registered in its own `registry`."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        # The *_created series double the exposition and no dashboard of ours uses them
+        # (a process-wide switch in prometheus_client).
+        disable_created_metrics()
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        r, ns = self.registry, NAMESPACE
+        self.info = Info("node", "Identity of this node", namespace=ns, registry=r)
+        self.writes = Counter(
+            "records_written", "Records written to the local dataset", namespace=ns, registry=r
+        )
+        self.snapshots = Counter(
+            "snapshots", "Snapshots taken (a new version of the local dataset)",
+            namespace=ns, registry=r,
+        )  # fmt: skip
+        self.snapshot_seconds = Histogram(
+            "snapshot_duration_seconds", "Time to export and store one snapshot",
+            namespace=ns, registry=r, buckets=SNAPSHOT_BUCKETS,
+        )  # fmt: skip
+        self.head_seq = Gauge(
+            "head_seq", "Sequence number of the local dataset's head", namespace=ns, registry=r
+        )
+        self.announcements = Counter(
+            "announcements", "Head announcements", ["direction"], namespace=ns, registry=r
+        )
+        self.announcement_bytes = Counter(
+            "announcement_bytes", "Bytes of head announcements", ["direction"],
+            namespace=ns, registry=r,
+        )  # fmt: skip
+        self.fetches = Counter(
+            "fetches", "Snapshot fetches (sent = served to a peer, received = from a peer)",
+            ["direction", "outcome"], namespace=ns, registry=r,
+        )  # fmt: skip
+        self.fetch_bytes = Counter(
+            "fetch_bytes", "Block bytes transferred by fetches", ["direction"],
+            namespace=ns, registry=r,
+        )  # fmt: skip
+        self.fetch_blocks = Counter(
+            "fetch_blocks", "Blocks transferred by fetches", ["direction"],
+            namespace=ns, registry=r,
+        )  # fmt: skip
+        self.verification_failures = Counter(
+            "verification_failures", "Data from peers that failed verification", ["kind"],
+            namespace=ns, registry=r,
+        )  # fmt: skip
+        self.peers = Gauge("peers", "Connected peers", namespace=ns, registry=r)
+        self.replica_lag = Gauge(
+            "replica_lag", "Versions a replica is behind the head its owner announced",
+            ["dataset"], namespace=ns, registry=r,
+        )  # fmt: skip
+        self.queries = Counter(
+            "queries", "Queries answered", ["scope", "outcome"], namespace=ns, registry=r
+        )
+        self.query_seconds = Histogram(
+            "query_duration_seconds", "Query latency", ["scope", "outcome"],
+            namespace=ns, registry=r, buckets=QUERY_BUCKETS,
+        )  # fmt: skip
+        # Pre-create the fixed label sets so that dashboards see zeros, not gaps.
+        for d in DIRECTIONS:
+            self.announcements.labels(d)
+            self.announcement_bytes.labels(d)
+            self.fetch_bytes.labels(d)
+            self.fetch_blocks.labels(d)
+        for k in VERIFICATION_KINDS:
+            self.verification_failures.labels(k)
+
+    # --- recording helpers (check label values) -----------------------------
+
+    def set_identity(self, *, peer_id: str, network: str, version: str) -> None:
+        self.info.info({"peer_id": peer_id, "network": network, "version": version})
+
+    def announced(self, direction: str, nbytes: int) -> None:
+        """Count one announcement sent or received, of `nbytes` bytes."""
+        _check("direction", direction, DIRECTIONS)
+        self.announcements.labels(direction).inc()
+        self.announcement_bytes.labels(direction).inc(nbytes)
+
+    def fetched(self, direction: str, outcome: str, *, blocks: int, nbytes: int) -> None:
+        """Count one fetch (sent = served to a peer) and the blocks and bytes it moved."""
+        _check("direction", direction, DIRECTIONS)
+        _check("outcome", outcome, QUERY_OUTCOMES)
+        self.fetches.labels(direction, outcome).inc()
+        self.fetch_blocks.labels(direction).inc(blocks)
+        self.fetch_bytes.labels(direction).inc(nbytes)
+
+    def verification_failed(self, kind: str) -> None:
+        _check("kind", kind, VERIFICATION_KINDS)
+        self.verification_failures.labels(kind).inc()
+
+    def observe_query(self, scope: str, outcome: str, seconds: float) -> None:
+        """Count one query and its latency."""
+        _check("scope", scope, QUERY_SCOPES)
+        _check("outcome", outcome, QUERY_OUTCOMES)
+        self.queries.labels(scope, outcome).inc()
+        self.query_seconds.labels(scope, outcome).observe(seconds)
+
+    @contextlib.contextmanager
+    def time_query(self, scope: str) -> Iterator[QueryTimer]:
+        """Time the `with` body as one query; outcome "ok", or "error" if it raises.
+
+        Set `timer.outcome` inside the body for another outcome (e.g. "timeout").
+        """
+        timer = QueryTimer()
+        start = time.perf_counter()
+        try:
+            yield timer
+        except BaseException:
+            if timer.outcome == "ok":
+                timer.outcome = "error"
+            raise
+        finally:
+            self.observe_query(scope, timer.outcome, time.perf_counter() - start)
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every metric of this node."""
+        return generate_latest(self.registry)
+
+
+class QueryTimer:
+    """What `Metrics.time_query` yields: set `outcome` to report something other than "ok"."""
+
+    def __init__(self) -> None:
+        self.outcome = "ok"
+
+
+def _check(label: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"metric label {label}={value!r}; expected one of {allowed}")
+
+
+def metrics_handler(metrics: Metrics) -> Handler:
+    """A control API handler serving `metrics.render()`: `router.add("GET", "/metrics", ...)`."""
+
+    async def handle(request: Request) -> tuple[int, Text]:
+        return 200, Text(metrics.render(), CONTENT_TYPE_LATEST)
+
+    return handle

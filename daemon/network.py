@@ -1,0 +1,302 @@
+"""The node's peer-to-peer side as one service: `P2PNode`.
+
+This module composes the libp2p host (`host.py`), head announcements
+(`announce.py`), block serving and fetching (`fetch.py`) and the replica
+follower (`sync.py`) into the one object the node wires in. It owns the
+host's lifetime (listening, bootstrap, clean close of every connection), the
+reaction to new connections (ask the peer for its head) and the wrapping of
+extra protocol handlers (the query server's) so that a failing handler, or an
+untrusted or banned peer, costs one stream and never the node.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import trio
+from benchsync.daemon.announce import REANNOUNCE_INTERVAL, Announcer
+from benchsync.daemon.fetch import BlockProvider, Fetcher, FetchLimits
+from benchsync.daemon.host import (
+    DEFAULT_LISTEN,
+    AccessPolicy,
+    StreamHandler,
+    guard_handler,
+    new_benchsync_host,
+    parse_multiaddr,
+    parse_peer_addr,
+    remote_peer,
+)
+from benchsync.daemon.identity import load_or_create_identity
+from benchsync.daemon.sync import RETRY_DELAY, CompleteCallback, ReplicaState, Syncer
+from benchsync.protocol.fetch import CAR_PROTOCOL_ID
+from benchsync.protocol.frames import encode_json_frame, refusal
+from benchsync.protocol.heads import Head, check_network_name
+from benchsync.storage.blockstore import Blockstore
+from libp2p.abc import INetConn, INetStream, INetwork, INotifee
+from libp2p.custom_types import TProtocol
+from libp2p.peer.id import ID
+from multiaddr import Multiaddr
+
+if TYPE_CHECKING:
+    from trio_typing import TaskStatus
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = 10.0  # seconds for one dial + Noise + Yamux handshake
+CLOSE_TIMEOUT = 5.0  # seconds granted to closing the host at shutdown
+CONNECT_QUEUE = 1024  # new-connection events buffered before the greeter drops some
+
+
+@dataclass(frozen=True)
+class PeerStatus:
+    """One connected peer as `peers()` reports it."""
+
+    peer_id: str
+    addrs: list[str]
+    trusted: bool
+    banned: str | None  # the ban reason, when banned
+    head: Head | None  # its latest head we accepted
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "peer_id": self.peer_id,
+            "addrs": self.addrs,
+            "trusted": self.trusted,
+            "banned": self.banned,
+            "head": None if self.head is None else self.head.to_json(),
+        }
+
+
+class _ConnectionEvents(INotifee):
+    """Forwards new connections to the greeter task (never blocks the swarm)."""
+
+    def __init__(self, send: trio.MemorySendChannel[ID]) -> None:
+        self.send = send
+
+    async def connected(self, network: INetwork, conn: INetConn) -> None:
+        peer = getattr(conn.muxed_conn, "peer_id", None)
+        if peer is not None:
+            with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
+                self.send.send_nowait(peer)
+
+    async def disconnected(self, network: INetwork, conn: INetConn) -> None:
+        pass
+
+    async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
+        pass
+
+    async def closed_stream(self, network: INetwork, stream: INetStream) -> None:
+        pass
+
+    async def listen(self, network: INetwork, multiaddr: Multiaddr) -> None:
+        pass
+
+    async def listen_close(self, network: INetwork, multiaddr: Multiaddr) -> None:
+        pass
+
+
+class P2PNode:
+    """A benchsync node's libp2p side: identity, host, heads, fetch and sync.
+
+    Construct, then `await nursery.start(node.run)`: it returns once the host
+    listens; cancelling `run` (or calling `stop()`) closes the host and every
+    connection.
+    """
+
+    def __init__(
+        self,
+        home: Path,
+        *,
+        network: str,
+        blockstore: Blockstore,
+        listen: list[str] | None = None,
+        bootstrap: list[str] | None = None,
+        trusted_peers: set[str] | None = None,
+        mdns: bool = False,
+        limits: FetchLimits | None = None,
+        reannounce_interval: float = REANNOUNCE_INTERVAL,
+        retry_delay: float = RETRY_DELAY,
+        on_complete: CompleteCallback | None = None,
+    ) -> None:
+        self.network = check_network_name(network)
+        self.listen = [parse_multiaddr(a, "listen") for a in (listen or DEFAULT_LISTEN)]
+        self.bootstrap = list(bootstrap or [])
+        self.blockstore = blockstore
+        self.key_pair = load_or_create_identity(Path(home))
+        self.host = new_benchsync_host(self.key_pair, bootstrap=self.bootstrap, mdns=mdns)
+        self.policy = AccessPolicy(trusted_peers)
+        self.limits = limits or FetchLimits()
+        self.fetcher = Fetcher(
+            self.host, blockstore, network=self.network, policy=self.policy, limits=self.limits
+        )
+        self.provider = BlockProvider(
+            blockstore, network=self.network, policy=self.policy, limits=self.limits
+        )
+        self.syncer = Syncer(
+            self.fetcher,
+            me=self.peer_id,
+            policy=self.policy,
+            on_complete=on_complete,
+            connected_peers=self.connected_peers,
+            retry_delay=retry_delay,
+        )
+        self.announcer = Announcer(
+            self.host,
+            network=self.network,
+            policy=self.policy,
+            on_head=self.syncer.head_seen,
+            on_replica_hint=self.syncer.replica_hint,
+            replicas=self.syncer.replica_heads,
+            reannounce_interval=reannounce_interval,
+        )
+        self._cancel = trio.CancelScope()
+        self.running = False
+
+    # --- identity and addresses -----------------------------------------------------
+
+    @property
+    def peer_id(self) -> str:
+        return self.host.get_id().to_base58()
+
+    @property
+    def addrs(self) -> list[str]:
+        """Full multiaddrs of this node, each ending in /p2p/<peer id>."""
+        return [str(a) for a in self.host.get_addrs()]
+
+    # --- service ----------------------------------------------------------------------
+
+    async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen, serve and sync until cancelled or `stop()`; then close every connection."""
+        send, recv = trio.open_memory_channel[ID](CONNECT_QUEUE)
+        self.host.get_network().register_notifee(_ConnectionEvents(send))
+        self.host.set_stream_handler(
+            TProtocol(CAR_PROTOCOL_ID), guard_handler("fetch", self.provider.handle)
+        )
+        try:
+            with self._cancel:
+                async with self.host.run(self.listen), trio.open_nursery() as nursery:
+                    await nursery.start(self.announcer.run)
+                    await nursery.start(self.syncer.run)
+                    nursery.start_soon(self._greeter, recv, nursery)
+                    self.running = True
+                    task_status.started()
+                    # Connections made before the notifee saw them (bootstrap).
+                    for peer in self.host.get_connected_peers():
+                        nursery.start_soon(self._greet, peer)
+                    await trio.sleep_forever()
+        finally:
+            self.running = False
+            # Leaving host.run() closes nothing: close the listener and every
+            # connection explicitly, even when we are being cancelled.
+            with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
+                await self.host.close()
+
+    def stop(self) -> None:
+        """Ask `run` to shut down (it returns after closing the host)."""
+        self._cancel.cancel()
+
+    async def _greeter(self, recv: trio.MemoryReceiveChannel[ID], nursery: trio.Nursery) -> None:
+        async with recv:
+            async for peer in recv:
+                nursery.start_soon(self._greet, peer)
+
+    async def _greet(self, peer: ID) -> None:
+        """A peer connected: drop it if banned, else ask for its head (late joiners)."""
+        peer_s = peer.to_base58()
+        if self.policy.is_banned(peer_s):
+            with trio.move_on_after(CLOSE_TIMEOUT), contextlib.suppress(Exception):
+                await self.host.disconnect(peer)
+            return
+        if not self.policy.is_trusted(peer_s):
+            return  # we neither follow it nor ask it anything; it gets refusals
+        try:
+            await self.announcer.request_head(peer)
+        except Exception as e:  # a peer that cannot answer is simply not followed yet
+            log.info("head request to %s failed: %r", peer_s, e)
+
+    # --- heads ------------------------------------------------------------------------
+
+    def set_local_head(self, head: Head | None) -> None:
+        """Our dataset's head, as answered to head requests and re-announced."""
+        self.announcer.set_local_head(head)
+
+    async def announce(self, head: Head) -> None:
+        """Publish a new head of our dataset now (and periodically afterwards)."""
+        await self.announcer.announce(head)
+
+    # --- peers and replicas -------------------------------------------------------------
+
+    def connected_peers(self) -> list[str]:
+        return [p.to_base58() for p in self.host.get_connected_peers()]
+
+    def peers(self) -> list[PeerStatus]:
+        """Connected peers with their addresses, trust, ban and last accepted head."""
+        out = []
+        store = self.host.get_peerstore()
+        for peer in self.host.get_connected_peers():
+            p = peer.to_base58()
+            try:
+                addrs = [str(a) for a in store.addrs(peer)]
+            except Exception:  # the peerstore raises when it has no address
+                addrs = []
+            out.append(
+                PeerStatus(
+                    peer_id=p,
+                    addrs=addrs,
+                    trusted=self.policy.is_trusted(p),
+                    banned=self.policy.ban_reason(p),
+                    head=self.announcer.book.get(p),
+                )
+            )
+        return sorted(out, key=lambda s: s.peer_id)
+
+    def replica_states(self) -> list[ReplicaState]:
+        """Per followed dataset: head seen, head installed, bytes, lag, last error."""
+        return self.syncer.replica_states()
+
+    async def wait_until(self, predicate: Callable[[], bool]) -> None:
+        """Return once `predicate()` holds; re-checked whenever replica state changes."""
+        await self.syncer.wait_until(predicate)
+
+    # --- streams for other services -------------------------------------------------------
+
+    def add_stream_handler(
+        self, protocol_id: str, handler: Callable[[INetStream], Awaitable[None]]
+    ) -> None:
+        """Serve `protocol_id` with `handler`, behind the access policy.
+
+        An untrusted or banned peer gets a refusal frame (`{"status":
+        "refused", "reason": ...}`) and its stream closed; an exception in
+        `handler` resets that stream only.
+        """
+
+        async def checked(stream: INetStream) -> None:
+            reason = self.policy.refusal(str(remote_peer(stream)))
+            if reason is not None:
+                await stream.write(encode_json_frame(refusal(reason)))
+                return
+            await handler(stream)
+
+        wrapped: StreamHandler = guard_handler(protocol_id, checked)
+        self.host.set_stream_handler(TProtocol(protocol_id), wrapped)
+
+    async def open_stream(self, peer_id: str, protocol_id: str) -> INetStream:
+        """Open a stream to `peer_id` speaking `protocol_id` (dialing it if needed)."""
+        with trio.fail_after(CONNECT_TIMEOUT):
+            return await self.host.new_stream(ID.from_base58(peer_id), [TProtocol(protocol_id)])
+
+    async def connect(self, addr: str) -> str:
+        """Connect to a full `/p2p/` multiaddr; returns the peer ID.
+
+        Raises `HostConfigError` for a malformed address and `trio.TooSlowError`
+        or the libp2p dial error when the peer cannot be reached.
+        """
+        info = parse_peer_addr(addr)
+        with trio.fail_after(CONNECT_TIMEOUT):
+            await self.host.connect(info)
+        return info.peer_id.to_base58()

@@ -1,0 +1,269 @@
+"""`/benchsync/car/1.0.0`: block fetch messages and the requester's round planner, sans-IO.
+
+Design (chosen for incremental and resumable sync): the requester asks in
+*rounds* for exactly the blocks it is missing. It walks the DAG from the root
+over what it already holds: a held dag-pb node is opened and its children are
+examined, a held raw leaf is done, an absent block is *wanted*
+(`missing_blocks`). It sends `{network, root, want: [cid, ...]}`; the provider
+answers with one status frame and a CARv1 stream of the wanted blocks it holds,
+in want order. Newly received inner nodes reveal the next level, so a fresh
+fetch of a Kubo-style DAG takes one round per tree level (4-5), and an
+incremental fetch moves only the blocks the requester lacks: unchanged leaves
+are never requested because the requester sees their CIDs in the new parents
+and finds them in its own store. A broken transfer keeps every verified block;
+the next round, from any provider, wants only the remainder.
+
+Wire format of one exchange (one stream per request):
+
+    requester -> provider: frame(JSON {"network", "root", "want": [CID strings]})
+    provider  -> requester: frame(JSON {"status": "ok", "count": n, "bytes": b,
+                                       "missing": [CID strings]})
+                            CAR header (roots = [root]) + n sections
+    or provider -> requester: frame(JSON {"status": "refused", "reason": ...})
+
+The n blocks sent are the first n of `want` minus `missing` (in order); the
+rest of the want list was deferred to keep the response under the provider's
+`max_response` and is simply asked for again. The requester checks that every
+block is the next one it expects (so a provider cannot push unsolicited data),
+that the bytes match the announced total, and the CAR decoder checks every
+block against its CID.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from benchsync.protocol.frames import Refused, RemoteProtocolError, check_network
+from multiformats import CID
+
+CAR_PROTOCOL_ID = "/benchsync/car/1.0.0"
+MAX_WANT = 1024  # CIDs per request: ~62 KiB of JSON, one 256 MiB response of full chunks
+MAX_FETCH_FRAME = 128 * 1024  # bytes: largest request or status frame
+MAX_BLOCK = 2 * 1024 * 1024  # bytes: largest block we accept (UnixFS chunks are 256 KiB)
+MAX_RESPONSE = 64 * 1024 * 1024  # bytes: largest sum of block bytes in one response
+MAX_SECTION = MAX_BLOCK + 128  # bytes: a CAR section is a CID (<= 100 bytes) plus a block
+DAG_PB = "dag-pb"  # the codec of UnixFS inner nodes: only these have links
+RAW = "raw"  # UnixFS leaves
+
+
+class FetchProtocolError(RemoteProtocolError):
+    """A provider's response broke the fetch protocol (wrong block, bad status, short stream)."""
+
+
+def _cid(value: object, what: str) -> CID:
+    if not isinstance(value, str) or len(value) > 256:
+        raise FetchProtocolError(f"{what} must be a CID string, got {type(value).__name__}")
+    try:
+        return CID.decode(value)
+    except Exception as e:  # multiformats raises several unrelated types
+        raise FetchProtocolError(f"{what}={value!r} is not a CID: {e}") from None
+
+
+def _cid_list(value: object, what: str, limit: int) -> tuple[CID, ...]:
+    if not isinstance(value, list):
+        raise FetchProtocolError(f"{what} must be a list of CID strings")
+    if len(value) > limit:
+        raise FetchProtocolError(f"{what} has {len(value)} entries, limit {limit}")
+    return tuple(_cid(v, what) for v in value)
+
+
+@dataclass(frozen=True)
+class FetchRequest:
+    """Ask a provider for exactly `want` (blocks of the DAG under `root`)."""
+
+    network: str
+    root: CID
+    want: tuple[CID, ...]
+
+    def __post_init__(self) -> None:
+        if not 0 < len(self.want) <= MAX_WANT:
+            raise ValueError(f"a fetch request wants 1..{MAX_WANT} blocks, not {len(self.want)}")
+        if len(set(self.want)) != len(self.want):
+            raise ValueError("a fetch request must not want the same block twice")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "network": self.network,
+            "root": str(self.root),
+            "want": [str(c) for c in self.want],
+        }
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any], network: str) -> FetchRequest:
+        """Parse a request for our `network`.
+
+        Raises `Refused` for another network and `FetchProtocolError` when malformed.
+        """
+        check_network(dict(obj), network)
+        root = _cid(obj.get("root"), "root")
+        want = _cid_list(obj.get("want"), "want", MAX_WANT)
+        try:
+            return cls(network=network, root=root, want=want)
+        except ValueError as e:
+            raise FetchProtocolError(str(e)) from None
+
+
+@dataclass(frozen=True)
+class FetchStatus:
+    """The provider's answer before the CAR: how many blocks and bytes follow, what it lacks."""
+
+    count: int
+    bytes: int
+    missing: tuple[CID, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "count": self.count,
+            "bytes": self.bytes,
+            "missing": [str(c) for c in self.missing],
+        }
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> FetchStatus:
+        """Parse a status frame; raises `Refused` (with the provider's reason) or
+        `FetchProtocolError`."""
+        status = obj.get("status")
+        if status == "refused":
+            raise Refused(str(obj.get("reason", "no reason given"))[:500])
+        if status != "ok":
+            raise FetchProtocolError(f"unknown fetch status {status!r}")
+        count, nbytes = obj.get("count"), obj.get("bytes")
+        if type(count) is not int or not 0 <= count <= MAX_WANT:
+            raise FetchProtocolError(f"count must be an integer in 0..{MAX_WANT}, got {count!r}")
+        if type(nbytes) is not int or nbytes < 0:
+            raise FetchProtocolError(f"bytes must be a non-negative integer, got {nbytes!r}")
+        missing = _cid_list(obj.get("missing"), "missing", MAX_WANT)
+        return cls(count=count, bytes=nbytes, missing=missing)
+
+
+def plan_response(
+    want: Sequence[CID],
+    size_of: Callable[[CID], int | None],
+    *,
+    max_response: int = MAX_RESPONSE,
+) -> tuple[list[CID], FetchStatus]:
+    """Provider side: choose the blocks to send for `want`.
+
+    `size_of(cid)` returns a held block's size or None when absent. Returns the
+    blocks to send, in want order, and the status frame announcing them: held
+    blocks are sent until the next would push the total past `max_response`
+    (the first held block is always sent, so every round makes progress); the
+    rest is deferred. Absent blocks are listed as missing.
+    """
+    send: list[CID] = []
+    missing: list[CID] = []
+    total = 0
+    full = False
+    for cid in want:
+        size = size_of(cid)
+        if size is None:
+            missing.append(cid)
+        elif not full and (not send or total + size <= max_response):
+            send.append(cid)
+            total += size
+        else:
+            full = True  # keep want order: nothing after a deferred block is sent
+    return send, FetchStatus(count=len(send), bytes=total, missing=tuple(missing))
+
+
+def expected_blocks(request: FetchRequest, status: FetchStatus) -> list[CID]:
+    """Requester side: the exact sequence of CIDs the CAR must carry.
+
+    Raises `FetchProtocolError` when the status is inconsistent with the
+    request (it lists a block we did not want, or counts more than remain).
+    """
+    wanted = set(request.want)
+    missing = set(status.missing)
+    if not missing <= wanted:
+        raise FetchProtocolError("provider reported missing blocks that were not requested")
+    available = [c for c in request.want if c not in missing]
+    if status.count > len(available):
+        raise FetchProtocolError(
+            f"provider announced {status.count} blocks but only {len(available)} were requested"
+        )
+    return available[: status.count]
+
+
+class BlockSequence:
+    """Requester side: checks that a response's blocks are exactly the expected ones.
+
+    `check(cid, data)` raises `FetchProtocolError` for an unsolicited or
+    out-of-order block, for more bytes than announced, or when the response
+    is larger than `max_response`; `finish()` raises when blocks are missing.
+    """
+
+    def __init__(self, expected: Sequence[CID], announced_bytes: int, *, max_response: int) -> None:
+        if announced_bytes > max_response:
+            raise FetchProtocolError(
+                f"provider announced {announced_bytes} bytes, our limit is {max_response}"
+            )
+        self._expected = list(expected)
+        self._next = 0
+        self.announced = announced_bytes
+        self.received_bytes = 0
+
+    def check(self, cid: CID, data: bytes) -> None:
+        if self._next >= len(self._expected):
+            raise FetchProtocolError(f"provider sent unsolicited block {cid}")
+        if cid != self._expected[self._next]:
+            raise FetchProtocolError(
+                f"provider sent block {cid}, expected {self._expected[self._next]}"
+            )
+        self.received_bytes += len(data)
+        if self.received_bytes > self.announced:
+            raise FetchProtocolError(
+                f"provider sent more than the {self.announced} bytes it announced"
+            )
+        self._next += 1
+
+    @property
+    def done(self) -> bool:
+        return self._next == len(self._expected)
+
+    def finish(self) -> None:
+        if not self.done:
+            raise FetchProtocolError(
+                f"response ended after {self._next} of {len(self._expected)} blocks"
+            )
+        if self.received_bytes != self.announced:
+            raise FetchProtocolError(
+                f"provider announced {self.announced} bytes, sent {self.received_bytes}"
+            )
+
+
+def missing_blocks(
+    root: CID,
+    has: Callable[[CID], bool],
+    get: Callable[[CID], bytes],
+    links: Callable[[CID, bytes], Iterable[CID]],
+    *,
+    limit: int = MAX_WANT,
+) -> list[CID]:
+    """Requester side: the blocks of the DAG under `root` that are not held, DAG order.
+
+    Walks breadth-first over held blocks: a held dag-pb node's links are
+    followed (`links(cid, data)`), a held block of another codec (a raw leaf)
+    ends its branch, an absent block is returned. Stops after `limit` absent
+    blocks. An empty list means the whole DAG is present. Does no I/O itself;
+    `has`/`get` are the caller's blockstore, `links` the UnixFS decoder.
+    """
+    out: list[CID] = []
+    seen: set[CID] = set()
+    frontier = [root]
+    while frontier and len(out) < limit:
+        nxt: list[CID] = []
+        for cid in frontier:
+            if cid in seen:
+                continue
+            seen.add(cid)
+            if not has(cid):
+                out.append(cid)
+                if len(out) >= limit:
+                    break
+            elif cid.codec.name == DAG_PB:
+                nxt.extend(links(cid, get(cid)))
+        frontier = nxt
+    return out

@@ -1,0 +1,256 @@
+"""Head announcements: the message a node gossips when it snapshots, and the
+direct head request/response, as pure data with validation (no I/O).
+
+A *head* names the latest snapshot of one dataset: `{dataset, seq, root,
+tables, created_at, bytes}`. The dataset is the writer's peer ID, so only that
+peer may announce it (checked against the signed GossipSub `from` field by the
+daemon through `check_announcement`). `seq` only grows per dataset;
+`HeadBook` remembers the highest accepted head of every dataset and is the
+single place that decides whether an announcement is news, a harmless
+re-announcement, or a lie.
+
+Wire formats:
+- GossipSub topic `benchsync/<network>/heads/1`: one UTF-8 JSON object per
+  message (`encode_head` / `decode_head`), at most `MAX_HEAD_MESSAGE` bytes.
+- `/benchsync/head/1.0.0`: the requester sends one JSON frame
+  `{"network": ...}`; the responder answers `{"status": "ok", "head": <head or
+  null>, "replicas": [<head>, ...]}` (the heads of other datasets it holds
+  completely, so it can serve them) or `{"status": "refused", "reason": ...}`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from benchsync.protocol.frames import Refused, RemoteProtocolError
+from multiformats import CID
+
+HEAD_PROTOCOL_ID = "/benchsync/head/1.0.0"
+TOPIC_TEMPLATE = "benchsync/{network}/heads/1"
+MAX_HEAD_MESSAGE = 2048  # bytes: one announcement (a few CIDs and numbers)
+MAX_REPLICAS_IN_RESPONSE = 256  # heads of replicated datasets in one head response
+MAX_HEAD_RESPONSE = (MAX_REPLICAS_IN_RESPONSE + 1) * MAX_HEAD_MESSAGE  # bytes
+MAX_SEQ = 2**63 - 1  # the seq is a signed 64-bit integer in the snapshot manifest
+MAX_DATASET_LEN = 128  # characters: an Ed25519 peer ID in base58 is 52
+NETWORK_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_HEAD_FIELDS = frozenset({"dataset", "seq", "root", "tables", "created_at", "bytes"})
+
+
+class InvalidHead(RemoteProtocolError):
+    """A head announcement or head response is malformed or not allowed."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"invalid head: {reason}")
+        self.reason = reason
+
+
+def check_network_name(network: str) -> str:
+    """Return `network` if it is a usable network name, else raise `ValueError`.
+
+    The name goes into a GossipSub topic, so it is kept to a safe alphabet.
+    """
+    if not isinstance(network, str) or not NETWORK_NAME_RE.match(network):
+        raise ValueError(
+            f"network name {network!r} must be 1-64 characters of letters, digits, '.', '_', '-'"
+            " and start with a letter or digit"
+        )
+    return network
+
+
+def topic_for(network: str) -> str:
+    """The GossipSub topic carrying the heads of `network`."""
+    return TOPIC_TEMPLATE.format(network=check_network_name(network))
+
+
+def _parse_cid(name: str, value: object) -> CID:
+    if not isinstance(value, str) or len(value) > 256:
+        raise InvalidHead(f"{name} must be a CID string")
+    try:
+        return CID.decode(value)
+    except Exception as e:  # multiformats raises several unrelated types
+        raise InvalidHead(f"{name}={value!r} is not a CID: {e}") from None
+
+
+@dataclass(frozen=True)
+class Head:
+    """The latest snapshot of one dataset, as announced by its writer.
+
+    `created_at` is Unix time in seconds; `bytes` is the snapshot's total
+    DAG size in bytes (what a full fetch moves).
+    """
+
+    dataset: str
+    seq: int
+    root: CID
+    tables: CID
+    created_at: float
+    bytes: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.dataset, str) or not 0 < len(self.dataset) <= MAX_DATASET_LEN:
+            raise InvalidHead(f"dataset must be a peer ID string, got {self.dataset!r}")
+        if type(self.seq) is not int or not 0 <= self.seq <= MAX_SEQ:
+            raise InvalidHead(f"seq must be an integer in 0..{MAX_SEQ}, got {self.seq!r}")
+        if type(self.bytes) is not int or self.bytes < 0:
+            raise InvalidHead(f"bytes must be a non-negative integer, got {self.bytes!r}")
+        if (
+            type(self.created_at) not in (int, float)
+            or not math.isfinite(self.created_at)
+            or self.created_at < 0
+        ):
+            raise InvalidHead(f"created_at must be Unix seconds, got {self.created_at!r}")
+        for name in ("root", "tables"):
+            if not isinstance(getattr(self, name), CID):
+                raise InvalidHead(f"{name} must be a CID")
+
+    def to_json(self) -> dict[str, Any]:
+        """The head as a JSON-ready dict (CIDs as strings)."""
+        return {
+            "dataset": self.dataset,
+            "seq": self.seq,
+            "root": str(self.root),
+            "tables": str(self.tables),
+            "created_at": float(self.created_at),
+            "bytes": self.bytes,
+        }
+
+    @classmethod
+    def from_json(cls, obj: object) -> Head:
+        """Build a head from a decoded JSON object; raises `InvalidHead`."""
+        if not isinstance(obj, Mapping):
+            raise InvalidHead("a head must be a JSON object")
+        missing = _HEAD_FIELDS - obj.keys()
+        if missing:
+            raise InvalidHead(f"missing field(s) {sorted(missing)}")
+        return cls(
+            dataset=obj["dataset"],
+            seq=obj["seq"],
+            root=_parse_cid("root", obj["root"]),
+            tables=_parse_cid("tables", obj["tables"]),
+            created_at=obj["created_at"],
+            bytes=obj["bytes"],
+        )
+
+
+def encode_head(head: Head) -> bytes:
+    """The GossipSub message body announcing `head`."""
+    data = json.dumps(head.to_json(), separators=(",", ":"), sort_keys=True).encode()
+    assert len(data) <= MAX_HEAD_MESSAGE, "a well-formed head always fits"
+    return data
+
+
+def decode_head(data: bytes) -> Head:
+    """Parse a GossipSub message body; raises `InvalidHead` (size, JSON, fields, CIDs)."""
+    if len(data) > MAX_HEAD_MESSAGE:
+        raise InvalidHead(f"message of {len(data)} bytes exceeds {MAX_HEAD_MESSAGE}")
+    try:
+        obj = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InvalidHead(f"not UTF-8 JSON: {e}") from None
+    return Head.from_json(obj)
+
+
+# --- seq bookkeeping ---------------------------------------------------------
+
+NEW = "new"  # a higher seq than anything seen: follow it
+REPEAT = "repeat"  # the same head again (periodic re-announcement): accept, no change
+
+
+@dataclass
+class HeadBook:
+    """The highest accepted head per dataset; decides what an announcement means.
+
+    `classify(head)` returns `NEW` or `REPEAT`, or raises `InvalidHead` for a
+    seq that went backwards or a second, different head with the same seq
+    (the writer forked its history). It never changes the book; `accept(head)`
+    does, so a rejected message touches no state.
+    """
+
+    heads: dict[str, Head] = field(default_factory=dict)
+
+    def classify(self, head: Head) -> str:
+        known = self.heads.get(head.dataset)
+        if known is None or head.seq > known.seq:
+            return NEW
+        if head.seq == known.seq and head == known:
+            return REPEAT
+        if head.seq == known.seq:
+            raise InvalidHead(
+                f"dataset {head.dataset} announced a different root for seq {head.seq}"
+            )
+        raise InvalidHead(
+            f"seq {head.seq} for dataset {head.dataset} does not grow (known: {known.seq})"
+        )
+
+    def accept(self, head: Head) -> bool:
+        """Record `head` if it is new; return True when it changed the book."""
+        if self.classify(head) == NEW:
+            self.heads[head.dataset] = head
+            return True
+        return False
+
+    def get(self, dataset: str) -> Head | None:
+        return self.heads.get(dataset)
+
+
+def check_announcement(data: bytes, signer: str, book: HeadBook) -> Head:
+    """Validate a GossipSub announcement signed by peer `signer`.
+
+    Returns the head; raises `InvalidHead` when the message is oversized or
+    malformed, announces a dataset that is not `signer`'s own, or carries a seq
+    that does not grow. Does not modify `book`.
+    """
+    head = decode_head(data)
+    if head.dataset != signer:
+        raise InvalidHead(f"peer {signer} announced dataset {head.dataset}, which it does not own")
+    book.classify(head)
+    return head
+
+
+# --- /benchsync/head/1.0.0 -----------------------------------------------------
+
+
+def head_request(network: str) -> dict[str, Any]:
+    """The head request body."""
+    return {"network": check_network_name(network)}
+
+
+def head_response(head: Head | None, replicas: Iterable[Head]) -> dict[str, Any]:
+    """The head response body: our own head (or null) and the replicas we hold."""
+    reps = [h.to_json() for h in list(replicas)[:MAX_REPLICAS_IN_RESPONSE]]
+    return {"status": "ok", "head": None if head is None else head.to_json(), "replicas": reps}
+
+
+@dataclass(frozen=True)
+class HeadResponse:
+    """A parsed head response: the responder's own head and the heads it replicates."""
+
+    head: Head | None
+    replicas: tuple[Head, ...]
+
+
+def parse_head_response(obj: Mapping[str, Any], responder: str) -> HeadResponse:
+    """Check a head response from peer `responder`.
+
+    Raises `Refused` when the responder refused (with its reason) and
+    `InvalidHead` when it is malformed, or when `head` is not the responder's
+    own dataset (a replica must never be passed off as the writer's head).
+    """
+    status = obj.get("status")
+    if status == "refused":
+        raise Refused(str(obj.get("reason", "no reason given"))[:500])
+    if status != "ok":
+        raise InvalidHead(f"unknown head response status {status!r}")
+    raw_head = obj.get("head")
+    head = None if raw_head is None else Head.from_json(raw_head)
+    if head is not None and head.dataset != responder:
+        raise InvalidHead(f"peer {responder} answered with the head of dataset {head.dataset}")
+    raw_reps = obj.get("replicas", [])
+    if not isinstance(raw_reps, list) or len(raw_reps) > MAX_REPLICAS_IN_RESPONSE:
+        raise InvalidHead(f"replicas must be a list of at most {MAX_REPLICAS_IN_RESPONSE} heads")
+    return HeadResponse(head=head, replicas=tuple(Head.from_json(r) for r in raw_reps))

@@ -1,0 +1,665 @@
+"""The distributed query planner: one SELECT becomes a per-node part and a merge part.
+
+This module owns the decision of *how* a cross-node aggregate query runs so that
+the merged answer equals what one DuckDB holding every node's rows would return.
+It works on the parsed AST (the JSON document DuckDB's `json_serialize_sql`
+returns) and produces ASTs; it never imports duckdb (layering: `protocol/` is
+pure). `benchsync.storage.distquery` parses, renders and executes.
+
+Two strategies:
+
+- ``decomposed``: every aggregate has an exact merge (COUNT, COUNT(x), SUM,
+  MIN, MAX, AVG as sum+count, VAR/STDDEV as count+mean+M2 merged with Chan's
+  parallel formula, BOOL_AND/OR). Each node runs FROM/WHERE/GROUP BY and ships
+  one row of partial states per group; the coordinator groups the partial rows
+  by the group *values* and applies HAVING, ORDER BY, LIMIT and DISTINCT.
+- ``rows``: anything else (median, quantiles, COUNT(DISTINCT), window functions,
+  GROUPING SETS, plain row queries). Each node runs FROM/WHERE (joins happen
+  inside a node, whose local ids are consistent) and ships only the columns
+  the rest of the query references; the coordinator runs the rest of the query
+  over the union. Still exact, just more bytes. The plan's `reason` says why.
+
+Joins are evaluated inside each node: cross-node grouping is by values, never
+by local ids. Subqueries, CTEs, set operations, table functions and sampling
+are refused with `PlanError` (each would be evaluated per node and give a
+different answer than one database).
+
+The node part reads the node's tables; the merge part reads one table named
+`PARTIALS_TABLE` holding the union of the nodes' answers.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+PARTIALS_TABLE = "partials"  # the coordinator's name for the union of node answers
+PREFIX = "__bs_"  # prefix of planner-made column names; user aliases never start with it
+MAX_SQL_AST_DEPTH = 200  # nesting levels; deeper ASTs are refused (recursion guard)
+
+# Aggregates with an exact merge, by DuckDB function name.
+DECOMPOSABLE = frozenset(
+    {
+        "count_star", "count", "sum", "min", "max", "avg", "mean",
+        "var_samp", "var_pop", "variance", "stddev", "stddev_samp", "stddev_pop",
+        "bool_and", "bool_or",
+    }
+)  # fmt: skip
+_VARIANCE = frozenset({"var_samp", "var_pop", "variance", "stddev", "stddev_samp", "stddev_pop"})
+# Duplicates do not change these, so their DISTINCT form merges the same way.
+_DISTINCT_SAFE = frozenset({"min", "max", "bool_and", "bool_or"})
+
+# Aggregate names known without asking DuckDB (distquery passes the full catalog
+# from `duckdb_functions()`); used to tell an unknown aggregate from a scalar.
+DEFAULT_AGGREGATES = DECOMPOSABLE | frozenset(
+    {
+        "median", "quantile", "quantile_cont", "quantile_disc", "mode", "mad",
+        "approx_count_distinct", "approx_quantile", "string_agg", "group_concat",
+        "list", "array_agg", "first", "last", "any_value", "arbitrary", "arg_min",
+        "arg_max", "argmin", "argmax", "min_by", "max_by", "product", "histogram",
+        "entropy", "kurtosis", "skewness", "corr", "covar_pop", "covar_samp",
+        "regr_slope", "regr_intercept", "regr_r2", "fsum", "sumkahan", "kahan_sum",
+        "favg", "bit_and", "bit_or", "bit_xor", "count_if", "countif", "geomean",
+        "geometric_mean", "bitstring_agg", "reservoir_quantile",
+    }
+)  # fmt: skip
+
+Strategy = Literal["decomposed", "rows"]
+NameOf = Callable[[dict[str, Any]], str]
+
+
+class PlanError(ValueError):
+    """The caller's SQL cannot run across nodes (not a single plain SELECT, or a
+    construct that would be evaluated per node); the message says what to change."""
+
+
+class _NotDecomposable(Exception):
+    """Internal: this query needs the `rows` strategy; the message is the reason."""
+
+
+@dataclass(frozen=True)
+class QueryPlan:
+    """How one query runs across nodes.
+
+    `node_ast`/`merge_ast` are `json_serialize_sql`-shaped documents;
+    `node_sql`/`merge_sql` are their rendered SQL, filled in by
+    `benchsync.storage.distquery.plan` (None when only the pure planner ran).
+    `output_columns` are the names of the final answer's columns.
+    """
+
+    strategy: Strategy
+    reason: str
+    node_ast: dict[str, Any]
+    merge_ast: dict[str, Any]
+    output_columns: tuple[str, ...]
+    node_sql: str | None = None
+    merge_sql: str | None = None
+    partial_columns: tuple[str, ...] = field(default=())
+
+
+# ---------------------------------------------------------------------------
+# AST constructors. DuckDB's deserializer needs every property, so these spell
+# out the full shape `json_serialize_sql` produces (DuckDB 1.x/2.x).
+
+
+def _doc(node: dict[str, Any]) -> dict[str, Any]:
+    return {"error": False, "statements": [{"node": node, "named_param_map": []}]}
+
+
+def col(*names: str) -> dict[str, Any]:
+    return {"class": "COLUMN_REF", "type": "COLUMN_REF", "alias": "", "column_names": list(names)}
+
+
+def const_int(value: int) -> dict[str, Any]:
+    return {
+        "class": "CONSTANT",
+        "type": "VALUE_CONSTANT",
+        "alias": "",
+        "literal": {"kind": "INTEGER", "text": str(value)},
+    }
+
+
+def _const(kind: str, text: str) -> dict[str, Any]:
+    return {"class": "CONSTANT", "type": "VALUE_CONSTANT", "alias": "",
+            "literal": {"kind": kind, "text": text}}  # fmt: skip
+
+
+def cast(expr: dict[str, Any], type_name: str) -> dict[str, Any]:
+    return {
+        "class": "CAST",
+        "type": "OPERATOR_CAST",
+        "alias": "",
+        "child": expr,
+        "try_cast": False,
+        "type_expr": {
+            "class": "TYPE", "type": "TYPE", "alias": "", "catalog": "", "schema": "",
+            "type_name": type_name, "children": [], "qualified_name": {"path": [type_name]},
+        },
+    }  # fmt: skip
+
+
+def func(name: str, *args: dict[str, Any], operator: bool = False) -> dict[str, Any]:
+    return {
+        "class": "FUNCTION",
+        "type": "FUNCTION",
+        "alias": "",
+        "function_name": name,
+        "schema": "",
+        "filter": None,
+        "order_bys": {"type": "ORDER_MODIFIER", "orders": []},
+        "distinct": False,
+        "is_operator": operator,
+        "export_state": False,
+        "catalog": "",
+        "arguments": [{"name": "", "expression": a} for a in args],
+        "qualified_name": {"path": [name]},
+        "is_legacy_function_call": False,
+    }
+
+
+def _op(name: str, a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    return func(name, a, b, operator=True)
+
+
+def _window_sum(expr: dict[str, Any], partitions: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "class": "WINDOW", "type": "WINDOW_AGGREGATE", "alias": "", "function_name": "sum",
+        "schema": "", "catalog": "", "partitions": partitions, "orders": [],
+        "start": "UNBOUNDED_PRECEDING", "end": "CURRENT_ROW_RANGE", "start_expr": None,
+        "end_expr": None, "offset_expr": None, "default_expr": None, "ignore_nulls": False,
+        "filter_expr": None, "exclude_clause": "NO_OTHER", "distinct": False, "arg_orders": [],
+        "has_ignore_nulls": False, "arguments": [{"name": "", "expression": expr}],
+        "qualified_name": {"path": ["sum"]}, "is_legacy_function_call": False,
+    }  # fmt: skip
+
+
+def _base_table(name: str, alias: str = "") -> dict[str, Any]:
+    return {
+        "type": "BASE_TABLE", "alias": alias, "sample": None, "schema_name": "",
+        "table_name": name, "column_name_alias": [], "catalog_name": "", "at_clause": None,
+        "qualified_name": {"path": [name]},
+    }  # fmt: skip
+
+
+def _subquery_table(node: dict[str, Any], alias: str) -> dict[str, Any]:
+    return {"type": "SUBQUERY", "alias": alias, "sample": None,
+            "subquery": {"node": node, "named_param_map": []}, "column_name_alias": []}  # fmt: skip
+
+
+def _select_node(select_list: list[dict[str, Any]], from_table: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "type": "SELECT_NODE", "modifiers": [], "cte_map": {"map": []},
+        "select_list": select_list, "from_table": from_table, "where_clause": None,
+        "group_expressions": [], "group_sets": [], "aggregate_handling": "STANDARD_HANDLING",
+        "having": None, "sample": None, "qualify": None,
+    }  # fmt: skip
+
+
+def _star() -> dict[str, Any]:
+    return {"class": "STAR", "type": "STAR", "alias": "", "relation_name": "", "exclude_list": [],
+            "replace_list": [], "columns": False, "expr": None, "qualified_exclude_list": [],
+            "rename_list": []}  # fmt: skip
+
+
+def _aliased(expr: dict[str, Any], alias: str) -> dict[str, Any]:
+    out = dict(expr)
+    out["alias"] = alias
+    return out
+
+
+# ---------------------------------------------------------------------------
+# AST inspection.
+
+
+def _normalized(expr: Any) -> str:
+    """A key equal for expressions that mean the same (positions, aliases and
+    identifier case ignored): used to match GROUP BY keys and dedupe aggregates."""
+
+    def strip(o: Any, depth: int = 0) -> Any:
+        if depth > MAX_SQL_AST_DEPTH:
+            raise PlanError("query nests too deeply; simplify it")
+        if isinstance(o, dict):
+            out = {}
+            for k, v in o.items():
+                if k in ("query_location", "query_location_length", "alias"):
+                    continue
+                if k in ("column_names", "function_name") and isinstance(v, list | str):
+                    v = [s.lower() for s in v] if isinstance(v, list) else v.lower()
+                out[k] = strip(v, depth + 1)
+            return out
+        if isinstance(o, list):
+            return [strip(x, depth + 1) for x in o]
+        return o
+
+    return json.dumps(strip(expr), sort_keys=True)
+
+
+def _walk(o: Any, depth: int = 0) -> Any:
+    """Yield every expression dict (anything with a "class") inside `o`."""
+    if depth > MAX_SQL_AST_DEPTH:
+        raise PlanError("query nests too deeply; simplify it")
+    if isinstance(o, dict):
+        if "class" in o:
+            yield o
+        for v in o.values():
+            yield from _walk(v, depth + 1)
+    elif isinstance(o, list):
+        for x in o:
+            yield from _walk(x, depth + 1)
+
+
+def _fname(expr: dict[str, Any]) -> str:
+    return str(expr.get("function_name", "")).lower()
+
+
+def _is_aggregate_call(expr: dict[str, Any], aggregates: frozenset[str]) -> bool:
+    return expr.get("class") == "FUNCTION" and _fname(expr) in aggregates
+
+
+def _has_aggregate(o: Any, aggregates: frozenset[str]) -> bool:
+    return any(_is_aggregate_call(e, aggregates) for e in _walk(o))
+
+
+def _check_from(table: dict[str, Any], depth: int = 0) -> None:
+    kind = table.get("type")
+    if kind == "BASE_TABLE":
+        if table.get("sample") is not None:
+            raise PlanError("TABLESAMPLE cannot be split across nodes; remove the sample")
+        return
+    if kind == "JOIN":
+        _check_from(table["left"], depth + 1)
+        _check_from(table["right"], depth + 1)
+        return
+    if kind == "EMPTY":
+        raise PlanError("a distributed query must read a table; add FROM <table>")
+    what = {"SUBQUERY": "subqueries in FROM", "TABLE_FUNCTION": "table functions"}.get(
+        str(kind), f"FROM items of type {kind}"
+    )
+    raise PlanError(
+        f"{what} cannot be split across nodes (each node would evaluate it on its own rows); "
+        "query the tables directly"
+    )
+
+
+def _the_select(ast: Mapping[str, Any]) -> dict[str, Any]:
+    if ast.get("error"):
+        raise PlanError(f"not valid SQL: {ast.get('error_message', 'parse error')}")
+    statements = ast.get("statements") or []
+    if len(statements) != 1:
+        raise PlanError(f"expected exactly one statement, got {len(statements)}")
+    node = statements[0].get("node") or {}
+    if node.get("type") != "SELECT_NODE":
+        raise PlanError(
+            f"only a single SELECT can run across nodes, not {node.get('type')}; "
+            "run set operations (UNION, ...) as separate queries"
+        )
+    if (node.get("cte_map") or {}).get("map"):
+        raise PlanError("WITH (CTEs) cannot be split across nodes; inline the query")
+    if node.get("sample") is not None:
+        raise PlanError("USING SAMPLE cannot be split across nodes; remove the sample")
+    _check_from(node["from_table"])
+    for e in _walk(node):
+        if e.get("class") == "SUBQUERY":
+            raise PlanError(
+                "subqueries cannot be split across nodes (each node would evaluate "
+                "them on its own rows); run them as separate queries"
+            )
+        if e.get("class") == "PARAMETER":
+            raise PlanError("unbound query parameter; pass params (bind_parameters)")
+    return copy.deepcopy(node)
+
+
+# ---------------------------------------------------------------------------
+# Parameters.
+
+
+def bind_parameters(
+    ast: Mapping[str, Any], params: Sequence[Any] | Mapping[str, Any]
+) -> dict[str, Any]:
+    """Return a copy of `ast` with `?`/`$1`/`$name` parameters replaced by constants.
+
+    Supports None, bool, int, float and str values. Raises PlanError for a
+    missing parameter or an unsupported value type.
+    """
+
+    def literal(value: Any) -> dict[str, Any]:
+        if value is None:
+            return _const("NULL_LITERAL", "")
+        if isinstance(value, bool):
+            return _const("BOOLEAN", "true" if value else "false")
+        if isinstance(value, int):
+            return _const("INTEGER", str(value))
+        if isinstance(value, float):
+            # via a string so that inf/nan and full precision survive
+            return cast(_const("STRING", repr(value) if math.isfinite(value) else str(value)),
+                        "DOUBLE")  # fmt: skip
+        if isinstance(value, str):
+            return _const("STRING", value)
+        raise PlanError(f"parameter of type {type(value).__name__} is not supported; "
+                        "pass None, bool, int, float or str")  # fmt: skip
+
+    def sub(o: Any) -> Any:
+        if isinstance(o, dict):
+            if o.get("class") == "PARAMETER":
+                ident = str(o.get("identifier", ""))
+                try:
+                    value = (params[ident] if isinstance(params, Mapping)
+                             else params[int(ident) - 1])  # fmt: skip
+                except (KeyError, IndexError, ValueError):
+                    raise PlanError(f"no value for query parameter ${ident}") from None
+                out = literal(value)
+                return _aliased(out, o.get("alias", ""))
+            return {k: sub(v) for k, v in o.items()}
+        if isinstance(o, list):
+            return [sub(x) for x in o]
+        return o
+
+    return sub(copy.deepcopy(ast))
+
+
+# ---------------------------------------------------------------------------
+# Planning.
+
+
+def _default_name(expr: dict[str, Any], index: int) -> str:
+    if expr.get("alias"):
+        return str(expr["alias"])
+    if expr.get("class") == "COLUMN_REF":
+        return str(expr["column_names"][-1])
+    return f"col{index}"
+
+
+def _output_names(select_list: list[dict[str, Any]], name_of: NameOf | None) -> list[str]:
+    names = []
+    for i, e in enumerate(select_list):
+        if e.get("alias") or e.get("class") == "COLUMN_REF" or name_of is None:
+            names.append(_default_name(e, i))
+        else:
+            names.append(name_of(e))
+    return names
+
+
+def plan_query(
+    ast: Mapping[str, Any],
+    *,
+    aggregates: frozenset[str] = DEFAULT_AGGREGATES,
+    name_of: NameOf | None = None,
+) -> QueryPlan:
+    """Plan one parsed SELECT (`json_serialize_sql` output) for execution across nodes.
+
+    `aggregates` names every aggregate function (distquery passes DuckDB's
+    catalog); `name_of` returns DuckDB's column name for an unaliased
+    expression (its SQL text), so the merged answer has the original names.
+    Returns a QueryPlan; raises PlanError for SQL that cannot run across nodes.
+    """
+    node = _the_select(ast)
+    aggregates = frozenset(a.lower() for a in aggregates) | DECOMPOSABLE
+    if any(e.get("class") == "STAR" for e in node["select_list"]):
+        return _plan_rows(node, "SELECT * ships whole rows", name_of)
+    is_aggregate = (
+        bool(node["group_expressions"])
+        or node["aggregate_handling"] == "FORCE_AGGREGATES"
+        or _has_aggregate([node["select_list"], node["having"], node["modifiers"]], aggregates)
+    )
+    if not is_aggregate:
+        return _plan_rows(node, "not an aggregate query: the rows are the answer", name_of)
+    try:
+        return _plan_decomposed(node, aggregates, name_of)
+    except _NotDecomposable as why:
+        return _plan_rows(node, str(why), name_of)
+
+
+class _Rewriter:
+    """Rewrites select/HAVING/ORDER BY expressions of an aggregate query into
+    merge expressions over the partials, allocating the node's partial columns."""
+
+    def __init__(self, group_keys: list[dict[str, Any]], aliases: set[str],
+                 aggregates: frozenset[str]) -> None:  # fmt: skip
+        self.group_index = {_normalized(g): i for i, g in enumerate(group_keys)}
+        self.aliases = {a.lower() for a in aliases}
+        self.aggregates = aggregates
+        self.partials: list[dict[str, Any]] = []  # node select items (aliased)
+        self.partial_names: dict[str, str] = {}  # normalized node expression -> column
+        self.merged: dict[str, dict[str, Any]] = {}  # normalized aggregate -> merge expr
+        self.window_columns: list[tuple[str, dict[str, Any]]] = []  # (name, expr over partials)
+
+    def _partial(self, name: str, expr: dict[str, Any]) -> dict[str, Any]:
+        key = _normalized(expr)  # STDDEV(x) and VAR_POP(x) ship one (n, mean, M2)
+        if key not in self.partial_names:
+            self.partial_names[key] = name
+            self.partials.append(_aliased(expr, name))
+        return col(self.partial_names[key])
+
+    def rewrite(self, expr: Any, *, allow_alias: bool, depth: int = 0) -> Any:
+        if depth > MAX_SQL_AST_DEPTH:
+            raise PlanError("query nests too deeply; simplify it")
+        if isinstance(expr, list):
+            return [self.rewrite(x, allow_alias=allow_alias, depth=depth + 1) for x in expr]
+        if not isinstance(expr, dict):
+            return expr
+        if "class" not in expr:  # containers: function arguments, CASE checks, orders
+            return {k: self.rewrite(v, allow_alias=allow_alias, depth=depth + 1)
+                    for k, v in expr.items()}  # fmt: skip
+        cls = expr["class"]
+        key = _normalized(expr)
+        if key in self.group_index and cls != "CONSTANT":
+            return _aliased(col(f"{PREFIX}g{self.group_index[key]}"), expr.get("alias", ""))
+        if cls in ("CONSTANT", "TYPE"):
+            return expr
+        if cls == "WINDOW":
+            raise _NotDecomposable("window functions need every row at the coordinator")
+        if cls == "COLUMN_REF":
+            names = expr["column_names"]
+            if allow_alias and len(names) == 1 and names[0].lower() in self.aliases:
+                return expr
+            raise _NotDecomposable(
+                f"column {'.'.join(names)} is used outside a GROUP BY key and outside "
+                "an aggregate with an exact merge"
+            )
+        if cls == "FUNCTION" and _fname(expr) in self.aggregates:
+            return _aliased(self._aggregate(expr, key), expr.get("alias", ""))
+        return {k: self.rewrite(v, allow_alias=allow_alias, depth=depth + 1)
+                for k, v in expr.items()}  # fmt: skip
+
+    def _aggregate(self, expr: dict[str, Any], key: str) -> dict[str, Any]:
+        name = _fname(expr)
+        if key in self.merged:
+            return copy.deepcopy(self.merged[key])
+        if name not in DECOMPOSABLE:
+            raise _NotDecomposable(f"{name}() has no exact merge of per-node results")
+        if expr.get("distinct") and name not in _DISTINCT_SAFE:
+            raise _NotDecomposable(f"{name}(DISTINCT ...) needs the distinct values of all nodes")
+        if (expr.get("order_bys") or {}).get("orders"):
+            raise _NotDecomposable(f"{name}() with ORDER BY inside needs every row")
+        args = [a["expression"] for a in expr.get("arguments", [])]
+        if any(_has_aggregate(a, self.aggregates) for a in args):
+            raise _NotDecomposable(f"nested aggregate inside {name}()")
+        flt = expr.get("filter")
+        k = len(self.merged)
+        base = f"{PREFIX}a{k}"
+
+        def node_agg(fname: str, *a: dict[str, Any]) -> dict[str, Any]:
+            f = func(fname, *copy.deepcopy(list(a)))
+            f["filter"] = copy.deepcopy(flt)
+            return f
+
+        merged: dict[str, Any]
+        if name in ("count_star", "count"):
+            part = self._partial(base, node_agg(name, *args))
+            # SUM of BIGINT counts is HUGEINT; DuckDB's COUNT is BIGINT. Never NULL:
+            # groups exist only where rows do, and a global aggregate ships one row per node.
+            merged = cast(func("sum", part), "BIGINT")
+        elif name == "sum":
+            merged = func("sum", self._partial(base, node_agg("sum", *args)))
+        elif name in ("min", "max", "bool_and", "bool_or"):
+            merged = func(name, self._partial(base, node_agg(name, *args)))
+        elif name in ("avg", "mean"):
+            s = self._partial(f"{base}_sum", cast(node_agg("sum", *args), "DOUBLE"))
+            n = self._partial(f"{base}_n", node_agg("count", *args))
+            merged = _op("/", func("sum", s), func("nullif", func("sum", n), const_int(0)))
+        else:  # variance family: Chan et al.'s parallel merge of (n, mean, M2)
+            n = self._partial(f"{base}_n", node_agg("count", *args))
+            mean = self._partial(f"{base}_mean", node_agg("avg", *args))
+            m2 = self._partial(
+                f"{base}_m2", _op("*", node_agg("var_pop", *args), node_agg("count", *args))
+            )
+            gmean_name = f"{mean['column_names'][0]}_g"
+            if gmean_name not in dict(self.window_columns):
+                gmean = _op("/", _window_sum(_op("*", n, mean), []), _window_sum(n, []))
+                self.window_columns.append((gmean_name, gmean))
+            total_n = func("sum", n)
+            dev = _op("-", mean, col(gmean_name))
+            total_m2 = _op("+", func("sum", m2),
+                           func("sum", _op("*", n, _op("*", dev, copy.deepcopy(dev)))))  # fmt: skip
+            if name in ("var_pop", "stddev_pop"):
+                merged = _op("/", total_m2, func("nullif", total_n, const_int(0)))
+            else:
+                denominator = func("nullif", _op("-", total_n, const_int(1)), const_int(0))
+                merged = _op("/", total_m2, denominator)
+            if name.startswith("stddev"):
+                merged = func("sqrt", merged)
+        self.merged[key] = merged
+        return copy.deepcopy(merged)
+
+
+def _group_keys(node: dict[str, Any], aggregates: frozenset[str]) -> list[dict[str, Any]]:
+    if len(node["group_sets"]) > 1:
+        raise _NotDecomposable("GROUPING SETS/ROLLUP/CUBE are run at the coordinator")
+    select = node["select_list"]
+    if node["aggregate_handling"] == "FORCE_AGGREGATES":  # GROUP BY ALL
+        return [copy.deepcopy(e) for e in select if not _has_aggregate(e, aggregates)]
+    aliases = {str(e["alias"]).lower(): e for e in select if e.get("alias")}
+    keys = []
+    for g in node["group_expressions"]:
+        if g.get("class") == "CONSTANT" and g["literal"]["kind"] == "INTEGER":
+            position = int(g["literal"]["text"])  # GROUP BY 1: a select-list position
+            if not 1 <= position <= len(select):
+                raise PlanError(f"GROUP BY position {position} is not in the select list")
+            g = select[position - 1]
+        elif g.get("class") == "COLUMN_REF" and len(g["column_names"]) == 1:
+            # A bare name that is a select alias groups by that expression (we cannot
+            # see the schema here; a table column with the same name would win in DuckDB).
+            target = aliases.get(g["column_names"][0].lower())
+            if target is not None:
+                g = target
+        keys.append(_aliased(copy.deepcopy(g), ""))
+    return keys
+
+
+def _plan_decomposed(
+    node: dict[str, Any], aggregates: frozenset[str], name_of: NameOf | None
+) -> QueryPlan:
+    if node.get("qualify") is not None:
+        raise _NotDecomposable("QUALIFY filters on window functions over every row")
+    keys = _group_keys(node, aggregates)
+    names = _output_names(node["select_list"], name_of)
+    rw = _Rewriter(keys, set(names), aggregates)
+    select = [
+        _aliased(rw.rewrite(e, allow_alias=False), names[i])
+        for i, e in enumerate(node["select_list"])
+    ]
+    having = rw.rewrite(node["having"], allow_alias=True) if node["having"] else None
+    modifiers = rw.rewrite(node["modifiers"], allow_alias=True)
+
+    group_cols = [f"{PREFIX}g{i}" for i in range(len(keys))]
+    node_part = _select_node(
+        [_aliased(k, group_cols[i]) for i, k in enumerate(keys)] + rw.partials,
+        node["from_table"],
+    )
+    node_part["where_clause"] = node["where_clause"]
+    node_part["group_expressions"] = keys
+    node_part["group_sets"] = [list(range(len(keys)))] if keys else []
+    if not node_part["select_list"]:  # e.g. SELECT 1 FROM t GROUP BY ALL: one row per node
+        node_part["select_list"] = [_aliased(func("count_star"), f"{PREFIX}rows")]
+
+    source: dict[str, Any] = _base_table(PARTIALS_TABLE)
+    if rw.window_columns:
+        # The variance merge needs each group's overall mean next to each partial row.
+        inner = _select_node(
+            [_star()] + [_aliased(_partition(e, group_cols), n) for n, e in rw.window_columns],
+            _base_table(PARTIALS_TABLE),
+        )
+        source = _subquery_table(inner, PARTIALS_TABLE)
+    merge = _select_node(select, source)
+    merge["group_expressions"] = [col(c) for c in group_cols]
+    merge["group_sets"] = [list(range(len(group_cols)))] if group_cols else []
+    merge["having"] = having
+    merge["modifiers"] = modifiers
+    partial_names = tuple(group_cols) + tuple(p["alias"] for p in rw.partials)
+    return QueryPlan(
+        strategy="decomposed",
+        reason="every aggregate has an exact merge of per-node partial states",
+        node_ast=_doc(node_part),
+        merge_ast=_doc(merge),
+        output_columns=tuple(names),
+        partial_columns=partial_names,
+    )
+
+
+def _partition(expr: dict[str, Any], group_cols: list[str]) -> dict[str, Any]:
+    """Set the PARTITION BY of every window in `expr` to the group columns."""
+    out = copy.deepcopy(expr)
+    for e in _walk(out):
+        if e.get("class") == "WINDOW":
+            e["partitions"] = [col(c) for c in group_cols]
+    return out
+
+
+def _plan_rows(node: dict[str, Any], reason: str, name_of: NameOf | None) -> QueryPlan:
+    names = _output_names(node["select_list"], name_of)
+    has_star = any(e.get("class") == "STAR" for e in _walk(node["select_list"]))
+    if has_star:
+        table = node["from_table"]
+        if table["type"] != "BASE_TABLE":
+            raise PlanError("SELECT * over a join cannot be shipped between nodes "
+                            "(duplicate column names); name the columns you need")  # fmt: skip
+        node_part = _select_node([_star()], table)
+        node_part["where_clause"] = node["where_clause"]
+        merge = copy.deepcopy(node)
+        merge["from_table"] = _subquery_table(
+            _select_node([_star()], _base_table(PARTIALS_TABLE)),
+            table.get("alias") or table["table_name"],
+        )
+        merge["where_clause"] = None
+        return QueryPlan("rows", reason, _doc(node_part), _doc(merge), tuple(names))
+
+    aliases = {n.lower() for n in names}
+    refs: dict[str, int] = {}
+    ref_exprs: list[dict[str, Any]] = []
+
+    def rewrite(o: Any, allow_alias: bool) -> Any:
+        if isinstance(o, list):
+            return [rewrite(x, allow_alias) for x in o]
+        if not isinstance(o, dict):
+            return o
+        if o.get("class") == "COLUMN_REF":
+            cn = o["column_names"]
+            if allow_alias and len(cn) == 1 and cn[0].lower() in aliases:
+                return o
+            key = _normalized(o)
+            if key not in refs:
+                refs[key] = len(refs)
+                ref_exprs.append(_aliased(o, f"{PREFIX}c{refs[key]}"))
+            return _aliased(col(f"{PREFIX}c{refs[key]}"), o.get("alias", ""))
+        return {k: rewrite(v, allow_alias) for k, v in o.items()}
+
+    merge = copy.deepcopy(node)
+    merge["select_list"] = [
+        _aliased(rewrite(e, False), names[i]) for i, e in enumerate(node["select_list"])
+    ]
+    merge["group_expressions"] = rewrite(node["group_expressions"], True)
+    merge["having"] = rewrite(node["having"], True)
+    merge["qualify"] = rewrite(node["qualify"], True)
+    merge["modifiers"] = rewrite(node["modifiers"], True)
+    merge["from_table"] = _base_table(PARTIALS_TABLE)
+    merge["where_clause"] = None
+    node_part = _select_node(
+        ref_exprs or [_aliased(_const("BOOLEAN", "true"), f"{PREFIX}row")], node["from_table"]
+    )
+    node_part["where_clause"] = node["where_clause"]
+    return QueryPlan("rows", reason, _doc(node_part), _doc(merge), tuple(names),
+                     partial_columns=tuple(e["alias"] for e in ref_exprs))  # fmt: skip

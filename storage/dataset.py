@@ -1,0 +1,352 @@
+"""A node's own dataset on disk: the database, its blocks, history and replicas.
+
+`LocalDataset` is the one object the CLI (offline) and the daemon (online)
+open on a data directory. It owns the layout::
+
+    <home>/benchsync.duckdb          the live database (single writer)
+    <home>/.benchsync.duckdb.ipfs.json  sidecar: current snapshot CID, time, size
+    <home>/blocks/                   content-addressed blocks (own and peers')
+    <home>/snapshots/HEAD.json       the head of the version history
+    <home>/snapshots/pins.json       roots imported from CARs, kept through GC
+    <home>/replicas/<peer>/          installed replicas
+    <home>/tmp/                      scratch space for exports and restores
+
+and the operations that span them: snapshot, restore (atomic file swap),
+CAR export/import, garbage collection and queries in the local and replicas
+scopes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import duckdb
+import pyarrow as pa
+from benchsync.storage import car
+from benchsync.storage.blockstore import FsBlockstore
+from benchsync.storage.db import DB_FILENAME, BenchmarkDB
+from benchsync.storage.errors import NotFound, StorageError
+from benchsync.storage.replicas import ReplicaStore
+from benchsync.storage.snapshot import (
+    BadSnapshot,
+    SnapshotError,
+    SnapshotResult,
+    SnapshotStore,
+    Version,
+    add_tables,
+    atomic_write,
+    dag_blocks,
+    export_tables,
+    fsync_dir,
+    materialize_tables,
+    missing_blocks,
+    read_version,
+)
+from multiformats import CID
+
+SCOPES = ("local", "replicas")
+
+
+class RestoreError(SnapshotError):
+    """A restore failed; the live database is unchanged."""
+
+
+class CarImportError(StorageError):
+    """A CAR import failed; nothing was made available."""
+
+
+def sidecar_path(db_path: Path) -> Path:
+    """Where the sidecar metadata of a standalone database lives (`.{db}.ipfs.json`)."""
+    return db_path.with_name(f".{db_path.name}.ipfs.json")
+
+
+def write_sidecar(db_path: Path, version: Version) -> Path:
+    """Record the current snapshot beside the database, for tools that only see the file."""
+    path = sidecar_path(db_path)
+    doc = {
+        "cid": version.cid,
+        "tables_cid": version.tables_cid,
+        "seq": version.seq,
+        "created_at": version.created_at,
+        "snapshot_bytes": version.manifest.total_bytes,
+        "db_size": db_path.stat().st_size if db_path.exists() else 0,
+        "dataset": version.manifest.dataset,
+    }
+    atomic_write(path, json.dumps(doc, indent=1, sort_keys=True).encode() + b"\n")
+    return path
+
+
+@dataclass
+class ImportResult:
+    roots: list[str]
+    blocks: int = 0
+    new_blocks: int = 0
+    new_bytes: int = 0
+    files: list[str] = field(default_factory=list)
+
+    @property
+    def noop(self) -> bool:
+        return self.new_blocks == 0
+
+
+class LocalDataset:
+    """A data directory opened for use. Close it (or use it as a context manager)."""
+
+    def __init__(self, home: Path, dataset: str, *, read_only: bool = False) -> None:
+        self.home = Path(home)
+        self.dataset = dataset
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.home / "tmp"
+        self.tmp.mkdir(exist_ok=True)
+        self.db_path = self.home / DB_FILENAME
+        self.db = BenchmarkDB(self.db_path, read_only=read_only)
+        self.blocks = FsBlockstore(self.home / "blocks")
+        self.snapshots = SnapshotStore(self.home / "snapshots", self.blocks, dataset)
+        self.replicas = ReplicaStore(self.home / "replicas", self.blocks)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> LocalDataset:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # snapshots and history -------------------------------------------------------
+    def snapshot(self) -> SnapshotResult:
+        """Take a snapshot (or return the head if nothing changed) and update the sidecar."""
+        with self.db.reader() as conn:
+            result = self.snapshots.snapshot(conn, tmp_dir=self.tmp)
+        if result.created:
+            write_sidecar(self.db_path, result.version)
+        return result
+
+    def head(self) -> Version | None:
+        return self.snapshots.head()
+
+    def history(self, limit: int | None = None) -> list[Version]:
+        return self.snapshots.history(limit)
+
+    def restore(self, cid: str) -> Version:
+        """Make version `cid`'s content current; returns the new head (parent: the old head).
+
+        The restored database is built and verified beside the live one (its
+        re-exported `tables/` CID must equal the target's), then swapped in with
+        one rename: a crash at any point leaves either the old or the new file.
+        """
+        target = self.snapshots.find(cid)
+        missing = missing_blocks(self.blocks, CID.decode(target.cid))
+        if missing:
+            raise RestoreError(
+                f"version {target.cid} is incomplete here ({len(missing)} block(s) missing); "
+                "import its CAR or fetch it from a peer first"
+            )
+        work = Path(tempfile.mkdtemp(prefix="restore-", dir=self.tmp))
+        staged = self.home / f".restore-{os.getpid()}.duckdb"
+        try:
+            files = materialize_tables(self.blocks, target, work / "tables")
+            self._build_database(staged, files)
+            self._verify_built(staged, target, work / "verify")
+            self.db.close()
+            wal = self.db_path.with_name(self.db_path.name + ".wal")
+            if wal.exists():
+                # The live database did not checkpoint on close; swapping would pair the new
+                # file with the old write-ahead log. Reopen and refuse rather than corrupt.
+                self.db = BenchmarkDB(self.db_path)
+                raise RestoreError(f"{wal} still exists after closing the database; not swapping")
+            os.replace(staged, self.db_path)
+            fsync_dir(self.home)
+            self.db = BenchmarkDB(self.db_path)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+            with contextlib.suppress(FileNotFoundError):
+                staged.unlink()
+            with contextlib.suppress(FileNotFoundError):
+                staged.with_name(staged.name + ".wal").unlink()
+        version = self.snapshots.record_restore(target)
+        write_sidecar(self.db_path, version)
+        return version
+
+    def _build_database(self, path: Path, files: dict[str, Path]) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        staged = BenchmarkDB(path)
+        try:
+
+            def load(conn: duckdb.DuckDBPyConnection) -> None:
+                existing = {
+                    r[0]
+                    for r in conn.execute(
+                        "SELECT table_name FROM information_schema.tables WHERE table_schema='main'"
+                    ).fetchall()
+                }
+                for table, parquet in files.items():
+                    src = f"read_parquet('{parquet}')"
+                    if table in existing:
+                        conn.execute(f'DELETE FROM "{table}"')
+                        conn.execute(f'INSERT INTO "{table}" BY NAME SELECT * FROM {src}')
+                    else:
+                        conn.execute(f'CREATE TABLE "{table}" AS SELECT * FROM {src}')
+                after_load = getattr(staged, "after_bulk_load", None)
+                if after_load is not None:
+                    after_load(conn)
+
+            staged.write(load)
+        finally:
+            staged.close()
+
+    def _verify_built(self, path: Path, target: Version, work: Path) -> None:
+        work.mkdir(parents=True, exist_ok=True)
+        conn = duckdb.connect(str(path), read_only=True)
+        try:
+            tables_cid, _, _ = add_tables(export_tables(conn, work), lambda cid, data: None)
+        finally:
+            conn.close()
+        if str(tables_cid) != target.tables_cid:
+            raise RestoreError(
+                f"restored database does not reproduce version {target.cid} "
+                f"(tables {tables_cid} != {target.tables_cid}); the live database is unchanged"
+            )
+
+    # CAR export / import ----------------------------------------------------------
+    def export_car(self, out: IO[bytes], cid: str | None = None) -> tuple[str, int]:
+        """Write the DAG of version `cid` (default: the head) as one CAR; returns (root, bytes)."""
+        root = self._export_root(cid)
+        n = car.write_car(out, [root], dag_blocks(self.blocks, root))
+        return str(root), n
+
+    def export_cars(self, dest: Path, cid: str | None, max_size: int) -> list[Path]:
+        """Split the DAG into CARs of at most `max_size` bytes each (all name the same root)."""
+        root = self._export_root(cid)
+        header = len(car.encode_header([root]))
+        paths: list[Path] = []
+        out: IO[bytes] | None = None
+        written = 0
+        try:
+            for block_cid, data in dag_blocks(self.blocks, root):
+                section = len(car.encode_section(block_cid, data))
+                if header + section > max_size:
+                    raise SnapshotError(
+                        f"--max-size {max_size} is smaller than one block section ({section} bytes "
+                        "plus the header); use at least 300000"
+                    )
+                if out is None or written + section > max_size:
+                    if out is not None:
+                        out.close()
+                    path = dest.with_name(f"{dest.stem}.{len(paths):04d}{dest.suffix or '.car'}")
+                    paths.append(path)
+                    out = open(path, "wb")
+                    out.write(car.encode_header([root]))
+                    written = header
+                out.write(car.encode_section(block_cid, data))
+                written += section
+        finally:
+            if out is not None:
+                out.close()
+        return paths
+
+    def _export_root(self, cid: str | None) -> CID:
+        if cid is None:
+            head = self.head()
+            if head is None:
+                raise NotFound("nothing to export: no snapshot yet (run `benchsync snapshot`)")
+            return CID.decode(head.cid)
+        version = self.snapshots.find(cid)
+        return CID.decode(version.cid)
+
+    def import_cars(self, streams: Iterable[tuple[str, IO[bytes]]]) -> ImportResult:
+        """Import CARs: verify every block, check every root's DAG is complete, then pin the roots.
+
+        Blocks are content-addressed, so storing verified blocks before the
+        completeness check exposes nothing: a root only becomes available (pinned,
+        restorable, exportable) once all of its blocks are present.
+        """
+        result = ImportResult(roots=[])
+        roots: list[CID] = []
+        for name, stream in streams:
+            try:
+                header_roots, blocks = car.read_car(stream)
+                for block_cid, data in blocks:
+                    result.blocks += 1
+                    if self.blocks.put(block_cid, data, verify=False):  # read_car verified it
+                        result.new_blocks += 1
+                        result.new_bytes += len(data)
+            except car.CarError as e:
+                raise CarImportError(f"{name}: {e}") from e
+            result.files.append(name)
+            roots += [r for r in header_roots if r not in roots]
+        for root in roots:
+            missing = missing_blocks(self.blocks, root)
+            if missing:
+                raise CarImportError(
+                    f"root {root} is incomplete: {len(missing)} block(s) missing "
+                    f"(e.g. {missing[0]}); import the other CAR files of this export too"
+                )
+        pins = self._pins()
+        for root in roots:
+            pins.setdefault(str(root), time.time())
+        self._save_pins(pins)
+        result.roots = [str(r) for r in roots]
+        return result
+
+    def _pins_path(self) -> Path:
+        return self.home / "snapshots" / "pins.json"
+
+    def _pins(self) -> dict[str, float]:
+        try:
+            return dict(json.loads(self._pins_path().read_text()))
+        except FileNotFoundError:
+            return {}
+
+    def _save_pins(self, pins: dict[str, float]) -> None:
+        atomic_write(self._pins_path(), json.dumps(pins, sort_keys=True).encode())
+
+    def gc(self, extra_keep: Iterable[CID] = ()) -> tuple[int, int]:
+        """Delete blocks no kept root references: history, pins, replicas, `extra_keep`."""
+        keep = [CID.decode(v.cid) for v in self.history()]
+        keep += [CID.decode(c) for c in self._pins()]
+        keep += self.replicas.roots()
+        keep += list(extra_keep)
+        return self.blocks.gc(keep)
+
+    # queries ----------------------------------------------------------------------
+    @contextlib.contextmanager
+    def query_connection(self, scope: str = "local") -> Iterator[Any]:
+        """A read cursor; in the `replicas` scope table names resolve to union views with `origin`."""
+        if scope not in SCOPES:
+            raise ValueError(f"unknown scope {scope!r}; expected one of {', '.join(SCOPES)}")
+        with self.db.reader() as conn:
+            if scope == "replicas":
+                catalog = conn.execute("SELECT current_database()").fetchone()[0]
+                own = [
+                    r[0]
+                    for r in conn.execute(
+                        "SELECT table_name FROM information_schema.tables "
+                        "WHERE table_schema='main' AND table_catalog=current_database()"
+                    ).fetchall()
+                ]
+                for stmt in self.replicas.union_view_sql(catalog, self.dataset, own):
+                    conn.execute(stmt)
+            yield conn
+
+    def query(self, sql: str, params: list[Any] | None = None, scope: str = "local") -> pa.Table:
+        with self.query_connection(scope) as conn:
+            return conn.execute(sql, params or []).fetch_arrow_table()
+
+    def install_replica(self, root: str) -> Any:
+        """Install a complete, verified peer snapshot from the blockstore as a replica."""
+        version = read_version(self.blocks, root)
+        if version.manifest.dataset == self.dataset:
+            raise BadSnapshot(f"{root} is our own dataset ({self.dataset}), not a peer's")
+        with self.db.reader() as conn:
+            return self.replicas.install(version, conn)

@@ -1,0 +1,207 @@
+"""Replicas: the latest verified snapshot of every dataset a node follows.
+
+A replica is installed only from a complete, verified DAG in the blockstore:
+its Parquet files are written into a fresh directory, checked against the
+schema, and only then does the dataset's `CURRENT.json` pointer switch to it
+(atomically). A reader therefore sees either the previous replica or the new
+one, never a partial one.
+
+Queries in the `replicas` scope see union views: each table name resolves to
+the node's own rows plus every replica's, with an `origin` column naming the
+dataset (peer ID) each row came from.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from benchsync.storage import schema
+from benchsync.storage.blockstore import Blockstore
+from benchsync.storage.snapshot import (
+    BadSnapshot,
+    IncompleteSnapshot,
+    Version,
+    atomic_write,
+    materialize_tables,
+    missing_blocks,
+)
+from multiformats import CID
+
+CURRENT_FILENAME = "CURRENT.json"
+
+
+@dataclass(frozen=True)
+class Replica:
+    dataset: str
+    root: str
+    seq: int
+    created_at: float
+    installed_at: float
+    bytes: int
+    rows: dict[str, int]
+    tables: dict[str, Path]  # table name -> Parquet file
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "dataset": self.dataset,
+            "root": self.root,
+            "seq": self.seq,
+            "created_at": self.created_at,
+            "installed_at": self.installed_at,
+            "bytes": self.bytes,
+            "rows": self.rows,
+        }
+
+
+def _safe_component(dataset: str) -> str:
+    # Peer IDs are base58; anything else must not escape the replicas directory.
+    if not dataset or not dataset.isalnum():
+        raise BadSnapshot(f"dataset name {dataset!r} is not a peer ID")
+    return dataset
+
+
+def check_parquet_schema(conn: Any, table: str, path: Path) -> None:
+    """Raise BadSnapshot if `path` does not hold rows of our `table`.
+
+    Every column the file shares with our table must have the same type, and
+    the table's primary key must be present. Extra columns (a newer schema) are
+    allowed; they are not shown through the union views' BY NAME unions.
+    """
+    try:
+        got = {
+            r[0]: r[1]
+            for r in conn.execute(f"DESCRIBE SELECT * FROM read_parquet('{path}')").fetchall()
+        }
+    except Exception as e:  # duckdb raises many kinds for a damaged file
+        raise BadSnapshot(f"tables/{table}.parquet is not readable Parquet: {e}") from e
+    if table not in schema.TABLES:
+        return
+    want = {r[0]: r[1] for r in conn.execute(f'DESCRIBE "{table}"').fetchall()}
+    key = schema.PRIMARY_KEYS.get(table)
+    if key and key not in got:
+        raise BadSnapshot(f"tables/{table}.parquet lacks the key column {key!r}")
+    for col, typ in got.items():
+        if col in want and want[col] != typ:
+            raise BadSnapshot(
+                f"tables/{table}.parquet: column {col!r} is {typ}, expected {want[col]}"
+            )
+
+
+class ReplicaStore:
+    """Installed replicas under `<root>/<dataset>/<snapshot root>/`."""
+
+    def __init__(self, root: Path, blocks: Blockstore) -> None:
+        self.root = Path(root)
+        self.blocks = blocks
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def install(self, version: Version, conn: Any) -> Replica:
+        """Install `version` as its dataset's replica; returns it.
+
+        `conn` is a DuckDB connection of the node's own database, used to check
+        the Parquet files against our schema. Raises IncompleteSnapshot if any
+        block is missing, BadSnapshot if the content is not valid.
+        """
+        dataset = _safe_component(version.manifest.dataset)
+        current = self.get(dataset)
+        if current is not None and current.root == version.cid:
+            return current
+        if current is not None and current.seq >= version.seq:
+            raise BadSnapshot(
+                f"replica of {dataset} is at seq {current.seq}; refusing older seq {version.seq}"
+            )
+        root = CID.decode(version.cid)
+        missing = missing_blocks(self.blocks, root)
+        if missing:
+            raise IncompleteSnapshot(f"{len(missing)} block(s) of {version.cid} missing, e.g. {missing[0]}")
+        dest = self.root / dataset / version.cid
+        staging = dest.with_name(f".{version.cid}.staging")
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            files = materialize_tables(self.blocks, version, staging)
+            for table, path in files.items():
+                check_parquet_schema(conn, table, path)
+            shutil.rmtree(dest, ignore_errors=True)
+            staging.rename(dest)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        replica = Replica(
+            dataset=dataset,
+            root=version.cid,
+            seq=version.seq,
+            created_at=version.created_at,
+            installed_at=time.time(),
+            bytes=version.manifest.total_bytes,
+            rows={n: t.rows for n, t in version.manifest.tables.items()},
+            tables={t: dest / f"{t}.parquet" for t in files},
+        )
+        atomic_write(self.root / dataset / CURRENT_FILENAME, json.dumps(replica.to_json()).encode())
+        if current is not None and current.root != version.cid:
+            shutil.rmtree(self.root / dataset / current.root, ignore_errors=True)
+        return replica
+
+    def get(self, dataset: str) -> Replica | None:
+        pointer = self.root / dataset / CURRENT_FILENAME
+        try:
+            doc = json.loads(pointer.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return None  # a damaged pointer means no usable replica; the next sync reinstalls
+        folder = self.root / dataset / doc["root"]
+        return Replica(
+            dataset=doc["dataset"],
+            root=doc["root"],
+            seq=int(doc["seq"]),
+            created_at=float(doc["created_at"]),
+            installed_at=float(doc["installed_at"]),
+            bytes=int(doc["bytes"]),
+            rows={k: int(v) for k, v in doc["rows"].items()},
+            tables={p.stem: p for p in sorted(folder.glob("*.parquet"))},
+        )
+
+    def all(self) -> list[Replica]:
+        out = []
+        for child in sorted(self.root.iterdir()):
+            if child.is_dir() and not child.name.startswith("."):
+                replica = self.get(child.name)
+                if replica is not None:
+                    out.append(replica)
+        return out
+
+    def roots(self) -> list[CID]:
+        """Roots to keep through garbage collection."""
+        return [CID.decode(r.root) for r in self.all()]
+
+    def union_view_sql(self, own_catalog: str, own_dataset: str, own_tables: list[str]) -> list[str]:
+        """Statements creating TEMP union views (with `origin`) over own tables and all replicas."""
+        replicas = self.all()
+        statements = []
+        names = list(own_tables)
+        for r in replicas:
+            names += [t for t in r.tables if t not in names]
+        for table in names:
+            parts = []
+            if table in own_tables:
+                parts.append(
+                    f"SELECT {_lit(own_dataset)} AS origin, * FROM "
+                    f'"{own_catalog}".main."{table}"'
+                )
+            for r in replicas:
+                if table in r.tables:
+                    parts.append(
+                        f"SELECT {_lit(r.dataset)} AS origin, * FROM read_parquet({_lit(str(r.tables[table]))})"
+                    )
+            body = " UNION ALL BY NAME ".join(parts)
+            statements.append(f'CREATE OR REPLACE TEMP VIEW "{table}" AS {body}')
+        return statements
+
+
+def _lit(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"

@@ -1,0 +1,496 @@
+"""Content-addressed snapshots of the benchmark database, and their history.
+
+A snapshot is a UnixFS directory any IPFS tool can read::
+
+    <root>/manifest.json              format, dataset, seq, parent, created_at,
+                                      schema_version, per-table rows/bytes/cid
+    <root>/tables/<table>.parquet     one deterministic Parquet file per table
+
+`tables/` is the content identity: the same rows give the same CID on every
+node, because each table is exported ordered by its primary key with a fixed
+row-group size by DuckDB's own writer. Rows appended at the end leave the
+earlier row groups — and so their 256 KiB chunks — byte-identical, which is
+what makes snapshots (and peer fetches) incremental.
+
+History is the chain of `parent` links between manifests; the head is a small
+JSON file written atomically. Nothing here erases history: a restore records a
+new head whose content equals an old version's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchsync.storage import schema, unixfs
+from benchsync.storage.blockstore import Blockstore, verify_block
+from benchsync.storage.errors import NotFound, StorageError
+from multiformats import CID
+
+FORMAT = "benchsync-snapshot/1"
+ROW_GROUP_SIZE = 8192  # rows; fixed so appended rows leave earlier row groups (and chunks) unchanged
+PARQUET_COMPRESSION = "zstd"
+MANIFEST_NAME = "manifest.json"
+TABLES_DIR = "tables"
+MAX_MANIFEST_BYTES = 1024 * 1024  # a manifest lists tables, not rows; anything bigger is not ours
+HEAD_FILENAME = "HEAD.json"
+
+
+class SnapshotError(StorageError):
+    """A snapshot could not be taken, read or restored; the live data is untouched."""
+
+
+class DiskFull(SnapshotError):
+    """The disk filled up while writing; nothing was made current."""
+
+
+class IncompleteSnapshot(SnapshotError):
+    """A snapshot's DAG is missing blocks in the local blockstore."""
+
+
+class BadSnapshot(SnapshotError):
+    """A well-formed DAG whose content is not a valid benchsync snapshot."""
+
+
+@dataclass(frozen=True)
+class TableInfo:
+    rows: int
+    bytes: int
+    cid: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"rows": self.rows, "bytes": self.bytes, "cid": self.cid}
+
+
+@dataclass(frozen=True)
+class Manifest:
+    dataset: str
+    seq: int
+    parent: str | None
+    created_at: float  # seconds since the epoch
+    schema_version: int
+    tables: dict[str, TableInfo] = field(default_factory=dict)
+    format: str = FORMAT
+
+    def to_bytes(self) -> bytes:
+        doc = {
+            "format": self.format,
+            "dataset": self.dataset,
+            "seq": self.seq,
+            "parent": self.parent,
+            "created_at": self.created_at,
+            "schema_version": self.schema_version,
+            "tables": {name: info.to_json() for name, info in sorted(self.tables.items())},
+        }
+        return json.dumps(doc, sort_keys=True, indent=1).encode() + b"\n"
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Manifest:
+        """Parse a manifest; raises BadSnapshot naming what is wrong."""
+        if len(data) > MAX_MANIFEST_BYTES:
+            raise BadSnapshot(f"manifest.json is {len(data)} bytes, limit {MAX_MANIFEST_BYTES}")
+        try:
+            doc = json.loads(data)
+            if doc.get("format") != FORMAT:
+                raise BadSnapshot(f"unknown snapshot format {doc.get('format')!r}, expected {FORMAT!r}")
+            tables = {
+                str(name): TableInfo(rows=int(t["rows"]), bytes=int(t["bytes"]), cid=str(t["cid"]))
+                for name, t in doc["tables"].items()
+            }
+            parent = doc["parent"]
+            return cls(
+                dataset=str(doc["dataset"]),
+                seq=int(doc["seq"]),
+                parent=None if parent is None else str(parent),
+                created_at=float(doc["created_at"]),
+                schema_version=int(doc["schema_version"]),
+                tables=tables,
+            )
+        except BadSnapshot:
+            raise
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise BadSnapshot(f"malformed manifest.json: {e}") from e
+
+    @property
+    def total_rows(self) -> int:
+        return sum(t.rows for t in self.tables.values())
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.bytes for t in self.tables.values())
+
+
+@dataclass(frozen=True)
+class Version:
+    """One entry of the history: a snapshot root and what its manifest says."""
+
+    cid: str
+    tables_cid: str
+    manifest: Manifest
+
+    @property
+    def seq(self) -> int:
+        return self.manifest.seq
+
+    @property
+    def parent(self) -> str | None:
+        return self.manifest.parent
+
+    @property
+    def created_at(self) -> float:
+        return self.manifest.created_at
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "cid": self.cid,
+            "tables_cid": self.tables_cid,
+            "seq": self.seq,
+            "parent": self.parent,
+            "created_at": self.created_at,
+            "dataset": self.manifest.dataset,
+            "rows": {n: t.rows for n, t in sorted(self.manifest.tables.items())},
+            "bytes": self.manifest.total_bytes,
+        }
+
+
+# --- reading snapshots out of a blockstore -------------------------------------------
+
+
+def _getter(store: Blockstore) -> Callable[[CID], bytes]:
+    """A block reader that re-verifies every block: disks rot, and a restore must not install rot."""
+
+    def get(cid: CID) -> bytes:
+        try:
+            data = store.get(cid)
+        except NotFound as e:
+            raise IncompleteSnapshot(f"block {cid} is missing from the blockstore") from e
+        verify_block(cid, data)
+        return data
+
+    return get
+
+
+def read_version(store: Blockstore, root: CID | str) -> Version:
+    """The version rooted at `root`; raises IncompleteSnapshot or BadSnapshot."""
+    root = CID.decode(root) if isinstance(root, str) else root
+    get = _getter(store)
+    entries = {name: cid for name, cid, _ in _list_dir(get, root)}
+    if MANIFEST_NAME not in entries or TABLES_DIR not in entries:
+        raise BadSnapshot(f"{root} is not a benchsync snapshot (no {MANIFEST_NAME} or {TABLES_DIR}/)")
+    manifest = Manifest.from_bytes(_read_small_file(get, entries[MANIFEST_NAME]))
+    return Version(cid=str(root), tables_cid=str(entries[TABLES_DIR]), manifest=manifest)
+
+
+def _list_dir(get: Callable[[CID], bytes], cid: CID) -> list[tuple[str, CID, int]]:
+    try:
+        return unixfs.list_directory(get, cid)
+    except SnapshotError:
+        raise
+    except StorageError as e:
+        raise BadSnapshot(f"{cid}: {e}") from e
+    except (ValueError, KeyError) as e:
+        raise BadSnapshot(f"{cid} is not a UnixFS directory: {e}") from e
+
+
+def _read_small_file(get: Callable[[CID], bytes], cid: CID) -> bytes:
+    out = bytearray()
+    for chunk in unixfs.cat(get, cid):
+        out += chunk
+        if len(out) > MAX_MANIFEST_BYTES:
+            raise BadSnapshot(f"manifest.json exceeds {MAX_MANIFEST_BYTES} bytes")
+    return bytes(out)
+
+
+def missing_blocks(store: Blockstore, root: CID) -> list[CID]:
+    """CIDs reachable from `root` that the store lacks (only the frontier it can see)."""
+    missing: list[CID] = []
+    stack = [root]
+    seen: set[str] = set()
+    while stack:
+        cid = stack.pop()
+        key = str(cid)
+        if key in seen:
+            continue
+        seen.add(key)
+        if not store.has(cid):
+            missing.append(cid)
+            continue
+        stack.extend(unixfs.links(cid, store.get(cid)))
+    return missing
+
+
+def dag_blocks(store: Blockstore, root: CID) -> Iterator[tuple[CID, bytes]]:
+    """Every block of the DAG under `root`, parents first; raises IncompleteSnapshot."""
+    return unixfs.walk(_getter(store), root)
+
+
+def materialize_tables(store: Blockstore, version: Version, dest: Path) -> dict[str, Path]:
+    """Write the version's Parquet files into `dest`; returns table name -> file path."""
+    get = _getter(store)
+    dest.mkdir(parents=True, exist_ok=True)
+    files: dict[str, Path] = {}
+    listing = _list_dir(get, CID.decode(version.tables_cid))
+    names = {name for name, _, _ in listing}
+    for table in version.manifest.tables:
+        if f"{table}.parquet" not in names:
+            raise BadSnapshot(f"manifest lists table {table!r} but tables/{table}.parquet is absent")
+    for name, cid, _ in listing:
+        if not name.endswith(".parquet"):
+            continue
+        path = dest / name
+        with open(path, "wb") as f:
+            for chunk in unixfs.cat(get, cid):
+                f.write(chunk)
+        files[name.removesuffix(".parquet")] = path
+    return files
+
+
+# --- writing snapshots ---------------------------------------------------------------
+
+
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def export_tables(conn: Any, dest: Path) -> dict[str, Path]:
+    """Export every table of the open DuckDB connection to deterministic Parquet in `dest`.
+
+    All tables are read inside one transaction, so the files form a consistent
+    cut even while writes go on beside them.
+    """
+    tables = snapshot_tables(conn)
+    files: dict[str, Path] = {}
+    conn.execute("BEGIN TRANSACTION")
+    try:
+        for table in tables:
+            path = dest / f"{table}.parquet"
+            key = schema.PRIMARY_KEYS.get(table)
+            order = _quote(key) if key else "ALL"
+            conn.execute(
+                f"COPY (SELECT * FROM {_quote(table)} ORDER BY {order}) TO '{path}' "
+                f"(FORMAT parquet, COMPRESSION {PARQUET_COMPRESSION}, ROW_GROUP_SIZE {ROW_GROUP_SIZE})"
+            )
+            files[table] = path
+    finally:
+        conn.execute("COMMIT")
+    return files
+
+
+def add_tables(
+    files: dict[str, Path], put: Callable[[CID, bytes], None]
+) -> tuple[CID, int, dict[str, tuple[CID, int]]]:
+    """Chunk the Parquet files into the `tables/` directory.
+
+    Returns (directory CID, its cumulative size, table -> (file CID, file size)).
+    """
+    entries = []
+    added: dict[str, tuple[CID, int]] = {}
+    for table, path in files.items():
+        with open(path, "rb") as f:
+            cid, size, tsize = unixfs.add_file(f, put)
+        entries.append((f"{table}.parquet", cid, tsize))
+        added[table] = (cid, size)
+    tables_cid, tables_tsize = unixfs.add_directory(entries, put)
+    return tables_cid, tables_tsize, added
+
+
+def snapshot_tables(conn: Any) -> list[str]:
+    """Tables a snapshot carries: the schema's, then any other base table (e.g. migrated legacy ones)."""
+    rows = conn.execute(
+        "SELECT table_name FROM information_schema.tables "
+        "WHERE table_schema = 'main' AND table_type = 'BASE TABLE' ORDER BY table_name"
+    ).fetchall()
+    present = {r[0] for r in rows}
+    known = [t for t in schema.TABLES if t in present]
+    # The schema version table records when *this* file was migrated: node-local, not content.
+    extra = sorted(present - set(known) - {schema.VERSION_TABLE})
+    return known + extra
+
+
+def _count_rows(conn: Any, path: Path) -> int:
+    return int(conn.execute(f"SELECT count(*) FROM read_parquet('{path}')").fetchone()[0])
+
+
+@dataclass
+class SnapshotResult:
+    version: Version
+    created: bool  # False when nothing changed since the head
+    new_blocks: int = 0
+    new_bytes: int = 0
+
+
+class SnapshotStore:
+    """Snapshots, history and restore for one dataset, over a blockstore.
+
+    The head lives in `<state_dir>/HEAD.json`. The caller owns the database
+    (and swapping it during a restore); this class owns blocks and history.
+    """
+
+    def __init__(self, state_dir: Path, blocks: Blockstore, dataset: str) -> None:
+        self.state_dir = Path(state_dir)
+        self.blocks = blocks
+        self.dataset = dataset
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+
+    # head --------------------------------------------------------------------
+    @property
+    def head_path(self) -> Path:
+        return self.state_dir / HEAD_FILENAME
+
+    def head(self) -> Version | None:
+        """The current version, or None before the first snapshot."""
+        try:
+            doc = json.loads(self.head_path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            raise SnapshotError(
+                f"cannot read {self.head_path}: {e}; restore it from `benchsync log` of a peer "
+                "or delete it to start a new history"
+            ) from e
+        return read_version(self.blocks, doc["cid"])
+
+    def _set_head(self, version: Version) -> None:
+        atomic_write(self.head_path, json.dumps(version.to_json(), sort_keys=True).encode())
+
+    # snapshot ----------------------------------------------------------------
+    def snapshot(self, conn: Any, *, tmp_dir: Path | None = None) -> SnapshotResult:
+        """Export, chunk and store the database's tables; record a new head if anything changed.
+
+        `conn` is a DuckDB connection (a read cursor is enough). Raises DiskFull
+        or SnapshotError; on error the head is unchanged.
+        """
+        head = self.head()
+        new_blocks = 0
+        new_bytes = 0
+
+        def put(cid: CID, data: bytes) -> None:
+            nonlocal new_blocks, new_bytes
+            if self.blocks.put(cid, data, verify=False):
+                new_blocks += 1
+                new_bytes += len(data)
+
+        work = Path(tempfile.mkdtemp(prefix="snapshot-", dir=tmp_dir or self.state_dir))
+        try:
+            try:
+                files = export_tables(conn, work)
+                tables_cid, tables_tsize, added = add_tables(files, put)
+                tables = {
+                    table: TableInfo(rows=_count_rows(conn, files[table]), bytes=size, cid=str(cid))
+                    for table, (cid, size) in added.items()
+                }
+                if head is not None and head.tables_cid == str(tables_cid):
+                    return SnapshotResult(version=head, created=False)
+                manifest = Manifest(
+                    dataset=self.dataset,
+                    seq=(head.seq + 1) if head else 1,
+                    parent=head.cid if head else None,
+                    created_at=round(time.time(), 6),
+                    schema_version=schema.SCHEMA_VERSION,
+                    tables=tables,
+                )
+                version = self._commit(manifest, tables_cid, tables_tsize, put)
+            except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise DiskFull(
+                        f"disk full while writing the snapshot ({e}); the database and history are "
+                        "unchanged. Free some space (e.g. `benchsync gc`) and snapshot again"
+                    ) from e
+                raise SnapshotError(f"snapshot failed: {e}") from e
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return SnapshotResult(version=version, created=True, new_blocks=new_blocks, new_bytes=new_bytes)
+
+    def _commit(
+        self, manifest: Manifest, tables_cid: CID, tables_tsize: int, put: Callable[[CID, bytes], None]
+    ) -> Version:
+        mcid, _, mtsize = unixfs.add_bytes(manifest.to_bytes(), put)
+        root, _ = unixfs.add_directory(
+            [(MANIFEST_NAME, mcid, mtsize), (TABLES_DIR, tables_cid, tables_tsize)], put
+        )
+        version = Version(cid=str(root), tables_cid=str(tables_cid), manifest=manifest)
+        self._set_head(version)
+        return version
+
+    def record_restore(self, target: Version) -> Version:
+        """Record a new head whose content is `target`'s, parented on the current head."""
+        head = self.head()
+        manifest = Manifest(
+            dataset=self.dataset,
+            seq=(head.seq + 1) if head else 1,
+            parent=head.cid if head else None,
+            created_at=round(time.time(), 6),
+            schema_version=target.manifest.schema_version,
+            tables=dict(target.manifest.tables),
+        )
+        tables_cid = CID.decode(target.tables_cid)
+        tsize = _cumulative_size(self.blocks, tables_cid)
+
+        def put(cid: CID, data: bytes) -> None:
+            self.blocks.put(cid, data, verify=False)
+
+        return self._commit(manifest, tables_cid, tsize, put)
+
+    # history -----------------------------------------------------------------
+    def history(self, limit: int | None = None) -> list[Version]:
+        """Versions newest first, following parent links from the head."""
+        out: list[Version] = []
+        version = self.head()
+        while version is not None and (limit is None or len(out) < limit):
+            out.append(version)
+            if version.parent is None:
+                break
+            try:
+                version = read_version(self.blocks, version.parent)
+            except IncompleteSnapshot:
+                break  # older history was garbage-collected or never fetched
+        return out
+
+    def find(self, cid: str) -> Version:
+        """A version by root CID (or a unique prefix of one in the history)."""
+        for version in self.history():
+            if version.cid == cid or version.tables_cid == cid:
+                return version
+        matches = [v for v in self.history() if v.cid.startswith(cid)]
+        if len(matches) == 1:
+            return matches[0]
+        try:
+            return read_version(self.blocks, cid)
+        except (ValueError, KeyError) as e:
+            raise NotFound(f"no version {cid!r} in the history or the blockstore") from e
+
+
+def _cumulative_size(store: Blockstore, root: CID) -> int:
+    return sum(len(data) for _, data in dag_blocks(store, root))
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so a crash leaves either the old or the new content."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

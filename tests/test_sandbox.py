@@ -1,0 +1,135 @@
+"""The query sandbox refuses or limits hostile queries and keeps serving."""
+
+from __future__ import annotations
+
+import time
+
+import pyarrow as pa
+import pytest
+from benchsync.storage.sandbox import (
+    InvalidSQL,
+    QueryError,
+    QueryRefused,
+    QuerySandbox,
+    QueryTimeout,
+    ResultTooLarge,
+)
+
+NORMAL = "SELECT model_name, count(*) AS n FROM performance_results GROUP BY 1 ORDER BY 1"
+
+
+@pytest.fixture
+def sandbox() -> QuerySandbox:
+    sb = QuerySandbox(memory_limit="256MB", threads=1)
+    sb.load({
+        "performance_results": pa.table({
+            "model_name": ["bert", "bert", "gpt2"] * 1000,
+            "throughput_items_per_second": [1.0, 2.0, 3.0] * 1000,
+        }),
+    })  # fmt: skip
+    return sb
+
+
+def assert_still_serving(sb: QuerySandbox) -> None:
+    assert sb.execute(NORMAL).to_pylist() == [
+        {"model_name": "bert", "n": 2000},
+        {"model_name": "gpt2", "n": 1000},
+    ]
+
+
+@pytest.mark.parametrize("sql", [
+    "SELECT 1; SELECT 2",
+    "COPY performance_results TO '/tmp/x.csv'",
+    "ATTACH '/tmp/evil.duckdb' AS evil",
+    "INSTALL httpfs",
+    "LOAD httpfs",
+    "PRAGMA database_list",
+    "SET threads = 8",
+    "SET enable_external_access = true",
+    "RESET lock_configuration",
+    "CREATE TABLE t AS SELECT 1",
+    "INSERT INTO performance_results VALUES ('x', 1.0)",
+    "DROP TABLE performance_results",
+    "SELECT * FROM read_csv('/etc/passwd')",
+    "SELECT * FROM read_text('/etc/passwd')",
+    "SELECT * FROM read_parquet('/tmp/x.parquet')",
+    "SELECT * FROM query('DROP TABLE performance_results')",
+    "CALL pragma_version()",
+    "EXPORT DATABASE '/tmp/out'",
+])  # fmt: skip
+def test_hostile_statement_is_refused_and_sandbox_keeps_serving(
+    sandbox: QuerySandbox, sql: str
+) -> None:
+    with pytest.raises((QueryRefused, InvalidSQL)) as info:
+        sandbox.execute(sql)
+    assert info.value.kind in ("refused", "invalid_sql")
+    assert_still_serving(sandbox)
+
+
+def test_file_access_is_refused_not_just_missing(sandbox: QuerySandbox) -> None:
+    with pytest.raises(QueryRefused, match="file system operations are disabled"):
+        sandbox.execute("SELECT * FROM read_csv('/etc/passwd')")
+
+
+def test_writes_are_refused(sandbox: QuerySandbox) -> None:
+    with pytest.raises(QueryRefused, match="only read-only SELECT"):
+        sandbox.execute("DELETE FROM performance_results")
+    assert_still_serving(sandbox)
+
+
+def test_oversized_cross_join_times_out(sandbox: QuerySandbox) -> None:
+    start = time.monotonic()
+    with pytest.raises(QueryTimeout) as info:
+        sandbox.execute(
+            "SELECT count(*) FROM performance_results a, performance_results b, "
+            "performance_results c", timeout_s=0.3)  # fmt: skip
+    assert info.value.kind == "timeout"
+    assert time.monotonic() - start < 5.0
+    assert_still_serving(sandbox)
+
+
+def test_row_and_byte_limits(sandbox: QuerySandbox) -> None:
+    with pytest.raises(ResultTooLarge, match="rows"):
+        sandbox.execute("SELECT * FROM performance_results", max_rows=100)
+    assert_still_serving(sandbox)
+    with pytest.raises(ResultTooLarge, match="bytes"):
+        sandbox.execute("SELECT * FROM performance_results", max_bytes=1000)
+    assert_still_serving(sandbox)
+    got = sandbox.execute("SELECT * FROM performance_results", max_rows=3000)
+    assert got.num_rows == 3000
+
+
+def test_memory_limit_is_enforced(sandbox: QuerySandbox) -> None:
+    with pytest.raises((ResultTooLarge, QueryTimeout)):
+        sandbox.execute("SELECT list(repeat('x', 1000000)) FROM range(1000)", timeout_s=5)
+    assert_still_serving(sandbox)
+
+
+def test_invalid_sql_and_unknown_table(sandbox: QuerySandbox) -> None:
+    with pytest.raises(InvalidSQL, match="parse"):
+        sandbox.execute("SELEC 1")
+    with pytest.raises(InvalidSQL, match="nope"):
+        sandbox.execute("SELECT * FROM nope")
+    assert_still_serving(sandbox)
+
+
+def test_reload_replaces_tables(sandbox: QuerySandbox) -> None:
+    sandbox.load({"models": pa.table({"model_name": ["t5"]})})
+    assert sandbox.execute("SELECT model_name FROM models").to_pylist() == [{"model_name": "t5"}]
+    with pytest.raises(InvalidSQL):
+        sandbox.execute("SELECT * FROM performance_results")
+
+
+def test_parameters(sandbox: QuerySandbox) -> None:
+    got = sandbox.execute(
+        "SELECT count(*) AS n FROM performance_results WHERE model_name = ?", ["gpt2"])
+    assert got.to_pylist() == [{"n": 1000}]
+
+
+def test_every_error_is_a_query_error_with_a_protocol_kind() -> None:
+    from benchsync.protocol.query import ERROR_KINDS
+
+    for cls in (QueryRefused, InvalidSQL, QueryError):
+        assert cls.kind in ERROR_KINDS
+    assert QueryTimeout(1.0).kind in ERROR_KINDS
+    assert ResultTooLarge("x", limit=1, got=2).kind in ERROR_KINDS
