@@ -16,10 +16,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import trio
+from libp2p.abc import IHost, INetStream
+from libp2p.custom_types import TProtocol
+from libp2p.peer.id import ID
+from multiformats import CID
+
 from benchsync.daemon.host import AccessPolicy, StreamReader, remote_peer
 from benchsync.protocol.fetch import (
     CAR_PROTOCOL_ID,
@@ -46,18 +51,15 @@ from benchsync.storage import car
 from benchsync.storage.blockstore import Blockstore
 from benchsync.storage.dagpb import links
 from benchsync.storage.errors import StorageError
-from libp2p.abc import IHost, INetStream
-from libp2p.custom_types import TProtocol
-from libp2p.peer.id import ID
-from multiformats import CID
 
 log = logging.getLogger(__name__)
 
 MAX_FETCHES_PER_PEER = 4  # concurrent fetch streams one peer may have open to us
 REQUEST_TIMEOUT = 10.0  # seconds to open a stream and receive a request or status frame
 STALL_TIMEOUT = 10.0  # seconds without a byte before a transfer counts as broken
-IO_BATCH = 4 * 1024 * 1024  # bytes of blocks read or stored per worker-thread call
-STORE_QUEUE = 8  # batches buffered between the network reader and the store thread
+IO_BATCH = 1024 * 1024  # bytes of blocks read or stored per worker-thread call
+RECEIVE_QUEUE = 64  # stream reads (<= 64 KiB each) buffered ahead of the store thread
+SEND_QUEUE = 2  # batches of encoded sections read ahead of the network by the provider
 
 
 @dataclass(frozen=True)
@@ -193,14 +195,27 @@ class BlockProvider:
         await stream.write(head)
         self.served.wire_out += len(head)
         self.served.rounds += 1
-        for batch in _batches(send, held, IO_BATCH):
-            blocks = await trio.to_thread.run_sync(lambda b=batch: [store.get(c) for c in b])
-            for cid, data in zip(batch, blocks, strict=True):
-                section = car.encode_section(cid, data)
-                await stream.write(section)
-                self.served.wire_out += len(section)
-                self.served.blocks += 1
-                self.served.block_bytes += len(data)
+        sections, produced = trio.open_memory_channel[tuple[bytes, int, int]](SEND_QUEUE)
+
+        def encode(batch: list[CID]) -> tuple[bytes, int, int]:
+            blocks = [store.get(c) for c in batch]
+            wire = b"".join(car.encode_section(c, d) for c, d in zip(batch, blocks, strict=True))
+            return wire, len(blocks), sum(len(d) for d in blocks)
+
+        async def read_ahead() -> None:
+            # Disk reads overlap the network writes of the previous batch.
+            async with sections:
+                for batch in _batches(send, held, IO_BATCH):
+                    await sections.send(await trio.to_thread.run_sync(encode, batch))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_ahead)
+            async with produced:
+                async for wire, nblocks, nbytes in produced:
+                    await stream.write(wire)
+                    self.served.wire_out += len(wire)
+                    self.served.blocks += nblocks
+                    self.served.block_bytes += nbytes
 
 
 class Fetcher:
@@ -245,41 +260,38 @@ class Fetcher:
         result = FetchResult(root)
         errors: dict[str, str] = {}
         while True:
+            # Recomputed after every exchange: a broken transfer's verified
+            # blocks are kept, so the next provider is asked only for the rest.
             want = await self.missing(root)
             if not want:
                 return result
-            progressed = False
-            for peer in list(candidates):
-                reason = self.policy.refusal(peer)
-                if reason is not None:
-                    errors[peer] = reason
-                    candidates.remove(peer)
-                    continue
-                try:
-                    got = await self.fetch_round(ID.from_base58(peer), root, want, result.stats)
-                    print("ROUND", peer[-6:], len(want), got, flush=True)
-                except ProviderMisbehaved as e:
-                    errors[peer] = f"misbehaved: {e}"
-                    candidates.remove(peer)
-                    await self.penalise(peer, str(e))
-                    continue
-                except StorageError:
-                    raise
-                except Exception as e:  # dial errors, refusals, broken transfers
-                    print("ROUNDFAIL", peer[-6:], len(want), repr(e), flush=True)
-                    errors[peer] = f"{type(e).__name__}: {e}"
-                    candidates.remove(peer)
-                    continue
-                if peer not in result.providers_used:
-                    result.providers_used.append(peer)
-                if got == 0:
-                    errors[peer] = "does not hold the missing blocks"
-                    candidates.remove(peer)
-                    continue
-                progressed = True
-                break
-            if not progressed:
+            if not candidates:
                 raise FetchFailed(root, len(want), errors)
+            peer = candidates[0]
+            reason = self.policy.refusal(peer)
+            if reason is not None:
+                errors[peer] = reason
+                candidates.remove(peer)
+                continue
+            try:
+                got = await self.fetch_round(ID.from_base58(peer), root, want, result.stats)
+            except ProviderMisbehaved as e:
+                errors[peer] = f"misbehaved: {e}"
+                candidates.remove(peer)
+                await self.penalise(peer, str(e))
+                continue
+            except StorageError:
+                raise
+            except Exception as e:  # dial errors, refusals, broken transfers
+                errors[peer] = f"{type(e).__name__}: {e}"
+                candidates.remove(peer)
+                continue
+            if got and peer not in result.providers_used:
+                result.providers_used.append(peer)
+            if got == 0:
+                # It holds none of what we still lack; others may.
+                errors[peer] = "does not hold the missing blocks"
+                candidates.remove(peer)
 
     async def penalise(self, peer: str, reason: str) -> None:
         """Ban `peer` and drop our connection to it."""
@@ -344,84 +356,134 @@ class Fetcher:
             raise ProviderMisbehaved(str(e)) from None
         if not expected:
             return 0
-        decoder = car.CarDecoder(
-            max_section=self.limits.max_section, max_block=self.limits.max_block
-        )
-        send, recv = trio.open_memory_channel[list[tuple[CID, bytes]]](STORE_QUEUE)
-        stored = [0]
-        error: BaseException | None = None
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._store, recv, local, stored)
-            try:
-                async with send:
-                    await self._read_car(reader, request.root, decoder, sequence, send, local)
-            except (FetchInterrupted, ProviderMisbehaved) as e:
-                error = e  # let the store task finish the verified blocks first
-        if error is not None:
-            raise error
-        return stored[0]
+        sink = _BlockSink(self.store, request.root, sequence, self.limits)
+        send, recv = trio.open_memory_channel[bytes](RECEIVE_QUEUE)
+        with _single_error():
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._verify_and_store, recv, sink, local)
+                await self._pump(reader, send, sink, local)
+        return sink.stored
 
-    async def _read_car(
+    async def _pump(
         self,
         reader: StreamReader,
-        root: CID,
-        decoder: car.CarDecoder,
-        sequence: BlockSequence,
-        send: trio.MemorySendChannel[list[tuple[CID, bytes]]],
+        send: trio.MemorySendChannel[bytes],
+        sink: _BlockSink,
         local: TransferStats,
     ) -> None:
-        batch: list[tuple[CID, bytes]] = []
-        batch_bytes = 0
-        while not sequence.done:
-            with trio.move_on_after(STALL_TIMEOUT) as stall:
-                data = await reader.read()
-            if stall.cancelled_caught:
-                raise FetchInterrupted(f"no data for {STALL_TIMEOUT} s")
-            if not data:
-                if batch:
-                    await send.send(batch)
-                raise FetchInterrupted(
-                    f"stream ended after {sequence.received_bytes} of {sequence.announced} bytes"
-                )
-            self._count(local, wire_in=len(data))
-            try:
-                blocks = decoder.feed(data)
-                if decoder.roots is not None and decoder.roots != [root]:
-                    raise ProviderMisbehaved(f"CAR roots {decoder.roots} are not [{root}]")
-                for cid, block in blocks:
-                    sequence.check(cid, block)
-                    batch.append((cid, block))
-                    batch_bytes += len(block)
-            except (car.CarError, ProtocolError) as e:
-                if batch:
-                    await send.send(batch)  # blocks before the bad one were verified
-                raise ProviderMisbehaved(str(e)) from None
-            if batch and (batch_bytes >= IO_BATCH or sequence.done or len(data) < 1024):
-                await send.send(batch)
-                batch, batch_bytes = [], 0
-        if batch:
-            await send.send(batch)
+        async with send:
+            # The trio thread only moves bytes; decoding, hashing and disk
+            # writes happen in a worker thread, so the network never waits
+            # on them (and Yamux window updates go out promptly).
+            while True:
+                with trio.move_on_after(STALL_TIMEOUT) as stall:
+                    data = await reader.read()
+                if stall.cancelled_caught:
+                    sink.stalled = True
+                    break
+                if not data:
+                    break
+                self._count(local, wire_in=len(data))
+                await send.send(data)
+
+    async def _verify_and_store(
+        self, recv: trio.MemoryReceiveChannel[bytes], sink: _BlockSink, local: TransferStats
+    ) -> None:
+        async with recv:
+            async for first in recv:
+                chunks = [first]
+                size = len(first)
+                # Take everything already queued: one thread hop per ~MiB, not per read.
+                while size < IO_BATCH:
+                    try:
+                        chunk = recv.receive_nowait()
+                    except trio.WouldBlock:
+                        break
+                    chunks.append(chunk)
+                    size += len(chunk)
+                before = (sink.stored, sink.stored_bytes)
+                try:
+                    await trio.to_thread.run_sync(sink.feed, b"".join(chunks))
+                finally:
+                    self._count(
+                        local,
+                        blocks=sink.stored - before[0],
+                        block_bytes=sink.stored_bytes - before[1],
+                    )
+        sink.close()
+
+
+@contextlib.contextmanager
+def _single_error() -> Iterator[None]:
+    """Re-raise a nursery's lone exception bare, so callers can catch it by type."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        leaves = list(_leaves(group))
+        if len(leaves) == 1:
+            raise leaves[0] from None
+        raise
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            yield from _leaves(exc)
+        else:
+            yield exc
+
+
+class _BlockSink:
+    """Worker-thread side of one response: decode the CAR, check, verify, store.
+
+    Raises `ProviderMisbehaved` for anything the provider cannot blame on
+    dying (a block that does not match its CID, an unrequested block, bad
+    CAR bytes) and `FetchInterrupted` when the stream simply ended early.
+    Blocks that passed every check before an error are stored.
+    """
+
+    def __init__(
+        self, store: Blockstore, root: CID, sequence: BlockSequence, limits: FetchLimits
+    ) -> None:
+        self.store = store
+        self.root = root
+        self.sequence = sequence
+        self.decoder = car.CarDecoder(max_section=limits.max_section, max_block=limits.max_block)
+        self.stored = 0
+        self.stored_bytes = 0
+        self.stalled = False
+
+    def feed(self, data: bytes) -> None:
         try:
-            sequence.finish()
-        except ProtocolError as e:
+            blocks = self.decoder.feed(data)
+            if self.decoder.roots is not None and self.decoder.roots != [self.root]:
+                raise ProviderMisbehaved(f"CAR roots {self.decoder.roots} are not [{self.root}]")
+            for cid, block in blocks:
+                self.sequence.check(cid, block)
+                # Verified again on purpose (the decoder did too): the store
+                # must never hold a block that does not match its name.
+                self.store.put(cid, block, verify=True)
+                self.stored += 1
+                self.stored_bytes += len(block)
+        except car.CarTruncated as e:
+            raise FetchInterrupted(str(e)) from None
+        except (car.CarError, ProtocolError) as e:
             raise ProviderMisbehaved(str(e)) from None
 
-    async def _store(
-        self,
-        recv: trio.MemoryReceiveChannel[list[tuple[CID, bytes]]],
-        local: TransferStats,
-        stored: list[int],
-    ) -> None:
-        store = self.store
-
-        def put_all(blocks: list[tuple[CID, bytes]]) -> None:
-            for cid, data in blocks:
-                # Verified again on purpose: the store must never hold a block
-                # that does not match its name, whatever the decoder did.
-                store.put(cid, data, verify=True)
-
-        async with recv:
-            async for blocks in recv:
-                await trio.to_thread.run_sync(put_all, blocks)
-                stored[0] += len(blocks)
-                self._count(local, blocks=len(blocks), block_bytes=sum(len(d) for _, d in blocks))
+    def close(self) -> None:
+        """End of stream: a complete, exact response, or an interruption."""
+        if self.stalled:
+            raise FetchInterrupted(f"no data for {STALL_TIMEOUT} s")
+        if not self.sequence.done:
+            # A provider killed between two sections looks like a clean EOF.
+            raise FetchInterrupted(
+                f"stream ended after {self.sequence.received_bytes} of "
+                f"{self.sequence.announced} bytes"
+            )
+        try:
+            self.decoder.close()
+            self.sequence.finish()
+        except car.CarTruncated as e:
+            raise FetchInterrupted(str(e)) from None
+        except (car.CarError, ProtocolError) as e:
+            raise ProviderMisbehaved(str(e)) from None

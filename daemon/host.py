@@ -18,7 +18,6 @@ from collections.abc import Awaitable, Callable
 
 import multiaddr
 import trio
-from benchsync.protocol.frames import FrameDecoder, TruncatedFrame
 from libp2p import new_host
 from libp2p.abc import IHost, INetStream
 from libp2p.crypto.keys import KeyPair
@@ -32,6 +31,8 @@ from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
+
+from benchsync.protocol.frames import FrameDecoder, TruncatedFrame
 
 log = logging.getLogger(__name__)
 

@@ -19,6 +19,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trio
+from libp2p.abc import INetConn, INetStream, INetwork, INotifee
+from libp2p.custom_types import TProtocol
+from libp2p.peer.id import ID
+from multiaddr import Multiaddr
+
 from benchsync.daemon.announce import REANNOUNCE_INTERVAL, Announcer
 from benchsync.daemon.fetch import BlockProvider, Fetcher, FetchLimits
 from benchsync.daemon.host import (
@@ -37,10 +42,6 @@ from benchsync.protocol.fetch import CAR_PROTOCOL_ID
 from benchsync.protocol.frames import encode_json_frame, refusal
 from benchsync.protocol.heads import Head, check_network_name
 from benchsync.storage.blockstore import Blockstore
-from libp2p.abc import INetConn, INetStream, INetwork, INotifee
-from libp2p.custom_types import TProtocol
-from libp2p.peer.id import ID
-from multiaddr import Multiaddr
 
 if TYPE_CHECKING:
     from trio_typing import TaskStatus

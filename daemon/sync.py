@@ -20,11 +20,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import trio
+from multiformats import CID
+
 from benchsync.daemon.fetch import Fetcher, FetchFailed
 from benchsync.daemon.host import AccessPolicy
 from benchsync.protocol.heads import Head
 from benchsync.storage.errors import StorageError
-from multiformats import CID
 
 if TYPE_CHECKING:
     from trio_typing import TaskStatus

@@ -35,8 +35,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from benchsync.protocol.frames import Refused, RemoteProtocolError, check_network
 from multiformats import CID
+
+from benchsync.protocol.frames import Refused, RemoteProtocolError, check_network
 
 CAR_PROTOCOL_ID = "/benchsync/car/1.0.0"
 MAX_WANT = 1024  # CIDs per request: ~62 KiB of JSON, one 256 MiB response of full chunks

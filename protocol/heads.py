@@ -27,8 +27,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from benchsync.protocol.frames import Refused, RemoteProtocolError
 from multiformats import CID
+
+from benchsync.protocol.frames import Refused, RemoteProtocolError
 
 HEAD_PROTOCOL_ID = "/benchsync/head/1.0.0"
 TOPIC_TEMPLATE = "benchsync/{network}/heads/1"

@@ -21,22 +21,19 @@ import errno
 import hashlib
 import os
 import secrets
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from benchsync.storage.dagpb import DagPbError, links, uvarint
-from benchsync.storage.errors import CorruptBlock, NotFound, StorageError
-from multiformats import CID, multibase, multicodec, multihash
+from multiformats import CID, multihash
 
-SHA2_256 = 0x12  # multihash code
-IDENTITY = 0x00  # multihash code: the "digest" is the data itself
+from benchsync.storage.cid import IDENTITY, cid_bytes_v1
+from benchsync.storage.dagpb import DagPbError, links
+from benchsync.storage.errors import CorruptBlock, NotFound, StorageError
+
 SHARD_CHARS = 2  # characters of the key per shard directory (32**2 = 1024 directories)
 TMP_PREFIX = ".tmp-"  # in-flight writes; never a valid key (keys are base32 CIDs)
 
-_BASE32 = multibase.get("base32")
 _SHA2_256_PREFIX = b"\x12\x20"  # multihash header: sha2-256, 32 bytes
-_CODECS: dict[int, multicodec.Multicodec] = {}
-_HASHES: dict[int, multihash.Multihash] = {}
 
 
 class UnsupportedHash(StorageError):
@@ -63,63 +60,6 @@ class BlockWriteError(StorageError):
     """Storing a block failed on disk (disk full, permissions, ...); nothing was stored."""
 
 
-def _public_cid(codec: multicodec.Multicodec, hashfun: multihash.Multihash, mh: bytes) -> CID:
-    return CID(_BASE32, 1, codec, mh)
-
-
-def _unchecked_cid(codec: multicodec.Multicodec, hashfun: multihash.Multihash, mh: bytes) -> CID:
-    # multiformats' public constructor type-checks every argument (~90 us, more than
-    # hashing a 256 KiB chunk) and its internal try/except leaves reference cycles
-    # that keep recent chunks alive until the cyclic GC runs. Our parts are already
-    # valid, so we use the constructor's second half directly.
-    return CID._new_instance(CID, _BASE32, 1, codec, hashfun, mh)
-
-
-def _pick_cid_constructor() -> Callable[
-    [multicodec.Multicodec, multihash.Multihash, bytes], CID
-]:
-    """The unchecked constructor if it still exists and agrees with the public one."""
-    probe = (multicodec.get(code=0x55), multihash.get(code=SHA2_256), b"\x12\x20" + bytes(32))
-    try:
-        fast = _unchecked_cid(*probe)
-        slow = _public_cid(*probe)
-        if fast == slow and bytes(fast) == bytes(slow) and str(fast) == str(slow):
-            return _unchecked_cid
-    except Exception:  # a newer multiformats changed its internals: stay on the public API
-        pass
-    return _public_cid
-
-
-_new_cid = _pick_cid_constructor()
-
-
-def make_cid(codec: int, hash_code: int, digest: bytes) -> CID:
-    """A CIDv1 (base32) from a multicodec code, a multihash code and the raw digest.
-
-    Raises KeyError for codes multiformats does not know. The digest length is
-    the caller's to check (it is whatever the hash function produced).
-    """
-    codec_obj = _CODECS.get(codec)
-    if codec_obj is None:
-        codec_obj = _CODECS.setdefault(codec, multicodec.get(code=codec))
-    hash_obj = _HASHES.get(hash_code)
-    if hash_obj is None:
-        hash_obj = _HASHES.setdefault(hash_code, multihash.get(code=hash_code))
-    mh = uvarint(hash_code) + uvarint(len(digest)) + digest
-    return _new_cid(codec_obj, hash_obj, mh)
-
-
-def _cid_bytes(cid: CID) -> bytes:
-    """The binary CIDv1 of `cid` (a CIDv0 is converted), without multiformats' slow path."""
-    mh = cid.digest
-    return b"\x01" + uvarint(cid.codec.code) + mh
-
-
-def block_cid(codec: int, data: bytes) -> CID:
-    """The CIDv1 (sha2-256, base32) of a block of the given multicodec (e.g. RAW, DAG_PB)."""
-    return make_cid(codec, SHA2_256, hashlib.sha256(data).digest())
-
-
 def verify_block(cid: CID, data: bytes) -> None:
     """Check that `data` hashes to `cid`.
 
@@ -141,7 +81,7 @@ def verify_block(cid: CID, data: bytes) -> None:
 
 def block_key(cid: CID) -> str:
     """The storage key of a block: its CIDv1 in base32 ("bafk...")."""
-    raw = _cid_bytes(cid)
+    raw = cid_bytes_v1(cid)
     # base64's encoder is ~20x faster than multiformats' multibase for this.
     return "b" + base64.b32encode(raw).decode("ascii").lower().rstrip("=")
 

@@ -22,37 +22,39 @@ import io
 from collections.abc import Iterable, Iterator
 from typing import Any, BinaryIO
 
-from benchsync.storage.blockstore import (
+from multiformats import CID, multibase
+
+from benchsync.storage.blockstore import UnsupportedHash, verify_block
+from benchsync.storage.cid import (
     IDENTITY,
     SHA2_256,
-    UnsupportedHash,
+    InvalidCID,
     make_cid,
-    verify_block,
+    parse_cid,
+    read_uvarint,
+    uvarint,
 )
-from benchsync.storage.dagpb import uvarint
 from benchsync.storage.errors import CorruptBlock, StorageError, TooLarge
-from multiformats import CID, multibase, varint
 
 DEFAULT_MAX_BLOCK = 1024 * 1024 + 1024  # bytes (leaves are 256 KiB; a 174-link node is ~8 KiB)
 MAX_CID_BYTES = 128  # bytes; a sha2-512 CIDv1 is 68, so this is generous
 DEFAULT_MAX_SECTION = DEFAULT_MAX_BLOCK + MAX_CID_BYTES  # bytes: CID + block
 DEFAULT_MAX_HEADER = 64 * 1024  # bytes; ~1700 roots
 READ_SIZE = 64 * 1024  # bytes per read() in read_car
-MAX_VARINT_BYTES = 9  # the multiformats unsigned-varint spec caps varints at 9 bytes (63 bits)
 MAX_CBOR_DEPTH = 8  # nesting levels accepted in a header (a valid one needs 3)
 
 CAR_VERSION = 1
 CID_TAG = 42  # CBOR tag of an IPLD link
 
-# Codecs a benchsync CAR may carry. Anything else is refused rather than stored
-# as an opaque block: we could not follow its links, so it has no place in a DAG.
+# Codecs a CAR may carry: UnixFS's (raw, dag-pb) and the IPLD data codecs IPFS
+# tools write into CARs. Anything else is refused rather than stored as an
+# opaque block: a peer sending it is not speaking our protocol.
 KNOWN_CODECS = {
     0x55: "raw",
     0x70: "dag-pb",
     0x71: "dag-cbor",
     0x0129: "dag-json",
 }
-SHA2_256_DIGEST = 32  # bytes
 VERIFIABLE_HASHES = (IDENTITY, SHA2_256)  # multihash codes verify_block can check
 
 _BASE32 = multibase.get("base32")
@@ -120,7 +122,7 @@ def encode_header(roots: list[CID]) -> bytes:
         link = b"\x00" + bytes(root)  # the 0x00 multibase prefix of binary CIDs in dag-cbor
         body += _cbor_head(6, CID_TAG) + _cbor_head(2, len(link)) + link
     body += _cbor_head(3, 7) + b"version" + _cbor_head(0, CAR_VERSION)
-    return varint.encode(len(body)) + bytes(body)
+    return uvarint(len(body)) + bytes(body)
 
 
 def encode_section(cid: CID, data: bytes) -> bytes:
@@ -163,17 +165,10 @@ def write_car(out: BinaryIO, roots: list[CID], blocks: Iterable[tuple[CID, bytes
 
 def _read_varint(buf: bytes | bytearray | memoryview, pos: int) -> tuple[int, int] | None:
     """(value, position after it), or None if the buffer ends inside the varint."""
-    value = 0
-    for i in range(MAX_VARINT_BYTES):
-        if pos + i >= len(buf):
-            return None
-        byte = buf[pos + i]
-        value |= (byte & 0x7F) << (7 * i)
-        if not byte & 0x80:
-            if byte == 0 and i > 0:
-                raise CarBadVarint(f"non-minimal varint at byte {pos} of the CAR stream")
-            return value, pos + i + 1
-    raise CarBadVarint(f"varint at byte {pos} is longer than {MAX_VARINT_BYTES} bytes")
+    try:
+        return read_uvarint(buf, pos)
+    except InvalidCID as e:  # the shared varint reader speaks of CIDs; here it is a length
+        raise CarBadVarint(f"{e} of the CAR stream") from e
 
 
 class _Cbor:
@@ -268,25 +263,10 @@ def decode_header(body: bytes) -> list[CID]:
 
 def _decode_cid(section: memoryview, offset: int) -> tuple[CID, int]:
     """The CID at the start of a section and its length in bytes. Raises CarError subclasses."""
-    if len(section) >= 2 and section[0] == 0x12 and section[1] == 0x20:
-        # CIDv0: a bare sha2-256 multihash, always dag-pb.
-        if len(section) < 34:
-            raise CarBadSection(f"section at byte {offset} ends inside its CIDv0")
-        return CID.decode(bytes(section[:34])), 34
-    fields = []
-    pos = 0
-    for _ in range(4):  # version, codec, hash function, digest length
-        parsed = _read_varint(section, pos)
-        if parsed is None:
-            raise CarBadSection(f"section at byte {offset} ends inside its CID")
-        value, pos = parsed
-        fields.append(value)
-    version, codec, hash_code, digest_len = fields
-    if version != 1:
-        raise CarBadSection(f"section at byte {offset} has CID version {version}, expected 1")
-    if pos + digest_len > len(section):
-        raise CarBadSection(f"section at byte {offset} ends inside its CID digest")
-    digest = bytes(section[pos : pos + digest_len])
+    try:
+        version, codec, hash_code, digest, end = parse_cid(section)
+    except InvalidCID as e:
+        raise CarBadSection(f"the section at byte {offset} does not start with a CID: {e}") from e
     label = f"at byte {offset}"
     if codec not in KNOWN_CODECS:
         raise CarUnknownCodec(
@@ -295,9 +275,9 @@ def _decode_cid(section: memoryview, offset: int) -> tuple[CID, int]:
         )
     if hash_code not in VERIFIABLE_HASHES:
         raise CarUnsupportedHash(label, hash_code)
-    if hash_code == SHA2_256 and digest_len != SHA2_256_DIGEST:
-        raise CarBadSection(f"the CID {label} has a {digest_len}-byte sha2-256 digest, not 32")
-    return make_cid(codec, hash_code, digest), pos + digest_len
+    if version == 0:
+        return CID.decode(bytes(section[:end])), end
+    return make_cid(codec, hash_code, digest), end
 
 
 class CarDecoder:
@@ -390,9 +370,7 @@ class CarDecoder:
         length, start = parsed
         offset = self.bytes_read + pos
         if length > self.max_section:
-            raise CarTooLarge(
-                f"CAR section at byte {offset}", limit=self.max_section, got=length
-            )
+            raise CarTooLarge(f"CAR section at byte {offset}", limit=self.max_section, got=length)
         if length == 0:
             raise CarBadSection(f"empty CAR section at byte {offset}")
         end = start + length

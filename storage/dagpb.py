@@ -18,12 +18,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from benchsync.storage.errors import StorageError
-from multiformats import CID, multibase, varint
+from multiformats import CID
 
-# Multicodec codes of the block formats we build and read.
-RAW = 0x55
-DAG_PB = 0x70
+from benchsync.storage.cid import DAG_PB, InvalidCID, decode_cid, uvarint
+from benchsync.storage.errors import StorageError
 
 # UnixFS node types (enum DataType in unixfs.proto).
 TYPE_RAW = 0
@@ -38,8 +36,6 @@ _VARINT = 0
 _I64 = 1
 _LEN = 2
 _I32 = 5
-
-_BASE32 = multibase.get("base32")
 
 
 class DagPbError(StorageError):
@@ -63,17 +59,6 @@ class UnixFSData:
     data: bytes = b""
     filesize: int | None = None
     blocksizes: list[int] = field(default_factory=list)
-
-
-def uvarint(n: int) -> bytes:
-    """Unsigned LEB128 varint (protobuf and multiformats share it).
-
-    multiformats' `varint.encode` type-checks every call, which costs ~10 us; a
-    174-link node needs ~700 of them, so the hot paths use this instead.
-    """
-    if n < 0x80:
-        return bytes((n,))
-    return varint.encode(n)
 
 
 def _key(field_number: int, wire_type: int) -> bytes:
@@ -163,13 +148,11 @@ def _fields(buf: bytes) -> list[tuple[int, int | bytes]]:
     return out
 
 
-def decode_cid(raw: bytes) -> CID:
-    """A CID from its binary form, shown in base32 (CIDv1) like everything we print."""
+def _link_cid(raw: bytes) -> CID:
     try:
-        cid = CID.decode(raw)
-    except Exception as e:  # multiformats raises assorted ValueError/KeyError types
-        raise DagPbError(f"invalid CID bytes in link: {e}") from e
-    return cid.set(base=_BASE32) if cid.version == 1 else cid
+        return decode_cid(raw)
+    except InvalidCID as e:
+        raise DagPbError(f"invalid CID in a dag-pb link: {e}") from e
 
 
 def decode_node(block: bytes) -> tuple[list[Link], bytes | None]:
@@ -183,7 +166,7 @@ def decode_node(block: bytes) -> tuple[list[Link], bytes | None]:
             tsize = 0
             for n, v in _fields(value):
                 if n == 1 and isinstance(v, bytes):
-                    cid = decode_cid(v)
+                    cid = _link_cid(v)
                 elif n == 2 and isinstance(v, bytes):
                     try:
                         name = v.decode("utf-8")

@@ -31,11 +31,14 @@ from typing import IO, Any
 
 import duckdb
 import pyarrow as pa
-from benchsync.storage import car
+from multiformats import CID
+
+from benchsync.storage import car, distquery
 from benchsync.storage.blockstore import FsBlockstore
 from benchsync.storage.db import DB_FILENAME, BenchmarkDB
 from benchsync.storage.errors import NotFound, StorageError
 from benchsync.storage.replicas import ReplicaStore
+from benchsync.storage.sandbox import QueryRefused
 from benchsync.storage.snapshot import (
     BadSnapshot,
     SnapshotError,
@@ -51,7 +54,6 @@ from benchsync.storage.snapshot import (
     missing_blocks,
     read_version,
 )
-from multiformats import CID
 
 SCOPES = ("local", "replicas")
 
@@ -340,8 +342,17 @@ class LocalDataset:
             yield conn
 
     def query(self, sql: str, params: list[Any] | None = None, scope: str = "local") -> pa.Table:
+        """Run one read-only SELECT in the local or replicas scope.
+
+        Raises QueryRefused for anything but a single SELECT/WITH statement
+        (checked with DuckDB's own parser), InvalidSQL if it does not parse.
+        """
+        statements = distquery.parse(sql).get("statements", [])
+        if len(statements) != 1:
+            raise QueryRefused(f"exactly one statement per query, got {len(statements)}")
         with self.query_connection(scope) as conn:
-            return conn.execute(sql, params or []).fetch_arrow_table()
+            rel = conn.sql(sql, params=params or None)
+            return rel.to_arrow_table() if rel is not None else pa.table({})
 
     def install_replica(self, root: str) -> Any:
         """Install a complete, verified peer snapshot from the blockstore as a replica."""

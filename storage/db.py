@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 
 import duckdb
 import pyarrow as pa
+
 from benchsync.storage import graph
 from benchsync.storage.errors import InvalidRecord, StorageError
 from benchsync.storage.records import (
@@ -45,6 +46,7 @@ from benchsync.storage.schema import PRIMARY_KEYS, TABLES, ensure_schema
 
 DB_FILENAME = "benchsync.duckdb"
 WRITER_JOIN_TIMEOUT = 30.0  # seconds close() waits for queued writes to finish
+_NO_RUN = "no test run has this id; create one with create_test_run() or omit run_id"
 DEFAULT_RUN_NAME = "benchsync record"  # test_runs.test_name of runs created for unattached tests
 
 T = TypeVar("T")
@@ -273,7 +275,8 @@ class BenchmarkDB:
                    "git_commit", "git_branch", "command_line", "metadata"}
         for key, value in fields.items():
             if key not in allowed:
-                raise InvalidRecord(key, value, f"unknown test run field; expected {sorted(allowed)}")
+                raise InvalidRecord(key, value,
+                                    f"unknown test run field; expected {sorted(allowed)}")
         for key, value in (("test_name", test_name), ("test_type", test_type)):
             if not isinstance(value, str) or not value.strip():
                 raise InvalidRecord(key, value, "is required and must be a non-blank string")
@@ -304,7 +307,7 @@ class BenchmarkDB:
             try:
                 clean.append(_coerce(k, rec, {}))
             except InvalidRecord as e:
-                e.index = i  # type: ignore[attr-defined]
+                e.index = i
                 e.args = (f"record {i}: {e.args[0]}",)
                 raise
         return self._ingest_clean(k, clean)
@@ -323,13 +326,14 @@ class BenchmarkDB:
                 try:
                     obj = json.loads(line)
                 except ValueError as e:
-                    raise InvalidRecord("line", lineno, f"{path}:{lineno} is not JSON: {e}") from None
+                    raise InvalidRecord("line", lineno,
+                                        f"{path}:{lineno} is not JSON: {e}") from None
                 try:
                     if not isinstance(obj, dict):
                         raise InvalidRecord("record", obj, "expected a JSON object per line")
                     clean.append(_coerce(k, obj, {}))
                 except InvalidRecord as e:
-                    e.line = lineno  # type: ignore[attr-defined]
+                    e.line = lineno
                     e.args = (f"{path}:{lineno}: {e.args[0]}",)
                     raise
         return self._ingest_clean(k, clean)
@@ -393,7 +397,10 @@ class BenchmarkDB:
         since: datetime | None = None, until: datetime | None = None,
         latest_only: bool = False, limit: int | None = None,
     ) -> list[dict[str, Any]]:
-        """Compatibility results, oldest first; latest_only: newest per (model, hardware, device)."""
+        """Compatibility results, oldest first.
+
+        latest_only keeps the newest per (model, hardware, device).
+        """
         where, params = _filters(model_name=model_name, hardware_type=hardware_type,
                                  device_name=device_name, is_compatible=is_compatible,
                                  since=since, until=until)
@@ -451,7 +458,7 @@ class BenchmarkDB:
             return graph.relationships(cur, node_id)
 
     def search_similar_benchmarks(self, model_name: str, top_k: int = 5) -> list[dict[str, Any]]:
-        """Models ranked by similarity of performance profile; see `storage.graph.similar_models`."""
+        """Models ranked by similarity of performance; see `storage.graph.similar_models`."""
         with self.reader() as cur:
             return graph.similar_models(cur, model_name, top_k)
 
@@ -555,16 +562,15 @@ def _model_id(conn: duckdb.DuckDBPyConnection, st: _WriterState, name: str,
     cached = st.models.get(name)
     if cached is not None and (family is None or cached[1]):
         return cached[0], 0
-    row = conn.execute("SELECT model_id, model_family FROM models WHERE model_name = ? "
-                       "ORDER BY model_id LIMIT 1", [name]).fetchall()
-    row = row[0] if row else None
-    if row is None:
+    found = conn.execute("SELECT model_id, model_family FROM models WHERE model_name = ? "
+                         "ORDER BY model_id LIMIT 1", [name]).fetchall()
+    if not found:
         model_id = _next_id(conn, st, "models")
         _insert_row(conn, "models", {"model_id": model_id, "model_name": name,
                                      "model_family": family, "created_at": now})
         st.models[name] = (model_id, family is not None)
         return model_id, 1
-    model_id, known = int(row[0]), row[1]
+    model_id, known = int(found[0][0]), found[0][1]
     if known is None and family is not None:
         conn.execute("UPDATE models SET model_family = ? WHERE model_id = ?", [family, model_id])
         known = family
@@ -578,8 +584,9 @@ def _hardware_id(conn: duckdb.DuckDBPyConnection, st: _WriterState, hardware_typ
     key = (hardware_type, device)
     if key in st.hardware:
         return st.hardware[key], 0
-    found = conn.execute("SELECT min(hardware_id) FROM hardware_platforms WHERE hardware_type = ? "
-                         "AND device_name IS NOT DISTINCT FROM ?", [hardware_type, device]).fetchall()
+    found = conn.execute(
+        "SELECT min(hardware_id) FROM hardware_platforms WHERE hardware_type = ? "
+        "AND device_name IS NOT DISTINCT FROM ?", [hardware_type, device]).fetchall()
     inserted = 0
     if found[0][0] is None:
         hardware_id = _next_id(conn, st, "hardware_platforms")
@@ -597,8 +604,7 @@ def _check_run(conn: duckdb.DuckDBPyConnection, st: _WriterState, run_id: int) -
     if run_id in st.runs:
         return
     if not conn.execute("SELECT 1 FROM test_runs WHERE run_id = ? LIMIT 1", [run_id]).fetchall():
-        raise InvalidRecord("run_id", run_id,
-                            "no test run has this id; create one with create_test_run() or omit run_id")
+        raise InvalidRecord("run_id", run_id, _NO_RUN)
     st.runs.add(run_id)
 
 
@@ -624,7 +630,8 @@ def _insert_one(conn: duckdb.DuckDBPyConnection, st: _WriterState, kind: str,
         row["model_id"], n = _model_id(conn, st, rec["model_name"], rec["model_family"], now)
         rows += n
     if rec.get("hardware_type") is not None:
-        row["hardware_id"], n = _hardware_id(conn, st, rec["hardware_type"], rec["device_name"], now)
+        row["hardware_id"], n = _hardware_id(conn, st, rec["hardware_type"], rec["device_name"],
+                                             now)
         rows += n
     run_id = rec.get("run_id")
     if run_id is not None:
@@ -719,8 +726,7 @@ def _ingest(conn: duckdb.DuckDBPyConnection, st: _WriterState, kind: str, flat: 
                     raise InvalidRecord(rule.name, bad_json[0][0], "not a JSON object")
         bad = conn.execute(_UNKNOWN_RUN_SQL).fetchall()
         if bad:
-            raise InvalidRecord("run_id", bad[0][0], "no test run has this id; create one with "
-                                "create_test_run() or omit run_id")
+            raise InvalidRecord("run_id", bad[0][0], _NO_RUN)
         rows = 0
         # Reserve ids only after counting what is new, so the cache stays exact.
         new_models = _scalar(conn, "SELECT count(DISTINCT model_name) FROM _incoming n WHERE "

@@ -26,6 +26,7 @@ from __future__ import annotations
 from typing import Any
 
 import duckdb
+
 from benchsync.storage.errors import NotFound
 
 NODE_KINDS = ("model", "hardware", "run", "result", "compat", "test")
@@ -39,12 +40,14 @@ _ROW_TABLES = {
 _MODEL_EDGES = """
 SELECT 'model:' || m.model_name AS source, 'ran_on' AS type,
        'hardware:' || h.hardware_type AS target, count(*) AS count
-FROM performance_results r JOIN models m USING (model_id) JOIN hardware_platforms h USING (hardware_id)
+FROM performance_results r JOIN models m USING (model_id)
+     JOIN hardware_platforms h USING (hardware_id)
 WHERE {where} GROUP BY ALL
 UNION ALL
 SELECT 'model:' || m.model_name, CASE WHEN c.is_compatible THEN 'compatible_with'
        ELSE 'incompatible_with' END, 'hardware:' || h.hardware_type, count(*)
-FROM hardware_compatibility c JOIN models m USING (model_id) JOIN hardware_platforms h USING (hardware_id)
+FROM hardware_compatibility c JOIN models m USING (model_id)
+     JOIN hardware_platforms h USING (hardware_id)
 WHERE {where} GROUP BY ALL
 UNION ALL
 SELECT 'model:' || m.model_name, 'same_family', 'model:' || o.model_name, 1
@@ -60,7 +63,8 @@ WHERE x.run_id IS NOT NULL AND {where} GROUP BY ALL
 """
 
 _ROW_EDGES = """
-SELECT '{prefix}:' || r.{pk} AS source, 'result_of' AS type, 'run:' || r.run_id AS target, 1 AS count
+SELECT '{prefix}:' || r.{pk} AS source, 'result_of' AS type, 'run:' || r.run_id AS target,
+       1 AS count
 FROM {table} r WHERE r.{pk} = $id AND r.run_id IS NOT NULL
 UNION ALL
 SELECT '{prefix}:' || r.{pk}, 'measures', 'model:' || m.model_name, 1
@@ -121,7 +125,8 @@ def parse_node(node_id: str) -> tuple[str, str]:
     return kind, value
 
 
-def _edges(cur: duckdb.DuckDBPyConnection, sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+def _edges(cur: duckdb.DuckDBPyConnection, sql: str,
+           params: dict[str, Any]) -> list[dict[str, Any]]:
     rows = cur.execute(f"SELECT * FROM ({sql}) ORDER BY type, source, target", params).fetchall()
     return [{"source": s, "type": t, "target": d, "count": int(c)} for s, t, d, c in rows]
 

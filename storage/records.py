@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
+
 from benchsync.storage.errors import InvalidRecord
 
 FLOAT32_MAX = 3.4028234663852886e38  # largest finite value a DuckDB FLOAT column holds
@@ -193,7 +194,8 @@ def check_known_fields(kind: str, data: Mapping[str, Any]) -> None:
     for key in data:
         if key not in known:
             raise InvalidRecord(
-                str(key), data[key], f"unknown field; {kind} records take {', '.join(sorted(known))}"
+                str(key), data[key],
+                f"unknown field; {kind} records take {', '.join(sorted(known))}"
             )
 
 
@@ -214,11 +216,13 @@ def check_value(rule: Rule, value: Any) -> Any:
         return value
     if kind == "bool":
         if not isinstance(value, bool):
-            raise InvalidRecord(rule.name, value, f"expected true/false, got {type(value).__name__}")
+            raise InvalidRecord(rule.name, value,
+                                f"expected true/false, got {type(value).__name__}")
         return value
     if kind == "int":
         if isinstance(value, bool) or not isinstance(value, int):
-            raise InvalidRecord(rule.name, value, f"expected an integer, got {type(value).__name__}")
+            raise InvalidRecord(rule.name, value,
+                                f"expected an integer, got {type(value).__name__}")
         if abs(value) > INT32_MAX:
             raise InvalidRecord(rule.name, value, f"out of range (|value| <= {INT32_MAX})")
         if rule.minimum is not None and value < rule.minimum:

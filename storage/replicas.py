@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from multiformats import CID
+
 from benchsync.storage import schema
 from benchsync.storage.blockstore import Blockstore
 from benchsync.storage.snapshot import (
@@ -30,7 +32,6 @@ from benchsync.storage.snapshot import (
     materialize_tables,
     missing_blocks,
 )
-from multiformats import CID
 
 CURRENT_FILENAME = "CURRENT.json"
 

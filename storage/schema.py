@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import duckdb
+
 from benchsync.storage.errors import StorageError
 
 VERSION_TABLE = "schema_version"
@@ -140,7 +141,8 @@ def current_version(conn: duckdb.DuckDBPyConnection) -> int:
     ).fetchall()
     if not exists[0][0]:
         return 0
-    return int(conn.execute(f"SELECT coalesce(max(version), 0) FROM {VERSION_TABLE}").fetchall()[0][0])
+    rows = conn.execute(f"SELECT coalesce(max(version), 0) FROM {VERSION_TABLE}").fetchall()
+    return int(rows[0][0])
 
 
 def ensure_schema(conn: duckdb.DuckDBPyConnection) -> None:

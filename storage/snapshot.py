@@ -31,10 +31,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from multiformats import CID
+
 from benchsync.storage import schema, unixfs
 from benchsync.storage.blockstore import Blockstore, verify_block
 from benchsync.storage.errors import NotFound, StorageError
-from multiformats import CID
 
 FORMAT = "benchsync-snapshot/1"
 ROW_GROUP_SIZE = 8192  # rows; fixed so appended rows leave earlier row groups (and chunks) unchanged

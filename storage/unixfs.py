@@ -21,11 +21,12 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from benchsync.storage import dagpb
-from benchsync.storage.blockstore import block_cid
-from benchsync.storage.dagpb import DAG_PB, RAW, Link, links
-from benchsync.storage.errors import NotFound, StorageError, TooLarge
 from multiformats import CID
+
+from benchsync.storage import dagpb
+from benchsync.storage.cid import DAG_PB, RAW, block_cid
+from benchsync.storage.dagpb import Link, links
+from benchsync.storage.errors import NotFound, StorageError, TooLarge
 
 __all__ = [
     "CHUNK_SIZE",
@@ -56,6 +57,7 @@ IPFSCAR_MAX_LINKS = 1024
 
 PutBlock = Callable[[CID, bytes], None]
 GetBlock = Callable[[CID], bytes]
+
 
 class UnixFSError(StorageError):
     """A UnixFS DAG is not what the caller asked for (not a directory, not a file, ...)."""

@@ -8,6 +8,10 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from multiformats import CID, multihash
+
 from benchsync.storage import unixfs
 from benchsync.storage.blockstore import (
     BlockNotFound,
@@ -16,12 +20,10 @@ from benchsync.storage.blockstore import (
     FsBlockstore,
     MemoryBlockstore,
     UnsupportedHash,
-    block_cid,
-    make_cid,
     verify_block,
 )
+from benchsync.storage.cid import InvalidCID, block_cid, decode_cid, make_cid
 from benchsync.storage.errors import CorruptBlock, NotFound, StorageError
-from multiformats import CID, multihash
 
 RAW = 0x55
 DAG_PB = 0x70
@@ -199,3 +201,36 @@ def test_gc_removes_temporary_files_left_by_a_crash(tmp_path: Path) -> None:
     assert [p.name for p in shard.iterdir()] == [str(cid)]
     assert not (shard / ".tmp-deadbeef").exists()
     assert store.get(cid) == b"kept"
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    codec=st.sampled_from([RAW, DAG_PB, 0x71]),
+    digest=st.binary(min_size=32, max_size=32),
+)
+def test_fast_cid_path_equals_multiformats(codec: int, digest: bytes) -> None:
+    ours = make_cid(codec, 0x12, digest)
+    theirs = CID("base32", 1, codec, multihash.wrap(digest, "sha2-256"))
+    assert ours == theirs and str(ours) == str(theirs) and bytes(ours) == bytes(theirs)
+    assert decode_cid(bytes(theirs)) == theirs
+    v0 = theirs.set(version=0, base="base58btc") if codec == DAG_PB else None
+    if v0 is not None:
+        assert decode_cid(bytes(v0)) == v0
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"",
+        b"\x01",
+        b"\x01\x55\x12\x20" + bytes(31),
+        b"\x02\x55\x12\x20" + bytes(32),
+        b"\x01\x55\x12\x10" + bytes(16),
+        b"\x01\x80\x00",
+        b"\x12\x20" + bytes(31),
+        b"\x01\x55\x12\x20" + bytes(33),
+    ],
+)
+def test_decode_cid_rejects_malformed_bytes(raw: bytes) -> None:
+    with pytest.raises(InvalidCID):
+        decode_cid(raw)

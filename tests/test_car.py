@@ -9,12 +9,14 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from benchsync.storage import car, unixfs
-from benchsync.storage.blockstore import MemoryBlockstore, block_cid, verify_block
-from benchsync.storage.errors import CorruptBlock, StorageError, TooLarge
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from multiformats import CID
+
+from benchsync.storage import car, unixfs
+from benchsync.storage.blockstore import MemoryBlockstore, verify_block
+from benchsync.storage.cid import block_cid
+from benchsync.storage.errors import CorruptBlock, StorageError, TooLarge
 
 FIXTURES = Path(__file__).parent / "fixtures" / "car"
 HELLO_CID = "bafkreifjjcie6lypi6ny7amxnfftagclbuxndqonfipmb64f2km2devei4"

@@ -11,9 +11,14 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 import pytest
+
 from benchsync.storage.db import DB_FILENAME, BenchmarkDB, ReadOnlyDatabase
 from benchsync.storage.errors import InvalidRecord
-from benchsync.storage.records import HardwareCompatibility, IntegrationTestResult, PerformanceResult
+from benchsync.storage.records import (
+    HardwareCompatibility,
+    IntegrationTestResult,
+    PerformanceResult,
+)
 from benchsync.storage.schema import PRIMARY_KEYS, SCHEMA_VERSION, TABLES, ensure_schema
 
 

@@ -13,15 +13,16 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
+from libp2p.abc import INetStream
 from libp2p.network.exceptions import SwarmException
 from multiformats import CID
 
-from benchsync.daemon.fetch import FetchFailed
 from benchsync.daemon.network import P2PNode
-from benchsync.protocol.fetch import CAR_PROTOCOL_ID, missing_blocks
+from benchsync.protocol.fetch import missing_blocks
 from benchsync.protocol.frames import Refused
 from benchsync.protocol.heads import Head, encode_head
 from benchsync.storage import unixfs
@@ -60,13 +61,18 @@ def complete(store: Blockstore, root: CID) -> bool:
 class Node:
     """A P2PNode plus what the test needs to watch it."""
 
-    def __init__(self, tmp: Path, name: str, **kwargs: object) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        name: str,
+        *,
+        store: Blockstore | None = None,
+        network: str = NETWORK,
+        **p2p_kwargs: Any,
+    ) -> None:
         self.home = tmp / name
-        self.store: Blockstore = kwargs.pop("store", None) or FsBlockstore(  # type: ignore[assignment]
-            tmp / name / "blocks", fsync=False
-        )
+        self.store = store or FsBlockstore(tmp / name / "blocks", fsync=False)
         self.completed: list[Head] = []
-        self.kwargs = kwargs
 
         async def on_complete(head: Head) -> None:
             # The installer's contract: called only for a complete DAG.
@@ -75,11 +81,11 @@ class Node:
 
         self.p2p = P2PNode(
             self.home,
-            network=kwargs.pop("network", NETWORK),  # type: ignore[arg-type]
+            network=network,
             blockstore=self.store,
             on_complete=on_complete,
             retry_delay=0.2,
-            **kwargs,  # type: ignore[arg-type]
+            **p2p_kwargs,
         )
 
     @property
@@ -117,8 +123,10 @@ def next_version(payload: bytes) -> bytes:
     return payload + os.urandom(max(1, len(payload) // 100))
 
 
-def all_installed(n: Node, heads: dict[str, Head]) -> bool:
-    return all(n.installed(p) == h for p, h in heads.items() if p != n.peer_id)
+def all_installed(n: Node, heads: dict[str, Head]) -> Callable[[], bool]:
+    """A predicate: `n` has installed every head of `heads` but its own."""
+    snapshot = dict(heads)
+    return lambda: all(n.installed(p) == h for p, h in snapshot.items() if p != n.peer_id)
 
 
 async def test_five_nodes_converge_over_gossip_and_a_late_joiner_catches_up(
@@ -141,7 +149,7 @@ async def test_five_nodes_converge_over_gossip_and_a_late_joiner_catches_up(
                 await n.p2p.connect(hub)
             v1 = {p: h for p, h in heads.items() if p != late.peer_id}
             for n in early:
-                await wait_for(n, lambda n=n: all_installed(n, v1))
+                await wait_for(n, all_installed(n, v1))
 
             # Version 2 of every dataset travels by gossip only (connections exist,
             # nobody asks): leaves reach each other's heads through the hub's mesh.
@@ -152,7 +160,7 @@ async def test_five_nodes_converge_over_gossip_and_a_late_joiner_catches_up(
                 await n.p2p.announce(heads[n.peer_id])
             v2 = {p: h for p, h in heads.items() if p != late.peer_id}
             for n in early:
-                await wait_for(n, lambda n=n: all_installed(n, v2))
+                await wait_for(n, all_installed(n, v2))
             for n in early:
                 moved = n.p2p.fetcher.stats.block_bytes - before[n.peer_id]
                 # 3 datasets of ~600 KB each grew by 1%: the last chunk (~90 KB)
@@ -165,7 +173,7 @@ async def test_five_nodes_converge_over_gossip_and_a_late_joiner_catches_up(
                 await inner.start(late.p2p.run)
                 await late.p2p.connect(early[2].p2p.addrs[0])
                 for n in nodes:
-                    await wait_for(n, lambda n=n: all_installed(n, heads))
+                    await wait_for(n, all_installed(n, heads))
                 inner.cancel_scope.cancel()
     for n in nodes:
         for p, h in heads.items():
@@ -340,10 +348,10 @@ async def test_untrusted_peer_and_other_network_are_refused(tmp_path: Path) -> N
             # Extra protocols (the query server's) get the same gate.
             got: list[str] = []
 
-            async def echo(stream: object) -> None:
+            async def echo(stream: INetStream) -> None:
                 got.append("served")
 
-            r.p2p.add_stream_handler("/benchsync/query/1.0.0", echo)  # type: ignore[arg-type]
+            r.p2p.add_stream_handler("/benchsync/query/1.0.0", echo)
             stream = await u.p2p.open_stream(r.peer_id, "/benchsync/query/1.0.0")
             reply = await stream.read(4096)
             assert b"trusted_peers" in reply and got == []
@@ -390,5 +398,5 @@ async def test_provider_killed_mid_fetch_another_holder_completes_it(
     total = sum(len(d) for _, d in unixfs.walk(c.store.get, dag[0]))
     # Blocks received from a before it died were kept: nothing was fetched twice.
     assert c.p2p.fetcher.stats.block_bytes == total
-    assert 0 < a.p2p.provider.served.blocks
+    assert a.p2p.provider.served.blocks > 0
     assert c.completed == [head]

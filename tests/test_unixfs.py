@@ -11,11 +11,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from multiformats import CID
+
 from benchsync.daemon.cli import main
 from benchsync.storage import dagpb, unixfs
 from benchsync.storage.blockstore import MemoryBlockstore
 from benchsync.storage.errors import NotFound, TooLarge
-from multiformats import CID
 
 VECTORS = json.loads((Path(__file__).parent / "vectors" / "unixfs.json").read_text())
 SEED = b"ipfs-interop-vectors-v1"
@@ -285,9 +286,10 @@ def test_cli_cid_prints_kubo_cid(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert main(["cid", str(d)]) == 0
     assert capsys.readouterr().out.strip() == VECTORS["directories"][0]["kubo_v1"]
     assert main(["cid", str(d / "b.parquet")]) == 0
-    assert capsys.readouterr().out.strip() == VECTORS["directories"][0]["kubo_v1_file_cids"][
-        "dir/b.parquet"
-    ]
+    assert (
+        capsys.readouterr().out.strip()
+        == VECTORS["directories"][0]["kubo_v1_file_cids"]["dir/b.parquet"]
+    )
     assert main(["cid", "--hidden", str(d)]) == 0
     assert capsys.readouterr().out.strip() != VECTORS["directories"][0]["kubo_v1"]
 

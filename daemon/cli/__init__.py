@@ -13,6 +13,9 @@ import sys
 
 COMMAND_MODULES = [
     "init",
+    "up",
+    "status",
+    "demo",
     "snapshots",
     "config_cmd",
     "cid",

@@ -10,10 +10,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from multiformats import CID
+
 from benchsync.daemon.cli.common import CLIError
 from benchsync.storage import unixfs
 from benchsync.storage.errors import StorageError
-from multiformats import CID
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -28,9 +29,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         ),
     )
     p.add_argument("path", type=Path, help="file or directory")
-    p.add_argument(
-        "-H", "--hidden", action="store_true", help="include dotfiles (Kubo's --hidden)"
-    )
+    p.add_argument("-H", "--hidden", action="store_true", help="include dotfiles (Kubo's --hidden)")
     p.set_defaults(func=run)
 
 

@@ -6,9 +6,10 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from benchsync.daemon.control import ControlClient
     from benchsync.storage.dataset import LocalDataset
 
 
@@ -75,3 +76,31 @@ def open_dataset(args: argparse.Namespace) -> LocalDataset:
                 "a node is running on this data directory: use it (benchsync status) or stop it",
             ) from e
         raise
+
+
+def node_client(args: argparse.Namespace) -> ControlClient | None:
+    """A client of the node running on this data directory, or None when none answers."""
+    from benchsync.daemon.config import ConfigError, load_config
+    from benchsync.daemon.control import ControlClient
+
+    home = data_dir(getattr(args, "home", None))
+    try:
+        config = load_config(home, getattr(args, "config", None))
+    except ConfigError as e:
+        raise CLIError(str(e), "fix the setting named above (see `benchsync config docs`)") from e
+    client = ControlClient(
+        socket_path=config.control_socket, timeout=getattr(args, "timeout", None) or 300.0
+    )
+    return client if client.available() else None
+
+
+def call_node(client: ControlClient, method: str, path: str, body: Any = None) -> Any:
+    """One control API call; its error shape becomes a CLIError."""
+    from benchsync.daemon.control import ControlAPIError
+
+    try:
+        if method == "GET":
+            return client.get(path)
+        return client.post(path, body)
+    except ControlAPIError as e:
+        raise CLIError(e.message, e.hint) from e

@@ -17,6 +17,7 @@ from typing import Any
 
 import duckdb
 import pyarrow as pa
+
 from benchsync.daemon.cli.common import CLIError, data_dir
 from benchsync.storage.db import DB_FILENAME, BenchmarkDB, DatabaseLocked
 from benchsync.storage.errors import StorageError
@@ -26,7 +27,7 @@ FORMATS = ("table", "json", "csv")
 MAX_CELL_WIDTH = 60  # characters of one cell in --format table before it is cut
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("query", help="run read-only SQL on benchmark results")
     p.add_argument("sql", metavar="SQL", help="one SQL statement, e.g. 'SELECT * FROM models'")
     p.add_argument("--scope", choices=SCOPES, default="local",

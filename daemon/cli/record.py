@@ -45,7 +45,8 @@ _FLAGS: dict[str, list[tuple[str, str, Any, str]]] = {
     ] + _TAIL,
     "compat": _COMMON + [
         ("--compatible", "is_compatible", "bool", "the model works on this hardware"),
-        ("--detection-success", "detection_success", "bool", "hardware detected (default: --compatible)"),
+        ("--detection-success", "detection_success", "bool",
+         "hardware detected (default: --compatible)"),
         ("--initialization-success", "initialization_success", "bool",
          "model initialised (default: --compatible)"),
         ("--error-message", "error_message", str, "error seen"),
@@ -78,13 +79,14 @@ _STORE = {
 }
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("record", help="store benchmark results in the local database")
     kinds = p.add_subparsers(dest="kind", metavar="KIND")
     kinds.required = True
     for kind, flags in _FLAGS.items():
         k = kinds.add_parser(kind, help=_KIND_HELP[kind])
-        k.add_argument("--home", help="data directory (default: $BENCHSYNC_HOME, else XDG data dir)")
+        k.add_argument("--home",
+                       help="data directory (default: $BENCHSYNC_HOME, else XDG data dir)")
         k.add_argument("--from", dest="from_file", metavar="FILE.jsonl",
                        help="read records from a JSONL file (keyword names), all or nothing")
         for flag, dest, type_, help_ in flags:

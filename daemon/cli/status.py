@@ -1,0 +1,102 @@
+"""`benchsync status [--json]` and `benchsync peers`: what the node knows right now."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from benchsync.daemon.cli.common import CLIError, add_home_argument, call_node, node_client
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("status", help="peer ID, addresses, network, head, peers and replica lag")
+    add_home_argument(p)
+    p.add_argument("--config", metavar="FILE", help="config file (default: <home>/config.toml)")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.set_defaults(func=run_status)
+
+    p = sub.add_parser("peers", help="connected peers and their heads")
+    add_home_argument(p)
+    p.add_argument("--config", metavar="FILE", help="config file (default: <home>/config.toml)")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.set_defaults(func=run_peers)
+
+
+def _short(cid: str | None) -> str:
+    return "-" if not cid else (cid if len(cid) <= 20 else f"{cid[:12]}…{cid[-6:]}")
+
+
+def offline_status(args: argparse.Namespace) -> dict[str, Any]:
+    """What can be told without a running node: identity, head, installed replicas."""
+    from benchsync.daemon.cli.common import open_dataset
+
+    with open_dataset(args) as ds:
+        head = ds.head()
+        return {
+            "running": False,
+            "peer_id": ds.dataset,
+            "network": None,
+            "addrs": [],
+            "head": head.cid if head else None,
+            "head_seq": head.seq if head else None,
+            "rows": ds.db.table_counts(),
+            "peers": [],
+            "replicas": [
+                {"dataset": r.dataset, "head_seen": None, "head_installed": r.root,
+                 "seq_installed": r.seq, "lag": None, "bytes": r.bytes, "last_error": None}
+                for r in ds.replicas.all()
+            ],  # fmt: skip
+            "transfers": [],
+        }
+
+
+def run_status(args: argparse.Namespace) -> int:
+    client = node_client(args)
+    if client is not None:
+        doc = call_node(client, "GET", "/v1/status") | {"running": True}
+    else:
+        doc = offline_status(args)
+    if args.json:
+        print(json.dumps(doc, indent=1))
+        return 0
+    print(f"node      {'running' if doc['running'] else 'not running (showing the data directory)'}")
+    print(f"peer id   {doc['peer_id']}")
+    if doc["running"]:
+        print(f"network   {doc['network']}")
+        for a in doc["addrs"]:
+            print(f"address   {a}")
+    print(f"head      {doc['head'] or '- (no snapshot yet)'}"
+          + (f"  seq {doc['head_seq']}" if doc.get("head_seq") else ""))  # fmt: skip
+    rows = doc.get("rows") or {}
+    print(f"rows      {sum(rows.values())} ({rows.get('performance_results', 0)} performance results)")
+    if doc["running"]:
+        print(f"peers     {len(doc['peers'])} connected")
+    if doc["replicas"]:
+        print("replicas")
+        for r in doc["replicas"]:
+            lag = "?" if r.get("lag") is None else r["lag"]
+            err = f"  error: {r['last_error']}" if r.get("last_error") else ""
+            print(f"  {r['dataset']}  installed {_short(r.get('head_installed'))}"
+                  f"  seen {_short(r.get('head_seen'))}  lag {lag}{err}")  # fmt: skip
+    if doc.get("transfers"):
+        print(f"transfers {', '.join(doc['transfers'])}")
+    return 0
+
+
+def run_peers(args: argparse.Namespace) -> int:
+    client = node_client(args)
+    if client is None:
+        raise CLIError("no node is running on this data directory", "start one with `benchsync up`")
+    peers = call_node(client, "GET", "/v1/peers")["peers"]
+    if args.json:
+        print(json.dumps(peers, indent=1))
+        return 0
+    if not peers:
+        print("no peers connected")
+    for p in peers:
+        head = p.get("head") or {}
+        seq = head.get("seq", "-") if isinstance(head, dict) else "-"
+        root = head.get("root") if isinstance(head, dict) else None
+        print(f"{p['peer_id']}  head {_short(root)} seq {seq}  {' '.join(p.get('addrs', [])[:1])}")
+    return 0

@@ -1,0 +1,116 @@
+"""`benchsync up`: run a node in the foreground (what systemd starts).
+
+Logs go to stderr as one `key=value` line per event; under systemd (when
+`$JOURNAL_STREAM` is set) each line carries a `<N>` priority prefix instead of
+a timestamp, which journald turns into the entry's priority.
+
+Signals: the first SIGTERM/SIGINT stops the node gracefully (no new work,
+in-flight writes finish, the host and the database close); a second one
+exits at once. Acknowledged writes are committed by DuckDB before they are
+acknowledged, so even `kill -9` loses none of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+
+import trio
+
+from benchsync.daemon import config as config_mod
+from benchsync.daemon.cli.common import CLIError, add_home_argument, data_dir
+
+LOG_FORMAT = "%(asctime)s level=%(levelname)s logger=%(name)s %(message)s"
+JOURNAL_PRIORITY = {
+    logging.CRITICAL: 2,
+    logging.ERROR: 3,
+    logging.WARNING: 4,
+    logging.INFO: 6,
+    logging.DEBUG: 7,
+}
+FORCED_EXIT_CODE = 130
+
+
+class _JournalFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        prio = JOURNAL_PRIORITY.get(record.levelno, 6)
+        return f"<{prio}>level={record.levelname} logger={record.name} {record.getMessage()}"
+
+
+def setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if os.environ.get("JOURNAL_STREAM"):
+        handler.setFormatter(_JournalFormatter())
+    else:
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # py-libp2p is chatty at INFO about every stream; keep it at WARNING unless debugging.
+    if level.lower() != "debug":
+        logging.getLogger("libp2p").setLevel(logging.WARNING)
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("up", help="run a node in the foreground (what systemd starts)")
+    add_home_argument(p)
+    config_mod.add_arguments(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    home = data_dir(args.home)
+    home.mkdir(parents=True, exist_ok=True)
+    try:
+        config = config_mod.config_from_args(home, args)
+    except config_mod.ConfigError as e:
+        raise CLIError(str(e), "fix the setting named above (see `benchsync config docs`)") from e
+    setup_logging(config.log_level)
+    return trio.run(serve, config)
+
+
+async def serve(config: config_mod.Config) -> int:
+    from benchsync.daemon.control import ControlSocketError
+    from benchsync.daemon.node import Node
+
+    log = logging.getLogger("benchsync.up")
+    try:
+        node = await trio.to_thread.run_sync(Node, config)
+    except Exception as e:
+        log.error("cannot start: %s", e)
+        print(f"Error: {e}", file=sys.stderr)
+        print("Try: check that no other node uses this data directory (benchsync status)",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    node_scope = trio.CancelScope()
+
+    async def run_node(task_status: trio.TaskStatus) -> None:  # type: ignore[type-arg]
+        with node_scope:
+            await node.run(task_status=task_status)
+        outer.cancel_scope.cancel()  # the node is down: stop watching signals
+
+    async def watch_signals(signals: trio.abc.ReceiveChannel) -> None:  # type: ignore[type-arg]
+        async for signum in signals:
+            if node_scope.cancel_called:
+                log.warning("second %s: forcing exit", signal.Signals(signum).name)
+                os._exit(FORCED_EXIT_CODE)
+            log.info("received %s: shutting down (send it again to force)", signal.Signals(signum).name)
+            node_scope.cancel()
+
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as outer:
+            outer.start_soon(watch_signals, signals)
+            try:
+                endpoints = await outer.start(run_node)
+            except (ControlSocketError, OSError) as e:
+                log.error("cannot start: %s", e)
+                print(f"Error: {e}", file=sys.stderr)
+                outer.cancel_scope.cancel()
+                return 1
+            # One machine-readable line on stdout, for scripts and the demo.
+            print(f"ready peer_id={node.peer_id} control={endpoints.socket_path} "
+                  f"addrs={','.join(node.p2p.addrs)}", flush=True)  # fmt: skip
+    return 0

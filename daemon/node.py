@@ -1,0 +1,430 @@
+"""A running benchsync node: the wiring of every service around one data directory.
+
+`Node` owns the local dataset (database, blocks, history, replicas), the
+libp2p side (`P2PNode`), the query service, the snapshot policy, the control
+API and the systemd notifications. `Node.run` is a trio service: it returns
+`task_status.started(endpoints)` once the node listens and serves, and on
+cancellation it stops taking work, lets in-flight writes finish, closes the
+host and then the database.
+
+All DuckDB and file work runs in worker threads (`trio.to_thread`); one trio
+lock serialises the operations that replace the database file or the head
+(snapshot, restore), so a restore never races a snapshot.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from datetime import date, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+import trio
+from multiformats import CID
+
+from benchsync.daemon.config import Config
+from benchsync.daemon.control import ApiError, ControlEndpoints, ControlServer, Request, Router, Text
+from benchsync.daemon.fetch import FetchLimits
+from benchsync.daemon.identity import load_or_create_identity, peer_id_of
+from benchsync.daemon.metrics import Metrics
+from benchsync.daemon.network import P2PNode
+from benchsync.daemon.query import QueryService
+from benchsync.daemon.sdnotify import Notifier, run_watchdog
+from benchsync.protocol.heads import Head
+from benchsync.storage.dataset import LocalDataset
+from benchsync.storage.errors import InvalidRecord, NotFound, StorageError
+from benchsync.storage.snapshot import Version, read_version
+
+if TYPE_CHECKING:
+    from trio_typing import TaskStatus
+
+log = logging.getLogger(__name__)
+
+POLICY_TICK = 0.5  # seconds between checks of the snapshot policy
+RECORD_KINDS = ("perf", "compat", "test")
+MAX_RECORDS_PER_REQUEST = 100_000
+VERSION = "0.1.0"
+
+
+def head_of(version: Version) -> Head:
+    """The announcement of one of our versions."""
+    return Head(
+        dataset=version.manifest.dataset,
+        seq=version.seq,
+        root=CID.decode(version.cid),
+        tables=CID.decode(version.tables_cid),
+        created_at=version.created_at,
+        bytes=version.manifest.total_bytes,
+    )
+
+
+def jsonable(value: Any) -> Any:
+    """A value of a query result as JSON (timestamps as ISO 8601, NaN/inf as null)."""
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Decimal):
+        return float(value)
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    return value
+
+
+def table_json(table: pa.Table) -> dict[str, Any]:
+    """An Arrow table as `{"columns": [...], "types": [...], "rows": [[...], ...]}`."""
+    columns = table.column_names
+    data = [table.column(i).to_pylist() for i in range(table.num_columns)]
+    rows = [[jsonable(col[r]) for col in data] for r in range(table.num_rows)]
+    return {"columns": columns, "types": [str(t) for t in table.schema.types], "rows": rows}
+
+
+class _WriteCounter:
+    """Rows written since the last snapshot; bumped from the DB writer thread."""
+
+    def __init__(self) -> None:
+        self.rows = 0
+        self.lock = threading.Lock()
+
+    def add(self, n: int) -> None:
+        with self.lock:
+            self.rows += n
+
+    def take(self) -> int:
+        with self.lock:
+            n, self.rows = self.rows, 0
+            return n
+
+
+class Node:
+    """One benchsync node on one data directory. Start it with `nursery.start(node.run)`."""
+
+    def __init__(self, config: Config, *, notifier: Notifier | None = None) -> None:
+        self.config = config
+        self.home = Path(config.home)
+        self.notifier = notifier or Notifier()
+        self.peer_id = peer_id_of(load_or_create_identity(self.home))
+        self.dataset = LocalDataset(self.home, self.peer_id)
+        self.metrics = Metrics()
+        self.metrics.set_identity(peer_id=self.peer_id, network=config.network, version=VERSION)
+        self.p2p = P2PNode(
+            self.home,
+            network=config.network,
+            blockstore=self.dataset.blocks,
+            listen=list(config.listen),
+            bootstrap=list(config.bootstrap),
+            trusted_peers=set(config.trusted_peers),
+            mdns=config.mdns,
+            limits=FetchLimits(
+                max_block=config.max_block_bytes,
+                max_response=config.max_response_bytes,
+                max_fetches_per_peer=config.max_concurrent_fetches_per_peer,
+            ),
+            reannounce_interval=config.reannounce_interval,
+            on_complete=self._install_replica,
+        )
+        self.queries = QueryService(
+            self.p2p,
+            lambda: self.dataset.db,
+            network=config.network,
+            timeout_s=config.query_timeout,
+            max_rows=config.query_max_rows,
+            max_bytes=config.query_max_bytes,
+            memory_limit=config.query_memory_limit,
+        )
+        self._writes = _WriteCounter()
+        self._attach_db()
+        self._head_lock = trio.Lock()  # snapshot and restore replace the head / the DB file
+        self._last_snapshot = time.monotonic()
+        self.endpoints: ControlEndpoints | None = None
+        self.started_at = time.time()
+
+    def _attach_db(self) -> None:
+        db = self.dataset.db
+        db.on_write.append(self._writes.add)
+        db.on_write.append(lambda n: self.metrics.writes.inc(n))
+        self.queries.database_replaced()
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    async def run(
+        self, *, task_status: TaskStatus[ControlEndpoints] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.p2p.run)
+                self.queries.register()
+                head = await trio.to_thread.run_sync(self.dataset.head)
+                if head is not None:
+                    self.p2p.set_local_head(head_of(head))
+                    self.metrics.head_seq.set(head.seq)
+                server = ControlServer.from_config(self.router(), self.config)
+                self.endpoints = await nursery.start(server.run)
+                nursery.start_soon(self._snapshot_policy)
+                if self.notifier.watchdog_interval:
+                    await nursery.start(run_watchdog, self.notifier)
+                log.info(
+                    "node %s up: network=%s addrs=%s control=%s",
+                    self.peer_id, self.config.network, " ".join(self.p2p.addrs),
+                    self.endpoints.socket_path,
+                )  # fmt: skip
+                self.notifier.ready(self._status_line())
+                task_status.started(self.endpoints)
+                if head is not None:
+                    await self.p2p.announce(head_of(head))
+        finally:
+            self.notifier.stopping("closing the database")
+            with trio.CancelScope(shield=True):
+                # Queued writes finish inside close(); it runs in a thread so the
+                # (shielded) trio loop stays responsive to a second signal.
+                await trio.to_thread.run_sync(self.dataset.close)
+                self.queries.close()
+            log.info("node %s stopped", self.peer_id)
+
+    def _status_line(self) -> str:
+        head = self.dataset.snapshots.head()
+        return (
+            f"peers={len(self.p2p.connected_peers())} "
+            f"head={head.seq if head else '-'} replicas={len(self.dataset.replicas.all())}"
+        )
+
+    # --- snapshots ------------------------------------------------------------------------------
+
+    async def _snapshot_policy(self) -> None:
+        """Snapshot after N written rows and/or every T seconds when something changed."""
+        after = self.config.snapshot_after_writes
+        every = self.config.snapshot_interval
+        pending = 0
+        while True:
+            await trio.sleep(POLICY_TICK)
+            pending += self._writes.take()
+            due_by_count = after > 0 and pending >= after
+            due_by_time = every > 0 and time.monotonic() - self._last_snapshot >= every
+            if pending and (due_by_count or due_by_time):
+                pending = 0
+                try:
+                    await self.snapshot()
+                except StorageError as e:
+                    log.error("scheduled snapshot failed: %s", e)
+                self.notifier.status(self._status_line())
+
+    async def snapshot(self) -> tuple[Version, bool]:
+        """Take a snapshot now; announce it if it is new. Returns (head, created)."""
+        async with self._head_lock:
+            started = time.monotonic()
+            result = await trio.to_thread.run_sync(self.dataset.snapshot)
+            self._last_snapshot = time.monotonic()
+        if result.created:
+            self.metrics.snapshots.inc()
+            self.metrics.snapshot_seconds.observe(time.monotonic() - started)
+            self.metrics.head_seq.set(result.version.seq)
+            log.info(
+                "snapshot seq=%d cid=%s new_blocks=%d new_bytes=%d",
+                result.version.seq, result.version.cid, result.new_blocks, result.new_bytes,
+            )  # fmt: skip
+            await self._announce(result.version)
+        return result.version, result.created
+
+    async def restore(self, cid: str) -> Version:
+        async with self._head_lock:
+            version = await trio.to_thread.run_sync(self.dataset.restore, cid)
+            self._attach_db()
+        log.info("restored %s as seq=%d cid=%s", cid, version.seq, version.cid)
+        await self._announce(version)
+        return version
+
+    async def _announce(self, version: Version) -> None:
+        head = head_of(version)
+        self.p2p.set_local_head(head)
+        try:
+            await self.p2p.announce(head)
+            self.metrics.announced("sent", len(version.cid))
+        except Exception as e:  # gossip is lossy anyway; the periodic re-announce retries
+            log.warning("announcing seq %d failed: %r", version.seq, e)
+
+    async def _install_replica(self, head: Head) -> None:
+        def install() -> Any:
+            version = read_version(self.dataset.blocks, head.root)
+            if version.manifest.dataset != head.dataset or version.seq != head.seq:
+                raise StorageError(
+                    f"snapshot {head.root} says dataset={version.manifest.dataset} "
+                    f"seq={version.seq}, but was announced as {head.dataset} seq={head.seq}"
+                )
+            return self.dataset.install_replica(str(head.root))
+
+        replica = await trio.to_thread.run_sync(install)
+        log.info("replica %s seq=%d installed (%d bytes)", replica.dataset, replica.seq, replica.bytes)
+
+    # --- status ---------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        head = self.dataset.snapshots.head()
+        return {
+            "peer_id": self.peer_id,
+            "network": self.config.network,
+            "addrs": self.p2p.addrs,
+            "control_socket": str(self.endpoints.socket_path) if self.endpoints else None,
+            "head": head.cid if head else None,
+            "head_seq": head.seq if head else None,
+            "tables_cid": head.tables_cid if head else None,
+            "uptime_seconds": round(time.time() - self.started_at, 3),
+            "rows": self.dataset.db.table_counts(),
+            "trusted_peers": list(self.config.trusted_peers),
+            "peers": self.peers(),
+            "replicas": self.replicas(),
+            "transfers": [r["dataset"] for r in self.replicas() if r["syncing"]],
+        }
+
+    def peers(self) -> list[dict[str, Any]]:
+        return [p.to_json() for p in self.p2p.peers()]
+
+    def replicas(self) -> list[dict[str, Any]]:
+        """Per followed dataset: head seen and installed (root CID and seq), bytes, lag, last error."""
+        installed = {r.dataset: r for r in self.dataset.replicas.all()}
+        out = []
+        for state in self.p2p.replica_states():
+            seen, got = state.head_seen, state.head_installed
+            local = installed.pop(state.dataset, None)
+            out.append({
+                "dataset": state.dataset,
+                "head_seen": str(seen.root) if seen else None,
+                "seq_seen": seen.seq if seen else None,
+                "head_installed": str(got.root) if got else (local.root if local else None),
+                "seq_installed": got.seq if got else (local.seq if local else None),
+                "bytes": state.bytes,
+                "lag": state.lag_seq,
+                "lag_seconds": round(state.lag_seconds, 3),
+                "last_error": state.last_error,
+                "syncing": state.syncing,
+            })  # fmt: skip
+            self.metrics.replica_lag.labels(state.dataset).set(state.lag_seq)
+        for r in installed.values():  # installed by an earlier run, not heard of yet in this one
+            out.append({
+                "dataset": r.dataset, "head_seen": None, "seq_seen": None,
+                "head_installed": r.root, "seq_installed": r.seq, "bytes": r.bytes,
+                "lag": 0, "lag_seconds": 0.0, "last_error": None, "syncing": False,
+            })  # fmt: skip
+        return out
+
+    # --- control API ------------------------------------------------------------------------------
+
+    def router(self) -> Router:
+        r = Router()
+        r.add("GET", "/v1/status", self._api_status)
+        r.add("GET", "/v1/peers", self._api_peers)
+        r.add("GET", "/v1/replicas", self._api_replicas)
+        r.add("POST", "/v1/record/{kind}", self._api_record)
+        r.add("POST", "/v1/query", self._api_query)
+        r.add("POST", "/v1/snapshot", self._api_snapshot)
+        r.add("GET", "/v1/history", self._api_history)
+        r.add("POST", "/v1/restore", self._api_restore)
+        if self.config.metrics:
+            r.add("GET", "/metrics", self._api_metrics)
+        return r
+
+    async def _api_status(self, request: Request) -> tuple[int, Any]:
+        return 200, await trio.to_thread.run_sync(self.status)
+
+    async def _api_peers(self, request: Request) -> tuple[int, Any]:
+        return 200, {"peers": self.peers()}
+
+    async def _api_replicas(self, request: Request) -> tuple[int, Any]:
+        return 200, {"replicas": await trio.to_thread.run_sync(self.replicas)}
+
+    async def _api_record(self, request: Request) -> tuple[int, Any]:
+        kind = request.params["kind"]
+        if kind not in RECORD_KINDS:
+            raise ApiError(404, "unknown_kind", f"no record kind {kind!r}",
+                           f"use one of {', '.join(RECORD_KINDS)}")  # fmt: skip
+        body = request.json()
+        records = body.get("records") if isinstance(body, dict) and "records" in body else [body]
+        if not isinstance(records, list) or not records or not all(isinstance(r, dict) for r in records):
+            raise ApiError(400, "bad_request", "expected a JSON object (one record) or {\"records\": [...]}",
+                           "see `benchsync record --help` for the field names")  # fmt: skip
+        if len(records) > MAX_RECORDS_PER_REQUEST:
+            raise ApiError(413, "too_many_records",
+                           f"{len(records)} records in one request, limit {MAX_RECORDS_PER_REQUEST}",
+                           "split the batch")  # fmt: skip
+        db = self.dataset.db
+        try:
+            if len(records) == 1:
+                store = {
+                    "perf": db.store_performance_result,
+                    "compat": db.store_hardware_compatibility,
+                    "test": db.store_integration_test_result,
+                }[kind]
+                ident = await trio.to_thread.run_sync(lambda: store(records[0]))
+                return 200, {"stored": 1, "id": ident}
+            n = await trio.to_thread.run_sync(db.ingest_records, kind, records)
+            return 200, {"stored": n}
+        except InvalidRecord as e:
+            raise ApiError(422, "invalid_record", str(e), "fix the named field; nothing was written") from e
+        except (TypeError, ValueError) as e:
+            raise ApiError(422, "invalid_record", str(e), "nothing was written") from e
+
+    async def _api_query(self, request: Request) -> tuple[int, Any]:
+        body = request.json()
+        if not isinstance(body, dict) or not isinstance(body.get("sql"), str):
+            raise ApiError(400, "bad_request", 'expected {"sql": "...", "scope": "local|replicas|network"}')
+        scope = body.get("scope", "local")
+        params = body.get("params") or []
+        with self.metrics.time_query(scope if scope in ("local", "replicas", "network") else "local") as t:
+            if scope == "network":
+                result = await self.queries.execute(
+                    body["sql"], params, peers=body.get("peers"),
+                    require_all=bool(body.get("require_all", False)),
+                    timeout_s=body.get("timeout"),
+                )  # fmt: skip
+                return 200, result.to_json()
+            if scope not in ("local", "replicas"):
+                t.outcome = "refused"
+                raise ApiError(400, "bad_scope", f"unknown scope {scope!r}", "use local, replicas or network")
+            try:
+                table = await trio.to_thread.run_sync(
+                    lambda: self.dataset.query(body["sql"], params, scope=scope)
+                )
+            except Exception as e:
+                t.outcome = "error"
+                raise ApiError(400, "query_failed", f"{type(e).__name__}: {e}",
+                               "check the SQL against `benchsync query \"SHOW TABLES\"`") from e  # fmt: skip
+            return 200, {"scope": scope, **table_json(table)}
+
+    async def _api_snapshot(self, request: Request) -> tuple[int, Any]:
+        try:
+            version, created = await self.snapshot()
+        except StorageError as e:
+            raise ApiError(500, "snapshot_failed", str(e), "the database and history are unchanged") from e
+        return 200, version.to_json() | {"created": created}
+
+    async def _api_history(self, request: Request) -> tuple[int, Any]:
+        limit = request.query.get("limit")
+        versions = await trio.to_thread.run_sync(
+            lambda: self.dataset.history(int(limit) if limit else None)
+        )
+        return 200, {"versions": [v.to_json() for v in versions]}
+
+    async def _api_restore(self, request: Request) -> tuple[int, Any]:
+        body = request.json()
+        if not isinstance(body, dict) or not isinstance(body.get("cid"), str):
+            raise ApiError(400, "bad_request", 'expected {"cid": "..."}', "see `benchsync log`")
+        try:
+            version = await self.restore(body["cid"])
+        except NotFound as e:
+            raise ApiError(404, "not_found", str(e), "list versions with `benchsync log`") from e
+        except StorageError as e:
+            raise ApiError(409, "restore_failed", str(e), "the live database is unchanged") from e
+        return 200, version.to_json()
+
+    async def _api_metrics(self, request: Request) -> tuple[int, Any]:
+        self.metrics.peers.set(len(self.p2p.connected_peers()))
+        await trio.to_thread.run_sync(self.replicas)  # refreshes replica_lag gauges
+        return 200, Text(self.metrics.render(), "text/plain; version=0.0.4; charset=utf-8")

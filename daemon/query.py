@@ -1,0 +1,699 @@
+"""`/benchsync/query/1.0.0` on both sides: answering peers' queries, and fanning one out.
+
+This module owns the network side of cross-node SQL (the planning and merging
+live in `benchsync.storage.distquery`, the wire messages in
+`benchsync.protocol.query`):
+
+- `LocalQueryService` runs SQL on the node's OWN dataset in `QuerySandbox`es
+  (never on replicas: a replicated row would be counted twice). It re-reads
+  the node's tables lazily, only when `BenchmarkDB.on_write` reported a change
+  since the last load, and runs every DuckDB call in a worker thread.
+- `QueryServer` answers query streams: network name, limits, a per-peer and a
+  global concurrency limit, typed errors. The access policy (trusted peers,
+  bans) is applied by `P2PNode.add_stream_handler` before it runs.
+- `QueryService` wires both into a `P2PNode` (`register()`) and is the
+  coordinator: `execute_distributed_query` plans the query, asks every peer of
+  the network concurrently under one deadline, runs the local part itself,
+  merges, and reports every peer's fate. A peer is never silently left out.
+
+Wire format (every frame varint-length-prefixed, `benchsync.protocol.frames`):
+
+    requester -> server  frame 1: JSON hello {"network": NAME}  <= MAX_HELLO_FRAME
+                         frame 2: QueryRequest.to_bytes()       <= MAX_REQUEST_FRAME
+    server -> requester  one frame: QueryResponse.to_bytes()
+                         (<= the request's max_bytes + MAX_RESPONSE_OVERHEAD),
+                         or the access wrapper's JSON refusal frame
+
+A peer that breaks this loses its stream (reset), never the node.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import logging
+import math
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any, Literal
+
+import pyarrow as pa
+import trio
+from libp2p.abc import INetStream
+from multiformats import varint
+
+from benchsync.daemon.host import StreamReader, remote_peer
+from benchsync.daemon.network import P2PNode
+from benchsync.protocol.frames import (
+    LocalProtocolError,
+    ProtocolError,
+    Refused,
+    RemoteProtocolError,
+    TruncatedFrame,
+    check_network,
+    decode_json,
+    encode_json_frame,
+)
+from benchsync.protocol.query import (
+    MAX_HEADER_BYTES,
+    MAX_RESULT_BYTES,
+    MAX_TIMEOUT,
+    QueryMessageError,
+    QueryRequest,
+    QueryResponse,
+)
+from benchsync.storage import distquery as dq
+from benchsync.storage.db import BenchmarkDB
+from benchsync.storage.sandbox import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_ROWS,
+    DEFAULT_MEMORY_LIMIT,
+    InvalidSQL,
+    QueryError,
+    QueryRefused,
+    QuerySandbox,
+    QueryTimeout,
+    ResultTooLarge,
+)
+from benchsync.storage.schema import TABLES
+
+log = logging.getLogger(__name__)
+
+QUERY_PROTOCOL_ID = "/benchsync/query/1.0.0"
+MAX_HELLO_FRAME = 4 * 1024  # bytes: the JSON hello holds a network name only
+MAX_REQUEST_FRAME = 8 + MAX_HEADER_BYTES  # bytes: magic + length + the request's JSON header
+MAX_RESPONSE_OVERHEAD = 64 * 1024  # bytes of response header around the Arrow IPC body
+REQUEST_TIMEOUT = 10.0  # seconds a requester has to send its whole request
+WRITE_TIMEOUT = 30.0  # seconds to write one answer (64 MiB at ~100 MiB/s takes < 1 s)
+WRITE_CHUNK = 1024 * 1024  # bytes per stream write of a large answer
+DEFAULT_QUERY_TIMEOUT = 10.0  # seconds: a distributed query's default deadline
+MAX_SERVED_TIMEOUT = 60.0  # seconds: the longest time limit this node grants a peer
+MAX_CONCURRENT_QUERIES = 2  # sandboxes (worker threads) running queries at once
+MAX_QUERIES_PER_PEER = 2  # query streams one peer may have open to us at once
+# Part of the remaining time kept back when asking a peer, so that its own
+# "timeout" answer reaches us before our deadline does.
+DEADLINE_MARGIN = 0.5  # seconds, at most
+DEADLINE_MARGIN_SHARE = 0.2  # of the remaining time, when that is less
+
+PeerState = Literal["answered", "timed_out", "refused", "unreachable", "error"]
+ANSWERED: PeerState = "answered"
+TIMED_OUT: PeerState = "timed_out"
+REFUSED: PeerState = "refused"
+UNREACHABLE: PeerState = "unreachable"
+ERROR: PeerState = "error"
+
+
+# --- errors --------------------------------------------------------------------------------
+
+
+class DistributedQueryError(Exception):
+    """A network query that produced no answer; `.peers` says what each node did."""
+
+    def __init__(self, message: str, peers: Sequence[PeerResult] = ()) -> None:
+        super().__init__(message)
+        self.peers = list(peers)
+
+
+class PeersMissing(DistributedQueryError):
+    """`require_all=True` and some peers did not answer; `.missing` lists them."""
+
+    def __init__(self, missing: Sequence[PeerResult], peers: Sequence[PeerResult]) -> None:
+        detail = "; ".join(f"{p.peer_id}: {p.status} ({p.message})" for p in missing)
+        super().__init__(
+            f"{len(missing)} node(s) did not answer: {detail}. "
+            "Retry, raise the time limit, or drop require_all to accept a partial answer",
+            peers,
+        )
+        self.missing = list(missing)
+
+
+# --- the local dataset -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """What this node grants to one query, whoever asks (peers' requests are clamped)."""
+
+    max_timeout_s: float = MAX_SERVED_TIMEOUT  # seconds
+    max_rows: int = DEFAULT_MAX_ROWS  # rows in one answer
+    max_bytes: int = DEFAULT_MAX_BYTES  # bytes of Arrow data in one answer
+    memory_limit: str = DEFAULT_MEMORY_LIMIT  # DuckDB size string, per sandbox
+    max_concurrent: int = MAX_CONCURRENT_QUERIES  # queries running at once
+    max_per_peer: int = MAX_QUERIES_PER_PEER  # streams one peer may have open
+
+
+@dataclass
+class _Slot:
+    sandbox: QuerySandbox
+    generation: int = -1  # the data generation loaded into it; -1: nothing yet
+
+
+class LocalQueryService:
+    """Runs read-only SQL on the node's own tables, in sandboxes, off the trio thread.
+
+    The node's tables are read from `db` (as Arrow, shared zero-copy by every
+    sandbox) only when the database changed since the last read: `db.on_write`
+    bumps a generation counter. Call `invalidate()` after changing the data by
+    other means (a restore); `close()` when done.
+    """
+
+    def __init__(self, db: BenchmarkDB, *, limits: ServerLimits | None = None) -> None:
+        self.db = db
+        self.limits = limits or ServerLimits()
+        self._lock = threading.Lock()  # guards the counters and the pool (worker threads)
+        self._load_lock = threading.Lock()  # one thread re-reads the tables at a time
+        self._generation = 0
+        self._tables: tuple[int, dict[str, pa.Table]] | None = None
+        self._free: list[_Slot] = []
+        self._slots: list[_Slot] = []
+        self._closed = False
+        self.loads = 0  # times the tables were read from the database (tests, metrics)
+        self.limiter = trio.CapacityLimiter(self.limits.max_concurrent)
+        db.on_write.append(self._changed)
+
+    def _changed(self, rows: int) -> None:
+        with self._lock:
+            self._generation += 1
+
+    def invalidate(self) -> None:
+        """Forget the loaded tables: the next query re-reads the database."""
+        self._changed(0)
+
+    def close(self) -> None:
+        with contextlib.suppress(ValueError):
+            self.db.on_write.remove(self._changed)
+        with self._lock:
+            self._closed = True
+            slots, self._slots, self._free = self._slots, [], []
+        for slot in slots:
+            slot.sandbox.close()
+
+    def _current_tables(self) -> tuple[int, dict[str, pa.Table]]:
+        with self._load_lock:
+            with self._lock:
+                generation = self._generation
+            if self._tables is None or self._tables[0] != generation:
+                # Read the generation first: a write landing during the read bumps
+                # it again, so the next query reloads instead of missing it.
+                tables = {t: self.db.query(f"SELECT * FROM {t}") for t in TABLES}
+                self._tables = (generation, tables)
+                self.loads += 1
+            return self._tables
+
+    def _take(self) -> _Slot:
+        with self._lock:
+            if self._closed:
+                raise QueryError("the query service is closed")
+            if self._free:
+                return self._free.pop()
+        slot = _Slot(QuerySandbox(memory_limit=self.limits.memory_limit))
+        with self._lock:
+            self._slots.append(slot)
+        return slot
+
+    def _give(self, slot: _Slot) -> None:
+        with self._lock:
+            if not self._closed:
+                self._free.append(slot)
+                return
+        slot.sandbox.close()
+
+    def run_sync(
+        self,
+        sql: str,
+        params: Sequence[Any] | Mapping[str, Any] | None = None,
+        *,
+        deadline: float,
+        timeout_s: float,
+        max_rows: int,
+        max_bytes: int,
+    ) -> pa.Table:
+        """Blocking: run `sql` on the own dataset before `deadline` (time.monotonic()).
+
+        `timeout_s` is the whole time limit the deadline came from (for messages).
+
+        For worker threads only. Raises the sandbox's QueryError subclasses.
+        """
+        slot = self._take()
+        try:
+            generation, tables = self._current_tables()
+            if slot.generation != generation:
+                slot.sandbox.load(tables)
+                slot.generation = generation
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise QueryTimeout(timeout_s)
+            return slot.sandbox.execute(
+                sql, params, timeout_s=remaining, max_rows=max_rows, max_bytes=max_bytes
+            )
+        finally:
+            self._give(slot)
+
+    async def execute(
+        self,
+        sql: str,
+        params: Sequence[Any] | Mapping[str, Any] | None = None,
+        *,
+        timeout_s: float,
+        max_rows: int = DEFAULT_MAX_ROWS,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+    ) -> pa.Table:
+        """Run `sql` on the own dataset in a worker thread; returns the answer.
+
+        The limits are clamped to this node's `ServerLimits`; the time limit
+        covers waiting for a free sandbox, reloading and running. Raises
+        QueryRefused, InvalidSQL, QueryTimeout, ResultTooLarge or QueryError.
+        """
+        timeout_s = min(timeout_s, self.limits.max_timeout_s)
+        max_rows = min(max_rows, self.limits.max_rows)
+        max_bytes = min(max_bytes, self.limits.max_bytes)
+        deadline = time.monotonic() + timeout_s
+        with trio.move_on_after(timeout_s) as waiting:
+            await self.limiter.acquire()
+        if waiting.cancelled_caught:
+            raise QueryTimeout(timeout_s)
+        try:
+            # Not cancellable: the sandbox's own timer interrupts DuckDB at the deadline.
+            return await trio.to_thread.run_sync(
+                lambda: self.run_sync(
+                    sql, params, deadline=deadline, timeout_s=timeout_s,
+                    max_rows=max_rows, max_bytes=max_bytes,
+                )
+            )
+        finally:
+            self.limiter.release()
+
+
+# --- the wire ----------------------------------------------------------------------------------
+
+
+def response_frame_limit(max_bytes: int) -> int:
+    """The largest response frame a requester accepts for a request with `max_bytes`."""
+    return min(max_bytes, MAX_RESULT_BYTES) + MAX_RESPONSE_OVERHEAD
+
+
+async def write_frame(stream: INetStream, body: bytes, *, max_frame: int) -> None:
+    """Write one length-prefixed frame, in chunks (no copy of a large body).
+
+    Raises LocalProtocolError when `body` exceeds `max_frame`.
+    """
+    if len(body) > max_frame:
+        raise LocalProtocolError(f"frame of {len(body)} bytes exceeds the limit {max_frame}")
+    view = memoryview(body)
+    await stream.write(varint.encode(len(body)) + bytes(view[:WRITE_CHUNK]))
+    for start in range(WRITE_CHUNK, len(body), WRITE_CHUNK):
+        await stream.write(bytes(view[start : start + WRITE_CHUNK]))
+
+
+async def exchange(
+    stream: INetStream, request: QueryRequest, *, network: str
+) -> tuple[QueryResponse, int]:
+    """Send `request` on an open query stream and read the answer.
+
+    Returns the response and its size on the wire (bytes). Raises `Refused`
+    (the peer's access policy or network check refused us), `TruncatedFrame`
+    (the stream ended mid-answer) or `RemoteProtocolError` (garbage).
+    A response with an error status is returned, not raised.
+    """
+    hello = encode_json_frame({"network": network}, max_frame=MAX_HELLO_FRAME)
+    body = request.to_bytes()
+    if len(body) > MAX_REQUEST_FRAME:
+        raise LocalProtocolError(f"query request of {len(body)} bytes exceeds {MAX_REQUEST_FRAME}")
+    await stream.write(hello + varint.encode(len(body)) + body)
+    reader = StreamReader(stream, max_frame=response_frame_limit(request.max_bytes))
+    frame = await reader.frame()
+    wire = len(frame) + len(varint.encode(len(frame)))
+    if frame[:1] == b"{":  # P2PNode's access wrapper answers with a JSON refusal frame
+        obj = decode_json(frame)
+        if obj.get("status") == "refused":
+            raise Refused(str(obj.get("reason", "no reason given"))[:1000])
+        raise RemoteProtocolError(f"unexpected JSON frame with status {obj.get('status')!r}")
+    try:
+        response = await trio.to_thread.run_sync(QueryResponse.from_bytes, frame)
+    except QueryMessageError as e:
+        raise RemoteProtocolError(f"malformed query response: {e}") from None
+    return response, wire
+
+
+# --- serving -----------------------------------------------------------------------------------
+
+
+@dataclass
+class ServerStats:
+    """Counters of what the server did (status output, tests, metrics)."""
+
+    requests: int = 0
+    answered: int = 0  # "ok" responses
+    errors: dict[str, int] = field(default_factory=dict)  # error status -> count
+    bytes_out: int = 0  # bytes of response frames written
+
+
+class QueryServer:
+    """Answers `/benchsync/query/1.0.0` streams from the own dataset."""
+
+    def __init__(self, local: LocalQueryService, *, network: str) -> None:
+        self.local = local
+        self.network = network
+        self.limits = local.limits
+        self.active: dict[str, int] = {}  # peer -> query streams being served
+        self.stats = ServerStats()
+
+    async def handle(self, stream: INetStream) -> None:
+        """Answer one query stream (wrap with `P2PNode.add_stream_handler`).
+
+        Raises on a peer that breaks the framing; the wrapper resets that stream.
+        """
+        peer = str(remote_peer(stream))
+        if self.active.get(peer, 0) >= self.limits.max_per_peer:
+            await self._reply(stream, QueryResponse.error("refused", (
+                f"busy: already answering {self.limits.max_per_peer} queries from peer {peer}; "
+                "retry when one finishes")), MAX_RESPONSE_OVERHEAD)  # fmt: skip
+            return
+        self.active[peer] = self.active.get(peer, 0) + 1
+        try:
+            await self._serve(stream)
+        finally:
+            self.active[peer] -= 1
+            if not self.active[peer]:
+                del self.active[peer]
+
+    async def _serve(self, stream: INetStream) -> None:
+        reader = StreamReader(stream, max_frame=MAX_REQUEST_FRAME)
+        with trio.fail_after(REQUEST_TIMEOUT):
+            hello_body = await reader.frame()
+            if len(hello_body) > MAX_HELLO_FRAME:
+                raise RemoteProtocolError(
+                    f"hello frame of {len(hello_body)} bytes exceeds {MAX_HELLO_FRAME}"
+                )
+            try:
+                check_network(decode_json(hello_body), self.network)
+            except Refused as e:
+                await self._reply(stream, QueryResponse.error("refused", e.reason),
+                                  MAX_RESPONSE_OVERHEAD)  # fmt: skip
+                return
+            request_body = await reader.frame()
+        self.stats.requests += 1
+        try:
+            request = QueryRequest.from_bytes(request_body)
+        except QueryMessageError as e:
+            response = QueryResponse.error("refused", f"malformed query request: {e}")
+            await self._reply(stream, response, MAX_RESPONSE_OVERHEAD)
+            return
+        response = await self.answer(request)
+        await self._reply(stream, response, response_frame_limit(request.max_bytes))
+
+    async def answer(self, request: QueryRequest) -> QueryResponse:
+        """The response to `request` from the own dataset (never raises for bad SQL)."""
+        max_bytes = min(request.max_bytes, self.limits.max_bytes)
+        try:
+            table = await self.local.execute(
+                request.sql, request.params or None, timeout_s=request.timeout_s,
+                max_rows=request.max_rows, max_bytes=max_bytes,
+            )  # fmt: skip
+            ipc = await trio.to_thread.run_sync(dq.to_ipc, table)
+        except QueryError as e:
+            return QueryResponse.error(e.kind, str(e))
+        except Exception as e:  # a bug of ours must not look like the peer's fault
+            log.exception("query failed unexpectedly")
+            return QueryResponse.error("internal", f"internal error: {type(e).__name__}: {e}")
+        if len(ipc) > max_bytes:
+            return QueryResponse.error("too_large", str(ResultTooLarge(
+                "answer bytes (Arrow IPC)", limit=max_bytes, got=len(ipc))))  # fmt: skip
+        return QueryResponse("ok", arrow_ipc=ipc)
+
+    async def _reply(self, stream: INetStream, response: QueryResponse, max_frame: int) -> None:
+        body = await trio.to_thread.run_sync(response.to_bytes)
+        with trio.fail_after(WRITE_TIMEOUT):
+            await write_frame(stream, body, max_frame=max_frame)
+        self.stats.bytes_out += len(body)
+        if response.status == "ok":
+            self.stats.answered += 1
+        else:
+            self.stats.errors[response.status] = self.stats.errors.get(response.status, 0) + 1
+
+
+# --- the coordinator -------------------------------------------------------------------------
+
+
+@dataclass
+class PeerResult:
+    """What one node did for a distributed query."""
+
+    peer_id: str
+    status: PeerState
+    message: str = ""
+    rows: int = 0  # rows of its partial answer
+    bytes: int = 0  # bytes of its answer on the wire (0 for the local part)
+    elapsed_s: float = 0.0  # seconds from asking to its answer (or failure)
+    local: bool = False  # this node's own part, run in-process
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "peer_id": self.peer_id, "status": self.status, "message": self.message,
+            "rows": self.rows, "bytes": self.bytes, "elapsed_s": round(self.elapsed_s, 4),
+            "local": self.local,
+        }  # fmt: skip
+
+
+@dataclass
+class DistributedResult:
+    """A merged answer, the plan that produced it and every node's status."""
+
+    table: pa.Table
+    peers: list[PeerResult]  # the local node first, then peers by peer ID
+    strategy: str  # the planner's strategy ("decomposed", "rows", ...)
+    reason: str  # why the planner chose it
+    elapsed_s: float = 0.0  # seconds, whole query
+
+    @property
+    def complete(self) -> bool:
+        """True when every node asked answered (nothing is missing from the answer)."""
+        return all(p.status == ANSWERED for p in self.peers)
+
+    @property
+    def missing(self) -> list[PeerResult]:
+        return [p for p in self.peers if p.status != ANSWERED]
+
+    def to_json(self) -> dict[str, Any]:
+        """Columns, rows (lists of JSON values), peers, strategy: for the control API/CLI."""
+        names = self.table.column_names
+        rows = [[_json_value(r[n]) for n in names] for r in self.table.to_pylist()]
+        return {
+            "columns": names, "rows": rows, "peers": [p.to_json() for p in self.peers],
+            "strategy": self.strategy, "reason": self.reason, "complete": self.complete,
+            "elapsed_s": round(self.elapsed_s, 4),
+        }  # fmt: skip
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, dt.datetime | dt.date | dt.time):
+        return value.isoformat()
+    if isinstance(value, dt.timedelta):
+        return value.total_seconds()
+    if isinstance(value, Decimal):
+        return int(value) if value == value.to_integral_value() else float(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else str(value)
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, dict):
+        return {str(k): _json_value(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_value(v) for v in value]
+    return value
+
+
+class QueryService:
+    """The query protocol for one node: server (`register`) and coordinator (`execute`)."""
+
+    def __init__(
+        self,
+        p2p: P2PNode,
+        db: BenchmarkDB,
+        *,
+        network: str | None = None,
+        limits: ServerLimits | None = None,
+    ) -> None:
+        self.p2p = p2p
+        self.network = network or p2p.network
+        self.local = LocalQueryService(db, limits=limits)
+        self.server = QueryServer(self.local, network=self.network)
+
+    def register(self) -> None:
+        """Serve `/benchsync/query/1.0.0` on the node (behind its access policy)."""
+        self.p2p.add_stream_handler(QUERY_PROTOCOL_ID, self.server.handle)
+
+    def close(self) -> None:
+        self.local.close()
+
+    def default_peers(self) -> list[str]:
+        """Every peer of the network we would ask: connected peers plus peers
+        whose heads we know (they may need a dial). Untrusted peers are not part
+        of our network and are left out; banned ones are kept (and reported)."""
+        me = self.p2p.peer_id
+        known = list(self.p2p.announcer.book.heads)
+        known += [s.dataset for s in self.p2p.replica_states()]
+        candidates = dict.fromkeys([*self.p2p.connected_peers(), *known])
+        return sorted(p for p in candidates if p != me and self.p2p.policy.is_trusted(p))
+
+    async def execute(
+        self,
+        sql: str,
+        params: Sequence[Any] | Mapping[str, Any] | None = None,
+        *,
+        peers: Sequence[str] | None = None,
+        timeout_s: float = DEFAULT_QUERY_TIMEOUT,
+        require_all: bool = False,
+        max_rows: int = DEFAULT_MAX_ROWS,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+    ) -> DistributedResult:
+        """Run `sql` over this node and `peers` (default: every peer of the network).
+
+        Every node runs the plan's node part on its own dataset, concurrently,
+        under one deadline of `timeout_s`; the answers are merged here.
+        Returns the merged answer with every node's status. Raises InvalidSQL
+        or QueryRefused (the SQL, checked before anyone is asked), PlanError,
+        `PeersMissing` when `require_all` and a node did not answer, and
+        `DistributedQueryError` when no node answered at all.
+        """
+        if not 0 < timeout_s <= MAX_TIMEOUT:
+            raise ValueError(f"timeout_s must be in (0, {MAX_TIMEOUT}], got {timeout_s}")
+        started = time.monotonic()
+        deadline = trio.current_time() + timeout_s
+        plan = await trio.to_thread.run_sync(dq.plan, sql, params)
+        assert plan.node_sql is not None
+        targets = list(dict.fromkeys(peers if peers is not None else self.default_peers()))
+        targets = [p for p in targets if p != self.p2p.peer_id]
+        statuses: dict[str, PeerResult] = {}
+        partials: dict[str, pa.Table] = {}
+
+        async def ask_local() -> None:
+            t0 = time.monotonic()
+            me = self.p2p.peer_id
+            try:
+                table = await self.local.execute(
+                    plan.node_sql or "", timeout_s=max(0.001, deadline - trio.current_time()),
+                    max_rows=max_rows, max_bytes=max_bytes,
+                )  # fmt: skip
+            except (InvalidSQL, QueryRefused):
+                raise  # the caller's SQL: every node would say the same
+            except QueryError as e:
+                state: PeerState = TIMED_OUT if isinstance(e, QueryTimeout) else ERROR
+                statuses[me] = PeerResult(me, state, f"{e.kind}: {e}",
+                                          elapsed_s=time.monotonic() - t0, local=True)  # fmt: skip
+                return
+            partials[me] = table
+            statuses[me] = PeerResult(me, ANSWERED, rows=table.num_rows,
+                                      elapsed_s=time.monotonic() - t0, local=True)  # fmt: skip
+
+        async def ask(peer: str) -> None:
+            result, table = await self._ask_peer(peer, plan, deadline, max_rows, max_bytes)
+            statuses[peer] = result
+            if table is not None:
+                partials[peer] = table
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ask_local)
+            for peer in targets:
+                nursery.start_soon(ask, peer)
+
+        me = self.p2p.peer_id
+        ordered = [statuses[me]] + [statuses[p] for p in sorted(targets)]
+        missing = [p for p in ordered if p.status != ANSWERED]
+        if require_all and missing:
+            raise PeersMissing(missing, ordered)
+        if not partials:
+            raise DistributedQueryError(
+                "no node answered: " + "; ".join(f"{p.peer_id}: {p.status} ({p.message})"
+                                                 for p in ordered), ordered)  # fmt: skip
+        # Local first, then by peer ID: the merge input order is deterministic.
+        inputs = [partials[p.peer_id] for p in ordered if p.peer_id in partials]
+        merge_limits = dq.QueryLimits(timeout_s=max(1.0, deadline - trio.current_time()),
+                                      max_rows=max_rows, max_bytes=max_bytes)  # fmt: skip
+        table = await trio.to_thread.run_sync(dq.merge, plan, inputs, merge_limits)
+        return DistributedResult(table, ordered, plan.strategy, plan.reason,
+                                 elapsed_s=time.monotonic() - started)  # fmt: skip
+
+    execute_distributed_query = execute
+
+    async def _ask_peer(
+        self, peer: str, plan: dq.QueryPlan, deadline: float, max_rows: int, max_bytes: int
+    ) -> tuple[PeerResult, pa.Table | None]:
+        t0 = time.monotonic()
+
+        def done(state: PeerState, message: str = "", **kw: Any) -> tuple[PeerResult, None]:
+            return PeerResult(peer, state, message, elapsed_s=time.monotonic() - t0, **kw), None
+
+        reason = self.p2p.policy.refusal(peer)
+        if reason is not None:
+            return done(REFUSED, f"not asked: {reason}")
+        opened = False
+        with trio.move_on_at(deadline):
+            try:
+                stream = await self.p2p.open_stream(peer, QUERY_PROTOCOL_ID)
+            except Exception as e:  # dial errors, no address, protocol not supported
+                if peer in self.p2p.connected_peers():
+                    return done(ERROR, f"connected, but no query stream could be opened "
+                                       f"(does it serve {QUERY_PROTOCOL_ID}?): {_describe(e)}")
+                return done(UNREACHABLE, f"could not connect: {_describe(e)}")
+            opened = True
+            remaining = deadline - trio.current_time()
+            margin = min(DEADLINE_MARGIN, remaining * DEADLINE_MARGIN_SHARE)
+            request = QueryRequest(
+                sql=plan.node_sql or "", timeout_s=min(MAX_TIMEOUT, max(0.001, remaining - margin)),
+                max_rows=max_rows, max_bytes=max_bytes,
+            )  # fmt: skip
+            ok = False
+            try:
+                response, wire = await exchange(stream, request, network=self.network)
+                ok = True
+            except Refused as e:
+                return done(REFUSED, e.reason)
+            except TruncatedFrame as e:
+                return done(ERROR, f"the stream ended mid-answer (peer died or reset it): {e}")
+            except (ProtocolError, QueryMessageError) as e:
+                return done(ERROR, f"peer broke the query protocol: {e}")
+            except Exception as e:  # the connection dropped while writing
+                return done(ERROR, f"the stream failed: {_describe(e)}")
+            finally:
+                with trio.move_on_after(1) as cleanup, contextlib.suppress(Exception):
+                    cleanup.shield = True
+                    await (stream.close() if ok else stream.reset())
+            if response.status != "ok":
+                state = {"refused": REFUSED, "timeout": TIMED_OUT}.get(response.status, ERROR)
+                return done(state, f"{response.status}: {response.message}", bytes=wire)
+            try:
+                table = await trio.to_thread.run_sync(dq.from_ipc, response.arrow_ipc)
+            except (pa.ArrowInvalid, OSError) as e:
+                return done(ERROR, f"answer is not an Arrow IPC stream: {e}", bytes=wire)
+            if plan.partial_columns and tuple(table.column_names) != plan.partial_columns:
+                return done(ERROR, f"answer has columns {table.column_names}, expected "
+                                   f"{list(plan.partial_columns)} (a different benchsync version?)",
+                            bytes=wire)  # fmt: skip
+            if table.num_rows > max_rows:
+                return done(ERROR, f"answer of {table.num_rows} rows exceeds max_rows={max_rows}",
+                            bytes=wire)  # fmt: skip
+            result = PeerResult(peer, ANSWERED, rows=table.num_rows, bytes=wire,
+                                elapsed_s=time.monotonic() - t0)  # fmt: skip
+            return result, table
+        if opened:
+            return done(TIMED_OUT, f"no answer within the query's deadline "
+                                   f"({time.monotonic() - t0:.2f} s)")  # fmt: skip
+        return done(UNREACHABLE, f"could not open a stream before the deadline "
+                                 f"({time.monotonic() - t0:.2f} s)")  # fmt: skip
+
+
+def _describe(e: BaseException) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+__all__ = [
+    "ANSWERED", "ERROR", "QUERY_PROTOCOL_ID", "REFUSED", "TIMED_OUT", "UNREACHABLE",
+    "DistributedQueryError", "DistributedResult", "LocalQueryService", "PeerResult",
+    "PeersMissing", "QueryServer", "QueryService",
+    "ServerLimits", "exchange", "response_frame_limit", "write_frame",
+]  # fmt: skip
