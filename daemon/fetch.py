@@ -397,7 +397,7 @@ class Fetcher:
                 while size < IO_BATCH:
                     try:
                         chunk = recv.receive_nowait()
-                    except trio.WouldBlock:
+                    except (trio.WouldBlock, trio.EndOfChannel):
                         break
                     chunks.append(chunk)
                     size += len(chunk)

@@ -110,13 +110,24 @@ class LocalDataset:
         self.tmp = self.home / "tmp"
         self.tmp.mkdir(exist_ok=True)
         self.db_path = self.home / DB_FILENAME
-        self.db = BenchmarkDB(self.db_path, read_only=read_only)
+        self.read_only = read_only
+        self._db: BenchmarkDB | None = None
         self.blocks = FsBlockstore(self.home / "blocks")
         self.snapshots = SnapshotStore(self.home / "snapshots", self.blocks, dataset)
         self.replicas = ReplicaStore(self.home / "replicas", self.blocks)
 
+    @property
+    def db(self) -> BenchmarkDB:
+        """The database, opened on first use: CAR export/import and history never need it,
+        so they work beside a running node that holds the database's write lock."""
+        if self._db is None:
+            self._db = BenchmarkDB(self.db_path, read_only=self.read_only)
+        return self._db
+
     def close(self) -> None:
-        self.db.close()
+        if self._db is not None:
+            self._db.close()
+            self._db = None
 
     def __enter__(self) -> LocalDataset:
         return self
@@ -159,16 +170,16 @@ class LocalDataset:
             files = materialize_tables(self.blocks, target, work / "tables")
             self._build_database(staged, files)
             self._verify_built(staged, target, work / "verify")
-            self.db.close()
+            self.close()
             wal = self.db_path.with_name(self.db_path.name + ".wal")
             if wal.exists():
                 # The live database did not checkpoint on close; swapping would pair the new
                 # file with the old write-ahead log. Reopen and refuse rather than corrupt.
-                self.db = BenchmarkDB(self.db_path)
+                self._db = None  # reopened on next use
                 raise RestoreError(f"{wal} still exists after closing the database; not swapping")
             os.replace(staged, self.db_path)
             fsync_dir(self.home)
-            self.db = BenchmarkDB(self.db_path)
+            self._db = None  # the next use opens the restored file
         finally:
             shutil.rmtree(work, ignore_errors=True)
             with contextlib.suppress(FileNotFoundError):

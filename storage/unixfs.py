@@ -157,9 +157,11 @@ def add_file(
     A file of at most one chunk is a single raw block (the empty file too).
     """
     builder = _BalancedBuilder(put, max_links)
+    empty = True
     for chunk in _chunks(stream, chunk_size):
         builder.add_leaf(chunk)
-    if not builder.levels[0] and len(builder.levels) == 1:
+        empty = False
+    if empty:  # Kubo stores an empty file as one empty raw leaf
         builder.add_leaf(b"")
     cid, tsize, size = builder.finish()
     return cid, size, tsize

@@ -12,13 +12,15 @@ import csv
 import datetime as dt
 import io
 import json
+import sys
 from decimal import Decimal
 from typing import Any
 
 import duckdb
 import pyarrow as pa
 
-from benchsync.daemon.cli.common import CLIError, data_dir
+from benchsync.daemon.cli.common import CLIError, call_node, data_dir, node_client
+from benchsync.daemon.control import ControlClient
 from benchsync.storage.db import DB_FILENAME, BenchmarkDB, DatabaseLocked
 from benchsync.storage.errors import StorageError
 
@@ -34,6 +36,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="local: this node's database (default); replicas: plus replicated "
                         "snapshots; network: live fan-out to peers")
     p.add_argument("--format", choices=FORMATS, default="table", help="output format")
+    p.add_argument("--require-all", action="store_true",
+                   help="network scope: fail if any peer did not answer")
+    p.add_argument("--peer", action="append", metavar="PEER_ID",
+                   help="network scope: ask only this peer (repeatable)")
+    p.add_argument("--timeout", type=float, help="network scope: seconds to wait for peers")
     p.add_argument("--home", help="data directory (default: $BENCHSYNC_HOME, else XDG data dir)")
     p.set_defaults(func=run)
 
@@ -82,9 +89,14 @@ def format_arrow(table: pa.Table, fmt: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.scope != "local":
-        raise CLIError(f"--scope {args.scope} needs a running node",
-                       "start one with `benchsync up`, or use --scope local")
+    client = node_client(args)
+    if client is not None:
+        return _query_via_node(client, args)
+    if args.scope == "network":
+        raise CLIError("--scope network needs a running node",
+                       "start one with `benchsync up`, or use --scope local|replicas")
+    if args.scope == "replicas":
+        return _query_replicas_offline(args)
     path = data_dir(args.home) / DB_FILENAME
     if not path.exists():
         raise CLIError(f"no database at {path}",
@@ -102,5 +114,49 @@ def run(args: argparse.Namespace) -> int:
                        "integration_test_assertions (the database is opened read-only)") from None
     except StorageError as e:
         raise CLIError(str(e), f"check {path}") from None
+    print(format_arrow(answer, args.format))
+    return 0
+
+
+def _query_via_node(client: ControlClient, args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"sql": args.sql, "scope": args.scope}
+    if args.scope == "network":
+        body["require_all"] = args.require_all
+        if args.peer:
+            body["peers"] = args.peer
+        if args.timeout:
+            body["timeout"] = args.timeout
+    answer = call_node(client, "POST", "/v1/query", body)
+    table = _table_from_json(answer)
+    peers = answer.get("peers") or []
+    if args.format == "json":
+        doc: dict[str, Any] = {"rows": json.loads(format_arrow(table, "json"))}
+        if args.scope == "network":
+            doc |= {"peers": peers, "strategy": answer.get("strategy"), "reason": answer.get("reason")}
+        print(json.dumps(doc, indent=2))
+        return 0
+    print(format_arrow(table, args.format))
+    if args.scope == "network":
+        # Per-peer status goes to stderr so that CSV on stdout stays machine-readable.
+        for p in peers:
+            extra = f" ({p['message']})" if p.get("message") else ""
+            print(f"peer {p['peer_id']}: {p['status']}{extra}", file=sys.stderr)
+    return 0
+
+
+def _table_from_json(answer: dict[str, Any]) -> pa.Table:
+    columns = answer.get("columns", [])
+    rows = answer.get("rows", [])
+    return pa.table({c: [r[i] for r in rows] for i, c in enumerate(columns)}) if columns else pa.table({})
+
+
+def _query_replicas_offline(args: argparse.Namespace) -> int:
+    from benchsync.daemon.cli.common import open_dataset
+
+    with open_dataset(args) as ds:
+        try:
+            answer = ds.query(args.sql, scope="replicas")
+        except (duckdb.Error, StorageError) as e:
+            raise CLIError(f"query failed: {e}".strip(), "check the SQL") from None
     print(format_arrow(answer, args.format))
     return 0

@@ -13,7 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from benchsync.daemon.cli.common import CLIError, data_dir
+from benchsync.daemon.cli.common import CLIError, call_node, data_dir, node_client
+from benchsync.daemon.control import ControlClient
 from benchsync.storage.db import DB_FILENAME, BenchmarkDB, DatabaseLocked
 from benchsync.storage.errors import InvalidRecord, StorageError
 
@@ -111,6 +112,9 @@ def run(args: argparse.Namespace) -> int:
             except ValueError as e:
                 raise CLIError(f"--{name} is not valid JSON: {e}",
                                f"""--{name} '{{"key": 1}}'""") from None
+    client = node_client(args)
+    if client is not None:  # the running node owns the database: record through it
+        return _record_via_node(client, kind, args.from_file, fields)
     path = data_dir(args.home) / DB_FILENAME
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -134,4 +138,29 @@ def run(args: argparse.Namespace) -> int:
                        "control API is available") from None
     except StorageError as e:
         raise CLIError(str(e), f"check {path}") from None
+    return 0
+
+
+def _record_via_node(client: ControlClient, kind: str, from_file: str | None,
+                     fields: dict[str, Any]) -> int:
+    if from_file:
+        source = Path(from_file)
+        if not source.is_file():
+            raise CLIError(f"no such file: {source}", "check the path given to --from")
+        records = []
+        with open(source) as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        records.append(json.loads(line))
+                    except ValueError as e:
+                        raise CLIError(f"{source}:{n}: not JSON: {e}",
+                                       "one JSON object per line; nothing was written") from None
+        if not records:
+            raise CLIError(f"{source} holds no records", "one JSON object per line")
+        answer = call_node(client, "POST", f"/v1/record/{kind}", {"records": records})
+        print(f"Recorded {answer['stored']} {kind} record(s) from {source} through the running node")
+    else:
+        answer = call_node(client, "POST", f"/v1/record/{kind}", fields)
+        print(f"Recorded {kind} record {answer.get('id')} through the running node")
     return 0

@@ -9,7 +9,14 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from benchsync.daemon.cli.common import CLIError, add_home_argument, open_dataset, parse_size
+from benchsync.daemon.cli.common import (
+    CLIError,
+    add_home_argument,
+    call_node,
+    node_client,
+    open_dataset,
+    parse_size,
+)
 from benchsync.storage.errors import NotFound, StorageError
 
 
@@ -56,17 +63,21 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def run_snapshot(args: argparse.Namespace) -> int:
-    with open_dataset(args) as ds:
-        result = ds.snapshot()
-    v = result.version
+    client = node_client(args)
+    if client is not None:  # the node owns the database and announces the new head
+        doc = call_node(client, "POST", "/v1/snapshot", {})
+    else:
+        with open_dataset(args) as ds:
+            result = ds.snapshot()
+        doc = result.version.to_json() | {
+            "created": result.created, "new_blocks": result.new_blocks, "new_bytes": result.new_bytes
+        }
     if args.json:
-        doc = v.to_json() | {"created": result.created, "new_blocks": result.new_blocks,
-                             "new_bytes": result.new_bytes}
         print(json.dumps(doc))
     else:
-        if not result.created:
+        if not doc["created"]:
             print("no change since the head", file=sys.stderr)
-        print(v.cid)
+        print(doc["cid"])
     return 0
 
 
@@ -88,15 +99,16 @@ def run_log(args: argparse.Namespace) -> int:
 
 
 def run_restore(args: argparse.Namespace) -> int:
-    with open_dataset(args) as ds:
-        try:
-            version = ds.restore(args.cid)
-        except NotFound as e:
-            raise CLIError(str(e), "list versions with `benchsync log`") from e
-    if args.json:
-        print(json.dumps(version.to_json()))
+    client = node_client(args)
+    if client is not None:
+        doc = call_node(client, "POST", "/v1/restore", {"cid": args.cid})
     else:
-        print(version.cid)
+        with open_dataset(args) as ds:
+            try:
+                doc = ds.restore(args.cid).to_json()
+            except NotFound as e:
+                raise CLIError(str(e), "list versions with `benchsync log`") from e
+    print(json.dumps(doc) if args.json else doc["cid"])
     return 0
 
 
