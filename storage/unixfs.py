@@ -34,6 +34,7 @@ __all__ = [
     "MAX_LINKS",
     "RAW",
     "add_bytes",
+    "block_cid",
     "add_directory",
     "add_file",
     "add_path",

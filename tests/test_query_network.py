@@ -23,16 +23,18 @@ from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.peer.id import ID
 from multiformats import varint
 
-from benchsync.daemon.host import StreamReader, read_some
+from benchsync.daemon.host import parse_peer_addr, read_some
 from benchsync.daemon.network import P2PNode
 from benchsync.daemon.query import (
     ANSWERED,
     ERROR,
+    MAX_HELLO_FRAME,
     MAX_REQUEST_FRAME,
     QUERY_PROTOCOL_ID,
     REFUSED,
     TIMED_OUT,
     UNREACHABLE,
+    FrameReader,
     PeersMissing,
     QueryService,
     exchange,
@@ -147,7 +149,6 @@ async def test_fan_out_equals_one_duckdb_over_the_union(tmp_path: Path) -> None:
             await c.p2p.connect(a.p2p.addrs[0])
             result = await a.service.execute(GROUP_BY, [2], timeout_s=10)
             assert result.strategy == "decomposed"
-            print(result.to_json()["peers"])
             assert_same(result.table, union.query(GROUP_BY, [2]))
             assert [p.peer_id for p in result.peers] == [a.peer_id, *sorted([b.peer_id, c.peer_id])]
             assert all(p.status == ANSWERED for p in result.peers) and result.complete
@@ -171,6 +172,10 @@ async def test_fan_out_equals_one_duckdb_over_the_union(tmp_path: Path) -> None:
             more = records(rng, 25)
             b.db.ingest_records("perf", more)
             union.ingest_records("perf", more)
+            # c is not connected to b but knows its address: it dials b to ask it.
+            info = parse_peer_addr(b.p2p.addrs[0])
+            c.p2p.host.get_peerstore().add_addrs(info.peer_id, info.addrs, 600)
+            assert b.peer_id not in c.p2p.connected_peers()
             again = await c.service.execute(GROUP_BY, [1], peers=[a.peer_id, b.peer_id],
                                             timeout_s=10)  # fmt: skip
             assert_same(again.table, union.query(GROUP_BY, [1]))
@@ -225,9 +230,9 @@ async def test_hostile_queries_over_a_real_stream_are_refused_or_limited(tmp_pat
 
 def stalling_handler(release: trio.Event) -> Callable[[INetStream], Awaitable[None]]:
     async def handler(stream: INetStream) -> None:
-        reader = StreamReader(stream, max_frame=MAX_REQUEST_FRAME)
-        await reader.frame()
-        await reader.frame()
+        reader = FrameReader(stream)
+        await reader.frame(max_frame=MAX_HELLO_FRAME)
+        await reader.frame(max_frame=MAX_REQUEST_FRAME)
         await release.wait()  # never answers while the test runs
 
     return handler
@@ -235,9 +240,9 @@ def stalling_handler(release: trio.Event) -> Callable[[INetStream], Awaitable[No
 
 async def dying_handler(stream: INetStream) -> None:
     """Reads the request, sends a third of a frame, then resets the stream."""
-    reader = StreamReader(stream, max_frame=MAX_REQUEST_FRAME)
-    await reader.frame()
-    await reader.frame()
+    reader = FrameReader(stream)
+    await reader.frame(max_frame=MAX_HELLO_FRAME)
+    await reader.frame(max_frame=MAX_REQUEST_FRAME)
     await stream.write(varint.encode(3000) + b"BSR1" + b"\x00" * 996)
     await stream.reset()
 
