@@ -149,7 +149,9 @@ class NodeProcess:
         return dict(self.client.get("/v1/status"))
 
 
-def start_lab(base: Path, n: int, network: str, extra_args: Iterable[str] = ()) -> list[NodeProcess]:
+def start_lab(
+    base: Path, n: int, network: str, extra_args: Iterable[str] = ()
+) -> list[NodeProcess]:
     """Start n nodes in parallel, each bootstrapping to every other; wait until all are ready."""
     nodes = [NodeProcess(base / f"node{i}", free_port(), network, extra_args=list(extra_args))
              for i in range(n)]  # fmt: skip

@@ -28,7 +28,14 @@ import trio
 from multiformats import CID
 
 from benchsync.daemon.config import Config
-from benchsync.daemon.control import ApiError, ControlEndpoints, ControlServer, Request, Router, Text
+from benchsync.daemon.control import (
+    ApiError,
+    ControlEndpoints,
+    ControlServer,
+    Request,
+    Router,
+    Text,
+)
 from benchsync.daemon.fetch import FetchLimits
 from benchsync.daemon.identity import load_or_create_identity, peer_id_of
 from benchsync.daemon.metrics import Metrics
@@ -168,17 +175,18 @@ class Node:
                     self.p2p.set_local_head(head_of(head))
                     self.metrics.head_seq.set(head.seq)
                 server = ControlServer.from_config(self.router(), self.config)
-                self.endpoints = await nursery.start(server.run)
+                endpoints: ControlEndpoints = await nursery.start(server.run)
+                self.endpoints = endpoints
                 nursery.start_soon(self._snapshot_policy)
                 if self.notifier.watchdog_interval:
                     await nursery.start(run_watchdog, self.notifier)
                 log.info(
                     "node %s up: network=%s addrs=%s control=%s",
                     self.peer_id, self.config.network, " ".join(self.p2p.addrs),
-                    self.endpoints.socket_path,
+                    endpoints.socket_path,
                 )  # fmt: skip
                 self.notifier.ready(self._status_line())
-                task_status.started(self.endpoints)
+                task_status.started(endpoints)
                 if head is not None:
                     await self.p2p.announce(head_of(head))
         finally:
@@ -262,7 +270,9 @@ class Node:
             return self.dataset.install_replica(str(head.root))
 
         replica = await trio.to_thread.run_sync(install)
-        log.info("replica %s seq=%d installed (%d bytes)", replica.dataset, replica.seq, replica.bytes)
+        log.info(
+            "replica %s seq=%d installed (%d bytes)", replica.dataset, replica.seq, replica.bytes
+        )
 
     # --- status ---------------------------------------------------------------------------------
 
@@ -288,7 +298,7 @@ class Node:
         return [p.to_json() for p in self.p2p.peers()]
 
     def replicas(self) -> list[dict[str, Any]]:
-        """Per followed dataset: head seen and installed (root CID and seq), bytes, lag, last error."""
+        """Per followed dataset: head seen and installed (CID, seq), bytes, lag, last error."""
         installed = {r.dataset: r for r in self.dataset.replicas.all()}
         out = []
         for state in self.p2p.replica_states():
@@ -347,12 +357,16 @@ class Node:
                            f"use one of {', '.join(RECORD_KINDS)}")  # fmt: skip
         body = request.json()
         records = body.get("records") if isinstance(body, dict) and "records" in body else [body]
-        if not isinstance(records, list) or not records or not all(isinstance(r, dict) for r in records):
-            raise ApiError(400, "bad_request", "expected a JSON object (one record) or {\"records\": [...]}",
+        if (
+            not isinstance(records, list)
+            or not records
+            or not all(isinstance(r, dict) for r in records)
+        ):
+            raise ApiError(400, "bad_request", 'expected one record object or {"records": [...]}',
                            "see `benchsync record --help` for the field names")  # fmt: skip
         if len(records) > MAX_RECORDS_PER_REQUEST:
             raise ApiError(413, "too_many_records",
-                           f"{len(records)} records in one request, limit {MAX_RECORDS_PER_REQUEST}",
+                           f"{len(records)} records, limit {MAX_RECORDS_PER_REQUEST}",
                            "split the batch")  # fmt: skip
         db = self.dataset.db
         try:
@@ -367,17 +381,23 @@ class Node:
             n = await trio.to_thread.run_sync(db.ingest_records, kind, records)
             return 200, {"stored": n}
         except InvalidRecord as e:
-            raise ApiError(422, "invalid_record", str(e), "fix the named field; nothing was written") from e
+            raise ApiError(
+                422, "invalid_record", str(e), "fix the named field; nothing was written"
+            ) from e
         except (TypeError, ValueError) as e:
             raise ApiError(422, "invalid_record", str(e), "nothing was written") from e
 
     async def _api_query(self, request: Request) -> tuple[int, Any]:
         body = request.json()
         if not isinstance(body, dict) or not isinstance(body.get("sql"), str):
-            raise ApiError(400, "bad_request", 'expected {"sql": "...", "scope": "local|replicas|network"}')
+            raise ApiError(
+                400, "bad_request", 'expected {"sql": "...", "scope": "local|replicas|network"}'
+            )
         scope = body.get("scope", "local")
         params = body.get("params") or []
-        with self.metrics.time_query(scope if scope in ("local", "replicas", "network") else "local") as t:
+        with self.metrics.time_query(
+            scope if scope in ("local", "replicas", "network") else "local"
+        ) as t:
             if scope == "network":
                 result = await self.queries.execute(
                     body["sql"], params, peers=body.get("peers"),
@@ -387,7 +407,9 @@ class Node:
                 return 200, result.to_json()
             if scope not in ("local", "replicas"):
                 t.outcome = "refused"
-                raise ApiError(400, "bad_scope", f"unknown scope {scope!r}", "use local, replicas or network")
+                raise ApiError(
+                    400, "bad_scope", f"unknown scope {scope!r}", "use local, replicas or network"
+                )
             try:
                 table = await trio.to_thread.run_sync(
                     lambda: self.dataset.query(body["sql"], params, scope=scope)
@@ -395,14 +417,16 @@ class Node:
             except Exception as e:
                 t.outcome = "error"
                 raise ApiError(400, "query_failed", f"{type(e).__name__}: {e}",
-                               "check the SQL against `benchsync query \"SHOW TABLES\"`") from e  # fmt: skip
+                               "check the SQL (tables: benchsync query 'SHOW TABLES')") from e  # fmt: skip
             return 200, {"scope": scope, **table_json(table)}
 
     async def _api_snapshot(self, request: Request) -> tuple[int, Any]:
         try:
             version, created = await self.snapshot()
         except StorageError as e:
-            raise ApiError(500, "snapshot_failed", str(e), "the database and history are unchanged") from e
+            raise ApiError(
+                500, "snapshot_failed", str(e), "the database and history are unchanged"
+            ) from e
         return 200, version.to_json() | {"created": created}
 
     async def _api_history(self, request: Request) -> tuple[int, Any]:

@@ -215,6 +215,12 @@ class LocalQueryService:
             self._slots.append(slot)
         return slot
 
+    def _discard(self, slot: _Slot) -> None:
+        with self._lock:
+            if slot in self._slots:
+                self._slots.remove(slot)
+        slot.sandbox.close()
+
     def _give(self, slot: _Slot) -> None:
         with self._lock:
             if not self._closed:
@@ -239,6 +245,7 @@ class LocalQueryService:
         For worker threads only. Raises the sandbox's QueryError subclasses.
         """
         slot = self._take()
+        healthy = False
         try:
             generation, tables = self._current_tables()
             if slot.generation != generation:
@@ -246,12 +253,24 @@ class LocalQueryService:
                 slot.generation = generation
             remaining = deadline - time.monotonic()
             if remaining <= 0:
+                healthy = True
                 raise QueryTimeout(timeout_s)
-            return slot.sandbox.execute(
-                sql, params, timeout_s=remaining, max_rows=max_rows, max_bytes=max_bytes
-            )
+            try:
+                answer = slot.sandbox.execute(
+                    sql, params, timeout_s=remaining, max_rows=max_rows, max_bytes=max_bytes
+                )
+            except (InvalidSQL, QueryRefused):
+                healthy = True  # refused before running: the sandbox is untouched
+                raise
+            healthy = True
+            return answer
         finally:
-            self._give(slot)
+            if healthy:
+                self._give(slot)
+            else:
+                # A query stopped mid-way (limit, interrupt, DuckDB error) can leave
+                # its connection with an undrained result: start afresh instead.
+                self._discard(slot)
 
     async def execute(
         self,
@@ -604,8 +623,11 @@ class QueryService:
                     plan.node_sql or "", timeout_s=max(0.001, deadline - trio.current_time()),
                     max_rows=max_rows, max_bytes=max_bytes,
                 )  # fmt: skip
-            except (InvalidSQL, QueryRefused):
-                raise  # the caller's SQL: every node would say the same
+            except (InvalidSQL, QueryRefused) as e:
+                # The caller's SQL: every node would say the same. Stop asking.
+                fatal.append(e)
+                nursery.cancel_scope.cancel()
+                return
             except QueryError as e:
                 state: PeerState = TIMED_OUT if isinstance(e, QueryTimeout) else ERROR
                 statuses[me] = PeerResult(me, state, f"{e.kind}: {e}",
@@ -621,10 +643,13 @@ class QueryService:
             if table is not None:
                 partials[peer] = table
 
+        fatal: list[QueryError] = []
         async with trio.open_nursery() as nursery:
             nursery.start_soon(ask_local)
             for peer in targets:
                 nursery.start_soon(ask, peer)
+        if fatal:
+            raise fatal[0]
 
         me = self.p2p.peer_id
         ordered = [statuses[me]] + [statuses[p] for p in sorted(targets)]

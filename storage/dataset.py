@@ -258,7 +258,7 @@ class LocalDataset:
                         out.close()
                     path = dest.with_name(f"{dest.stem}.{len(paths):04d}{dest.suffix or '.car'}")
                     paths.append(path)
-                    out = open(path, "wb")
+                    out = open(path, "wb")  # noqa: SIM115 - closed when the next part starts
                     out.write(car.encode_header([root]))
                     written = header
                 out.write(car.encode_section(block_cid, data))
@@ -335,7 +335,7 @@ class LocalDataset:
     # queries ----------------------------------------------------------------------
     @contextlib.contextmanager
     def query_connection(self, scope: str = "local") -> Iterator[Any]:
-        """A read cursor; in the `replicas` scope table names resolve to union views with `origin`."""
+        """A read cursor; in scope `replicas` table names are union views with `origin`."""
         if scope not in SCOPES:
             raise ValueError(f"unknown scope {scope!r}; expected one of {', '.join(SCOPES)}")
         with self.db.reader() as conn:

@@ -119,7 +119,9 @@ class ReplicaStore:
         root = CID.decode(version.cid)
         missing = missing_blocks(self.blocks, root)
         if missing:
-            raise IncompleteSnapshot(f"{len(missing)} block(s) of {version.cid} missing, e.g. {missing[0]}")
+            raise IncompleteSnapshot(
+                f"{len(missing)} block(s) of {version.cid} missing, e.g. {missing[0]}"
+            )
         dest = self.root / dataset / version.cid
         staging = dest.with_name(f".{version.cid}.staging")
         shutil.rmtree(staging, ignore_errors=True)
@@ -180,7 +182,9 @@ class ReplicaStore:
         """Roots to keep through garbage collection."""
         return [CID.decode(r.root) for r in self.all()]
 
-    def union_view_sql(self, own_catalog: str, own_dataset: str, own_tables: list[str]) -> list[str]:
+    def union_view_sql(
+        self, own_catalog: str, own_dataset: str, own_tables: list[str]
+    ) -> list[str]:
         """Statements creating TEMP union views (with `origin`) over own tables and all replicas."""
         replicas = self.all()
         statements = []
@@ -191,13 +195,13 @@ class ReplicaStore:
             parts = []
             if table in own_tables:
                 parts.append(
-                    f"SELECT {_lit(own_dataset)} AS origin, * FROM "
-                    f'"{own_catalog}".main."{table}"'
+                    f'SELECT {_lit(own_dataset)} AS origin, * FROM "{own_catalog}".main."{table}"'
                 )
             for r in replicas:
                 if table in r.tables:
                     parts.append(
-                        f"SELECT {_lit(r.dataset)} AS origin, * FROM read_parquet({_lit(str(r.tables[table]))})"
+                        f"SELECT {_lit(r.dataset)} AS origin, * "
+                        f"FROM read_parquet({_lit(str(r.tables[table]))})"
                     )
             body = " UNION ALL BY NAME ".join(parts)
             statements.append(f'CREATE OR REPLACE TEMP VIEW "{table}" AS {body}')

@@ -38,7 +38,9 @@ from benchsync.storage.blockstore import Blockstore, verify_block
 from benchsync.storage.errors import NotFound, StorageError
 
 FORMAT = "benchsync-snapshot/1"
-ROW_GROUP_SIZE = 8192  # rows; fixed so appended rows leave earlier row groups (and chunks) unchanged
+ROW_GROUP_SIZE = (
+    8192  # rows; fixed so appended rows leave earlier row groups (and chunks) unchanged
+)
 PARQUET_COMPRESSION = "zstd"
 MANIFEST_NAME = "manifest.json"
 TABLES_DIR = "tables"
@@ -102,7 +104,9 @@ class Manifest:
         try:
             doc = json.loads(data)
             if doc.get("format") != FORMAT:
-                raise BadSnapshot(f"unknown snapshot format {doc.get('format')!r}, expected {FORMAT!r}")
+                raise BadSnapshot(
+                    f"unknown snapshot format {doc.get('format')!r}, expected {FORMAT!r}"
+                )
             tables = {
                 str(name): TableInfo(rows=int(t["rows"]), bytes=int(t["bytes"]), cid=str(t["cid"]))
                 for name, t in doc["tables"].items()
@@ -167,7 +171,7 @@ class Version:
 
 
 def _getter(store: Blockstore) -> Callable[[CID], bytes]:
-    """A block reader that re-verifies every block: disks rot, and a restore must not install rot."""
+    """A block reader that re-verifies every block: disks rot, and a restore must not install it."""
 
     def get(cid: CID) -> bytes:
         try:
@@ -186,7 +190,9 @@ def read_version(store: Blockstore, root: CID | str) -> Version:
     get = _getter(store)
     entries = {name: cid for name, cid, _ in _list_dir(get, root)}
     if MANIFEST_NAME not in entries or TABLES_DIR not in entries:
-        raise BadSnapshot(f"{root} is not a benchsync snapshot (no {MANIFEST_NAME} or {TABLES_DIR}/)")
+        raise BadSnapshot(
+            f"{root} is not a benchsync snapshot (no {MANIFEST_NAME} or {TABLES_DIR}/)"
+        )
     manifest = Manifest.from_bytes(_read_small_file(get, entries[MANIFEST_NAME]))
     return Version(cid=str(root), tables_cid=str(entries[TABLES_DIR]), manifest=manifest)
 
@@ -243,7 +249,9 @@ def materialize_tables(store: Blockstore, version: Version, dest: Path) -> dict[
     names = {name for name, _, _ in listing}
     for table in version.manifest.tables:
         if f"{table}.parquet" not in names:
-            raise BadSnapshot(f"manifest lists table {table!r} but tables/{table}.parquet is absent")
+            raise BadSnapshot(
+                f"manifest lists table {table!r} but tables/{table}.parquet is absent"
+            )
     for name, cid, _ in listing:
         if not name.endswith(".parquet"):
             continue
@@ -278,7 +286,8 @@ def export_tables(conn: Any, dest: Path) -> dict[str, Path]:
             order = _quote(key) if key else "ALL"
             conn.execute(
                 f"COPY (SELECT * FROM {_quote(table)} ORDER BY {order}) TO '{path}' "
-                f"(FORMAT parquet, COMPRESSION {PARQUET_COMPRESSION}, ROW_GROUP_SIZE {ROW_GROUP_SIZE})"
+                f"(FORMAT parquet, COMPRESSION {PARQUET_COMPRESSION}, "
+                f"ROW_GROUP_SIZE {ROW_GROUP_SIZE})"
             )
             files[table] = path
     finally:
@@ -305,7 +314,7 @@ def add_tables(
 
 
 def snapshot_tables(conn: Any) -> list[str]:
-    """Tables a snapshot carries: the schema's, then any other base table (e.g. migrated legacy ones)."""
+    """Tables a snapshot carries: the schema's, then other base tables (e.g. legacy ones)."""
     rows = conn.execute(
         "SELECT table_name FROM information_schema.tables "
         "WHERE table_schema = 'main' AND table_type = 'BASE TABLE' ORDER BY table_name"
@@ -409,10 +418,16 @@ class SnapshotStore:
                 raise SnapshotError(f"snapshot failed: {e}") from e
         finally:
             shutil.rmtree(work, ignore_errors=True)
-        return SnapshotResult(version=version, created=True, new_blocks=new_blocks, new_bytes=new_bytes)
+        return SnapshotResult(
+            version=version, created=True, new_blocks=new_blocks, new_bytes=new_bytes
+        )
 
     def _commit(
-        self, manifest: Manifest, tables_cid: CID, tables_tsize: int, put: Callable[[CID, bytes], None]
+        self,
+        manifest: Manifest,
+        tables_cid: CID,
+        tables_tsize: int,
+        put: Callable[[CID, bytes], None],
     ) -> Version:
         mcid, _, mtsize = unixfs.add_bytes(manifest.to_bytes(), put)
         root, _ = unixfs.add_directory(

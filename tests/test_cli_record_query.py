@@ -80,6 +80,9 @@ def test_errors_go_to_stderr_with_a_hint(tmp_path: Path) -> None:
     assert r.returncode != 0 and "read-only" in r.stderr
     r = cli(home, "query", "SELECT * FROM nope")
     assert r.returncode != 0 and "nope" in r.stderr and r.stdout == ""
-    for scope in ("replicas", "network"):
-        r = cli(home, "query", "SELECT 1", "--scope", scope)
-        assert r.returncode != 0 and "needs a running node" in r.stderr
+    r = cli(home, "query", "SELECT 1", "--scope", "network")
+    assert r.returncode != 0 and "needs a running node" in r.stderr
+    # The replicas scope works offline: own rows plus installed replicas, with `origin`.
+    r = cli(home, "query", "SELECT DISTINCT origin FROM performance_results", "--scope", "replicas",
+            "--format", "csv")
+    assert r.returncode == 0 and r.stdout.splitlines()[0] == "origin", r.stderr

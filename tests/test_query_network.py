@@ -44,7 +44,7 @@ from benchsync.protocol.query import QueryRequest
 from benchsync.storage import distquery as dq
 from benchsync.storage.blockstore import MemoryBlockstore
 from benchsync.storage.db import BenchmarkDB
-from benchsync.storage.sandbox import InvalidSQL
+from benchsync.storage.sandbox import InvalidSQL, QueryRefused
 
 NETWORK = "lab"
 TIMEOUT = 25  # seconds: bound for one multi-node scenario on a loaded 2-core box
@@ -180,10 +180,12 @@ async def test_fan_out_equals_one_duckdb_over_the_union(tmp_path: Path) -> None:
                                             timeout_s=10)  # fmt: skip
             assert_same(again.table, union.query(GROUP_BY, [1]))
             assert b.service.local.loads == loads + 1
-            # Rejected before anyone is asked: the caller's SQL is at fault.
-            with pytest.raises(InvalidSQL):
-                await a.service.execute("SELECT nope FROM performance_results", timeout_s=5)
             assert b.service.server.stats.errors == {}
+            # The caller's SQL is at fault: a typed error, not a per-peer status.
+            with pytest.raises(InvalidSQL, match="nope"):
+                await a.service.execute("SELECT nope FROM performance_results", timeout_s=5)
+            with pytest.raises(QueryRefused):
+                await a.service.execute("DELETE FROM models", timeout_s=5)
     union.close()
 
 
@@ -316,8 +318,13 @@ async def test_untrusted_peer_and_wrong_network_are_refused(tmp_path: Path) -> N
             assert sum(ok.table["n"].to_pylist()) == 20
             # A hello naming another network is refused too.
             stream = await a.p2p.open_stream(c.peer_id, QUERY_PROTOCOL_ID)
-            with pytest.raises(Refused, match="wrong network"):
-                await exchange(stream, QueryRequest(sql="SELECT 1"), network="elsewhere")
+            response, _ = await exchange(stream, QueryRequest(sql="SELECT 1"), network="elsewhere")
+            await stream.close()
+            assert response.status == "refused" and "wrong network" in response.message
+            # The untrusted peer's raw stream gets the access wrapper's refusal.
+            stream = await u.p2p.open_stream(c.peer_id, QUERY_PROTOCOL_ID)
+            with pytest.raises(Refused, match="trusted_peers"):
+                await exchange(stream, QueryRequest(sql="SELECT 1"), network=NETWORK)
             await stream.close()
             # c's own default set leaves out nobody it trusts: a is asked.
             mine = await c.service.execute(MEDIAN, timeout_s=5)

@@ -88,10 +88,18 @@ def test_snapshot_layout_is_unixfs_with_manifest_and_tables(ds: LocalDataset) ->
     assert manifest.tables["performance_results"].rows == 500
     assert manifest.tables["models"].rows == 40
     # The Parquet file inside the snapshot holds exactly the database's rows.
-    pq = b"".join(unixfs.cat(get, unixfs.resolve(get, CID.decode(v.cid), "tables/performance_results.parquet")))
+    pq = b"".join(
+        unixfs.cat(
+            get, unixfs.resolve(get, CID.decode(v.cid), "tables/performance_results.parquet")
+        )
+    )
     out = ds.tmp / "check.parquet"
     out.write_bytes(pq)
-    n = duckdb.connect().execute(f"SELECT count(*), sum(batch_size) FROM read_parquet('{out}')").fetchone()
+    n = (
+        duckdb.connect()
+        .execute(f"SELECT count(*), sum(batch_size) FROM read_parquet('{out}')")
+        .fetchone()
+    )
     live = ds.db.query("SELECT count(*), sum(batch_size) FROM performance_results").to_pylist()[0]
     assert n == tuple(live.values())
 
@@ -174,7 +182,9 @@ def test_restore_makes_old_content_current_and_keeps_history(ds: LocalDataset) -
     assert [v.seq for v in ds.history()] == [3, 2, 1]
     # The restored database still takes writes, with ids after the restored ones.
     fill(ds, 1000, 1)
-    ids = ds.db.query("SELECT max(result_id) AS m, count(*) AS n FROM performance_results").to_pylist()[0]
+    ids = ds.db.query(
+        "SELECT max(result_id) AS m, count(*) AS n FROM performance_results"
+    ).to_pylist()[0]
     assert ids == {"m": 101, "n": 101}
     # And the newer version can be restored again: nothing was erased.
     ds.restore(v2.cid)
@@ -263,7 +273,7 @@ def test_split_export_needs_every_part(ds: LocalDataset, tmp_path: Path) -> None
         with open(parts[0], "rb") as f, pytest.raises(CarImportError, match="incomplete"):
             other.import_cars([(str(parts[0]), f)])
         assert other._pins() == {}
-        streams = [(str(p), open(p, "rb")) for p in parts]
+        streams = [(str(p), open(p, "rb")) for p in parts]  # noqa: SIM115 - closed below
         try:
             result = other.import_cars(streams)
         finally:
@@ -333,7 +343,11 @@ def test_corrupted_block_on_disk_fails_restore_cleanly(ds: LocalDataset) -> None
     ds.snapshot()
     # Damage one leaf of v1's performance table on disk.
     leaf = unixfs.resolve(ds.blocks.get, CID.decode(v1.cid), "tables/performance_results.parquet")
-    path = next(p for p in (ds.home / "blocks").rglob("*") if p.is_file() and str(leaf).upper()[-20:] in p.name.upper())
+    path = next(
+        p
+        for p in (ds.home / "blocks").rglob("*")
+        if p.is_file() and str(leaf).upper()[-20:] in p.name.upper()
+    )
     path.write_bytes(b"garbage" + path.read_bytes()[7:])
     with pytest.raises(Exception) as info:
         ds.restore(v1.cid)
@@ -347,20 +361,31 @@ def test_wrong_schema_parquet_inside_well_formed_snapshot(ds: LocalDataset, tmp_
     # Build a snapshot whose performance table has a column of the wrong type.
     bad_pq = tmp_path / "performance_results.parquet"
     duckdb.sql(
-        f"COPY (SELECT 'one' AS result_id, 'x' AS throughput_items_per_second) TO '{bad_pq}' (FORMAT parquet)"
+        "COPY (SELECT 'one' AS result_id, 'x' AS throughput_items_per_second) "
+        f"TO '{bad_pq}' (FORMAT parquet)"
     )
     put = lambda c, d: ds.blocks.put(c, d, verify=False)  # noqa: E731
     get = ds.blocks.get
     entries = unixfs.list_directory(get, CID.decode(good.tables_cid))
     with open(bad_pq, "rb") as f:
         bad_cid, _, bad_tsize = unixfs.add_file(f, put)
-    entries = [(n, c, t) if n != "performance_results.parquet" else (n, bad_cid, bad_tsize) for n, c, t in entries]
+    entries = [
+        (n, c, t) if n != "performance_results.parquet" else (n, bad_cid, bad_tsize)
+        for n, c, t in entries
+    ]
     tables_cid, tables_tsize = unixfs.add_directory(entries, put)
-    manifest = Manifest(dataset="12D3KooWOtherPeerBBBBBBBBBBBBBBBBBBBBBBBBBBBBBB", seq=1, parent=None,
-                        created_at=0.0, schema_version=good.manifest.schema_version,
-                        tables=good.manifest.tables)
+    manifest = Manifest(
+        dataset="12D3KooWOtherPeerBBBBBBBBBBBBBBBBBBBBBBBBBBBBBB",
+        seq=1,
+        parent=None,
+        created_at=0.0,
+        schema_version=good.manifest.schema_version,
+        tables=good.manifest.tables,
+    )
     mcid, _, mtsize = unixfs.add_bytes(manifest.to_bytes(), put)
-    root, _ = unixfs.add_directory([("manifest.json", mcid, mtsize), ("tables", tables_cid, tables_tsize)], put)
+    root, _ = unixfs.add_directory(
+        [("manifest.json", mcid, mtsize), ("tables", tables_cid, tables_tsize)], put
+    )
     with pytest.raises(BadSnapshot, match="result_id"):
         ds.install_replica(str(root))
     assert ds.replicas.all() == []

@@ -48,7 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     except CLIError as e:
         return fail(e)
     except StorageError as e:
-        return fail(CLIError(str(e), "run with the same arguments again after fixing the cause above"))
+        return fail(
+            CLIError(str(e), "run with the same arguments again after fixing the cause above")
+        )
     except KeyboardInterrupt:
         print("Interrupted.", file=sys.stderr)
         return 130

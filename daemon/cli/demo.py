@@ -12,10 +12,12 @@ from benchsync.daemon.cli.common import CLIError
 MAX_NODES = 10
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run N real nodes on 127.0.0.1, sync them, query across them")
     p.add_argument("--nodes", type=int, default=3, help="number of nodes (default 3, at most 10)")
-    p.add_argument("--results", type=int, default=200, help="results recorded per node (default 200)")
+    p.add_argument(
+        "--results", type=int, default=200, help="results recorded per node (default 200)"
+    )
     p.add_argument("--keep", action="store_true", help="keep the temporary data directories")
     p.set_defaults(func=run)
 

@@ -129,10 +129,11 @@ def _query_via_node(client: ControlClient, args: argparse.Namespace) -> int:
     answer = call_node(client, "POST", "/v1/query", body)
     table = _table_from_json(answer)
     peers = answer.get("peers") or []
-    if args.format == "json":
-        doc: dict[str, Any] = {"rows": json.loads(format_arrow(table, "json"))}
-        if args.scope == "network":
-            doc |= {"peers": peers, "strategy": answer.get("strategy"), "reason": answer.get("reason")}
+    if args.format == "json" and args.scope == "network":
+        # The answer and who gave it: one document, so scripts can check every peer's status.
+        rows = json.loads(format_arrow(table, "json"))
+        doc = {"rows": rows, "peers": peers, "strategy": answer.get("strategy"),
+               "reason": answer.get("reason")}  # fmt: skip
         print(json.dumps(doc, indent=2))
         return 0
     print(format_arrow(table, args.format))
@@ -147,7 +148,9 @@ def _query_via_node(client: ControlClient, args: argparse.Namespace) -> int:
 def _table_from_json(answer: dict[str, Any]) -> pa.Table:
     columns = answer.get("columns", [])
     rows = answer.get("rows", [])
-    return pa.table({c: [r[i] for r in rows] for i, c in enumerate(columns)}) if columns else pa.table({})
+    if not columns:
+        return pa.table({})
+    return pa.table({c: [r[i] for r in rows] for i, c in enumerate(columns)})
 
 
 def _query_replicas_offline(args: argparse.Namespace) -> int:

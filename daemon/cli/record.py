@@ -159,7 +159,7 @@ def _record_via_node(client: ControlClient, kind: str, from_file: str | None,
         if not records:
             raise CLIError(f"{source} holds no records", "one JSON object per line")
         answer = call_node(client, "POST", f"/v1/record/{kind}", {"records": records})
-        print(f"Recorded {answer['stored']} {kind} record(s) from {source} through the running node")
+        print(f"Recorded {answer['stored']} {kind} record(s) from {source} through the node")
     else:
         answer = call_node(client, "POST", f"/v1/record/{kind}", fields)
         print(f"Recorded {kind} record {answer.get('id')} through the running node")

@@ -20,7 +20,7 @@ from benchsync.daemon.cli.common import (
 from benchsync.storage.errors import NotFound, StorageError
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("snapshot", help="snapshot the database; prints the version's CID")
     add_home_argument(p)
     p.add_argument("--json", action="store_true", help="print one JSON document")
@@ -51,7 +51,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     p.set_defaults(func=run_export)
 
-    p = sub.add_parser("import", help="import CAR file(s): verify every block, then make the roots available")
+    p = sub.add_parser(
+        "import", help="import CAR file(s): verify every block, then make the roots available"
+    )
     add_home_argument(p)
     p.add_argument("files", nargs="+", metavar="FILE.car")
     p.add_argument("--json", action="store_true", help="print one JSON document")
@@ -70,7 +72,9 @@ def run_snapshot(args: argparse.Namespace) -> int:
         with open_dataset(args) as ds:
             result = ds.snapshot()
         doc = result.version.to_json() | {
-            "created": result.created, "new_blocks": result.new_blocks, "new_bytes": result.new_bytes
+            "created": result.created,
+            "new_blocks": result.new_blocks,
+            "new_bytes": result.new_bytes,
         }
     if args.json:
         print(json.dumps(doc))
@@ -138,10 +142,20 @@ def run_import(args: argparse.Namespace) -> int:
         try:
             result = ds.import_cars(streams)
         except StorageError as e:
-            raise CLIError(str(e), "check the file is a complete CAR written by `benchsync export`") from e
+            raise CLIError(
+                str(e), "check the file is a complete CAR written by `benchsync export`"
+            ) from e
     if args.json:
-        print(json.dumps({"roots": result.roots, "blocks": result.blocks,
-                          "new_blocks": result.new_blocks, "new_bytes": result.new_bytes}))
+        print(
+            json.dumps(
+                {
+                    "roots": result.roots,
+                    "blocks": result.blocks,
+                    "new_blocks": result.new_blocks,
+                    "new_bytes": result.new_bytes,
+                }
+            )
+        )
     else:
         if result.noop:
             print("already present: nothing new imported", file=sys.stderr)

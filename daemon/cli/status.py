@@ -9,7 +9,7 @@ from typing import Any
 from benchsync.daemon.cli.common import CLIError, add_home_argument, call_node, node_client
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("status", help="peer ID, addresses, network, head, peers and replica lag")
     add_home_argument(p)
     p.add_argument("--config", metavar="FILE", help="config file (default: <home>/config.toml)")
@@ -43,8 +43,15 @@ def offline_status(args: argparse.Namespace) -> dict[str, Any]:
             "rows": ds.db.table_counts(),
             "peers": [],
             "replicas": [
-                {"dataset": r.dataset, "head_seen": None, "head_installed": r.root,
-                 "seq_installed": r.seq, "lag": None, "bytes": r.bytes, "last_error": None}
+                {
+                    "dataset": r.dataset,
+                    "head_seen": None,
+                    "head_installed": r.root,
+                    "seq_installed": r.seq,
+                    "lag": None,
+                    "bytes": r.bytes,
+                    "last_error": None,
+                }
                 for r in ds.replicas.all()
             ],  # fmt: skip
             "transfers": [],
@@ -60,7 +67,9 @@ def run_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(doc, indent=1))
         return 0
-    print(f"node      {'running' if doc['running'] else 'not running (showing the data directory)'}")
+    print(
+        f"node      {'running' if doc['running'] else 'not running (showing the data directory)'}"
+    )
     print(f"peer id   {doc['peer_id']}")
     if doc["running"]:
         print(f"network   {doc['network']}")
@@ -69,7 +78,9 @@ def run_status(args: argparse.Namespace) -> int:
     print(f"head      {doc['head'] or '- (no snapshot yet)'}"
           + (f"  seq {doc['head_seq']}" if doc.get("head_seq") else ""))  # fmt: skip
     rows = doc.get("rows") or {}
-    print(f"rows      {sum(rows.values())} ({rows.get('performance_results', 0)} performance results)")
+    print(
+        f"rows      {sum(rows.values())} ({rows.get('performance_results', 0)} performance results)"
+    )
     if doc["running"]:
         print(f"peers     {len(doc['peers'])} connected")
     if doc["replicas"]:

@@ -17,11 +17,16 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 import trio
 
 from benchsync.daemon import config as config_mod
 from benchsync.daemon.cli.common import CLIError, add_home_argument, data_dir
+
+if TYPE_CHECKING:
+    from trio_typing import TaskStatus
 
 LOG_FORMAT = "%(asctime)s level=%(levelname)s logger=%(name)s %(message)s"
 JOURNAL_PRIORITY = {
@@ -54,7 +59,7 @@ def setup_logging(level: str) -> None:
         logging.getLogger("libp2p").setLevel(logging.WARNING)
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("up", help="run a node in the foreground (what systemd starts)")
     add_home_argument(p)
     config_mod.add_arguments(p)
@@ -73,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def serve(config: config_mod.Config) -> int:
-    from benchsync.daemon.control import ControlSocketError
+    from benchsync.daemon.control import ControlEndpoints, ControlSocketError
     from benchsync.daemon.node import Node
 
     log = logging.getLogger("benchsync.up")
@@ -87,17 +92,19 @@ async def serve(config: config_mod.Config) -> int:
         return 1
     node_scope = trio.CancelScope()
 
-    async def run_node(task_status: trio.TaskStatus) -> None:  # type: ignore[type-arg]
+    async def run_node(task_status: TaskStatus[ControlEndpoints]) -> None:
         with node_scope:
             await node.run(task_status=task_status)
         outer.cancel_scope.cancel()  # the node is down: stop watching signals
 
-    async def watch_signals(signals: trio.abc.ReceiveChannel) -> None:  # type: ignore[type-arg]
+    async def watch_signals(signals: AsyncIterator[int]) -> None:
         async for signum in signals:
             if node_scope.cancel_called:
                 log.warning("second %s: forcing exit", signal.Signals(signum).name)
                 os._exit(FORCED_EXIT_CODE)
-            log.info("received %s: shutting down (send it again to force)", signal.Signals(signum).name)
+            log.info(
+                "received %s: shutting down (send it again to force)", signal.Signals(signum).name
+            )
             node_scope.cancel()
 
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
