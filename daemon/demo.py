@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import random
+import select
 import signal
 import socket
 import subprocess
@@ -50,8 +51,8 @@ MODELS = [
 DEMO_QUERY = """
 SELECT h.hardware_type, m.model_name,
        count(*) AS runs,
-       round(avg(p.throughput_items_per_second), 1) AS mean_throughput,
-       round(median(p.average_latency_ms), 2) AS p50_latency_ms
+       round(avg(p.throughput_items_per_second)::DOUBLE, 1) AS mean_throughput,
+       round(median(p.average_latency_ms)::DOUBLE, 2) AS p50_latency_ms
 FROM performance_results p
 JOIN models m ON p.model_id = m.model_id
 JOIN hardware_platforms h ON p.hardware_id = h.hardware_id
@@ -118,13 +119,21 @@ class NodeProcess:
     def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
         assert self.proc is not None and self.proc.stdout is not None
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        # readline() alone would block past the deadline on a node that hangs
+        # silently; wait for the pipe to become readable first.
+        while (left := deadline - time.monotonic()) > 0:
+            readable, _, _ = select.select([self.proc.stdout], [], [], left)
+            if not readable:
+                break
             line = self.proc.stdout.readline()
             if line.startswith("ready "):
                 return
             if not line and self.proc.poll() is not None:
-                break
-        raise RuntimeError(f"node {self.home.name} did not start:\n{self.tail_log()}")
+                raise RuntimeError(f"node {self.home.name} exited with code "
+                                   f"{self.proc.returncode}:\n{self.tail_log()}")  # fmt: skip
+        raise RuntimeError(
+            f"node {self.home.name} not ready after {timeout:g} s:\n{self.tail_log()}"
+        )
 
     def tail_log(self, lines: int = 30) -> str:
         if self.log_path is None or not self.log_path.exists():

@@ -53,6 +53,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 POLICY_TICK = 0.5  # seconds between checks of the snapshot policy
+BOOTSTRAP_INTERVAL = 2.0  # seconds between re-dials of bootstrap peers we are not connected to
 RECORD_KINDS = ("perf", "compat", "test")
 MAX_RECORDS_PER_REQUEST = 100_000
 VERSION = "0.1.0"
@@ -128,7 +129,10 @@ class Node:
             network=config.network,
             blockstore=self.dataset.blocks,
             listen=list(config.listen),
-            bootstrap=list(config.bootstrap),
+            # The node dials bootstrap peers itself (`_bootstrap`) once its services run:
+            # libp2p's own bootstrap dials inside host.run(), before GossipSub is
+            # started, and a peer's pubsub stream arriving then kills the swarm.
+            bootstrap=[],
             trusted_peers=set(config.trusted_peers),
             mdns=config.mdns,
             limits=FetchLimits(
@@ -146,7 +150,7 @@ class Node:
             timeout_s=config.query_timeout,
             max_rows=config.query_max_rows,
             max_bytes=config.query_max_bytes,
-            memory_limit=config.query_memory_limit,
+            memory_limit=f"{max(16, config.query_memory_limit // 2**20)}MiB",
         )
         self._writes = _WriteCounter()
         self._attach_db()
@@ -169,6 +173,7 @@ class Node:
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.p2p.run)
+                nursery.start_soon(self._bootstrap)
                 self.queries.register()
                 head = await trio.to_thread.run_sync(self.dataset.head)
                 if head is not None:
@@ -197,6 +202,24 @@ class Node:
                 await trio.to_thread.run_sync(self.dataset.close)
                 self.queries.close()
             log.info("node %s stopped", self.peer_id)
+
+    async def _bootstrap(self) -> None:
+        """Dial every bootstrap peer we are not connected to, now and every BOOTSTRAP_INTERVAL
+        (a peer that restarts is found again without waiting for it to dial us)."""
+
+        async def dial(addr: str) -> None:
+            try:
+                await self.p2p.connect(addr)
+            except Exception as e:  # unreachable for now: the next round tries again
+                log.info("bootstrap dial %s failed: %r", addr, e)
+
+        while True:
+            connected = set(self.p2p.connected_peers())
+            async with trio.open_nursery() as dials:
+                for addr in self.config.bootstrap:
+                    if addr.rsplit("/p2p/", 1)[-1] not in connected:
+                        dials.start_soon(dial, addr)
+            await trio.sleep(BOOTSTRAP_INTERVAL)
 
     def _status_line(self) -> str:
         head = self.dataset.snapshots.head()

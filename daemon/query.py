@@ -35,10 +35,10 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Any, Literal, TypeAlias
 
 import pyarrow as pa
 import trio
@@ -117,6 +117,10 @@ class DistributedQueryError(Exception):
         super().__init__(message)
         self.peers = list(peers)
 
+    def to_json(self) -> dict[str, Any]:
+        """The error and every node's status, for the control API."""
+        return {"error": str(self), "peers": [p.to_json() for p in self.peers]}
+
 
 class PeersMissing(DistributedQueryError):
     """`require_all=True` and some peers did not answer; `.missing` lists them."""
@@ -146,6 +150,9 @@ class ServerLimits:
     max_per_peer: int = MAX_QUERIES_PER_PEER  # streams one peer may have open
 
 
+DatabaseSource: TypeAlias = BenchmarkDB | Callable[[], BenchmarkDB]
+
+
 @dataclass
 class _Slot:
     sandbox: QuerySandbox
@@ -155,25 +162,50 @@ class _Slot:
 class LocalQueryService:
     """Runs read-only SQL on the node's own tables, in sandboxes, off the trio thread.
 
-    The node's tables are read from `db` (as Arrow, shared zero-copy by every
-    sandbox) only when the database changed since the last read: `db.on_write`
-    bumps a generation counter. Call `invalidate()` after changing the data by
-    other means (a restore); `close()` when done.
+    `db` is the node's BenchmarkDB, or a callable returning the current one
+    (a restore may replace the database object). The node's tables are read
+    (as Arrow, shared zero-copy by every sandbox) only when the database
+    changed since the last read: its `on_write` bumps a generation counter,
+    and a different database object counts as a change. Call `invalidate()`
+    after changing the data by other means; `close()` when done.
     """
 
-    def __init__(self, db: BenchmarkDB, *, limits: ServerLimits | None = None) -> None:
-        self.db = db
+    def __init__(self, db: DatabaseSource, *, limits: ServerLimits | None = None) -> None:
+        self._source = db
         self.limits = limits or ServerLimits()
         self._lock = threading.Lock()  # guards the counters and the pool (worker threads)
         self._load_lock = threading.Lock()  # one thread re-reads the tables at a time
         self._generation = 0
+        self._watched: BenchmarkDB | None = None  # the database whose on_write we listen to
         self._tables: tuple[int, dict[str, pa.Table]] | None = None
         self._free: list[_Slot] = []
         self._slots: list[_Slot] = []
         self._closed = False
         self.loads = 0  # times the tables were read from the database (tests, metrics)
         self.limiter = trio.CapacityLimiter(self.limits.max_concurrent)
-        db.on_write.append(self._changed)
+        if isinstance(db, BenchmarkDB):
+            self._database()  # listen from now on
+
+    @property
+    def db(self) -> BenchmarkDB:
+        """The current database (resolved through the callable, if one was given)."""
+        return self._source if isinstance(self._source, BenchmarkDB) else self._source()
+
+    def _database(self) -> BenchmarkDB:
+        db = self.db
+        with self._lock:
+            if db is not self._watched:
+                self._unwatch()
+                db.on_write.append(self._changed)
+                self._watched = db
+                self._generation += 1
+        return db
+
+    def _unwatch(self) -> None:
+        if self._watched is not None:
+            with contextlib.suppress(ValueError):
+                self._watched.on_write.remove(self._changed)
+            self._watched = None
 
     def _changed(self, rows: int) -> None:
         with self._lock:
@@ -183,10 +215,11 @@ class LocalQueryService:
         """Forget the loaded tables: the next query re-reads the database."""
         self._changed(0)
 
+    database_replaced = invalidate  # the node calls this after swapping its database
+
     def close(self) -> None:
-        with contextlib.suppress(ValueError):
-            self.db.on_write.remove(self._changed)
         with self._lock:
+            self._unwatch()
             self._closed = True
             slots, self._slots, self._free = self._slots, [], []
         for slot in slots:
@@ -194,12 +227,13 @@ class LocalQueryService:
 
     def _current_tables(self) -> tuple[int, dict[str, pa.Table]]:
         with self._load_lock:
+            db = self._database()
             with self._lock:
                 generation = self._generation
             if self._tables is None or self._tables[0] != generation:
                 # Read the generation first: a write landing during the read bumps
                 # it again, so the next query reloads instead of missing it.
-                tables = {t: self.db.query(f"SELECT * FROM {t}") for t in TABLES}
+                tables = {t: db.query(f"SELECT * FROM {t}") for t in TABLES}
                 self._tables = (generation, tables)
                 self.loads += 1
             return self._tables
@@ -527,7 +561,8 @@ class DistributedResult:
         names = self.table.column_names
         rows = [[_json_value(r[n]) for n in names] for r in self.table.to_pylist()]
         return {
-            "columns": names, "rows": rows, "peers": [p.to_json() for p in self.peers],
+            "columns": names, "types": [str(t) for t in self.table.schema.types],
+            "rows": rows, "peers": [p.to_json() for p in self.peers],
             "strategy": self.strategy, "reason": self.reason, "complete": self.complete,
             "elapsed_s": round(self.elapsed_s, 4),
         }  # fmt: skip
@@ -557,15 +592,36 @@ class QueryService:
     def __init__(
         self,
         p2p: P2PNode,
-        db: BenchmarkDB,
+        db: DatabaseSource,
         *,
         network: str | None = None,
+        timeout_s: float = DEFAULT_QUERY_TIMEOUT,
+        max_rows: int = DEFAULT_MAX_ROWS,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        memory_limit: str = DEFAULT_MEMORY_LIMIT,
         limits: ServerLimits | None = None,
     ) -> None:
+        """`db` is the node's BenchmarkDB or a callable returning the current one.
+
+        `timeout_s`, `max_rows` and `max_bytes` are the defaults of `execute`
+        and (with `memory_limit`) what this node grants to peers' queries,
+        unless `limits` spells the latter out.
+        """
         self.p2p = p2p
         self.network = network or p2p.network
+        self.timeout_s = timeout_s
+        self.max_rows = max_rows
+        self.max_bytes = max_bytes
+        limits = limits or ServerLimits(
+            max_timeout_s=max(timeout_s, MAX_SERVED_TIMEOUT), max_rows=max_rows,
+            max_bytes=max_bytes, memory_limit=memory_limit,
+        )  # fmt: skip
         self.local = LocalQueryService(db, limits=limits)
         self.server = QueryServer(self.local, network=self.network)
+
+    def database_replaced(self) -> None:
+        """The node swapped its database object (restore): re-read it on the next query."""
+        self.local.database_replaced()
 
     def register(self) -> None:
         """Serve `/benchsync/query/1.0.0` on the node (behind its access policy)."""
@@ -590,10 +646,10 @@ class QueryService:
         params: Sequence[Any] | Mapping[str, Any] | None = None,
         *,
         peers: Sequence[str] | None = None,
-        timeout_s: float = DEFAULT_QUERY_TIMEOUT,
+        timeout_s: float | None = None,
         require_all: bool = False,
-        max_rows: int = DEFAULT_MAX_ROWS,
-        max_bytes: int = DEFAULT_MAX_BYTES,
+        max_rows: int | None = None,
+        max_bytes: int | None = None,
     ) -> DistributedResult:
         """Run `sql` over this node and `peers` (default: every peer of the network).
 
@@ -602,10 +658,18 @@ class QueryService:
         Returns the merged answer with every node's status. Raises InvalidSQL
         or QueryRefused (the SQL, checked before anyone is asked), PlanError,
         `PeersMissing` when `require_all` and a node did not answer, and
-        `DistributedQueryError` when no node answered at all.
+        `DistributedQueryError` when no node answered at all. Limits left as
+        None take the service's defaults.
         """
-        if not 0 < timeout_s <= MAX_TIMEOUT:
-            raise ValueError(f"timeout_s must be in (0, {MAX_TIMEOUT}], got {timeout_s}")
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        max_rows = self.max_rows if max_rows is None else max_rows
+        max_bytes = self.max_bytes if max_bytes is None else max_bytes
+        if isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float) \
+                or not 0 < timeout_s <= MAX_TIMEOUT:
+            raise ValueError(f"timeout_s must be in (0, {MAX_TIMEOUT}] seconds, got {timeout_s!r}")
+        if peers is not None and (isinstance(peers, str)
+                                  or not all(isinstance(p, str) for p in peers)):
+            raise ValueError("peers must be a list of peer ID strings")
         started = time.monotonic()
         deadline = trio.current_time() + timeout_s
         plan = await trio.to_thread.run_sync(dq.plan, sql, params)
@@ -653,6 +717,7 @@ class QueryService:
 
         me = self.p2p.peer_id
         ordered = [statuses[me]] + [statuses[p] for p in sorted(targets)]
+        _drop_mistyped(partials, ordered, me)
         missing = [p for p in ordered if p.status != ANSWERED]
         if require_all and missing:
             raise PeersMissing(missing, ordered)
@@ -735,6 +800,27 @@ class QueryService:
                                    f"({time.monotonic() - t0:.2f} s)")  # fmt: skip
         return done(UNREACHABLE, f"could not open a stream before the deadline "
                                  f"({time.monotonic() - t0:.2f} s)")  # fmt: skip
+
+
+def _drop_mistyped(partials: dict[str, pa.Table], ordered: list[PeerResult], me: str) -> None:
+    """Turn a peer whose partial answer cannot be unified with ours into an error.
+
+    One peer answering with the wrong column types (a bug or a lie) would
+    otherwise fail the whole merge; only its schema is compared, no data.
+    """
+    if me not in partials:
+        return
+    ours = partials[me].schema.empty_table()
+    for result in ordered:
+        table = partials.get(result.peer_id)
+        if result.peer_id == me or table is None:
+            continue
+        try:
+            pa.concat_tables([ours, table.schema.empty_table()], promote_options="permissive")
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+            del partials[result.peer_id]
+            result.status = ERROR
+            result.message = f"answer's column types do not match this node's: {e}"
 
 
 def _describe(e: BaseException) -> str:

@@ -82,7 +82,8 @@ def main(argv: list[str]) -> int:
 
             print("\nfastest model per hardware (plain SQL):")
             answer = db.query("""
-                SELECT h.hardware_type, arg_max(m.model_name, r.throughput_items_per_second) AS best,
+                SELECT h.hardware_type,
+                       arg_max(m.model_name, r.throughput_items_per_second) AS best,
                        max(r.throughput_items_per_second) AS items_per_s
                 FROM performance_results r JOIN models m USING (model_id)
                      JOIN hardware_platforms h USING (hardware_id)

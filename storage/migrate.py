@@ -70,13 +70,22 @@ MERGE_KEYS: dict[str, tuple[str, ...]] = {
 }
 # table -> {column: referenced table}, for the schema's tables.
 FOREIGN_KEYS: dict[str, dict[str, str]] = {
-    "performance_results": {"run_id": "test_runs", "model_id": "models",
-                            "hardware_id": "hardware_platforms"},
+    "performance_results": {
+        "run_id": "test_runs",
+        "model_id": "models",
+        "hardware_id": "hardware_platforms",
+    },
     "performance_batch_results": {"result_id": "performance_results"},
-    "hardware_compatibility": {"run_id": "test_runs", "model_id": "models",
-                               "hardware_id": "hardware_platforms"},
-    "integration_test_results": {"run_id": "test_runs", "hardware_id": "hardware_platforms",
-                                 "model_id": "models"},
+    "hardware_compatibility": {
+        "run_id": "test_runs",
+        "model_id": "models",
+        "hardware_id": "hardware_platforms",
+    },
+    "integration_test_results": {
+        "run_id": "test_runs",
+        "hardware_id": "hardware_platforms",
+        "model_id": "models",
+    },
     "integration_test_assertions": {"test_result_id": "integration_test_results"},
 }
 REFERENCED_TABLES = frozenset(t for fks in FOREIGN_KEYS.values() for t in fks.values())
@@ -84,7 +93,11 @@ REFERENCED_TABLES = frozenset(t for fks in FOREIGN_KEYS.values() for t in fks.va
 PARENT_COLUMNS = {"integration_test_assertions": "test_result_id"}
 # In tables the schema does not know, columns of these names are references and get remapped
 # (`result_id` is not among them: in web_platform_results it is that table's own key).
-CARRIED_REFERENCES = {"model_id": "models", "hardware_id": "hardware_platforms", "run_id": "test_runs"}
+CARRIED_REFERENCES = {
+    "model_id": "models",
+    "hardware_id": "hardware_platforms",
+    "run_id": "test_runs",
+}
 # Node-local bookkeeping that must not be copied out of a file that is itself a node database.
 NOT_CARRIED = frozenset({schema.VERSION_TABLE, SOURCES_TABLE, ROWS_TABLE})
 
@@ -103,6 +116,7 @@ Progress = Callable[[str], None]
 
 
 # ---- errors: who is at fault, what to try ------------------------------------------------------
+
 
 class MigrationError(StorageError):
     """A legacy file could not be migrated; the node's database is unchanged."""
@@ -142,6 +156,7 @@ class VerificationFailed(MigrationError):
 
 # ---- results --------------------------------------------------------------------------------
 
+
 @dataclass
 class TableReport:
     """What happened to one table of a legacy file."""
@@ -153,13 +168,21 @@ class TableReport:
     verified: bool | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "rows": self.rows, "new_rows": self.new_rows,
-                "carried": self.carried, "verified": self.verified}
+        return {
+            "name": self.name,
+            "rows": self.rows,
+            "new_rows": self.new_rows,
+            "carried": self.carried,
+            "verified": self.verified,
+        }
 
 
 @dataclass
 class MigrationResult:
-    """The outcome for one legacy file; `status` is migrated | already-migrated | snapshot | failed."""
+    """The outcome for one legacy file.
+
+    `status` is migrated | already-migrated | snapshot | failed.
+    """
 
     path: Path
     status: str
@@ -186,18 +209,27 @@ class MigrationResult:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "path": str(self.path), "status": self.status, "ok": self.ok,
-            "source": self.source, "file_sha256": self.file_sha256, "rows": self.rows,
-            "tables": [t.to_json() for t in self.tables], "views": self.views,
+            "path": str(self.path),
+            "status": self.status,
+            "ok": self.ok,
+            "source": self.source,
+            "file_sha256": self.file_sha256,
+            "rows": self.rows,
+            "tables": [t.to_json() for t in self.tables],
+            "views": self.views,
             "backup": None if self.backup is None else str(self.backup),
-            "verified": self.verified, "cid": self.cid,
+            "verified": self.verified,
+            "cid": self.cid,
             "sidecar": None if self.sidecar is None else str(self.sidecar),
-            "error": self.error, "error_type": self.error_type, "warnings": self.warnings,
+            "error": self.error,
+            "error_type": self.error_type,
+            "warnings": self.warnings,
             "seconds": round(self.seconds, 3),
         }
 
 
 # ---- reading a legacy file ------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class LegacyTable:
@@ -252,14 +284,34 @@ def file_sha256(path: Path) -> str:
 def _classify_open_error(path: Path, e: duckdb.Error) -> MigrationError:
     msg = str(e)
     low = msg.lower()
-    if "lock" in low or "different configuration" in low or "already attached" in low:
-        return LegacyFileLocked(path, f"the file is open in another process or connection ({msg}); "
-                                "close the program using it (e.g. the old benchmark tool) and retry")
+    if "corrupt" in low:
+        return CorruptLegacyFile(
+            path,
+            f"DuckDB cannot read this file ({msg}); restore it from a "
+            f"backup (e.g. {path.name}{BACKUP_SUFFIX}) and retry",
+        )
+    if (
+        "set lock" in low
+        or "conflicting lock" in low
+        or "different configuration" in low
+        or "already attached" in low
+    ):
+        return LegacyFileLocked(
+            path,
+            f"the file is open in another process or connection ({msg}); "
+            "close the program using it (e.g. the old benchmark tool) and retry",
+        )
     if "not a valid duckdb database" in low:
-        return NotADuckDBFile(path, "this is not a DuckDB database file; pass a .duckdb file "
-                              "written by the benchmark database API")
-    return CorruptLegacyFile(path, f"DuckDB cannot read this file ({msg}); restore it from a "
-                             f"backup (e.g. {path.name}{BACKUP_SUFFIX}) and retry")
+        return NotADuckDBFile(
+            path,
+            "this is not a DuckDB database file; pass a .duckdb file "
+            "written by the benchmark database API",
+        )
+    return CorruptLegacyFile(
+        path,
+        f"DuckDB cannot read this file ({msg}); restore it from a "
+        f"backup (e.g. {path.name}{BACKUP_SUFFIX}) and retry",
+    )
 
 
 def open_legacy(path: Path) -> duckdb.DuckDBPyConnection:
@@ -288,57 +340,87 @@ def inspect_legacy(path: Path) -> LegacyFile:
         try:
             return _inspect(conn, path)
         except duckdb.Error as e:
-            raise CorruptLegacyFile(path, f"reading it failed ({e}); restore it from a backup "
-                                    "and retry") from None
+            raise CorruptLegacyFile(
+                path, f"reading it failed ({e}); restore it from a backup and retry"
+            ) from None
     finally:
         conn.close()
 
 
 def _inspect(conn: duckdb.DuckDBPyConnection, path: Path) -> LegacyFile:
-    names = [r[0] for r in conn.execute(
-        "SELECT table_name FROM duckdb_tables() WHERE database_name = current_database() "
-        "AND schema_name = 'main' ORDER BY table_name").fetchall()]
+    names = [
+        r[0]
+        for r in conn.execute(
+            "SELECT table_name FROM duckdb_tables() WHERE database_name = current_database() "
+            "AND schema_name = 'main' ORDER BY table_name"
+        ).fetchall()
+    ]
     known = [t for t in schema.TABLES if t in names]
     if not known:
         listed = ", ".join(names) if names else "no tables at all"
-        raise UnknownSchema(path, f"a DuckDB database, but not a benchmark database (it has "
-                            f"{listed}; expected {', '.join(schema.TABLES)})")
+        raise UnknownSchema(
+            path,
+            f"a DuckDB database, but not a benchmark database (it has "
+            f"{listed}; expected {', '.join(schema.TABLES)})",
+        )
     pks: dict[str, str] = {}
     for table, cols in conn.execute(
-            "SELECT table_name, constraint_column_names FROM duckdb_constraints() "
-            "WHERE database_name = current_database() AND constraint_type = 'PRIMARY KEY'"
+        "SELECT table_name, constraint_column_names FROM duckdb_constraints() "
+        "WHERE database_name = current_database() AND constraint_type = 'PRIMARY KEY'"
     ).fetchall():
         if len(cols) == 1:
             pks[table] = cols[0]
     tables: dict[str, LegacyTable] = {}
     for name in names:
-        columns = tuple((str(c), str(t)) for c, t in conn.execute(
-            "SELECT column_name, data_type FROM duckdb_columns() WHERE database_name = "
-            "current_database() AND schema_name = 'main' AND table_name = ? ORDER BY column_index",
-            [name]).fetchall())
+        columns = tuple(
+            (str(c), str(t))
+            for c, t in conn.execute(
+                "SELECT column_name, data_type FROM duckdb_columns() WHERE database_name = "
+                "current_database() AND schema_name = 'main' AND table_name = ? "
+                "ORDER BY column_index",
+                [name],
+            ).fetchall()
+        )
         if name in schema.TABLES:
-            required = {schema.PRIMARY_KEYS[name], *FOREIGN_KEYS.get(name, {}),
-                        *MERGE_KEYS.get(name, ())}
+            required = {
+                schema.PRIMARY_KEYS[name],
+                *FOREIGN_KEYS.get(name, {}),
+                *MERGE_KEYS.get(name, ()),
+            }
             missing = sorted(required - {c for c, _ in columns})
             if missing:
-                raise UnknownSchema(path, f"table {name} lacks column(s) {', '.join(missing)}: not "
-                                    "the benchmark database schema, so its rows cannot be mapped")
+                raise UnknownSchema(
+                    path,
+                    f"table {name} lacks column(s) {', '.join(missing)}: not "
+                    "the benchmark database schema, so its rows cannot be mapped",
+                )
         rows, checksum = conn.execute(
-            f"SELECT count(*), coalesce(sum(hash(t)::HUGEINT), 0) FROM {_q(name)} t").fetchall()[0]
+            f"SELECT count(*), coalesce(sum(hash(t)::HUGEINT), 0) FROM {_q(name)} t"
+        ).fetchall()[0]
         pk = schema.PRIMARY_KEYS.get(name, pks.get(name))
         tables[name] = LegacyTable(name, columns, int(rows), int(checksum), pk)
-    views = {str(n): str(sql) for n, sql in conn.execute(
-        "SELECT view_name, sql FROM duckdb_views() WHERE database_name = current_database() "
-        "AND schema_name = 'main' AND NOT internal ORDER BY view_name").fetchall()}
+    views = {
+        str(n): str(sql)
+        for n, sql in conn.execute(
+            "SELECT view_name, sql FROM duckdb_views() WHERE database_name = current_database() "
+            "AND schema_name = 'main' AND NOT internal ORDER BY view_name"
+        ).fetchall()
+    }
     digest = hashlib.sha256()
     for t in sorted(tables.values(), key=lambda t: t.name):
         digest.update(json.dumps([t.name, t.columns, t.rows, t.checksum]).encode())
     digest.update(json.dumps(sorted(views.items())).encode())
-    return LegacyFile(path=path, file_sha256=file_sha256(path), tables=tables, views=views,
-                      source=digest.hexdigest()[:32])
+    return LegacyFile(
+        path=path,
+        file_sha256=file_sha256(path),
+        tables=tables,
+        views=views,
+        source=digest.hexdigest()[:32],
+    )
 
 
 # ---- backup ---------------------------------------------------------------------------------
+
 
 def backup_file(path: Path) -> Path:
     """Copy `path` to `path.pre-benchsync-backup` (and its .wal); returns the backup's path.
@@ -365,10 +447,16 @@ def backup_file(path: Path) -> Path:
 
 # ---- the import job (runs on the writer thread, inside one transaction) ----------------------
 
+
 def _column_types(conn: duckdb.DuckDBPyConnection, table: str) -> dict[str, str]:
-    return {str(c): str(t) for c, t in conn.execute(
-        "SELECT column_name, data_type FROM duckdb_columns() WHERE database_name = "
-        "current_database() AND schema_name = 'main' AND table_name = ?", [table]).fetchall()}
+    return {
+        str(c): str(t)
+        for c, t in conn.execute(
+            "SELECT column_name, data_type FROM duckdb_columns() WHERE database_name = "
+            "current_database() AND schema_name = 'main' AND table_name = ?",
+            [table],
+        ).fetchall()
+    }
 
 
 def _convert(expr: str, src_type: str, dst_type: str) -> str:
@@ -380,14 +468,18 @@ def _convert(expr: str, src_type: str, dst_type: str) -> str:
     if src_type == dst_type:
         return expr
     if dst_type == "JSON":
-        return f"CASE WHEN {expr} IS NULL THEN NULL ELSE coalesce(try_cast({expr} AS JSON), " \
-               f"to_json({expr}::VARCHAR)) END"
+        return (
+            f"CASE WHEN {expr} IS NULL THEN NULL ELSE coalesce(try_cast({expr} AS JSON), "
+            f"to_json({expr}::VARCHAR)) END"
+        )
     return f"CAST({expr} AS {dst_type})"
 
 
 def _id_map(source: str, table: str) -> str:
-    return (f"(SELECT source_id, new_id FROM {ROWS_TABLE} WHERE source = {_lit(source)} "
-            f"AND source_table = {_lit(table)})")
+    return (
+        f"(SELECT source_id, new_id FROM {ROWS_TABLE} WHERE source = {_lit(source)} "
+        f"AND source_table = {_lit(table)})"
+    )
 
 
 def _scalar(conn: duckdb.DuckDBPyConnection, sql: str) -> int:
@@ -398,8 +490,9 @@ def _scalar(conn: duckdb.DuckDBPyConnection, sql: str) -> int:
 class _Importer:
     """Imports one attached legacy file; every method runs inside the writer's transaction."""
 
-    def __init__(self, conn: duckdb.DuckDBPyConnection, legacy: LegacyFile, verify: bool,
-                 progress: Progress) -> None:
+    def __init__(
+        self, conn: duckdb.DuckDBPyConnection, legacy: LegacyFile, verify: bool, progress: Progress
+    ) -> None:
         self.conn = conn
         self.legacy = legacy
         self.verify = verify
@@ -418,12 +511,15 @@ class _Importer:
         pk = schema.PRIMARY_KEYS[table]
         rows = self.conn.execute(
             f"SELECT {_q(pk)}, count(*) FROM {self.ltable(table)} GROUP BY 1 "
-            f"HAVING count(*) > 1 OR {_q(pk)} IS NULL ORDER BY 1 LIMIT {MAX_EXAMPLES}").fetchall()
+            f"HAVING count(*) > 1 OR {_q(pk)} IS NULL ORDER BY 1 LIMIT {MAX_EXAMPLES}"
+        ).fetchall()
         if rows:
             shown = ", ".join(f"{pk}={r[0]} ({r[1]} rows)" for r in rows)
             raise InconsistentLegacyData(
-                self.legacy.path, f"table {table} has duplicate or NULL ids ({shown}); other tables "
-                "refer to it by id, so the references would be ambiguous. Fix the file and retry")
+                self.legacy.path,
+                f"table {table} has duplicate or NULL ids ({shown}); other tables "
+                "refer to it by id, so the references would be ambiguous. Fix the file and retry",
+            )
 
     def check_references(self, table: str, refs: dict[str, str]) -> None:
         for col, target in refs.items():
@@ -431,13 +527,16 @@ class _Importer:
             rows = self.conn.execute(
                 f"SELECT DISTINCT s.{_q(col)} FROM {self.ltable(table)} s WHERE s.{_q(col)} IS NOT "
                 f"NULL AND NOT EXISTS (SELECT 1 FROM {self.ltable(target)} r WHERE r.{_q(tpk)} = "
-                f"s.{_q(col)}) ORDER BY 1 LIMIT {MAX_EXAMPLES}").fetchall()
+                f"s.{_q(col)}) ORDER BY 1 LIMIT {MAX_EXAMPLES}"
+            ).fetchall()
             if rows:
                 shown = ", ".join(str(r[0]) for r in rows)
                 raise InconsistentLegacyData(
-                    self.legacy.path, f"{table}.{col} refers to rows of {target} that do not exist "
+                    self.legacy.path,
+                    f"{table}.{col} refers to rows of {target} that do not exist "
                     f"({col} = {shown}); add the missing {target} rows or set those references "
-                    "to NULL in the file, then retry")
+                    "to NULL in the file, then retry",
+                )
 
     # -- column handling --
     def prepare_columns(self, table: str, ltab: LegacyTable) -> dict[str, str]:
@@ -447,12 +546,15 @@ class _Importer:
             if col not in types:
                 self.conn.execute(f"ALTER TABLE {_q(table)} ADD COLUMN {_q(col)} {typ}")
                 types[col] = typ
-                self.warnings.append(f"added column {table}.{col} ({typ}), which the file has "
-                                     "and benchsync's schema does not")
+                self.warnings.append(
+                    f"added column {table}.{col} ({typ}), which the file has "
+                    "and benchsync's schema does not"
+                )
         return types
 
-    def value_exprs(self, ltab: LegacyTable, types: dict[str, str], skip: Iterable[str],
-                    refs: dict[str, str]) -> tuple[list[str], list[str], str]:
+    def value_exprs(
+        self, ltab: LegacyTable, types: dict[str, str], skip: Iterable[str], refs: dict[str, str]
+    ) -> tuple[list[str], list[str], str]:
         """(node columns, source expressions, joins) for a table's non-key columns."""
         cols, exprs, joins = [], [], []
         skip = set(skip)
@@ -463,8 +565,10 @@ class _Importer:
             cols.append(col)
             if col in refs:
                 alias = f"m{i}"
-                joins.append(f"LEFT JOIN {_id_map(self.src, refs[col])} {alias} "
-                             f"ON {alias}.source_id = s.{_q(col)}")
+                joins.append(
+                    f"LEFT JOIN {_id_map(self.src, refs[col])} {alias} "
+                    f"ON {alias}.source_id = s.{_q(col)}"
+                )
                 exprs.append(_convert(f"{alias}.new_id", "BIGINT", types[col]))
             else:
                 exprs.append(_convert(f"s.{_q(col)}", src_types[col], types[col]))
@@ -478,7 +582,8 @@ class _Importer:
         types = self.prepare_columns(table, ltab)
         key_cols = ", ".join(_q(k) for k in keys)
         match = lambda a, b: " AND ".join(  # noqa: E731
-            f"{a}.{_q(k)} IS NOT DISTINCT FROM {b}.{_q(k)}" for k in keys)
+            f"{a}.{_q(k)} IS NOT DISTINCT FROM {b}.{_q(k)}" for k in keys
+        )
         base = self.sql(f"SELECT coalesce(max({_q(pk)}), 0) + 1 FROM {_q(table)}")
         self.conn.execute(f"""
             INSERT INTO {ROWS_TABLE}
@@ -488,14 +593,15 @@ class _Importer:
                        FROM {self.ltable(table)}),
                  ex AS (SELECT {key_cols}, min({_q(pk)}) AS id FROM {_q(table)} GROUP BY ALL),
                  fresh AS (SELECT s.*, {base} + row_number() OVER (ORDER BY sid, rid) - 1 AS new_id
-                           FROM s WHERE dup = 1 AND NOT EXISTS (SELECT 1 FROM ex WHERE {match('ex', 's')}))
+                           FROM s WHERE dup = 1
+                           AND NOT EXISTS (SELECT 1 FROM ex WHERE {match("ex", "s")}))
             SELECT {_lit(self.src)}, {_lit(table)}, s.sid, NULL, {_lit(table)},
                    coalesce(ex.id, f.new_id), NOT (s.dup = 1 AND ex.id IS NULL)
-            FROM s LEFT JOIN ex ON {match('ex', 's')} LEFT JOIN fresh f ON {match('f', 's')}""")
+            FROM s LEFT JOIN ex ON {match("ex", "s")} LEFT JOIN fresh f ON {match("f", "s")}""")
         cols, exprs, _ = self.value_exprs(ltab, types, [pk], {})
         new_rows = self.sql(f"""
-            INSERT INTO {_q(table)} ({_q(pk)}, {', '.join(map(_q, cols))})
-            SELECT p.new_id, {', '.join(exprs)} FROM {self.ltable(table)} s
+            INSERT INTO {_q(table)} ({_q(pk)}, {", ".join(map(_q, cols))})
+            SELECT p.new_id, {", ".join(exprs)} FROM {self.ltable(table)} s
             JOIN {ROWS_TABLE} p ON p.source = {_lit(self.src)} AND p.source_table = {_lit(table)}
                  AND p.source_id = s.{_q(pk)} AND NOT p.merged
             ORDER BY p.new_id""")
@@ -507,17 +613,21 @@ class _Importer:
             key_node = ", ".join(f"n.{_q(k)}" for k in keys)
             src = self.conn.execute(f"""
                 SELECT count(*), coalesce(sum(hash(s.{_q(pk)}, {key_src})::HUGEINT), 0)
-                     + coalesce(sum(hash(s.{_q(pk)}, {', '.join(exprs)})::HUGEINT)
+                     + coalesce(sum(hash(s.{_q(pk)}, {", ".join(exprs)})::HUGEINT)
                                 FILTER (WHERE NOT p.merged), 0)
                 FROM {self.ltable(table)} s JOIN {ROWS_TABLE} p ON p.source = {_lit(self.src)}
-                     AND p.source_table = {_lit(table)} AND p.source_id = s.{_q(pk)}""").fetchall()[0]
+                     AND p.source_table = {_lit(table)} AND p.source_id = s.{_q(pk)}""").fetchall()[
+                0
+            ]
             node_vals = ", ".join(f"n.{_q(c)}" for c in cols)
             node = self.conn.execute(f"""
                 SELECT count(*), coalesce(sum(hash(p.source_id, {key_node})::HUGEINT), 0)
                      + coalesce(sum(hash(p.source_id, {node_vals})::HUGEINT)
                                 FILTER (WHERE NOT p.merged), 0)
                 FROM {ROWS_TABLE} p JOIN {_q(table)} n ON n.{_q(pk)} = p.new_id
-                WHERE p.source = {_lit(self.src)} AND p.source_table = {_lit(table)}""").fetchall()[0]
+                WHERE p.source = {_lit(self.src)} AND p.source_table = {_lit(table)}""").fetchall()[
+                0
+            ]
             report.verified = self.compare(table, ltab.rows, src, node)
         return report
 
@@ -526,14 +636,17 @@ class _Importer:
         pk = schema.PRIMARY_KEYS[table]
         parent = PARENT_COLUMNS.get(table)
         refs = {c: t for c, t in FOREIGN_KEYS.get(table, {}).items() if t in self.legacy.tables}
-        missing_targets = [c for c, t in FOREIGN_KEYS.get(table, {}).items()
-                           if t not in self.legacy.tables]
+        missing_targets = [
+            c for c, t in FOREIGN_KEYS.get(table, {}).items() if t not in self.legacy.tables
+        ]
         for col in missing_targets:
             n = self.sql(f"SELECT count({_q(col)}) FROM {self.ltable(table)}")
             if n:
                 raise InconsistentLegacyData(
-                    self.legacy.path, f"{table}.{col} is set in {n} row(s) but the file has no "
-                    f"{FOREIGN_KEYS[table][col]} table to resolve it")
+                    self.legacy.path,
+                    f"{table}.{col} is set in {n} row(s) but the file has no "
+                    f"{FOREIGN_KEYS[table][col]} table to resolve it",
+                )
         self.check_references(table, refs)
         types = self.prepare_columns(table, ltab)
         base = self.sql(f"SELECT coalesce(max({_q(pk)}), 0) + 1 FROM {_q(table)}")
@@ -548,15 +661,15 @@ class _Importer:
             FROM {self.ltable(table)} s""")
         cols, exprs, joins = self.value_exprs(ltab, types, [pk], refs)
         new_rows = self.sql(f"""
-            INSERT INTO {_q(table)} ({_q(pk)}, {', '.join(map(_q, cols))})
-            SELECT {_convert(new_id, 'BIGINT', types[pk])}, {', '.join(exprs)}
+            INSERT INTO {_q(table)} ({_q(pk)}, {", ".join(map(_q, cols))})
+            SELECT {_convert(new_id, "BIGINT", types[pk])}, {", ".join(exprs)}
             FROM {self.ltable(table)} s {joins}""")
         report = TableReport(table, ltab.rows, new_rows)
         if self.verify:
             # Compared in the file's id space for the row itself (via provenance) and in the
             # node's for references: a lost, duplicated or colliding row changes count or sum.
             src = self.conn.execute(f"""
-                SELECT count(*), coalesce(sum(hash(s.{_q(pk)}, {parent_expr}, {', '.join(exprs)})
+                SELECT count(*), coalesce(sum(hash(s.{_q(pk)}, {parent_expr}, {", ".join(exprs)})
                                               ::HUGEINT), 0)
                 FROM {self.ltable(table)} s {joins}""").fetchall()[0]
             node_vals = ", ".join(f"n.{_q(c)}" for c in cols)
@@ -564,7 +677,9 @@ class _Importer:
                 SELECT count(*), coalesce(sum(hash(p.source_id, p.source_parent_id, {node_vals})
                                               ::HUGEINT), 0)
                 FROM {ROWS_TABLE} p JOIN {_q(table)} n ON n.{_q(pk)} = p.new_id
-                WHERE p.source = {_lit(self.src)} AND p.source_table = {_lit(table)}""").fetchall()[0]
+                WHERE p.source = {_lit(self.src)} AND p.source_table = {_lit(table)}""").fetchall()[
+                0
+            ]
             report.verified = self.compare(table, ltab.rows, src, node)
         return report
 
@@ -573,62 +688,84 @@ class _Importer:
         ltab = self.legacy.tables[table]
         exists = self.sql(
             "SELECT count(*) FROM duckdb_tables() WHERE database_name = current_database() "
-            f"AND schema_name = 'main' AND table_name = {_lit(table)}")
+            f"AND schema_name = 'main' AND table_name = {_lit(table)}"
+        )
         if not exists:
             # No constraints: rows of several files share this table and their own ids may repeat.
-            self.conn.execute(f"CREATE TABLE {_q(table)} AS SELECT * FROM {self.ltable(table)} "
-                              "LIMIT 0")
-        refs = {c: t for c, t in CARRIED_REFERENCES.items()
-                if c in ltab.column_names and c != ltab.primary_key and t in self.legacy.tables}
+            self.conn.execute(
+                f"CREATE TABLE {_q(table)} AS SELECT * FROM {self.ltable(table)} LIMIT 0"
+            )
+        refs = {
+            c: t
+            for c, t in CARRIED_REFERENCES.items()
+            if c in ltab.column_names and c != ltab.primary_key and t in self.legacy.tables
+        }
         self.check_references(table, refs)
         types = self.prepare_columns(table, ltab)
         cols, exprs, joins = self.value_exprs(ltab, types, [], refs)
-        node_hash = (f"SELECT count(*), coalesce(sum(hash({', '.join(_q(c) for c in cols)})"
-                     f"::HUGEINT), 0) FROM {_q(table)}")
+        node_hash = (
+            f"SELECT count(*), coalesce(sum(hash({', '.join(_q(c) for c in cols)})"
+            f"::HUGEINT), 0) FROM {_q(table)}"
+        )
         before = self.conn.execute(node_hash).fetchall()[0] if self.verify else (0, 0)
-        new_rows = self.sql(f"INSERT INTO {_q(table)} ({', '.join(map(_q, cols))}) "
-                            f"SELECT {', '.join(exprs)} FROM {self.ltable(table)} s {joins}")
+        new_rows = self.sql(
+            f"INSERT INTO {_q(table)} ({', '.join(map(_q, cols))}) "
+            f"SELECT {', '.join(exprs)} FROM {self.ltable(table)} s {joins}"
+        )
         report = TableReport(table, ltab.rows, new_rows, carried=True)
         if self.verify:
             # Shared table, no provenance per row: the order-independent sum is additive, so
             # what this file added is the difference.
             after = self.conn.execute(node_hash).fetchall()[0]
-            src = self.conn.execute(f"SELECT count(*), coalesce(sum(hash({', '.join(exprs)})"
-                                    f"::HUGEINT), 0) FROM {self.ltable(table)} s {joins}"
-                                    ).fetchall()[0]
+            src = self.conn.execute(
+                f"SELECT count(*), coalesce(sum(hash({', '.join(exprs)})"
+                f"::HUGEINT), 0) FROM {self.ltable(table)} s {joins}"
+            ).fetchall()[0]
             delta = (after[0] - before[0], after[1] - before[1])
             report.verified = self.compare(table, ltab.rows, src, delta)
         return report
 
-    def compare(self, table: str, expected_rows: int, src: Sequence[Any],
-                node: Sequence[Any]) -> bool:
+    def compare(
+        self, table: str, expected_rows: int, src: Sequence[Any], node: Sequence[Any]
+    ) -> bool:
         if int(src[0]) != expected_rows or int(node[0]) != expected_rows:
             raise VerificationFailed(
-                self.legacy.path, f"table {table}: {expected_rows} rows in the file, "
-                f"{int(node[0])} imported; the import was rolled back")
+                self.legacy.path,
+                f"table {table}: {expected_rows} rows in the file, "
+                f"{int(node[0])} imported; the import was rolled back",
+            )
         if int(src[1]) != int(node[1]):
             raise VerificationFailed(
-                self.legacy.path, f"table {table}: the imported rows' checksum differs from the "
-                "file's; the import was rolled back")
+                self.legacy.path,
+                f"table {table}: the imported rows' checksum differs from the "
+                "file's; the import was rolled back",
+            )
         return True
 
     def import_views(self) -> list[str]:
-        existing = {str(n): str(s) for n, s in self.conn.execute(
-            "SELECT view_name, sql FROM duckdb_views() WHERE database_name = current_database() "
-            "AND schema_name = 'main' AND NOT internal").fetchall()}
+        existing = {
+            str(n): str(s)
+            for n, s in self.conn.execute(
+                "SELECT view_name, sql FROM duckdb_views() "
+                "WHERE database_name = current_database() "
+                "AND schema_name = 'main' AND NOT internal"
+            ).fetchall()
+        }
         created = []
         for name, sql in self.legacy.views.items():
             if name in existing:
                 if existing[name] != sql:
-                    self.warnings.append(f"view {name} already exists with another definition; "
-                                         "kept the existing one")
+                    self.warnings.append(
+                        f"view {name} already exists with another definition; kept the existing one"
+                    )
                 continue
             try:
                 self.conn.execute(sql)
             except duckdb.Error as e:
                 raise InconsistentLegacyData(
-                    self.legacy.path, f"view {name} cannot be recreated over the node's tables "
-                    f"({e})") from None
+                    self.legacy.path,
+                    f"view {name} cannot be recreated over the node's tables ({e})",
+                ) from None
             created.append(name)
         return created
 
@@ -637,10 +774,12 @@ class _Importer:
         conn = self.conn
         sources_exist = self.sql(
             "SELECT count(*) FROM duckdb_tables() WHERE database_name = current_database() "
-            f"AND schema_name = 'main' AND table_name = {_lit(SOURCES_TABLE)}")
+            f"AND schema_name = 'main' AND table_name = {_lit(SOURCES_TABLE)}"
+        )
         if sources_exist and self.sql(
-                f"SELECT count(*) FROM {SOURCES_TABLE} WHERE source = {_lit(self.src)} "
-                f"OR file_sha256 = {_lit(self.legacy.file_sha256)}"):
+            f"SELECT count(*) FROM {SOURCES_TABLE} WHERE source = {_lit(self.src)} "
+            f"OR file_sha256 = {_lit(self.legacy.file_sha256)}"
+        ):
             return None
         for ddl in _PROVENANCE_DDL:
             conn.execute(ddl)
@@ -660,15 +799,24 @@ class _Importer:
             reports.append(self.import_carried(table))
         views = self.import_views()
         summary = {r.name: r.rows for r in reports}
-        conn.execute(f"INSERT INTO {SOURCES_TABLE} VALUES (?, ?, ?, ?, ?, ?, ?)",
-                     [self.src, self.legacy.file_sha256, str(self.legacy.path),
-                      datetime.now(UTC).replace(tzinfo=None), sum(summary.values()),
-                      json.dumps(summary), True if self.verify else None])
+        conn.execute(
+            f"INSERT INTO {SOURCES_TABLE} VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [
+                self.src,
+                self.legacy.file_sha256,
+                str(self.legacy.path),
+                datetime.now(UTC).replace(tzinfo=None),
+                sum(summary.values()),
+                json.dumps(summary),
+                True if self.verify else None,
+            ],
+        )
         conn.execute(f"DETACH {ATTACH_ALIAS}")
         return reports, views
 
 
 # ---- the public API -------------------------------------------------------------------------
+
 
 def _quiet(_: str) -> None:
     pass
@@ -678,9 +826,15 @@ def _prefixed(say: Progress, prefix: str) -> Progress:
     return lambda message: say(f"  {prefix}: {message}")
 
 
-def migrate_file(dataset: LocalDataset, path: str | Path, *, backup: bool = True,
-                 verify: bool = True, snapshot: bool = True,
-                 progress: Progress | None = None) -> MigrationResult:
+def migrate_file(
+    dataset: LocalDataset,
+    path: str | Path,
+    *,
+    backup: bool = True,
+    verify: bool = True,
+    snapshot: bool = True,
+    progress: Progress | None = None,
+) -> MigrationResult:
     """Migrate one legacy file into `dataset`; never raises for a bad file.
 
     Returns a `MigrationResult`: status "migrated" (with per-table reports and,
@@ -688,13 +842,20 @@ def migrate_file(dataset: LocalDataset, path: str | Path, *, backup: bool = True
     (nothing imported), or "failed" (with `error`/`error_type`; the node's
     database is unchanged).
     """
-    return migrate_files(dataset, [path], backup=backup, verify=verify, snapshot=snapshot,
-                         progress=progress)[0]
+    return migrate_files(
+        dataset, [path], backup=backup, verify=verify, snapshot=snapshot, progress=progress
+    )[0]
 
 
-def migrate_files(dataset: LocalDataset, paths: Sequence[str | Path], *, backup: bool = True,
-                  verify: bool = True, snapshot: bool = True,
-                  progress: Progress | None = None) -> list[MigrationResult]:
+def migrate_files(
+    dataset: LocalDataset,
+    paths: Sequence[str | Path],
+    *,
+    backup: bool = True,
+    verify: bool = True,
+    snapshot: bool = True,
+    progress: Progress | None = None,
+) -> list[MigrationResult]:
     """Migrate each file in its own transaction; one result per file, in order.
 
     A failing file is rolled back and reported; the others go on. When
@@ -723,8 +884,9 @@ def _failed(result: MigrationResult, e: Exception) -> MigrationResult:
     return result
 
 
-def _migrate_one(dataset: LocalDataset, path: Path, backup: bool, verify: bool,
-                 say: Progress) -> MigrationResult:
+def _migrate_one(
+    dataset: LocalDataset, path: Path, backup: bool, verify: bool, say: Progress
+) -> MigrationResult:
     started = time.perf_counter()
     result = MigrationResult(path=path, status="failed")
     try:
@@ -746,11 +908,16 @@ def _migrate_one(dataset: LocalDataset, path: Path, backup: bool, verify: bool,
             except MigrationError:
                 raise
             except duckdb.Error as e:
-                if "lock" in str(e).lower() or "already attached" in str(e).lower():
-                    raise _classify_open_error(path, e) from None
-                raise CorruptLegacyFile(path, f"importing failed ({e}); nothing was imported")\
-                    from None
+                err = _classify_open_error(path, e)
+                if isinstance(err, CorruptLegacyFile) and "corrupt" not in str(e).lower():
+                    err = MigrationError(
+                        path,
+                        f"importing failed ({e}); nothing was imported. "
+                        "Report this with the file if it persists",
+                    )
+                raise err from None
         except (MigrationError, OSError) as e:
+            say(f"failed: {e}")
             return _failed(result, e)
         result.warnings = warnings
         if outcome is None:
@@ -766,8 +933,9 @@ def _migrate_one(dataset: LocalDataset, path: Path, backup: bool, verify: bool,
         result.seconds = time.perf_counter() - started
 
 
-def snapshot_legacy(dataset: LocalDataset, path: str | Path, *,
-                    progress: Progress | None = None) -> MigrationResult:
+def snapshot_legacy(
+    dataset: LocalDataset, path: str | Path, *, progress: Progress | None = None
+) -> MigrationResult:
     """Make a standalone content-addressed snapshot of a legacy file, without importing it.
 
     The blocks go into the dataset's blockstore (and the root is pinned, so
@@ -782,12 +950,16 @@ def snapshot_legacy(dataset: LocalDataset, path: str | Path, *,
     try:
         legacy = inspect_legacy(path)
         result.source, result.file_sha256 = legacy.source, legacy.file_sha256
-        result.tables = [TableReport(t.name, t.rows, 0, carried=t.name not in schema.TABLES)
-                         for t in legacy.tables.values()]
+        result.tables = [
+            TableReport(t.name, t.rows, 0, carried=t.name not in schema.TABLES)
+            for t in legacy.tables.values()
+        ]
         conn = open_legacy(path)
         try:
             with tempfile.TemporaryDirectory(dir=dataset.tmp) as work:
-                store = SnapshotStore(Path(work) / "state", dataset.blocks, f"legacy-{legacy.source}")
+                store = SnapshotStore(
+                    Path(work) / "state", dataset.blocks, f"legacy-{legacy.source}"
+                )
                 snap = store.snapshot(conn, tmp_dir=Path(work))
         finally:
             conn.close()

@@ -34,7 +34,7 @@ from typing import Any
 from multiformats import CID
 
 from benchsync.storage import schema, unixfs
-from benchsync.storage.blockstore import Blockstore, verify_block
+from benchsync.storage.blockstore import Blockstore, BlockWriteError, verify_block
 from benchsync.storage.errors import NotFound, StorageError
 
 FORMAT = "benchsync-snapshot/1"
@@ -409,8 +409,8 @@ class SnapshotStore:
                     tables=tables,
                 )
                 version = self._commit(manifest, tables_cid, tables_tsize, put)
-            except OSError as e:
-                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            except (OSError, BlockWriteError) as e:
+                if _disk_full(e):
                     raise DiskFull(
                         f"disk full while writing the snapshot ({e}); the database and history are "
                         "unchanged. Free some space (e.g. `benchsync gc`) and snapshot again"
@@ -483,6 +483,11 @@ class SnapshotStore:
             return read_version(self.blocks, cid)
         except (ValueError, KeyError) as e:
             raise NotFound(f"no version {cid!r} in the history or the blockstore") from e
+
+
+def _disk_full(e: BaseException) -> bool:
+    cause = e if isinstance(e, OSError) else e.__cause__
+    return isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def _cumulative_size(store: Blockstore, root: CID) -> int:

@@ -35,12 +35,14 @@ from benchsync.daemon.query import (
     TIMED_OUT,
     UNREACHABLE,
     FrameReader,
+    LocalQueryService,
     PeersMissing,
     QueryService,
+    ServerLimits,
     exchange,
 )
 from benchsync.protocol.frames import Refused, encode_json_frame
-from benchsync.protocol.query import QueryRequest
+from benchsync.protocol.query import QueryRequest, QueryResponse
 from benchsync.storage import distquery as dq
 from benchsync.storage.blockstore import MemoryBlockstore
 from benchsync.storage.db import BenchmarkDB
@@ -81,11 +83,12 @@ def records(rng: random.Random, n: int) -> list[dict[str, Any]]:
 class QNode:
     """A P2PNode with its own BenchmarkDB and (unless `serve=False`) a QueryService."""
 
-    def __init__(self, tmp: Path, name: str, *, serve: bool = True, **p2p: Any) -> None:
+    def __init__(self, tmp: Path, name: str, *, serve: bool = True,
+                 limits: ServerLimits | None = None, **p2p: Any) -> None:  # fmt: skip
         self.p2p = P2PNode(tmp / name, network=p2p.pop("network", NETWORK),
                            blockstore=MemoryBlockstore(), **p2p)  # fmt: skip
         self.db = BenchmarkDB(tmp / name / "bench.duckdb")
-        self.service = QueryService(self.p2p, self.db)
+        self.service = QueryService(self.p2p, self.db, limits=limits)
         if serve:
             self.service.register()
 
@@ -249,6 +252,17 @@ async def dying_handler(stream: INetStream) -> None:
     await stream.reset()
 
 
+async def lying_handler(stream: INetStream) -> None:
+    """Answers with the planned column names but every value a string."""
+    reader = FrameReader(stream)
+    await reader.frame(max_frame=MAX_HELLO_FRAME)
+    await reader.frame(max_frame=MAX_REQUEST_FRAME)
+    columns = dq.plan(GROUP_BY, [1]).partial_columns
+    table = pa.table({c: pa.array(["lie"], pa.string()) for c in columns})
+    body = QueryResponse("ok", arrow_ipc=dq.to_ipc(table)).to_bytes()
+    await stream.write(varint.encode(len(body)) + body)
+
+
 async def test_stalled_dead_and_unreachable_peers_are_reported(tmp_path: Path) -> None:
     rng = random.Random(9)
     a, b = QNode(tmp_path, "a"), QNode(tmp_path, "b")
@@ -257,6 +271,8 @@ async def test_stalled_dead_and_unreachable_peers_are_reported(tmp_path: Path) -
     release = trio.Event()
     stall.p2p.add_stream_handler(QUERY_PROTOCOL_ID, stalling_handler(release))
     dies.p2p.add_stream_handler(QUERY_PROTOCOL_ID, dying_handler)
+    liar = QNode(tmp_path, "liar", serve=False)
+    liar.p2p.add_stream_handler(QUERY_PROTOCOL_ID, lying_handler)
     union = BenchmarkDB(tmp_path / "union.duckdb")
     for node in (a, b):
         recs = records(rng, 50)
@@ -264,8 +280,8 @@ async def test_stalled_dead_and_unreachable_peers_are_reported(tmp_path: Path) -
         union.ingest_records("perf", recs)
     ghost = ID.from_pubkey(create_new_key_pair().public_key).to_base58()
     with trio.fail_after(TIMEOUT):
-        async with running(a, b, stall, dies, mute):
-            for n in (b, stall, dies, mute):
+        async with running(a, b, stall, dies, mute, liar):
+            for n in (b, stall, dies, mute, liar):
                 await n.p2p.connect(a.p2p.addrs[0])
             t0 = trio.current_time()
             result = await a.service.execute(GROUP_BY, [1], timeout_s=2.0)
@@ -276,7 +292,9 @@ async def test_stalled_dead_and_unreachable_peers_are_reported(tmp_path: Path) -
             assert status[dies.peer_id].status == ERROR
             assert "mid-answer" in status[dies.peer_id].message
             assert status[mute.peer_id].status == ERROR
-            assert not result.complete and len(result.missing) == 3
+            assert status[liar.peer_id].status == ERROR
+            assert "column types" in status[liar.peer_id].message
+            assert not result.complete and len(result.missing) == 4
             # The answer holds the nodes that answered, exactly.
             assert_same(result.table, union.query(GROUP_BY, [1]))
             assert "timed_out" in str(result.to_json()["peers"])
@@ -288,8 +306,8 @@ async def test_stalled_dead_and_unreachable_peers_are_reported(tmp_path: Path) -
 
             with pytest.raises(PeersMissing) as e:
                 await a.service.execute(GROUP_BY, [1], timeout_s=1.5, require_all=True)
-            assert {p.peer_id for p in e.value.missing} == {stall.peer_id, dies.peer_id,
-                                                             mute.peer_id}  # fmt: skip
+            missing = {stall.peer_id, dies.peer_id, mute.peer_id, liar.peer_id}
+            assert {p.peer_id for p in e.value.missing} == missing
             assert stall.peer_id in str(e.value) and "require_all" in str(e.value)
             # Everyone who can answer still does.
             ok = await a.service.execute(GROUP_BY, [1], peers=[b.peer_id], require_all=True,
@@ -363,3 +381,64 @@ async def test_garbage_on_the_query_stream_costs_that_stream_only(tmp_path: Path
             assert a.p2p.running and u.peer_id in a.p2p.connected_peers()
             response = await ask_raw(u, a, QueryRequest(sql="SELECT count(*) AS n FROM models"))
             assert response.status == "ok"
+
+
+async def test_local_part_follows_writes_and_a_replaced_database(tmp_path: Path) -> None:
+    first, second = BenchmarkDB(tmp_path / "1.duckdb"), BenchmarkDB(tmp_path / "2.duckdb")
+    first.ingest_records("perf", records(random.Random(6), 5))
+    second.ingest_records("perf", records(random.Random(7), 12))
+    current = [first]
+    local = LocalQueryService(lambda: current[0])
+    count = "SELECT count(*) AS n FROM performance_results"
+
+    async def rows() -> int:
+        table = await local.execute(count, timeout_s=5)
+        return int(table["n"][0].as_py())
+
+    try:
+        assert await rows() == 5 and await rows() == 5
+        assert local.loads == 1  # unchanged data is not re-read
+        first.ingest_records("perf", records(random.Random(8), 3))
+        assert await rows() == 8 and local.loads == 2
+        current[0] = second  # a restore swapped the database object
+        assert await rows() == 12
+        first.ingest_records("perf", records(random.Random(9), 1))  # old db: ignored now
+        assert await rows() == 12 and local.loads == 3
+    finally:
+        local.close()
+        first.close()
+        second.close()
+
+
+async def test_server_limits_memory_and_streams_per_peer(tmp_path: Path) -> None:
+    limits = ServerLimits(memory_limit="32MB", max_per_peer=1, max_rows=50)
+    a, u = QNode(tmp_path, "a", limits=limits), QNode(tmp_path, "u", serve=False)
+    a.db.ingest_records("perf", records(random.Random(5), 80))
+    hog = "SELECT max(l) FROM (SELECT list(i) AS l FROM range(30000000) t(i))"
+    slow = "SELECT count(*) FROM range(100000000) a, range(100000000) b"
+    with trio.fail_after(TIMEOUT):
+        async with running(a, u):
+            await u.p2p.connect(a.p2p.addrs[0])
+            response = await ask_raw(u, a, QueryRequest(sql=hog, timeout_s=5))
+            assert response.status == "too_large" and "memory" in response.message
+            # The node's max_rows wins over the requester's larger one.
+            rows = await ask_raw(u, a, QueryRequest(
+                sql="SELECT * FROM performance_results", max_rows=1000))  # fmt: skip
+            assert rows.status == "too_large" and "50" in rows.message
+            answers: list[str] = []
+
+            async def ask(sql: str, timeout_s: float) -> None:
+                r = await ask_raw(u, a, QueryRequest(sql=sql, timeout_s=timeout_s))
+                answers.append(f"{r.status}: {r.message}")
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ask, slow, 1.5)
+                # The slow one holds u's only slot once the server counts it
+                # (server state has no event to await; poll the condition).
+                while a.service.server.stats.requests < 3:
+                    await trio.sleep(0.01)
+                nursery.start_soon(ask, "SELECT 1", 5.0)
+            assert answers[0].startswith("refused: busy") and answers[1].startswith("timeout")
+            assert not a.service.server.active  # every slot was given back
+            ok = await ask_raw(u, a, QueryRequest(sql="SELECT count(*) AS n FROM models"))
+            assert ok.status == "ok"

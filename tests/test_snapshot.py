@@ -395,16 +395,16 @@ def test_full_disk_during_snapshot_keeps_head_and_database(ds: LocalDataset, mon
     fill(ds, 0, 100)
     v1 = ds.snapshot().version
     fill(ds, 100, 100)
-    real_put = ds.blocks.put
+    real_write = os.write
     calls = {"n": 0}
 
-    def full_put(cid, data, *, verify=True):
+    def full_disk_write(fd, data):
         calls["n"] += 1
-        if calls["n"] > 2:
+        if calls["n"] > 2:  # a few blocks land, then the disk is full
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real_put(cid, data, verify=verify)
+        return real_write(fd, data)
 
-    monkeypatch.setattr(ds.blocks, "put", full_put)
+    monkeypatch.setattr(os, "write", full_disk_write)
     with pytest.raises(DiskFull, match="disk full"):
         ds.snapshot()
     monkeypatch.undo()

@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "cid",
     "record",
     "query",
+    "migrate",
 ]
 
 
