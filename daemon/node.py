@@ -23,6 +23,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import duckdb
 import pyarrow as pa
 import trio
 from multiformats import CID
@@ -40,11 +41,13 @@ from benchsync.daemon.fetch import FetchLimits
 from benchsync.daemon.identity import load_or_create_identity, peer_id_of
 from benchsync.daemon.metrics import Metrics
 from benchsync.daemon.network import P2PNode
-from benchsync.daemon.query import QueryService
+from benchsync.daemon.query import DistributedQueryError, QueryService
 from benchsync.daemon.sdnotify import Notifier, run_watchdog
 from benchsync.protocol.heads import Head
+from benchsync.protocol.planner import PlanError
 from benchsync.storage.dataset import LocalDataset
 from benchsync.storage.errors import InvalidRecord, NotFound, StorageError
+from benchsync.storage.sandbox import QueryError
 from benchsync.storage.snapshot import Version, read_version
 
 if TYPE_CHECKING:
@@ -417,31 +420,41 @@ class Node:
                 400, "bad_request", 'expected {"sql": "...", "scope": "local|replicas|network"}'
             )
         scope = body.get("scope", "local")
+        if scope not in ("local", "replicas", "network"):
+            raise ApiError(400, "bad_scope", f"unknown scope {scope!r}",
+                           "use local, replicas or network")  # fmt: skip
         params = body.get("params") or []
-        with self.metrics.time_query(
-            scope if scope in ("local", "replicas", "network") else "local"
-        ) as t:
-            if scope == "network":
-                result = await self.queries.execute(
-                    body["sql"], params, peers=body.get("peers"),
-                    require_all=bool(body.get("require_all", False)),
-                    timeout_s=body.get("timeout"),
-                )  # fmt: skip
-                return 200, result.to_json()
-            if scope not in ("local", "replicas"):
-                t.outcome = "refused"
-                raise ApiError(
-                    400, "bad_scope", f"unknown scope {scope!r}", "use local, replicas or network"
-                )
+        with self.metrics.time_query(scope) as t:
             try:
+                if scope == "network":
+                    result = await self.queries.execute(
+                        body["sql"], params, peers=body.get("peers"),
+                        require_all=bool(body.get("require_all", False)),
+                        timeout_s=body.get("timeout"),
+                    )  # fmt: skip
+                    return 200, result.to_json()
                 table = await trio.to_thread.run_sync(
                     lambda: self.dataset.query(body["sql"], params, scope=scope)
                 )
-            except Exception as e:
+                return 200, {"scope": scope, **table_json(table)}
+            except QueryError as e:  # refused, invalid SQL, limits
+                t.outcome = e.kind if e.kind in ("refused", "timeout", "too_large") else "error"
+                raise ApiError(400, e.kind, str(e), "only single read-only SELECTs run") from e
+            except PlanError as e:
+                t.outcome = "refused"
+                raise ApiError(400, "cannot_distribute", str(e),
+                               "rewrite it without the construct named above") from e  # fmt: skip
+            except DistributedQueryError as e:  # require_all with missing peers, or no answer
+                t.outcome = "error"
+                raise ApiError(503, "peers_missing", str(e),
+                               "retry, raise --timeout, or drop --require-all") from e  # fmt: skip
+            except duckdb.Error as e:
                 t.outcome = "error"
                 raise ApiError(400, "query_failed", f"{type(e).__name__}: {e}",
-                               "check the SQL (tables: benchsync query 'SHOW TABLES')") from e  # fmt: skip
-            return 200, {"scope": scope, **table_json(table)}
+                               "check the SQL; list tables with SHOW TABLES") from e  # fmt: skip
+            except ValueError as e:
+                t.outcome = "error"
+                raise ApiError(400, "bad_request", str(e)) from e
 
     async def _api_snapshot(self, request: Request) -> tuple[int, Any]:
         try:

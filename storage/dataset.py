@@ -305,12 +305,16 @@ class LocalDataset:
                     f"root {root} is incomplete: {len(missing)} block(s) missing "
                     f"(e.g. {missing[0]}); import the other CAR files of this export too"
                 )
+        self.pin(*roots)
+        result.roots = [str(r) for r in roots]
+        return result
+
+    def pin(self, *roots: CID | str) -> None:
+        """Keep `roots` (and every block under them) through garbage collection."""
         pins = self._pins()
         for root in roots:
             pins.setdefault(str(root), time.time())
         self._save_pins(pins)
-        result.roots = [str(r) for r in roots]
-        return result
 
     def _pins_path(self) -> Path:
         return self.home / "snapshots" / "pins.json"

@@ -964,10 +964,7 @@ def snapshot_legacy(
         finally:
             conn.close()
         version = snap.version
-        # LocalDataset has no public pin method yet; its pins file is what gc keeps.
-        pins = dataset._pins()
-        pins.setdefault(version.cid, time.time())
-        dataset._save_pins(pins)
+        dataset.pin(version.cid)
         result.sidecar = write_sidecar(path, version)
         result.cid = version.cid
         result.status = "snapshot"

@@ -283,7 +283,17 @@ def export_tables(conn: Any, dest: Path) -> dict[str, Path]:
         for table in tables:
             path = dest / f"{table}.parquet"
             key = schema.PRIMARY_KEYS.get(table)
-            order = _quote(key) if key else "ALL"
+            # Key first (appended rows sort last), then every column: legacy files repeat
+            # keys (assertion ids restarted per result), and ties must not reorder.
+            columns = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT column_name FROM information_schema.columns WHERE table_name = ? "
+                    "AND table_schema = 'main' ORDER BY ordinal_position",
+                    [table],
+                ).fetchall()
+            ]
+            order = ", ".join(_quote(c) for c in ([key] if key else []) + columns)
             conn.execute(
                 f"COPY (SELECT * FROM {_quote(table)} ORDER BY {order}) TO '{path}' "
                 f"(FORMAT parquet, COMPRESSION {PARQUET_COMPRESSION}, "

@@ -169,7 +169,8 @@ def test_three_nodes_sync_query_survive_kill_and_stop_cleanly(tmp_path: Path) ->
         NodeProcess(tmp_path / f"node{i}", free_port(), network,
                     extra_args=["--snapshot-interval", "0", "--reannounce-interval", "1"],
                     env={"NOTIFY_SOCKET": str(listeners[i].path),
-                         "WATCHDOG_USEC": str(WATCHDOG_USEC)})
+                         "WATCHDOG_USEC": str(WATCHDOG_USEC),
+                         "PYTHONFAULTHANDLER": "1"})
         for i in range(3)
     ]  # fmt: skip
     for node in nodes:
@@ -183,6 +184,10 @@ def test_three_nodes_sync_query_survive_kill_and_stop_cleanly(tmp_path: Path) ->
         _check_sigterm(nodes, listeners)
     except BaseException:
         for node in nodes:
+            if node.proc is not None and node.proc.poll() is None:
+                # A hung node: SIGABRT makes faulthandler write every thread's stack to its log.
+                node.proc.send_signal(signal.SIGABRT)
+                node.proc.wait(timeout=10)
             print(f"--- {node.home.name} log ---\n{node.tail_log(60)}", file=sys.stderr)
         raise
     finally:

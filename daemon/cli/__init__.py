@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from benchsync.daemon.cli.common import CLIError, fail
+    from benchsync.storage.db import DatabaseLocked
     from benchsync.storage.errors import StorageError
 
     parser = build_parser()
@@ -48,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
         rc = args.func(args)
     except CLIError as e:
         return fail(e)
+    except DatabaseLocked as e:
+        return fail(CLIError(str(e), "a node runs on this data directory: stop it, or let the "
+                             "command go through it (check `benchsync status`)"))
     except StorageError as e:
         return fail(
             CLIError(str(e), "run with the same arguments again after fixing the cause above")
