@@ -29,11 +29,12 @@ QUERY_TIMEOUT = 10.0  # seconds node 0 waits for its peers
 
 # Grouping uses values (model name, hardware type), never local ids, which
 # collide across nodes. median() cannot be merged from per-node medians; the
-# planner sees that and ships the rows it needs instead.
+# planner sees that and ships the rows it needs instead. Latencies are stored
+# as 32-bit floats: cast before rounding, or 2.14 prints as 2.140000104904175.
 SQL = """
 SELECT h.hardware_type, count(*) AS runs,
        round(avg(p.throughput_items_per_second), 1) AS mean_items_per_s,
-       round(median(p.average_latency_ms), 2) AS median_latency_ms
+       round(median(p.average_latency_ms::DOUBLE), 2) AS median_latency_ms
 FROM performance_results p
 JOIN hardware_platforms h ON p.hardware_id = h.hardware_id
 WHERE p.batch_size = $batch

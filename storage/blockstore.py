@@ -11,17 +11,29 @@ equivalent CIDv1, dag-pb + sha2-256), so the codec survives a round trip and
 `cids()` can list real CIDs. On disk, files are sharded Kubo-flatfs style by
 the two characters before the last one of that string, which are uniformly
 distributed (the multihash's tail), unlike the fixed `bafkrei`/`bafybei` prefix.
+
+Durability: a lone `put` fsyncs its block before renaming it into place. Inside
+`with store.batch():` (per calling thread) puts skip that fsync, and the batch's
+exit makes every block durable with one `syncfs` of the store's filesystem,
+*then* renames them all into place, then makes the renames durable. A block is
+never visible under its key before its bytes are on disk: `put` skips keys that
+exist, so a renamed-but-unsynced block that a crash emptied would be trusted
+forever.
 """
 
 from __future__ import annotations
 
 import abc
 import base64
+import contextlib
+import ctypes
+import ctypes.util
 import errno
 import hashlib
 import os
 import secrets
-from collections.abc import Iterable, Iterator
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from multiformats import CID, multihash
@@ -34,6 +46,32 @@ SHARD_CHARS = 2  # characters of the key per shard directory (32**2 = 1024 direc
 TMP_PREFIX = ".tmp-"  # in-flight writes; never a valid key (keys are base32 CIDs)
 
 _SHA2_256_PREFIX = b"\x12\x20"  # multihash header: sha2-256, 32 bytes
+# sync_file_range(2) flag: start writeback of the range now, do not wait for it.
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _libc_function(name: str) -> Callable[..., int] | None:
+    """A libc function with errno capture, or None where libc lacks it (not Linux)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = getattr(libc, name)
+    except (OSError, AttributeError):
+        return None
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_syncfs = _libc_function("syncfs")
+if _syncfs is not None:
+    _syncfs.argtypes = [ctypes.c_int]  # type: ignore[attr-defined]
+_sync_file_range = _libc_function("sync_file_range")
+if _sync_file_range is not None:
+    _sync_file_range.argtypes = [  # type: ignore[attr-defined]
+        ctypes.c_int,
+        ctypes.c_longlong,
+        ctypes.c_longlong,
+        ctypes.c_uint,
+    ]
 
 
 class UnsupportedHash(StorageError):
@@ -149,6 +187,19 @@ class Blockstore(abc.ABC):
         """Remove a block; removing an absent block is not an error."""
         self._remove(block_key(cid))
 
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Group this thread's puts so they become durable together, on exit.
+
+        Blocks put inside the batch are readable (`has`/`get`/`size`) by this
+        thread at once and by everyone after the batch commits; `cids()` lists
+        committed blocks only. If the body raises, none of the batch's new
+        blocks is kept. A nested batch joins the outer one. Other threads' puts
+        are unaffected. Raises BlockWriteError on exit if the blocks could not
+        be made durable (then none of them is stored).
+        """
+        yield  # a store without a durable medium has nothing to defer; see the subclasses
+
     def cids(self) -> Iterator[CID]:
         """Every stored block's CID (as CIDv1, base32), in no particular order."""
         for key in self._keys():
@@ -191,33 +242,86 @@ class Blockstore(abc.ABC):
 
 
 class MemoryBlockstore(Blockstore):
-    """Blocks in a dict; nothing survives the process."""
+    """Blocks in a dict; nothing survives the process.
+
+    A batch keeps its blocks in a per-thread dict until it ends, so other
+    threads see them exactly when they would in the filesystem store.
+    """
 
     def __init__(self) -> None:
         self._blocks: dict[str, bytes] = {}
+        self._local = threading.local()  # .pending: this thread's open batch, key -> bytes
 
     def __repr__(self) -> str:
         return "the in-memory blockstore"
 
-    def _get(self, key: str) -> bytes | None:
+    def _pending(self) -> dict[str, bytes] | None:
+        return getattr(self._local, "pending", None)
+
+    def _lookup(self, key: str) -> bytes | None:
+        pending = self._pending()
+        if pending is not None and key in pending:
+            return pending[key]
         return self._blocks.get(key)
 
+    def _get(self, key: str) -> bytes | None:
+        return self._lookup(key)
+
     def _size(self, key: str) -> int | None:
-        data = self._blocks.get(key)
+        data = self._lookup(key)
         return None if data is None else len(data)
 
     def _store(self, key: str, data: bytes) -> bool:
-        if key in self._blocks:
+        if self._lookup(key) is not None:
             return False
-        self._blocks[key] = bytes(data)
+        pending = self._pending()
+        (self._blocks if pending is None else pending)[key] = bytes(data)
         return True
 
     def _remove(self, key: str) -> int:
-        data = self._blocks.pop(key, None)
+        pending = self._pending()
+        data = pending.pop(key, None) if pending is not None else None
+        if data is None:
+            data = self._blocks.pop(key, None)
         return 0 if data is None else len(data)
 
     def _keys(self) -> Iterator[str]:
         return iter(list(self._blocks))
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        if self._pending() is not None:
+            yield  # nested: the outermost batch commits
+            return
+        pending: dict[str, bytes] = {}
+        self._local.pending = pending
+        try:
+            yield
+        finally:
+            self._local.pending = None
+        # Reached only if the body did not raise: a failed batch keeps nothing.
+        for key, data in pending.items():
+            self._blocks.setdefault(key, data)
+
+    batch.__doc__ = Blockstore.batch.__doc__
+
+
+class _Batch:
+    """The blocks one thread has written inside `FsBlockstore.batch()`, not yet in place."""
+
+    def __init__(self) -> None:
+        self.pending: dict[str, tuple[Path, Path]] = {}  # key -> (temp file, final path)
+
+
+def _write_error(action: str, root: Path, e: OSError, outcome: str) -> BlockWriteError:
+    """`BlockWriteError` for a failed disk operation, naming the cause and what was kept."""
+    reason = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else e.strerror or str(e)
+    err = BlockWriteError(
+        f"could not {action} in {root}: {reason}; {outcome} "
+        "(free disk space or check permissions, then retry)"
+    )
+    err.__cause__ = e
+    return err
 
 
 class FsBlockstore(Blockstore):
@@ -225,8 +329,9 @@ class FsBlockstore(Blockstore):
 
     A put writes a temporary file in the shard directory, fsyncs it (unless
     `fsync=False`) and renames it into place, so a reader, a crash or a full
-    disk never leaves a partial block under a real key. Leftover temporary
-    files from a crash are removed by `gc`.
+    disk never leaves a partial block under a real key. Inside `batch()` the
+    fsync is deferred to one filesystem sync at the batch's end, before any
+    rename. Leftover temporary files from a crash are removed by `gc`.
     """
 
     def __init__(self, root: Path, *, fsync: bool = True) -> None:
@@ -234,6 +339,7 @@ class FsBlockstore(Blockstore):
         self.fsync = fsync
         self.root.mkdir(parents=True, exist_ok=True)
         self._shards: set[str] = set()  # shard directories known to exist (saves a syscall)
+        self._local = threading.local()  # .batch: this thread's open _Batch, if any
 
     def _path(self, key: str) -> Path:
         return self.root / key[-SHARD_CHARS - 1 : -1] / key
@@ -241,19 +347,32 @@ class FsBlockstore(Blockstore):
     def __repr__(self) -> str:
         return f"the blockstore at {self.root}"
 
+    def _batch(self) -> _Batch | None:
+        return getattr(self._local, "batch", None)
+
+    def _readable(self, key: str) -> Path:
+        """Where this thread reads `key`: its batch's temp file if pending, else the block."""
+        batch = self._batch()
+        if batch is not None and key in batch.pending:
+            return batch.pending[key][0]
+        return self._path(key)
+
     def _get(self, key: str) -> bytes | None:
         try:
-            return self._path(key).read_bytes()
+            return self._readable(key).read_bytes()
         except FileNotFoundError:
             return None
 
     def _size(self, key: str) -> int | None:
         try:
-            return self._path(key).stat().st_size
+            return self._readable(key).stat().st_size
         except FileNotFoundError:
             return None
 
     def _store(self, key: str, data: bytes) -> bool:
+        batch = self._batch()
+        if batch is not None and key in batch.pending:
+            return False
         path = self._path(key)
         if path.is_file():
             return False
@@ -267,23 +386,111 @@ class FsBlockstore(Blockstore):
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view) :]
-                if self.fsync:
+                if batch is not None:
+                    if self.fsync and _sync_file_range is not None:
+                        # Start writeback now, without waiting: the disk works while we
+                        # hash the next chunk, and the batch's final sync has less to do.
+                        _sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
+                elif self.fsync:
                     os.fsync(fd)
             finally:
                 os.close(fd)
+            if batch is not None:
+                batch.pending[key] = (tmp, path)
+                return True
             # Content-addressed: if another writer won the race, the bytes are
             # identical, so replacing is harmless.
             os.replace(tmp, path)
         except OSError as e:
             tmp.unlink(missing_ok=True)
-            what = "the disk is full" if e.errno == errno.ENOSPC else e.strerror or str(e)
-            raise BlockWriteError(
-                f"could not store block {key} in {self.root}: {what}; nothing was stored "
-                "(free disk space or check permissions, then retry)"
-            ) from e
+            raise _write_error(f"store block {key}", self.root, e, "nothing was stored") from e
         return True
 
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        if self._batch() is not None:
+            yield  # nested: the outermost batch commits
+            return
+        batch = _Batch()
+        self._local.batch = batch
+        try:
+            yield
+        except BaseException:
+            self._local.batch = None
+            self._discard(batch.pending.values())
+            raise
+        self._local.batch = None
+        self._commit(batch)
+
+    batch.__doc__ = Blockstore.batch.__doc__
+
+    def _commit(self, batch: _Batch) -> None:
+        """Make the batch's temp files durable, rename them into place, make that durable."""
+        items = list(batch.pending.items())
+        if not items:
+            return
+        if self.fsync:
+            try:
+                pass
+            except OSError as e:
+                self._discard(batch.pending.values())
+                raise _write_error(
+                    f"make {len(items)} new blocks durable", self.root, e, "none of them was stored"
+                ) from e
+        for i, (key, (tmp, path)) in enumerate(items):
+            try:
+                os.replace(tmp, path)
+            except OSError as e:
+                # The blocks renamed so far are complete and synced: keeping them is safe.
+                self._discard(pair for _, pair in items[i:])
+                raise _write_error(
+                    f"rename block {key} into place",
+                    self.root,
+                    e,
+                    f"{len(items) - i} blocks of the batch were not stored",
+                ) from e
+        if self.fsync:
+            try:
+                self._sync({path.parent for _, (_, path) in items})
+            except OSError as e:
+                # Renamed but maybe not durable: a crash may lose a block, never corrupt one.
+                raise _write_error(
+                    f"make the names of {len(items)} new blocks durable",
+                    self.root,
+                    e,
+                    "they are stored but a crash may lose them",
+                ) from e
+
+    def _sync(self, fallback: Iterable[Path]) -> None:
+        """Flush the store's filesystem: one syncfs(2) where libc has it, else fsync each path."""
+        if _syncfs is not None:
+            fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                if _syncfs(fd) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, os.strerror(err))
+            finally:
+                os.close(fd)
+            return
+        for path in fallback:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    @staticmethod
+    def _discard(pairs: Iterable[tuple[Path, Path]]) -> None:
+        for tmp, _ in pairs:
+            tmp.unlink(missing_ok=True)
+
     def _remove(self, key: str) -> int:
+        batch = self._batch()
+        if batch is not None and key in batch.pending:
+            tmp, _ = batch.pending.pop(key)
+            size = tmp.stat().st_size
+            tmp.unlink()
+            return size
         path = self._path(key)
         try:
             size = path.stat().st_size

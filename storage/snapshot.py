@@ -403,7 +403,10 @@ class SnapshotStore:
         try:
             try:
                 files = export_tables(conn, work)
-                tables_cid, tables_tsize, added = add_tables(files, put)
+                # One durable sync for all the table blocks instead of an fsync per block;
+                # they are durable (and in place) when the batch ends, before any head.
+                with self.blocks.batch():
+                    tables_cid, tables_tsize, added = add_tables(files, put)
                 tables = {
                     table: TableInfo(rows=_count_rows(conn, files[table]), bytes=size, cid=str(cid))
                     for table, (cid, size) in added.items()
@@ -439,10 +442,11 @@ class SnapshotStore:
         tables_tsize: int,
         put: Callable[[CID, bytes], None],
     ) -> Version:
-        mcid, _, mtsize = unixfs.add_bytes(manifest.to_bytes(), put)
-        root, _ = unixfs.add_directory(
-            [(MANIFEST_NAME, mcid, mtsize), (TABLES_DIR, tables_cid, tables_tsize)], put
-        )
+        with self.blocks.batch():  # the manifest and root blocks: durable before the head
+            mcid, _, mtsize = unixfs.add_bytes(manifest.to_bytes(), put)
+            root, _ = unixfs.add_directory(
+                [(MANIFEST_NAME, mcid, mtsize), (TABLES_DIR, tables_cid, tables_tsize)], put
+            )
         version = Version(cid=str(root), tables_cid=str(tables_cid), manifest=manifest)
         self._set_head(version)
         return version

@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -38,6 +39,7 @@ WATCHDOG_PINGS = 3  # pings we want to see to call it periodic
 PER_NODE = 20  # results each node records from a JSONL file (plus one by flags)
 LATE_WRITES = 5  # results node2 acknowledges just before it is killed
 NETWORK_QUERY_TIMEOUT = 5.0  # seconds a network query waits for a dead peer
+STOP_TIMEOUT = 20.0  # seconds for a node to exit after SIGTERM
 BAD_CONFIG_TIMEOUT = 30.0  # seconds for `benchsync up` to refuse a bad config
 
 COUNT_BY_HARDWARE = (
@@ -92,9 +94,17 @@ def cli_parallel(calls: list[Call]) -> list[subprocess.CompletedProcess[str]]:
 
 
 def query_json(home: Path, sql: str, scope: str, *extra: str) -> dict[str, Any]:
+    """`benchsync query --format json` as {"rows": [...], "peers": [...]} in every scope.
+
+    The CLI prints a bare array of rows for local/replicas, and a document with
+    the per-peer status for network.
+    """
     doc = json.loads(cli(home, "query", sql, "--scope", scope, "--format", "json", *extra).stdout)
-    assert isinstance(doc, dict), doc
-    return doc
+    if scope == "network":
+        assert isinstance(doc, dict) and isinstance(doc["peers"], list), doc
+        return dict(doc)
+    assert isinstance(doc, list), doc
+    return {"rows": doc, "peers": []}
 
 
 def poll(what: str, check: Callable[[], Any], timeout: float) -> Any:
@@ -110,41 +120,67 @@ def poll(what: str, check: Callable[[], Any], timeout: float) -> Any:
 
 
 class NotifyListener:
-    """The service manager's end of `$NOTIFY_SOCKET`: collects sd_notify datagrams."""
+    """The service manager's end of `$NOTIFY_SOCKET`: collects sd_notify datagrams.
+
+    Like systemd it drains the socket continuously (a thread): a full datagram
+    queue would make the node's next notification block or fail.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(str(path))
+        self.sock.settimeout(0.2)  # so the reader thread notices close() promptly
         self.messages: list[dict[str, str]] = []
+        self._changed = threading.Condition()
+        self._closed = False
+        self._reader = threading.Thread(target=self._read, name=f"notify:{path.name}", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        while not self._closed:
+            try:
+                data = self.sock.recv(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self._add(data)
+
+    def _add(self, data: bytes) -> None:
+        fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
+        with self._changed:
+            self.messages.append(fields)
+            self._changed.notify_all()
 
     def close(self) -> None:
-        self.sock.close()
-
-    def _drain(self, wait: float) -> None:
-        self.sock.settimeout(wait)
+        """Stop reading; whatever is still queued on the socket is collected first."""
+        if self._closed:
+            return
+        self._closed = True
+        self._reader.join(timeout=5)
+        self.sock.setblocking(False)
         try:
             while True:
-                data = self.sock.recv(4096)
-                fields = dict(line.split("=", 1) for line in data.decode().splitlines() if line)
-                self.messages.append(fields)
-                self.sock.settimeout(0)  # take whatever else is queued, without waiting
-        except (BlockingIOError, TimeoutError):
+                self._add(self.sock.recv(4096))
+        except OSError:  # BlockingIOError: the queue is empty
             pass
+        self.sock.close()
 
     def count(self, key: str) -> int:
-        return sum(1 for m in self.messages if key in m)
+        with self._changed:
+            return sum(1 for m in self.messages if key in m)
 
     def wait_for(self, key: str, times: int = 1, timeout: float = NOTIFY_TIMEOUT) -> dict[str, str]:
         """Wait until `key` arrived `times` times in total; returns the latest message with it."""
-        deadline = time.monotonic() + timeout
-        while self.count(key) < times:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"{self.path.name}: {key} seen {self.count(key)} times, "
+        with self._changed:
+            if not self._changed.wait_for(lambda: self._count(key) >= times, timeout):
+                raise AssertionError(f"{self.path.name}: {key} seen {self._count(key)} times, "
                                      f"wanted {times}; messages: {self.messages}")  # fmt: skip
-            self._drain(min(left, 0.5))
-        return [m for m in self.messages if key in m][-1]
+            return [m for m in self.messages if key in m][-1]
+
+    def _count(self, key: str) -> int:
+        return sum(1 for m in self.messages if key in m)
 
 
 def start_all(nodes: list[NodeProcess]) -> None:
@@ -309,7 +345,8 @@ def _check_sigterm(nodes: list[NodeProcess], listeners: list[NotifyListener]) ->
     for node in nodes:
         assert node.proc is not None and node.proc.poll() is None
         node.proc.send_signal(signal.SIGTERM)
-    codes = [node.stop() for node in nodes]
+    # One SIGTERM each (a second one would mean "force"); then wait for all of them.
+    codes = [node.proc.wait(timeout=STOP_TIMEOUT) for node in nodes if node.proc is not None]
     assert codes == [0, 0, 0], [n.tail_log() for n in nodes]
     for node, listener in zip(nodes, listeners, strict=True):
         listener.wait_for("STOPPING", timeout=5)
@@ -342,7 +379,7 @@ def test_bad_config_refuses_to_start_before_listening(
              "--listen", f"/ip4/127.0.0.1/tcp/{port}"],
             capture_output=True, text=True, env=env, timeout=BAD_CONFIG_TIMEOUT,
         )  # fmt: skip
-        listener._drain(0)
+        listener.close()  # collects anything the node sent
         assert r.returncode != 0
         assert setting in r.stderr and "Error:" in r.stderr and "Try:" in r.stderr, r.stderr
         assert "config.toml" in r.stderr, "the error should say which file is wrong"

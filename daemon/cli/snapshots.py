@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 import time
@@ -17,6 +18,7 @@ from benchsync.daemon.cli.common import (
     open_dataset,
     parse_size,
 )
+from benchsync.daemon.cli.progress import CountingReader, CountingWriter, Progress
 from benchsync.storage.errors import NotFound, StorageError
 
 
@@ -119,16 +121,20 @@ def run_restore(args: argparse.Namespace) -> int:
 def run_export(args: argparse.Namespace) -> int:
     out = Path(args.car)
     with open_dataset(args) as ds:
+        head = ds.snapshots.find(args.cid) if args.cid else ds.head()
+        total = head.manifest.total_bytes if head else None
+        progress = Progress(f"export {out.name}", total)
         if args.max_size:
-            paths = ds.export_cars(out, args.cid, args.max_size)
+            paths = ds.export_cars(out, args.cid, args.max_size, progress=progress.update)
+            progress.close()
             for p in paths:
                 print(p)
         else:
             tmp = out.with_name(f".{out.name}.partial")
             with open(tmp, "wb") as f:
-                root, n = ds.export_car(f, args.cid)
+                root, n = ds.export_car(CountingWriter(f, progress), args.cid)
             tmp.replace(out)
-            print(f"{root}  {n} bytes  {out}", file=sys.stderr)
+            progress.close()
             print(root)
     return 0
 
@@ -137,14 +143,24 @@ def run_import(args: argparse.Namespace) -> int:
     for name in args.files:
         if not Path(name).is_file():
             raise CLIError(f"{name}: no such file", "pass the path of a .car file")
+    total = sum(Path(n).stat().st_size for n in args.files)
+    progress = Progress("import", total, enabled=not args.json)
     with open_dataset(args) as ds, ExitStack() as stack:
-        streams = [(name, stack.enter_context(open(name, "rb"))) for name in args.files]
+        streams = [
+            (
+                name,
+                io.BufferedReader(CountingReader(stack.enter_context(open(name, "rb")), progress)),
+            )
+            for name in args.files
+        ]
         try:
             result = ds.import_cars(streams)
         except StorageError as e:
             raise CLIError(
                 str(e), "check the file is a complete CAR written by `benchsync export`"
             ) from e
+        finally:
+            progress.close()
     if args.json:
         print(
             json.dumps(
