@@ -15,13 +15,14 @@ The large dataset is written offline with `BenchmarkDB.ingest_arrow` before
 its node starts, so only the snapshot and the sync are measured. RSS comes
 from /proc (Linux): VmRSS now, VmHWM for the peak since the process started.
 
-Run: .venv/bin/python bench/bench_node.py [--rows 1500000] [--records 300]
+Run: .venv/bin/python bench/bench_node.py [--rows 3000000] [--records 300] [--keep]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -70,7 +71,8 @@ def mib(kib: int) -> str:
 def bare_import_rss() -> int:
     """RSS (KiB) of a Python process that imported the node's heavy libraries, then idles."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", f"{BARE_IMPORTS}; import sys; print('ok', flush=True); sys.stdin.read()"],
+        [sys.executable, "-c",
+         f"{BARE_IMPORTS}; import sys; print('ok', flush=True); sys.stdin.read()"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
@@ -178,10 +180,11 @@ class PeakSampler:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=1_500_000,
+    parser.add_argument("--rows", type=int, default=3_000_000,
                         help="performance results on the node whose snapshot is synced")
     parser.add_argument("--records", type=int, default=300,
                         help="single-record writes timed per path")
+    parser.add_argument("--keep", action="store_true", help="keep the data directories")
     args = parser.parse_args()
     base = Path(tempfile.mkdtemp(prefix="benchsync-bench-node-"))
     network = f"bench-{os.getpid()}"
@@ -198,7 +201,8 @@ def main() -> int:
         idle_rss = proc_status_kib(pid_of(idle), "VmRSS")
         print("\n== memory (RSS) ==")
         print(f"bare python + {BARE_IMPORTS[7:]}: {mib(bare)}")
-        print(f"idle node (empty data dir):       {mib(idle_rss)}   ratio {idle_rss / bare:.2f}x bare")
+        print(f"idle node (empty data dir):       {mib(idle_rss)}"
+              f"   ratio {idle_rss / bare:.2f}x bare")  # fmt: skip
 
         # 2. latency of one write: control API vs in-process
         one = {k: v for k, v in RECORD.items()}
@@ -239,6 +243,8 @@ def main() -> int:
         big_after = proc_status_kib(pid_of(big), "VmHWM")
         print(f"provider: idle with data {mib(big_idle)}, peak through snapshot {mib(big_after)}"
               f" (snapshot of {size / MiB:.1f} MiB took {snap_s:.1f} s)")  # fmt: skip
+        print(f"provider peak RSS through snapshot: ratio {big_after / bare:.2f}x bare,"
+              f" {(big_after - big_idle) / KiB / max(1.0, size / MiB):.2f} MiB per snapshot MiB")
 
         follower = NodeProcess(base / "follower", free_port(), network, bootstrap=[big.addr],
                                extra_args=["--snapshot-interval", "0"])  # fmt: skip
@@ -266,13 +272,16 @@ def main() -> int:
               f" {peak / idle_rss:.2f}x idle node")  # fmt: skip
         if sampler.samples:
             mean = sum(sampler.samples) / len(sampler.samples)
-            print(f"follower mean RSS while syncing: {mib(int(mean))}   ratio {mean / bare:.2f}x bare")
+            print(f"follower mean RSS while syncing: {mib(int(mean))}"
+                  f"   ratio {mean / bare:.2f}x bare")  # fmt: skip
         print(f"follower RSS once installed:     {mib(after)}")
         print(f"peak growth over idle node per synced MiB: "
-              f"{(peak - idle_rss) / max(1.0, synced / MiB):.2f} MiB/MiB")  # fmt: skip
+              f"{(peak - idle_rss) / KiB / max(1.0, synced / MiB):.2f} MiB/MiB")  # fmt: skip
     finally:
         codes = [n.stop() for n in nodes]
-    print(f"\nnodes stopped (exit codes {codes}); data left in {base}")
+        if not args.keep:
+            shutil.rmtree(base, ignore_errors=True)
+    print(f"\nnodes stopped (exit codes {codes})" + (f"; data kept in {base}" if args.keep else ""))
     return 0
 
 

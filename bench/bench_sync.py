@@ -66,7 +66,7 @@ async def raw_stream_throughput(nbytes: int) -> float:
 
     async def sink(stream: object) -> None:
         while True:
-            data = await read_some(stream)  # type: ignore[arg-type]
+            data = await read_some(stream)
             if not data:
                 break
             received[0] += len(data)
@@ -93,7 +93,7 @@ async def raw_stream_throughput(nbytes: int) -> float:
 
 def node(tmp: Path, name: str, **kw: object) -> P2PNode:
     store = FsBlockstore(tmp / name / "blocks", fsync=False)
-    return P2PNode(tmp / name, network="bench", blockstore=store, retry_delay=0.1, **kw)  # type: ignore[arg-type]
+    return P2PNode(tmp / name, network="bench", blockstore=store, retry_delay=0.1, **kw)
 
 
 async def dag_sync(tmp: Path, nbytes: int) -> tuple[float, int, int]:

@@ -66,7 +66,7 @@ MESH_DEGREE = 6  # GossipSub D: peers in the mesh per topic (go-libp2p's default
 MESH_DEGREE_LOW = 4  # D_lo: graft more below this
 MESH_DEGREE_HIGH = 12  # D_hi: prune above this
 REQUEST_TIMEOUT = 10.0  # seconds for a whole head request/response exchange
-MESSAGE_QUEUE = 32  # py-libp2p's subscription queue length (overflow is dropped)
+JOIN_ANNOUNCE_DELAY = 2.0  # seconds after a peer joins before we re-announce (2 heartbeats)
 
 HeadCallback = Callable[[Head, str], Awaitable[None]]
 ReplicaHintCallback = Callable[[Head, str], Awaitable[None]]
@@ -116,6 +116,7 @@ class Announcer:
         )
         self.pubsub = Pubsub(host, self.gossipsub, strict_signing=True, allowed_topics={self.topic})
         self._wake_reannounce = trio.Event()
+        self._soon_deadline: float | None = None  # trio time of a pending join announcement
 
     # --- service ----------------------------------------------------------------
 
@@ -159,12 +160,14 @@ class Announcer:
             return False
         if signer == self.my_id:
             return True  # our own publish passes through the validator too
-        for peer in (signer, forwarder.to_base58()):
-            reason = self.policy.refusal(peer)
-            if reason is not None:
-                log.info("rejecting head announcement via %s: %s", forwarder, reason)
-                self._reject()
-                return False
+        # Trust is about the origin (its signature was checked by pubsub); a
+        # relay only matters when it is banned. Rejecting a trusted origin's
+        # message because an untrusted peer relayed it would cache it as invalid.
+        reason = self.policy.refusal(signer) or self.policy.ban_reason(forwarder.to_base58())
+        if reason is not None:
+            log.info("rejecting head announcement from %s via %s: %s", signer, forwarder, reason)
+            self._reject()
+            return False
         try:
             check_announcement(msg.data, signer, self.book)
         except InvalidHead as e:
@@ -207,12 +210,34 @@ class Announcer:
         except Exception as e:  # a publish failure must not stop the node
             log.warning("could not publish head seq %d: %r", self.local_head.seq, e)
 
+    def announce_soon(self) -> None:
+        """Publish our head again shortly (a peer joined: let it reach the whole mesh).
+
+        Delayed by `JOIN_ANNOUNCE_DELAY` so the newcomer's subscription and
+        mesh are in place; several joins in that window cause one publish.
+        """
+        if self._soon_deadline is None:
+            self._soon_deadline = trio.current_time() + JOIN_ANNOUNCE_DELAY
+            self._wake_reannounce.set()
+
     async def _reannounce_loop(self) -> None:
+        next_periodic = trio.current_time() + self.reannounce_interval
         while True:
-            with trio.move_on_after(self.reannounce_interval):
+            deadline = next_periodic
+            if self._soon_deadline is not None:
+                deadline = min(deadline, self._soon_deadline)
+            with trio.move_on_at(deadline):
                 await self._wake_reannounce.wait()
+            if self._wake_reannounce.is_set():
+                # announce() published just now, or announce_soon() moved the deadline.
                 self._wake_reannounce = trio.Event()
+                if self._soon_deadline is None:
+                    next_periodic = trio.current_time() + self.reannounce_interval
                 continue
+            if self._soon_deadline is not None and trio.current_time() >= self._soon_deadline:
+                self._soon_deadline = None
+            else:
+                next_periodic = trio.current_time() + self.reannounce_interval
             await self._publish()
 
     # --- /benchsync/head/1.0.0 ---------------------------------------------------

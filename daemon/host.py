@@ -71,20 +71,14 @@ def parse_peer_addr(addr: str) -> PeerInfo:
         ) from None
 
 
-def new_benchsync_host(
-    key_pair: KeyPair,
-    *,
-    bootstrap: list[str] | None = None,
-    mdns: bool = False,
-) -> IHost:
+def new_benchsync_host(key_pair: KeyPair, *, mdns: bool = False) -> IHost:
     """Create (not start) a host that speaks only TCP + Noise + Yamux.
 
-    Bootstrap addresses must be full `/p2p/` addresses; raises
-    `HostConfigError` otherwise. mDNS fills the peerstore with peers of the
-    local network (off by default: it binds every interface).
+    mDNS fills the peerstore with peers of the local network (off by default:
+    it binds every interface). Bootstrap peers are dialled by the node itself
+    once its services run (`P2PNode`): py-libp2p's own bootstrapper dials
+    while the host starts, before pubsub can take the connection.
     """
-    for addr in bootstrap or []:
-        parse_peer_addr(addr)
     noise = NoiseTransport(key_pair, noise_privkey=create_new_x25519_key_pair().private_key)
     return new_host(
         key_pair=key_pair,
@@ -92,7 +86,6 @@ def new_benchsync_host(
         sec_opt={TProtocol(NOISE_PROTOCOL_ID): noise},
         muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
         enable_mDNS=mdns,
-        bootstrap=list(bootstrap) if bootstrap else None,
         # One connection per peer makes a dial take ~10 ms instead of waiting
         # the 250 ms happy-eyeballs delay for a second connection.
         connection_config=ConnectionConfig(

@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 CONNECT_TIMEOUT = 10.0  # seconds for one dial + Noise + Yamux handshake
 CLOSE_TIMEOUT = 5.0  # seconds granted to closing the host at shutdown
 CONNECT_QUEUE = 1024  # new-connection events buffered before the greeter drops some
+BOOTSTRAP_RETRY = 10.0  # seconds between attempts to (re)connect to bootstrap peers
 
 
 @dataclass(frozen=True)
@@ -126,10 +127,10 @@ class P2PNode:
     ) -> None:
         self.network = check_network_name(network)
         self.listen = [parse_multiaddr(a, "listen") for a in (listen or DEFAULT_LISTEN)]
-        self.bootstrap = list(bootstrap or [])
+        self.bootstrap = [parse_peer_addr(a) for a in (bootstrap or [])]
         self.blockstore = blockstore
         self.key_pair = load_or_create_identity(Path(home))
-        self.host = new_benchsync_host(self.key_pair, bootstrap=self.bootstrap, mdns=mdns)
+        self.host = new_benchsync_host(self.key_pair, mdns=mdns)
         self.policy = AccessPolicy(trusted_peers)
         self.limits = limits or FetchLimits()
         self.fetcher = Fetcher(
@@ -184,11 +185,9 @@ class P2PNode:
                     await nursery.start(self.announcer.run)
                     await nursery.start(self.syncer.run)
                     nursery.start_soon(self._greeter, recv, nursery)
+                    nursery.start_soon(self._bootstrap_loop)
                     self.running = True
                     task_status.started()
-                    # Connections made before the notifee saw them (bootstrap).
-                    for peer in self.host.get_connected_peers():
-                        nursery.start_soon(self._greet, peer)
                     await trio.sleep_forever()
         finally:
             self.running = False
@@ -196,6 +195,19 @@ class P2PNode:
             # connection explicitly, even when we are being cancelled.
             with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
                 await self.host.close()
+
+    async def _bootstrap_loop(self) -> None:
+        """Keep a connection to every bootstrap peer (they may start after us)."""
+        while True:
+            for info in self.bootstrap:
+                if info.peer_id in self.host.get_connected_peers():
+                    continue
+                try:
+                    with trio.fail_after(CONNECT_TIMEOUT):
+                        await self.host.connect(info)
+                except Exception as e:  # down or unreachable: try again later
+                    log.info("bootstrap peer %s unreachable: %r", info.peer_id, e)
+            await trio.sleep(BOOTSTRAP_RETRY)
 
     def stop(self) -> None:
         """Ask `run` to shut down (it returns after closing the host)."""
@@ -215,6 +227,8 @@ class P2PNode:
             return
         if not self.policy.is_trusted(peer_s):
             return  # we neither follow it nor ask it anything; it gets refusals
+        # Peers further away learn our head by gossip once the newcomer is in the mesh.
+        self.announcer.announce_soon()
         try:
             await self.announcer.request_head(peer)
         except Exception as e:  # a peer that cannot answer is simply not followed yet

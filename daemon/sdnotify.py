@@ -73,7 +73,10 @@ class Notifier:
         message = "\n".join(f"{k}={v}" for k, v in fields.items()).encode()
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-                sock.sendto(message, self.address)
+                # Never block: this runs on the trio thread, and a datagram socket whose
+                # reader fell behind (queue full, net.unix.max_dgram_qlen) would stall
+                # the whole node; a lost ping is what the watchdog is there to notice.
+                sock.sendto(message, socket.MSG_DONTWAIT, self.address)
         except OSError as e:
             log.warning("sd_notify to %s failed: %s", self.address.replace("\0", "@"), e)
             return False

@@ -31,6 +31,7 @@ import ctypes.util
 import errno
 import hashlib
 import os
+import queue
 import secrets
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -48,6 +49,9 @@ TMP_PREFIX = ".tmp-"  # in-flight writes; never a valid key (keys are base32 CID
 _SHA2_256_PREFIX = b"\x12\x20"  # multihash header: sha2-256, 32 bytes
 # sync_file_range(2) flag: start writeback of the range now, do not wait for it.
 _SYNC_FILE_RANGE_WRITE = 2
+# Written-but-unflushed temp files a batch's flusher thread may hold open: bounds the
+# open descriptors (and lets the writer run at most this far ahead of the disk).
+FLUSH_QUEUE_BLOCKS = 32  # files (32 x 256 KiB chunks = 8 MiB)
 
 
 def _libc_function(name: str) -> Callable[..., int] | None:
@@ -306,11 +310,51 @@ class MemoryBlockstore(Blockstore):
     batch.__doc__ = Blockstore.batch.__doc__
 
 
+class _Flusher:
+    """A thread that starts the disk writeback of a batch's temp files, then closes them.
+
+    Starting writeback (sync_file_range) costs the caller about as long as
+    writing the page cache did; on its own thread the disk works while the
+    caller hashes the next chunk, and the batch's final sync has little left.
+    It only ever hints: errors are reported by that final sync, so it ignores
+    them here.
+    """
+
+    def __init__(self, start_writeback: Callable[..., int]) -> None:
+        self._start_writeback = start_writeback
+        self._fds: queue.Queue[int | None] = queue.Queue(maxsize=FLUSH_QUEUE_BLOCKS)
+        self._thread = threading.Thread(target=self._run, name="blockstore-flusher", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (fd := self._fds.get()) is not None:
+            self._start_writeback(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)  # returns -1, never raises
+            with contextlib.suppress(OSError):  # a write-back error is the final sync's to report
+                os.close(fd)
+
+    def hand_over(self, fd: int) -> None:
+        """Take ownership of `fd` (a fully written temp file): flushed, then closed."""
+        self._fds.put(fd)
+
+    def close(self) -> None:
+        """Wait until every handed-over file is submitted to the disk and closed."""
+        self._fds.put(None)
+        self._thread.join()
+
+
 class _Batch:
     """The blocks one thread has written inside `FsBlockstore.batch()`, not yet in place."""
 
     def __init__(self) -> None:
-        self.pending: dict[str, tuple[Path, Path]] = {}  # key -> (temp file, final path)
+        # key -> name of its temp file in the key's shard directory (names, not Paths:
+        # this grows with the batch, ~150 bytes per 256 KiB block)
+        self.pending: dict[str, str] = {}
+        self.flusher: _Flusher | None = None  # started by the first put that needs it
+
+    def finish_writeback(self) -> None:
+        if self.flusher is not None:
+            self.flusher.close()
+            self.flusher = None
 
 
 def _write_error(action: str, root: Path, e: OSError, outcome: str) -> BlockWriteError:
@@ -354,8 +398,11 @@ class FsBlockstore(Blockstore):
         """Where this thread reads `key`: its batch's temp file if pending, else the block."""
         batch = self._batch()
         if batch is not None and key in batch.pending:
-            return batch.pending[key][0]
+            return self._temp(key, batch.pending[key])
         return self._path(key)
+
+    def _temp(self, key: str, name: str) -> Path:
+        return self._path(key).parent / name
 
     def _get(self, key: str) -> bytes | None:
         try:
@@ -379,24 +426,27 @@ class FsBlockstore(Blockstore):
         if path.parent.name not in self._shards:
             path.parent.mkdir(exist_ok=True)
             self._shards.add(path.parent.name)
-        tmp = path.parent / f"{TMP_PREFIX}{secrets.token_hex(8)}"
+        tmp_name = f"{TMP_PREFIX}{secrets.token_hex(8)}"
+        tmp = path.parent / tmp_name
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view) :]
-                if batch is not None:
-                    if self.fsync and _sync_file_range is not None:
-                        # Start writeback now, without waiting: the disk works while we
-                        # hash the next chunk, and the batch's final sync has less to do.
-                        _sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
-                elif self.fsync:
+                if batch is None and self.fsync:
                     os.fsync(fd)
-            finally:
+            except BaseException:
+                os.close(fd)
+                raise
+            if batch is not None and self.fsync and _sync_file_range is not None:
+                if batch.flusher is None:
+                    batch.flusher = _Flusher(_sync_file_range)
+                batch.flusher.hand_over(fd)  # it closes fd
+            else:
                 os.close(fd)
             if batch is not None:
-                batch.pending[key] = (tmp, path)
+                batch.pending[key] = tmp_name
                 return True
             # Content-addressed: if another writer won the race, the bytes are
             # identical, so replacing is harmless.
@@ -417,7 +467,8 @@ class FsBlockstore(Blockstore):
             yield
         except BaseException:
             self._local.batch = None
-            self._discard(batch.pending.values())
+            batch.finish_writeback()
+            self._discard(batch.pending.items())
             raise
         self._local.batch = None
         self._commit(batch)
@@ -426,23 +477,25 @@ class FsBlockstore(Blockstore):
 
     def _commit(self, batch: _Batch) -> None:
         """Make the batch's temp files durable, rename them into place, make that durable."""
+        batch.finish_writeback()
         items = list(batch.pending.items())
         if not items:
             return
         if self.fsync:
             try:
-                pass
+                self._sync(self._temp(key, name) for key, name in items)
             except OSError as e:
-                self._discard(batch.pending.values())
+                self._discard(items)
                 raise _write_error(
                     f"make {len(items)} new blocks durable", self.root, e, "none of them was stored"
                 ) from e
-        for i, (key, (tmp, path)) in enumerate(items):
+        for i, (key, name) in enumerate(items):
+            path = self._path(key)
             try:
-                os.replace(tmp, path)
+                os.replace(path.parent / name, path)
             except OSError as e:
                 # The blocks renamed so far are complete and synced: keeping them is safe.
-                self._discard(pair for _, pair in items[i:])
+                self._discard(items[i:])
                 raise _write_error(
                     f"rename block {key} into place",
                     self.root,
@@ -451,7 +504,7 @@ class FsBlockstore(Blockstore):
                 ) from e
         if self.fsync:
             try:
-                self._sync({path.parent for _, (_, path) in items})
+                self._sync({self._path(key).parent for key, _ in items})
             except OSError as e:
                 # Renamed but maybe not durable: a crash may lose a block, never corrupt one.
                 raise _write_error(
@@ -479,15 +532,15 @@ class FsBlockstore(Blockstore):
             finally:
                 os.close(fd)
 
-    @staticmethod
-    def _discard(pairs: Iterable[tuple[Path, Path]]) -> None:
-        for tmp, _ in pairs:
-            tmp.unlink(missing_ok=True)
+    def _discard(self, pending: Iterable[tuple[str, str]]) -> None:
+        """Delete the temp files of (key, temp name) pairs of a batch that is not committed."""
+        for key, name in pending:
+            self._temp(key, name).unlink(missing_ok=True)
 
     def _remove(self, key: str) -> int:
         batch = self._batch()
         if batch is not None and key in batch.pending:
-            tmp, _ = batch.pending.pop(key)
+            tmp = self._temp(key, batch.pending.pop(key))
             size = tmp.stat().st_size
             tmp.unlink()
             return size

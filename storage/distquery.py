@@ -24,6 +24,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 import pyarrow.ipc  # noqa: F401  (registers pa.ipc)
+
 from benchsync.protocol.planner import (
     DEFAULT_AGGREGATES,
     PARTIALS_TABLE,
@@ -36,10 +37,8 @@ from benchsync.storage.sandbox import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_ROWS,
     DEFAULT_TIMEOUT,
-    MAX_SQL_CHARS,
-    InvalidSQL,
-    QueryRefused,
     QuerySandbox,
+    parse_select,
 )
 
 MERGE_MEMORY_LIMIT = "1GB"  # DuckDB size string for the coordinator's merge sandbox
@@ -74,18 +73,8 @@ def parse(sql: str) -> dict[str, Any]:
     Raises InvalidSQL for SQL that does not parse, QueryRefused for statements
     other than SELECT.
     """
-    if len(sql) > MAX_SQL_CHARS:
-        raise QueryRefused(f"SQL text of {len(sql)} characters exceeds {MAX_SQL_CHARS}")
     with _parser_lock:
-        row = _parse_conn().execute("SELECT json_serialize_sql(?)", [sql]).fetchall()[0]
-    assert row is not None
-    ast: dict[str, Any] = json.loads(row[0])
-    if ast.get("error"):
-        message = str(ast.get("error_message", "parse error"))
-        if "Only SELECT statements" in message:
-            raise QueryRefused("only read-only SELECT queries can run across nodes")
-        raise InvalidSQL(f"SQL does not parse: {message}")
-    return ast
+        return parse_select(_parse_conn(), sql)
 
 
 def render(ast: Mapping[str, Any]) -> str:

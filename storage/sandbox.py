@@ -31,6 +31,7 @@ from typing import Any
 
 import duckdb
 import pyarrow as pa
+
 from benchsync.storage.errors import StorageError
 
 DEFAULT_MEMORY_LIMIT = "512MB"  # DuckDB size string, per sandbox
@@ -152,16 +153,7 @@ class QuerySandbox:
             return self._check(sql)
 
     def _check(self, sql: str) -> dict[str, Any]:
-        row = self._conn.execute("SELECT json_serialize_sql(?)", [sql]).fetchall()[0]
-        assert row is not None
-        ast: dict[str, Any] = json.loads(row[0])
-        if ast.get("error"):
-            message = str(ast.get("error_message", "parse error"))
-            if "Only SELECT statements" in message:
-                raise QueryRefused(
-                    "only read-only SELECT/WITH queries are served; the statement was refused"
-                )
-            raise InvalidSQL(f"SQL does not parse: {message}")
+        ast = parse_select(self._conn, sql)
         statements = ast.get("statements", [])
         if len(statements) != 1:
             raise QueryRefused(f"exactly one statement per query, got {len(statements)}")
@@ -241,6 +233,27 @@ class QuerySandbox:
             with state:
                 running = False
             timer.cancel()
+
+
+def parse_select(conn: duckdb.DuckDBPyConnection, sql: str) -> dict[str, Any]:
+    """Parse with DuckDB's own parser; returns the `json_serialize_sql` document.
+
+    Only SELECT/WITH statements serialise, so this is also the read-only gate.
+    Raises InvalidSQL for SQL that does not parse, QueryRefused for any other
+    statement (INSERT, COPY, ATTACH, SET, PRAGMA, ...).
+    """
+    if len(sql) > MAX_SQL_CHARS:
+        raise QueryRefused(f"SQL text of {len(sql)} characters exceeds {MAX_SQL_CHARS}")
+    row = conn.execute("SELECT json_serialize_sql(?)", [sql]).fetchall()[0]
+    ast: dict[str, Any] = json.loads(row[0])
+    if ast.get("error"):
+        message = str(ast.get("error_message", "parse error"))
+        if "Only SELECT statements" in message:
+            raise QueryRefused(
+                "only read-only SELECT/WITH queries are served; the statement was refused"
+            )
+        raise InvalidSQL(f"SQL does not parse: {message}")
+    return ast
 
 
 def _first_line(e: BaseException) -> str:

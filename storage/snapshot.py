@@ -407,10 +407,16 @@ class SnapshotStore:
                 # they are durable (and in place) when the batch ends, before any head.
                 with self.blocks.batch():
                     tables_cid, tables_tsize, added = add_tables(files, put)
-                tables = {
-                    table: TableInfo(rows=_count_rows(conn, files[table]), bytes=size, cid=str(cid))
-                    for table, (cid, size) in added.items()
-                }
+                    tables = {
+                        table: TableInfo(
+                            rows=_count_rows(conn, files[table]), bytes=size, cid=str(cid)
+                        )
+                        for table, (cid, size) in added.items()
+                    }
+                    # Scratch copies, deleted before the batch's filesystem sync so that
+                    # it does not write them to disk as well.
+                    for path in files.values():
+                        path.unlink()
                 if head is not None and head.tables_cid == str(tables_cid):
                     return SnapshotResult(version=head, created=False)
                 manifest = Manifest(

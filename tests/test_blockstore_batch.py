@@ -16,6 +16,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+import duckdb
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -339,8 +340,8 @@ def test_concurrent_put_outside_the_batch_keeps_its_own_fsync(
 
 
 def fill(ds: LocalDataset, start: int, count: int) -> None:
-    def insert(conn: object) -> None:
-        conn.execute(  # type: ignore[attr-defined]
+    def insert(conn: duckdb.DuckDBPyConnection) -> None:
+        conn.execute(
             "INSERT INTO performance_results (result_id, model_id, hardware_id, test_case, "
             "throughput_items_per_second, metrics) "
             "SELECT i, i % 7, i % 3, 'case-' || (i % 11), (hash(i) % 100000) / 7.0, "
@@ -376,7 +377,7 @@ def test_snapshot_blocks_are_durable_before_the_head_moves(
         assert head_checks == [True]
         syncs = sum(1 for kind, _ in spy.events if kind == "sync")
         assert syncs == 4  # two per batch (tables, then manifest + root), not one per block
-        assert ds.head() is not None and ds.head().cid == result.version.cid  # type: ignore[union-attr]
+        assert ds.head() is not None and ds.head().cid == result.version.cid
         assert temps_under(ds.blocks.root) == set()
 
 
@@ -392,7 +393,7 @@ def test_snapshot_disk_full_in_batch_keeps_head_and_leaves_no_temp(
         with pytest.raises(DiskFull, match="disk full"):
             ds.snapshot()
         monkeypatch.undo()
-        assert ds.head().cid == v1.cid  # type: ignore[union-attr]
+        assert ds.head().cid == v1.cid
         assert {p.name for p in files_under(ds.blocks.root)} == before  # nothing half-added
         v2 = ds.snapshot()
-        assert v2.created and ds.head().cid == v2.version.cid  # type: ignore[union-attr]
+        assert v2.created and ds.head().cid == v2.version.cid

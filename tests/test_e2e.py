@@ -6,14 +6,15 @@ queries; one is killed with SIGKILL right after a write was acknowledged and
 restarted on the same data directory, and everything converges again with
 nothing acknowledged lost. systemd's side is played by an AF_UNIX datagram
 socket per node (`NOTIFY_SOCKET`), on which READY=1, WATCHDOG=1 and
-STOPPING=1 are checked. A bad config file must stop `benchsync up` before it
-listens.
+STOPPING=1 are checked; a service manager that stops reading must not stall
+the node. A bad config file must stop `benchsync up` before it listens.
 
 Every wait polls a condition under a deadline; nodes start in parallel.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -22,12 +23,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from benchsync.daemon.control import ControlClient
 from benchsync.daemon.demo import NodeProcess, free_port, sample_results, wait_converged
 
 pytestmark = pytest.mark.slow
@@ -39,7 +40,9 @@ WATCHDOG_PINGS = 3  # pings we want to see to call it periodic
 PER_NODE = 20  # results each node records from a JSONL file (plus one by flags)
 LATE_WRITES = 5  # results node2 acknowledges just before it is killed
 NETWORK_QUERY_TIMEOUT = 5.0  # seconds a network query waits for a dead peer
+SNAPSHOT_POLICY_TIMEOUT = 15.0  # seconds for --snapshot-after-writes to snapshot
 STOP_TIMEOUT = 20.0  # seconds for a node to exit after SIGTERM
+STUCK_READY_TIMEOUT = 15.0  # seconds for a node with an unread NOTIFY_SOCKET to be ready
 BAD_CONFIG_TIMEOUT = 30.0  # seconds for `benchsync up` to refuse a bad config
 
 COUNT_BY_HARDWARE = (
@@ -105,18 +108,6 @@ def query_json(home: Path, sql: str, scope: str, *extra: str) -> dict[str, Any]:
         return dict(doc)
     assert isinstance(doc, list), doc
     return {"rows": doc, "peers": []}
-
-
-def poll(what: str, check: Callable[[], Any], timeout: float) -> Any:
-    """Call `check` until it returns something truthy; fail naming `what` at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.1)
 
 
 class NotifyListener:
@@ -270,38 +261,50 @@ def _record_snapshot_converge(tmp_path: Path, nodes: list[NodeProcess]) -> dict[
 
 def _check_queries(nodes: list[NodeProcess], heads: dict[str, str]) -> None:
     per_node = PER_NODE + 1
-    home0 = nodes[0].home
+    home0, home2 = nodes[0].home, nodes[2].home
+    json_query = ("--format", "json")
+    status_r, origin_r, net0_r, net2_r, hw_r = cli_parallel([
+        (home0, ("status", "--json")),
+        (home0, ("query", COUNT_BY_ORIGIN, "--scope", "replicas", *json_query)),
+        (home0, ("query", COUNT_BY_HARDWARE, "--scope", "network", "--require-all", *json_query)),
+        (home2, ("query", COUNT_BY_HARDWARE, "--scope", "network", "--require-all", *json_query)),
+        (home0, ("query", COUNT_BY_HARDWARE_REPLICAS, "--scope", "replicas", *json_query)),
+    ])  # fmt: skip
+
     # status --json: what an operator checks after convergence.
-    status = json.loads(cli(home0, "status", "--json").stdout)
+    status = json.loads(status_r.stdout)
     assert status["peer_id"] == nodes[0].peer_id and status["head"] == heads[nodes[0].peer_id]
     assert all(a.endswith(f"/p2p/{nodes[0].peer_id}") for a in status["addrs"])
+    assert {p["peer_id"] for p in status["peers"]} == {n.peer_id for n in nodes[1:]}
     installed = {r["dataset"]: r for r in status["replicas"]}
     for other in nodes[1:]:
         assert installed[other.peer_id]["head_installed"] == heads[other.peer_id]
         assert installed[other.peer_id]["lag"] == 0
 
     # replicas scope: own rows plus every replicated snapshot, with the origin of each row.
-    doc = query_json(home0, COUNT_BY_ORIGIN, "replicas")
-    assert {r["origin"]: r["n"] for r in doc["rows"]} == {n.peer_id: per_node for n in nodes}
+    rows = json.loads(origin_r.stdout)
+    assert {r["origin"]: r["n"] for r in rows} == {n.peer_id: per_node for n in nodes}
 
     # network scope: a live fan-out whose merged answer equals one database holding all rows.
     expected = sorted(
         [sample_results(i, 1)[0]["hardware_type"], per_node] for i in range(len(nodes))
     )
-    for home in (home0, nodes[2].home):
-        doc = query_json(home, COUNT_BY_HARDWARE, "network", "--require-all")
-        assert sorted([r["hardware_type"], r["results"]] for r in doc["rows"]) == expected
+    for r in (net0_r, net2_r):
+        doc = json.loads(r.stdout)
+        assert sorted([row["hardware_type"], row["results"]] for row in doc["rows"]) == expected
         assert {p["peer_id"] for p in doc["peers"]} == {n.peer_id for n in nodes}
         assert all(p["status"] == "answered" for p in doc["peers"]), doc["peers"]
     # The same question on the replicas scope gives the same numbers (no network needed).
-    doc = query_json(home0, COUNT_BY_HARDWARE_REPLICAS, "replicas")
-    assert sorted([r["hardware_type"], r["results"]] for r in doc["rows"]) == expected
+    rows = json.loads(hw_r.stdout)
+    assert sorted([row["hardware_type"], row["results"]] for row in rows) == expected
 
 
 def _kill_restart_converge(tmp_path: Path, nodes: list[NodeProcess],
                            listeners: list[NotifyListener]) -> None:
     victim, listener = nodes[2], listeners[2]
-    before = perf_count(victim.home)
+    answer = victim.client.post("/v1/query", {"sql": "SELECT count(*) FROM performance_results"})
+    before = answer["rows"][0][0]
+    assert before == PER_NODE + 1
     jsonl = tmp_path / "late.jsonl"
     late = [dict(r, model_name="acknowledged-before-kill") for r in sample_results(2, LATE_WRITES)]
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in late))
@@ -316,29 +319,44 @@ def _kill_restart_converge(tmp_path: Path, nodes: list[NodeProcess],
     # A peer that is down is reported in the answer, never silently dropped.
     doc = query_json(nodes[0].home, COUNT_BY_HARDWARE, "network",
                      "--timeout", str(NETWORK_QUERY_TIMEOUT))  # fmt: skip
-    status = {p["peer_id"]: p["status"] for p in doc["peers"]}
-    assert status[victim.peer_id] != "answered", doc["peers"]
-    assert status[nodes[1].peer_id] == "answered"
+    status = {p["peer_id"]: p for p in doc["peers"]}
+    assert status[victim.peer_id]["status"] in ("unreachable", "timed_out"), doc["peers"]
+    assert status[victim.peer_id]["message"], "the report should say why the peer is missing"
+    assert status[nodes[1].peer_id]["status"] == "answered"
+    # The answer holds what the live nodes have: node0's and node1's hardware, not node2's.
+    assert sorted(r["hardware_type"] for r in doc["rows"]) == sorted(
+        sample_results(i, 1)[0]["hardware_type"] for i in (0, 1)
+    )
 
     victim.stop()  # closes the old process's pipe
     ready_before = listener.count("READY")
-    victim.start()  # same data directory, same port, same identity
+    # Same data directory, port and identity; now snapshotting by itself after each write.
+    victim.extra_args = [*victim.extra_args, "--snapshot-after-writes", "1"]
+    victim.start()
     victim.wait_ready()
     listener.wait_for("READY", times=ready_before + 1)
     assert victim.status()["peer_id"] == victim.peer_id
     assert perf_count(victim.home) == before + LATE_WRITES, "an acknowledged write was lost"
 
-    snap = cli(victim.home, "snapshot")
-    heads = wait_converged(nodes)
-    assert heads[victim.peer_id] in snap.stdout
-    doc = query_json(nodes[0].home, COUNT_BY_ORIGIN, "replicas")
-    counts = {r["origin"]: r["n"] for r in doc["rows"]}
-    assert counts[victim.peer_id] == before + LATE_WRITES
-    doc = query_json(nodes[1].home,
-                     "SELECT count(*) AS n FROM performance_results p JOIN models m "
-                     "ON p.model_id = m.model_id WHERE m.model_name = 'acknowledged-before-kill'",
-                     "network", "--require-all")  # fmt: skip
-    assert doc["rows"] == [{"n": LATE_WRITES}]
+    # One more write; the snapshot policy (not a command) makes and announces version 2.
+    cli(victim.home, "record", "perf", "--model", "acknowledged-before-kill",
+        "--hardware", late[0]["hardware_type"], "--throughput", "1")  # fmt: skip
+    deadline = time.monotonic() + SNAPSHOT_POLICY_TIMEOUT
+    while victim.status()["head_seq"] != 2:
+        assert time.monotonic() < deadline, "--snapshot-after-writes 1 made no snapshot"
+        time.sleep(0.1)
+    wait_converged(nodes)
+    late_count = LATE_WRITES + 1
+    late_sql = ("SELECT count(*) AS n FROM performance_results p JOIN models m "
+                "ON p.model_id = m.model_id WHERE m.model_name = 'acknowledged-before-kill'")
+    replicas_r, network_r = cli_parallel([
+        (nodes[0].home, ("query", COUNT_BY_ORIGIN, "--scope", "replicas", "--format", "json")),
+        (nodes[1].home, ("query", late_sql, "--scope", "network", "--require-all",
+                         "--format", "json")),
+    ])  # fmt: skip
+    counts = {r["origin"]: r["n"] for r in json.loads(replicas_r.stdout)}
+    assert counts == {n.peer_id: before + (late_count if n is victim else 0) for n in nodes}
+    assert json.loads(network_r.stdout)["rows"] == [{"n": late_count}]
 
 
 def _check_sigterm(nodes: list[NodeProcess], listeners: list[NotifyListener]) -> None:
@@ -351,6 +369,33 @@ def _check_sigterm(nodes: list[NodeProcess], listeners: list[NotifyListener]) ->
     for node, listener in zip(nodes, listeners, strict=True):
         listener.wait_for("STOPPING", timeout=5)
         assert not node.client.available(), "the control socket should be gone after a clean stop"
+
+
+def test_node_stays_responsive_when_the_service_manager_stops_reading(tmp_path: Path) -> None:
+    """A full `$NOTIFY_SOCKET` queue must cost watchdog pings, never the node's event loop."""
+    stuck = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    stuck.bind(str(tmp_path / "stuck.sock"))  # bound, never read
+    # Fill its queue (net.unix.max_dgram_qlen datagrams) before the node starts.
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as filler, \
+            contextlib.suppress(BlockingIOError):
+        for _ in range(100_000):
+            filler.sendto(b"X=1", socket.MSG_DONTWAIT, str(tmp_path / "stuck.sock"))
+    node = NodeProcess(tmp_path / "node", free_port(), f"e2e-stuck-{os.getpid()}",
+                       env={"NOTIFY_SOCKET": str(tmp_path / "stuck.sock"),
+                            "WATCHDOG_USEC": str(WATCHDOG_USEC)})  # fmt: skip
+    try:
+        node.start()
+        # READY=1 and every WATCHDOG=1 are undeliverable from the start.
+        node.wait_ready(timeout=STUCK_READY_TIMEOUT)
+        client = ControlClient(socket_path=node.socket_path, timeout=5.0)
+        answer = client.post("/v1/record/perf", {"model_name": "m", "hardware_type": "cpu",
+                                                 "throughput": 1.0})  # fmt: skip
+        assert answer["stored"] == 1
+        assert client.get("/v1/status")["rows"]["performance_results"] == 1
+        assert node.stop() == 0
+    finally:
+        node.stop(signal.SIGKILL)
+        stuck.close()
 
 
 # --- refusing to start ----------------------------------------------------------------------

@@ -21,6 +21,7 @@ from libp2p.abc import INetStream
 from libp2p.network.exceptions import SwarmException
 from multiformats import CID
 
+from benchsync.daemon.host import AccessPolicy
 from benchsync.daemon.network import P2PNode
 from benchsync.protocol.fetch import missing_blocks
 from benchsync.protocol.frames import Refused
@@ -132,12 +133,11 @@ def all_installed(n: Node, heads: dict[str, Head]) -> Callable[[], bool]:
 async def test_five_nodes_converge_over_gossip_and_a_late_joiner_catches_up(
     tmp_path: Path,
 ) -> None:
-    nodes = [Node(tmp_path, f"n{i}") for i in range(5)]
-    early, late = nodes[:4], nodes[4]
+    early = [Node(tmp_path, f"n{i}") for i in range(4)]
     # 3 chunks each: appending 1% rewrites only the last chunk and the inner nodes.
-    payloads = {n.peer_id: os.urandom(600_000 + i * 1000) for i, n in enumerate(nodes)}
+    payloads = {n.peer_id: os.urandom(600_000 + i * 1000) for i, n in enumerate(early)}
     heads = {
-        n.peer_id: head_for(n, 1, make_dag(n.store, payloads[n.peer_id], "v1")) for n in nodes
+        n.peer_id: head_for(n, 1, make_dag(n.store, payloads[n.peer_id], "v1")) for n in early
     }
     with trio.fail_after(TIMEOUT):
         async with running(*early):
@@ -147,9 +147,8 @@ async def test_five_nodes_converge_over_gossip_and_a_late_joiner_catches_up(
             hub = early[0].p2p.addrs[0]
             for n in early[1:]:
                 await n.p2p.connect(hub)
-            v1 = {p: h for p, h in heads.items() if p != late.peer_id}
             for n in early:
-                await wait_for(n, all_installed(n, v1))
+                await wait_for(n, all_installed(n, heads))
 
             # Version 2 of every dataset travels by gossip only (connections exist,
             # nobody asks): leaves reach each other's heads through the hub's mesh.
@@ -158,20 +157,22 @@ async def test_five_nodes_converge_over_gossip_and_a_late_joiner_catches_up(
                 payloads[n.peer_id] = next_version(payloads[n.peer_id])
                 heads[n.peer_id] = head_for(n, 2, make_dag(n.store, payloads[n.peer_id], "v2"))
                 await n.p2p.announce(heads[n.peer_id])
-            v2 = {p: h for p, h in heads.items() if p != late.peer_id}
             for n in early:
-                await wait_for(n, all_installed(n, v2))
+                await wait_for(n, all_installed(n, heads))
             for n in early:
                 moved = n.p2p.fetcher.stats.block_bytes - before[n.peer_id]
                 # 3 datasets of ~600 KB each grew by 1%: the last chunk (~90 KB)
                 # and the inner nodes move, never the first two chunks again.
                 assert 0 < moved < 3 * 120_000, moved
 
-            # A late joiner gets every head by asking, and everyone gets its head.
-            await late.p2p.announce(heads[late.peer_id])
+            # A late joiner, given one bootstrap peer, gets every head by asking,
+            # and everyone gets its head.
+            late = Node(tmp_path, "late", bootstrap=[early[2].p2p.addrs[0]])
+            nodes = [*early, late]
+            heads[late.peer_id] = head_for(late, 1, make_dag(late.store, os.urandom(5000), "l"))
+            late.p2p.set_local_head(heads[late.peer_id])
             async with trio.open_nursery() as inner:
                 await inner.start(late.p2p.run)
-                await late.p2p.connect(early[2].p2p.addrs[0])
                 for n in nodes:
                     await wait_for(n, all_installed(n, heads))
                 inner.cancel_scope.cancel()
@@ -196,9 +197,15 @@ async def test_restarted_node_keeps_its_peer_id_and_converges(tmp_path: Path) ->
                 await inner.start(b.p2p.run)
                 await b.p2p.announce(hb)
                 await b.p2p.connect(a.p2p.addrs[0])
+                b_port = int(b.p2p.addrs[0].split("/tcp/")[1].split("/")[0])
                 await wait_for(b, lambda: b.installed(a.peer_id) == ha)
                 inner.cancel_scope.cancel()
-            # b is down; a moves on.
+            # b is down, and its shutdown closed every connection and its listener.
+            assert not b.p2p.running
+            assert not b.p2p.host.get_network().connections
+            with pytest.raises(OSError):
+                await trio.open_tcp_stream("127.0.0.1", b_port)
+            # a moves on.
             ha2 = head_for(a, 2, make_dag(a.store, next_version(pa), "a2"))
             await a.p2p.announce(ha2)
             # b restarts from the same data directory and blockstore.
@@ -342,6 +349,9 @@ async def test_untrusted_peer_and_other_network_are_refused(tmp_path: Path) -> N
                 await other.p2p.announcer.request_head(r_id)
             # The trusted peer is followed; u's re-announcements are rejected.
             await wait_for(r, lambda: r.installed(a.peer_id) == ha)
+            listed = {p.peer_id: p for p in r.p2p.peers()}
+            assert listed[a.peer_id].trusted and listed[a.peer_id].head == ha
+            assert not listed[u.peer_id].trusted and listed[u.peer_id].head is None
             await r.p2p.announcer.wait_rejected(1)
             assert {s.dataset for s in r.p2p.replica_states()} == {a.peer_id}
             assert not r.store.has(du[0])
@@ -400,3 +410,17 @@ async def test_provider_killed_mid_fetch_another_holder_completes_it(
     assert c.p2p.fetcher.stats.block_bytes == total
     assert a.p2p.provider.served.blocks > 0
     assert c.completed == [head]
+
+
+def test_access_policy_trust_and_temporary_bans() -> None:
+    open_policy = AccessPolicy(set())
+    assert open_policy.refusal("anyone") is None
+    strict = AccessPolicy({"alice"}, ban_duration=3600)
+    assert strict.refusal("alice") is None
+    assert "trusted_peers" in (strict.refusal("mallory") or "")
+    strict.ban("alice", "sent a corrupt block")
+    assert "banned" in (strict.refusal("alice") or "")
+    assert strict.banned_peers() == {"alice": "sent a corrupt block"}
+    expired = AccessPolicy(set(), ban_duration=0.0)
+    expired.ban("bob", "garbage")
+    assert expired.refusal("bob") is None, "a ban must end"

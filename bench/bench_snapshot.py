@@ -1,0 +1,326 @@
+"""Snapshot throughput, peak memory and incremental size (issue 3's measurements).
+
+Every figure is a ratio to a baseline measured in the same run, so it means
+something on any machine (and on a busy one, whose absolute numbers do not):
+
+- throughput: Parquet bytes chunked, hashed and stored per second by the
+  snapshot pipeline (`add_tables` into an `FsBlockstore` batch, durable at the
+  end) against plain `hashlib.sha256` over the same files read the same way;
+  also the old per-block fsync, chunk+hash alone, and the whole `snapshot()`
+  including DuckDB's Parquet export, for context;
+- peak memory: the RSS high-water mark of a fresh process that snapshots, and
+  one that restores, a database of about --small-mib and --large-mib of
+  Parquet, against a bare process importing the same libraries and opening the
+  same database; plus the Python-side peak (tracemalloc). It must not grow with
+  the database. DuckDB's buffer manager (the export's sort, the restore's
+  load) takes memory up to its `memory_limit` (80 % of RAM by default), so one
+  more snapshot runs with DuckDB capped at DUCKDB_CAP_MIB to show the rest is flat;
+- incremental: bytes a snapshot adds after +1 % rows, as a fraction of the
+  snapshot's bytes.
+
+    .venv/bin/python bench/bench_snapshot.py [--small-mib 50] [--large-mib 300] [--repeat 3]
+
+Not part of the test run. Takes about 2-3 minutes with the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import tracemalloc
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from multiformats import CID
+
+from benchsync.storage import blockstore
+from benchsync.storage.blockstore import FsBlockstore
+from benchsync.storage.dataset import LocalDataset
+from benchsync.storage.snapshot import add_tables, export_tables
+from benchsync.storage.unixfs import CHUNK_SIZE
+
+DATASET = "12D3KooWBenchSnapshotAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
+ROWS_PER_MIB = 23_000  # rows of the generated table per MiB of zstd Parquet (measured)
+INSERT_BATCH = 1_000_000  # rows per INSERT ... SELECT (bounds DuckDB's memory while filling)
+INCREMENT = 0.01  # fraction of rows appended before the incremental snapshot
+DUCKDB_CAP_MIB = 256  # DuckDB memory_limit for the capped snapshot measurement, MiB
+MIB = 1024 * 1024  # bytes
+
+# Varied values (hash/md5 of the row number) so zstd cannot compress them away.
+FILL_SQL = """
+INSERT INTO performance_results (result_id, run_id, model_id, hardware_id, test_case,
+    batch_size, precision, total_time_seconds, average_latency_ms, throughput_items_per_second,
+    memory_peak_mb, iterations, warmup_iterations, metrics, created_at)
+SELECT i, i // 100, hash(i) % 50, hash(i + 1) % 5, 'case-' || (i % 11), 1 + i % 16,
+    CASE WHEN i % 2 = 0 THEN 'fp16' ELSE 'fp32' END,
+    (hash(i * 3) % 1000000) / 1000.0, (hash(i * 5) % 1000000) / 997.0,
+    (hash(i * 7) % 10000000) / 991.0, (hash(i * 11) % 4000000) / 100.0,
+    (hash(i * 13) % 1000)::INTEGER, 10, '{"seed": "' || md5(i::VARCHAR) || '"}',
+    TIMESTAMP '2026-01-01' + to_microseconds((hash(i) % 1000000000000)::BIGINT)
+FROM range(?, ?) t(i)
+"""
+
+
+def fill(ds: LocalDataset, start: int, stop: int) -> None:
+    """Append rows [start, stop) to performance_results through the database's one writer."""
+    for lo in range(start, stop, INSERT_BATCH):
+        hi = min(stop, lo + INSERT_BATCH)
+        ds.db.write(lambda conn, lo=lo, hi=hi: conn.execute(FILL_SQL, [lo, hi]))
+
+
+Case = tuple[Callable[[], Any], Callable[[Any], object], Callable[[Any], None]]
+
+
+def best_of_interleaved(repeat: int, cases: dict[str, Case]) -> dict[str, float]:
+    """Fastest wall time of each case's `run(setup())`, in seconds.
+
+    The cases take turns within each round, so a busy neighbour slows them
+    alike instead of skewing whichever case ran during the burst.
+    """
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(repeat):
+        for name, (setup, run, teardown) in cases.items():
+            state = setup()
+            start = time.perf_counter()
+            run(state)
+            times[name].append(time.perf_counter() - start)
+            teardown(state)
+    return {name: min(t) for name, t in times.items()}
+
+
+def nothing() -> None:
+    return None
+
+
+def sha256_files(files: dict[str, Path]) -> None:
+    for path in files.values():
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(CHUNK_SIZE):
+                h.update(chunk)
+
+
+def discard(cid: CID, data: bytes) -> None:
+    pass
+
+
+# --- measurements in a fresh process --------------------------------------------------------
+
+
+def child(kind: str, home: Path) -> None:
+    """Run one measured operation and print its peaks as JSON (called as a subprocess)."""
+    if kind != "bare":
+        tracemalloc.start()
+    with LocalDataset(home, DATASET) as ds:
+        if kind == "bare":  # same imports, same database opened and touched
+            ds.db.table_counts()
+        elif kind == "snapshot":
+            ds.snapshot()
+        elif kind == "snapshot-capped":  # DuckDB told to spill beyond a fixed budget
+            ds.db.query(f"SET memory_limit = '{DUCKDB_CAP_MIB}MiB'")
+            ds.snapshot()
+        elif kind == "restore":
+            head = ds.head()
+            assert head is not None, "the parent made a snapshot first"
+            ds.restore(head.cid)
+        else:
+            raise SystemExit(f"unknown child measurement {kind!r}")
+    traced = tracemalloc.get_traced_memory()[1] if tracemalloc.is_tracing() else 0
+    print(json.dumps({"rss": peak_rss(), "traced": traced}))
+
+
+def peak_rss() -> int:
+    """This process's RSS high-water mark, in bytes.
+
+    Not getrusage's ru_maxrss: Linux carries that over from the forked parent
+    across exec, so every child would report the (large) parent's peak.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # reported in kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # not Linux: KiB
+
+
+def measure_child(kind: str, home: Path) -> dict[str, int]:
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", kind, str(home)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# --- the run ---------------------------------------------------------------------------------
+
+
+def build(home: Path, mib: int) -> tuple[LocalDataset, int]:
+    ds = LocalDataset(home, DATASET)
+    rows = mib * ROWS_PER_MIB
+    fill(ds, 0, rows)
+    return ds, rows
+
+
+def throughput(ds: LocalDataset, work: Path, repeat: int) -> list[tuple[str, float, float]]:
+    """(name, seconds, ratio to sha256) rows for the large database."""
+    export_dir = work / "export"
+    export_dir.mkdir()
+    with ds.db.reader() as conn:
+        files = export_tables(conn, export_dir)
+    counter = iter(range(10**6))
+
+    def fresh_store(fsync: bool = True) -> Callable[[], FsBlockstore]:
+        return lambda: FsBlockstore(work / f"blocks-{next(counter)}", fsync=fsync)
+
+    def remove(store: FsBlockstore) -> None:
+        shutil.rmtree(store.root)
+
+    def pipeline(store: FsBlockstore) -> None:
+        """What SnapshotStore.snapshot does after the export: durable when this returns."""
+        with store.batch():
+            add_tables(files, lambda cid, data: store.put(cid, data, verify=False))
+
+    def without_early_writeback(store: FsBlockstore) -> None:
+        saved = blockstore._sync_file_range
+        blockstore._sync_file_range = None  # as where libc lacks sync_file_range
+        try:
+            pipeline(store)
+        finally:
+            blockstore._sync_file_range = saved
+
+    def per_block_fsync(store: FsBlockstore) -> None:
+        add_tables(files, lambda cid, data: store.put(cid, data, verify=False))
+
+    def first_snapshot() -> None:
+        ds.snapshots.blocks.gc([])  # every block new again, as in a first snapshot
+        ds.snapshots.head_path.unlink(missing_ok=True)
+
+    def export(_: None) -> None:
+        scratch = work / "export-again"
+        scratch.mkdir()
+        with ds.db.reader() as conn:
+            export_tables(conn, scratch)
+        shutil.rmtree(scratch)
+
+    def skip(_: object) -> None:
+        return None
+
+    base_name = "baseline hashlib.sha256 (256 KiB reads)"
+    cases: dict[str, Case] = {
+        base_name: (nothing, lambda _: sha256_files(files), skip),
+        "chunk+hash only (put discards)": (nothing, lambda _: add_tables(files, discard), skip),
+        "chunk+hash+store, batch, durable (snapshot now)": (fresh_store(), pipeline, remove),
+        "  same, without early writeback thread": (
+            fresh_store(),
+            without_early_writeback,
+            remove,
+        ),
+        "chunk+hash+store, fsync per block (before)": (fresh_store(), per_block_fsync, remove),
+        "chunk+hash+store, not durable (no sync at all)": (
+            fresh_store(fsync=False),
+            pipeline,
+            remove,
+        ),
+    }
+    best = best_of_interleaved(repeat, cases)
+    # Context: DuckDB's share. Slow, so fewer runs.
+    best |= best_of_interleaved(
+        max(1, repeat // 2),
+        {
+            "DuckDB Parquet export alone (context)": (nothing, export, skip),
+            "whole snapshot(): export+chunk+hash+store": (
+                first_snapshot,
+                lambda _: ds.snapshot(),
+                skip,
+            ),
+        },
+    )
+    base = best[base_name]
+    return [(name, seconds, base / seconds) for name, seconds in best.items()]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--small-mib", type=int, default=50, help="MiB of Parquet (default 50)")
+    parser.add_argument("--large-mib", type=int, default=300, help="MiB of Parquet (default 300)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per timing (best kept)")
+    parser.add_argument("--child", nargs=2, metavar=("KIND", "HOME"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child[0], Path(args.child[1]))
+        return
+
+    work = Path(tempfile.mkdtemp(prefix="bench-snapshot-"))
+    try:
+        large, large_rows = build(work / "large", args.large_mib)
+        table = throughput(large, work, args.repeat)
+        parquet = sum(t.bytes for t in large.head().manifest.tables.values())
+        large.close()
+        small, small_rows = build(work / "small", args.small_mib)
+        small.close()
+
+        memory: list[tuple[str, dict[str, int]]] = []
+        for name, home in (("small", work / "small"), ("large", work / "large")):
+            memory.append((f"{name}: bare (imports + open DB)", measure_child("bare", home)))
+            # A first snapshot: every block is new and written.
+            (home / "snapshots" / "HEAD.json").unlink(missing_ok=True)
+            shutil.rmtree(home / "blocks", ignore_errors=True)
+            memory.append((f"{name}: snapshot()", measure_child("snapshot", home)))
+            (home / "snapshots" / "HEAD.json").unlink(missing_ok=True)
+            shutil.rmtree(home / "blocks", ignore_errors=True)
+            memory.append(
+                (
+                    f"{name}: snapshot(), DuckDB {DUCKDB_CAP_MIB} MiB cap",
+                    measure_child("snapshot-capped", home),
+                )
+            )
+            memory.append((f"{name}: restore()", measure_child("restore", home)))
+
+        with LocalDataset(work / "small", DATASET) as small:
+            first = small.snapshot()
+            before = first.version.manifest.total_bytes
+            fill(small, small_rows, small_rows + int(small_rows * INCREMENT))
+            second = small.snapshot()
+            incremental = second.new_bytes / second.version.manifest.total_bytes
+            small_parquet = before
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    print(
+        f"throughput: {parquet / MIB:.0f} MiB of Parquet ({large_rows:,} rows), "
+        f"best of {args.repeat}"
+    )
+    for name, seconds, ratio in table:
+        print(f"  {name:50s} {parquet / MIB / seconds:8.1f} MiB/s  ratio {ratio:5.2f}")
+    print(
+        f"peak memory (fresh process each; small = {small_parquet / MIB:.0f} MiB, "
+        f"large = {parquet / MIB:.0f} MiB of Parquet); ratio = RSS / bare RSS of that DB"
+    )
+    bare: dict[str, int] = {}
+    for name, m in memory:
+        size = name.split(":")[0]
+        bare.setdefault(size, m["rss"])
+        print(
+            f"  {name:42s} RSS {m['rss'] / MIB:7.1f} MiB  ratio {m['rss'] / bare[size]:5.2f}"
+            f"   python peak {m['traced'] / MIB:6.1f} MiB"
+        )
+    print(
+        f"incremental: +{INCREMENT:.0%} rows -> new bytes = {incremental:.1%} of the snapshot "
+        f"({second.new_bytes / MIB:.1f} of {second.version.manifest.total_bytes / MIB:.1f} MiB)"
+    )
+
+
+if __name__ == "__main__":
+    main()
