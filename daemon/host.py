@@ -191,6 +191,7 @@ class AccessPolicy:
         self.trusted_peers = frozenset(trusted_peers or ())
         self.ban_duration = ban_duration
         self._bans: dict[str, tuple[float, str]] = {}  # peer -> (monotonic expiry, reason)
+        self.bans_total = 0  # peers banned since start (each sent corrupt data or garbage)
 
     def is_trusted(self, peer: str) -> bool:
         return not self.trusted_peers or peer in self.trusted_peers
@@ -198,6 +199,7 @@ class AccessPolicy:
     def ban(self, peer: str, reason: str) -> None:
         """Ban `peer` for `ban_duration` seconds because of `reason`."""
         log.warning("banning peer %s for %.0f s: %s", peer, self.ban_duration, reason)
+        self.bans_total += 1
         self._bans[peer] = (time.monotonic() + self.ban_duration, reason)
 
     def ban_reason(self, peer: str) -> str | None:

@@ -43,7 +43,7 @@ from benchsync.daemon.metrics import Metrics
 from benchsync.daemon.network import P2PNode
 from benchsync.daemon.query import DistributedQueryError, QueryService
 from benchsync.daemon.sdnotify import Notifier, run_watchdog
-from benchsync.protocol.heads import Head
+from benchsync.protocol.heads import Head, encode_head
 from benchsync.protocol.planner import PlanError
 from benchsync.storage.dataset import LocalDataset
 from benchsync.storage.errors import InvalidRecord, NotFound, StorageError
@@ -56,7 +56,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 POLICY_TICK = 0.5  # seconds between checks of the snapshot policy
-BOOTSTRAP_INTERVAL = 2.0  # seconds between re-dials of bootstrap peers we are not connected to
 RECORD_KINDS = ("perf", "compat", "test")
 MAX_RECORDS_PER_REQUEST = 100_000
 VERSION = "0.1.0"
@@ -132,10 +131,7 @@ class Node:
             network=config.network,
             blockstore=self.dataset.blocks,
             listen=list(config.listen),
-            # The node dials bootstrap peers itself (`_bootstrap`) once its services run:
-            # libp2p's own bootstrap dials inside host.run(), before GossipSub is
-            # started, and a peer's pubsub stream arriving then kills the swarm.
-            bootstrap=[],
+            bootstrap=list(config.bootstrap),
             trusted_peers=set(config.trusted_peers),
             mdns=config.mdns,
             limits=FetchLimits(
@@ -160,6 +156,7 @@ class Node:
         self._head_lock = trio.Lock()  # snapshot and restore replace the head / the DB file
         self._last_snapshot = time.monotonic()
         self.endpoints: ControlEndpoints | None = None
+        self._metric_marks: dict[str, int] = {}
         self.started_at = time.time()
 
     def _attach_db(self) -> None:
@@ -176,7 +173,6 @@ class Node:
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.p2p.run)
-                nursery.start_soon(self._bootstrap)
                 self.queries.register()
                 head = await trio.to_thread.run_sync(self.dataset.head)
                 if head is not None:
@@ -205,24 +201,6 @@ class Node:
                 await trio.to_thread.run_sync(self.dataset.close)
                 self.queries.close()
             log.info("node %s stopped", self.peer_id)
-
-    async def _bootstrap(self) -> None:
-        """Dial every bootstrap peer we are not connected to, now and every BOOTSTRAP_INTERVAL
-        (a peer that restarts is found again without waiting for it to dial us)."""
-
-        async def dial(addr: str) -> None:
-            try:
-                await self.p2p.connect(addr)
-            except Exception as e:  # unreachable for now: the next round tries again
-                log.info("bootstrap dial %s failed: %r", addr, e)
-
-        while True:
-            connected = set(self.p2p.connected_peers())
-            async with trio.open_nursery() as dials:
-                for addr in self.config.bootstrap:
-                    if addr.rsplit("/p2p/", 1)[-1] not in connected:
-                        dials.start_soon(dial, addr)
-            await trio.sleep(BOOTSTRAP_INTERVAL)
 
     def _status_line(self) -> str:
         head = self.dataset.snapshots.head()
@@ -281,7 +259,7 @@ class Node:
         self.p2p.set_local_head(head)
         try:
             await self.p2p.announce(head)
-            self.metrics.announced("sent", len(version.cid))
+            self.metrics.announced("sent", len(encode_head(head)))
         except Exception as e:  # gossip is lossy anyway; the periodic re-announce retries
             log.warning("announcing seq %d failed: %r", version.seq, e)
 
@@ -485,6 +463,27 @@ class Node:
         return 200, version.to_json()
 
     async def _api_metrics(self, request: Request) -> tuple[int, Any]:
-        self.metrics.peers.set(len(self.p2p.connected_peers()))
+        self._sync_metrics()
         await trio.to_thread.run_sync(self.replicas)  # refreshes replica_lag gauges
         return 200, Text(self.metrics.render(), "text/plain; version=0.0.4; charset=utf-8")
+
+    def _sync_metrics(self) -> None:
+        """Fold the P2P services' own counters into the Prometheus ones (as deltas)."""
+        m = self.metrics
+        m.peers.set(len(self.p2p.connected_peers()))
+        received, served = self.p2p.fetcher.stats, self.p2p.provider.served
+        now = {
+            "blocks_in": received.blocks, "bytes_in": received.block_bytes,
+            "blocks_out": served.blocks, "bytes_out": served.block_bytes,
+            "rejected": self.p2p.announcer.rejected, "bans": self.p2p.policy.bans_total,
+        }  # fmt: skip
+        delta = {k: v - self._metric_marks.get(k, 0) for k, v in now.items()}
+        self._metric_marks = now
+        m.fetch_blocks.labels("received").inc(delta["blocks_in"])
+        m.fetch_bytes.labels("received").inc(delta["bytes_in"])
+        m.fetch_blocks.labels("sent").inc(delta["blocks_out"])
+        m.fetch_bytes.labels("sent").inc(delta["bytes_out"])
+        for _ in range(delta["rejected"]):
+            m.verification_failed("announcement")
+        for _ in range(delta["bans"]):
+            m.verification_failed("block")

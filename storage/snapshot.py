@@ -282,20 +282,9 @@ def export_tables(conn: Any, dest: Path) -> dict[str, Path]:
     try:
         for table in tables:
             path = dest / f"{table}.parquet"
-            key = schema.PRIMARY_KEYS.get(table)
-            # Key first (appended rows sort last), then every column: legacy files repeat
-            # keys (assertion ids restarted per result), and ties must not reorder.
-            columns = [
-                r[0]
-                for r in conn.execute(
-                    "SELECT column_name FROM information_schema.columns WHERE table_name = ? "
-                    "AND table_schema = 'main' ORDER BY ordinal_position",
-                    [table],
-                ).fetchall()
-            ]
-            order = ", ".join(_quote(c) for c in ([key] if key else []) + columns)
             conn.execute(
-                f"COPY (SELECT * FROM {_quote(table)} ORDER BY {order}) TO '{path}' "
+                f"COPY (SELECT * FROM {_quote(table)} ORDER BY {_sort_order(conn, table)}) "
+                f"TO '{path}' "
                 f"(FORMAT parquet, COMPRESSION {PARQUET_COMPRESSION}, "
                 f"ROW_GROUP_SIZE {ROW_GROUP_SIZE})"
             )
@@ -303,6 +292,33 @@ def export_tables(conn: Any, dest: Path) -> dict[str, Path]:
     finally:
         conn.execute("COMMIT")
     return files
+
+
+def _sort_order(conn: Any, table: str) -> str:
+    """A total, content-only order for `table`'s rows.
+
+    By key when the key is unique (ids only grow, so appended rows sort last
+    and earlier row groups stay byte-identical); otherwise (a legacy file whose
+    assertion ids restart per result, a table without a key) the key and then
+    every column, so that ties cannot reorder between runs.
+    """
+    key = schema.PRIMARY_KEYS.get(table)
+    if key is not None:
+        unique = conn.execute(
+            f"SELECT count({_quote(key)}) = count(*) AND count(DISTINCT {_quote(key)}) = count(*) "
+            f"FROM {_quote(table)}"
+        ).fetchone()[0]
+        if unique:
+            return _quote(key)
+    columns = [
+        r[0]
+        for r in conn.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = ? "
+            "AND table_schema = 'main' ORDER BY ordinal_position",
+            [table],
+        ).fetchall()
+    ]
+    return ", ".join(_quote(c) for c in ([key] if key else []) + columns)
 
 
 def add_tables(

@@ -14,6 +14,7 @@ import os
 import tempfile
 import threading
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 import duckdb
@@ -263,6 +264,25 @@ def test_batch_without_syncfs_fsyncs_each_temp_then_the_directories(
     dirs_after = {path for kind, path in events[first_replace:] if kind == "fsync"}
     assert dirs_after == {str(store._path(str(cid)).parent) for cid, _ in items}
     assert all(store.get(cid) == data for cid, data in items)
+
+
+def flusher_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "blockstore-flusher"]
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_batch_leaves_no_thread_and_no_open_file(tmp_path: Path, fail: bool) -> None:
+    store = FsBlockstore(tmp_path / "blocks")
+    open_before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(Boom) if fail else nullcontext(), store.batch():
+        for cid, data in blocks(100, size=20_000):  # more than the flusher's queue holds
+            store.put(cid, data)
+        assert len(flusher_threads()) == (1 if blockstore._sync_file_range else 0)
+        if fail:
+            raise Boom
+    assert flusher_threads() == []
+    assert len(os.listdir("/proc/self/fd")) == open_before
+    assert len(list(store.cids())) == (0 if fail else 100)
 
 
 def _enospc_after(calls: int, real: Callable[..., int]) -> Callable[..., int]:
