@@ -18,6 +18,7 @@ import time
 
 import duckdb
 import pyarrow as pa
+
 from benchsync.storage import distquery as dq
 from benchsync.storage.sandbox import QuerySandbox
 

@@ -14,7 +14,6 @@ import contextlib
 import time
 from collections.abc import Iterator
 
-from benchsync.daemon.control import Handler, Request, Text
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -25,6 +24,8 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+
+from benchsync.daemon.control import Handler, Request, Text
 
 NAMESPACE = "benchsync"
 QUERY_SCOPES = ("local", "replicas", "network")

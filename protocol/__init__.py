@@ -1,1 +1,1 @@
-"""benchsync.protocol: wire formats, validation and the query planner. Pure: no I/O, no trio, no libp2p."""
+"""benchsync.protocol: wire formats, validation, the query planner. Pure: no I/O, trio or libp2p."""

@@ -1,4 +1,4 @@
-"""`benchsync snapshot | log | restore | export | import | gc` as a user runs them (real processes)."""
+"""`benchsync snapshot | log | restore | export | import` as a user runs them (real processes)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ def cli(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def record(home: Path, model: str, throughput: str) -> None:
-    r = cli(home, "record", "perf", "--model", model, "--hardware", "cuda", "--throughput", throughput)
+    r = cli(home, "record", "perf", "--model", model, "--hardware", "cuda",
+            "--throughput", throughput)  # fmt: skip
     assert r.returncode == 0, r.stderr
 
 

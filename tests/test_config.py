@@ -7,6 +7,9 @@ import re
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from benchsync.daemon.cli import main as cli_main
 from benchsync.daemon.config import (
     SETTINGS,
@@ -17,8 +20,6 @@ from benchsync.daemon.config import (
     render_example_toml,
     render_markdown,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 REPO = Path(__file__).resolve().parent.parent
 ED25519_PEER = "12D3KooWD3eckifWpRn9wQpMG9R9hX3sD158z7EqHWmweQAJU5SA"

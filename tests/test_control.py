@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import trio
+
 from benchsync.daemon.config import load_config
 from benchsync.daemon.control import (
     ApiError,

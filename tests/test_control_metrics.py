@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from benchsync.daemon.metrics import Metrics
 from prometheus_client.parser import text_string_to_metric_families
+
+from benchsync.daemon.metrics import Metrics
 
 
 def samples(m: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -10,10 +10,11 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 import pytest
-from benchsync.protocol.planner import PlanError
-from benchsync.storage import distquery as dq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from benchsync.protocol.planner import PlanError
+from benchsync.storage import distquery as dq
 
 MODELS = ["bert-base", "gpt2", "vit-b16", "t5-small"]
 HARDWARE = ["cpu", "cuda", "rocm", "mps"]

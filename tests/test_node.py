@@ -48,19 +48,26 @@ async def test_record_snapshot_sync_query_restore_and_metrics(tmp_path: Path) ->
         ep_a = await nursery.start(a.run)
         b = make_node(tmp_path / "b", bootstrap=[a.p2p.addrs[0]])
         ep_b = await nursery.start(b.run)
-        ca, cb = ControlClient(socket_path=ep_a.socket_path), ControlClient(socket_path=ep_b.socket_path)
+        ca, cb = (
+            ControlClient(socket_path=ep_a.socket_path),
+            ControlClient(socket_path=ep_b.socket_path),
+        )
         assert (ep_a.socket_path.stat().st_mode & 0o777) == 0o600
 
         with trio.fail_after(SYNC_TIMEOUT):
             one = await call(ca, "POST", "/v1/record/perf", PERF)
             assert one == {"stored": 1, "id": 1}
             many = await call(ca, "POST", "/v1/record/perf",
-                              {"records": [PERF | {"batch_size": n} for n in (1, 2, 4)]})  # fmt: skip
+                              {"records": [PERF | {"batch_size": n} for n in (1, 2, 4)]})
             assert many == {"stored": 3}
             v1 = await call(ca, "POST", "/v1/snapshot", {})
             assert v1["created"] and v1["rows"]["performance_results"] == 4
-            await call(cb, "POST", "/v1/record/compat",
-                       {"model_name": "t5-small", "hardware_type": "cpu", "is_compatible": True})
+            await call(
+                cb,
+                "POST",
+                "/v1/record/compat",
+                {"model_name": "t5-small", "hardware_type": "cpu", "is_compatible": True},
+            )
             vb = await call(cb, "POST", "/v1/snapshot", {})
 
             await installed(b, a.peer_id, v1["cid"])
@@ -99,12 +106,14 @@ async def test_record_snapshot_sync_query_restore_and_metrics(tmp_path: Path) ->
         assert again["rows"] == [[4]]
         # Writes go on after the restore, into the restored database.
         await call(ca, "POST", "/v1/record/perf", PERF)
-        local = await call(ca, "POST", "/v1/query", {"sql": "SELECT count(*) FROM performance_results"})
+        local = await call(
+            ca, "POST", "/v1/query", {"sql": "SELECT count(*) FROM performance_results"}
+        )
         assert local["rows"] == [[5]]
 
         metrics = await trio.to_thread.run_sync(cb.get_text, "/metrics")
         received = [line for line in metrics.splitlines()
-                    if line.startswith('benchsync_fetch_bytes_total{direction="received"}')]  # fmt: skip
+                    if line.startswith('benchsync_fetch_bytes_total{direction="received"}')]
         assert received and float(received[0].split()[-1]) > 0
         assert "benchsync_queries_total" in metrics
 
@@ -118,7 +127,8 @@ async def test_bad_requests_get_one_error_shape(tmp_path: Path) -> None:
         ep = await nursery.start(node.run)
         client = ControlClient(socket_path=ep.socket_path)
         cases = [
-            ("POST", "/v1/record/perf", {"model_name": "x", "hardware_type": "cpu", "throughput": -1},
+            ("POST", "/v1/record/perf", {"model_name": "x", "hardware_type": "cpu",
+                                         "throughput": -1},
              422, "invalid_record"),
             ("POST", "/v1/record/bogus", {}, 404, "unknown_kind"),
             ("POST", "/v1/query", {"sql": "DROP TABLE models"}, 400, "refused"),
@@ -129,7 +139,10 @@ async def test_bad_requests_get_one_error_shape(tmp_path: Path) -> None:
         for method, path, body, status, code in cases:
             with pytest.raises(ControlAPIError) as info:
                 await call(client, method, path, body)
-            assert (info.value.status, info.value.code) == (status, code), (path, info.value.message)
+            assert (info.value.status, info.value.code) == (status, code), (
+                path,
+                info.value.message,
+            )
             assert info.value.message
         # Nothing was written by the failures, and the node still serves.
         ok = await call(client, "POST", "/v1/query", {"sql": "SELECT count(*) FROM models"})

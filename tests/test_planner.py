@@ -7,6 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from benchsync.protocol import planner
 from benchsync.protocol.query import (
     MAX_SQL_BYTES,
@@ -14,8 +17,6 @@ from benchsync.protocol.query import (
     QueryRequest,
     QueryResponse,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 FIXTURES = Path(__file__).parent / "fixtures" / "planner_asts.json"
 

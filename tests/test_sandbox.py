@@ -6,6 +6,7 @@ import time
 
 import pyarrow as pa
 import pytest
+
 from benchsync.storage.sandbox import (
     InvalidSQL,
     QueryError,

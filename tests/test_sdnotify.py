@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
+
 from benchsync.daemon.sdnotify import Notifier, run_watchdog
 
 
