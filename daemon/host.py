@@ -146,32 +146,45 @@ async def read_some(stream: INetStream, n: int = READ_CHUNK) -> bytes:
 class StreamReader:
     """Reads frames, then raw bytes, from one stream, with a named frame limit.
 
-    Bytes read past a frame stay buffered and come back first from `read()`,
-    so a status frame followed by a CAR stream splits cleanly.
+    Bytes read past a frame stay buffered: a second frame that came in the
+    same read as the first is returned without waiting for more bytes (a
+    requester may send two frames in one write, then wait), and `read()`
+    returns leftover bytes first, so a status frame followed by a CAR stream
+    splits cleanly.
     """
 
     def __init__(self, stream: INetStream, *, max_frame: int) -> None:
         self.stream = stream
         self._decoder = FrameDecoder(max_frame=max_frame)
-        self._pending: list[bytes] = []
+        self.wire_bytes = 0  # bytes read from the stream so far
 
-    async def frame(self) -> bytes:
-        """The next frame body. Raises `TruncatedFrame` if the stream ends first,
-        `FrameTooLarge`/`RemoteProtocolError` on a bad prefix."""
-        while not self._pending:
+    async def frame(self, *, max_frame: int | None = None) -> bytes:
+        """The next frame body (at most `max_frame` bytes, default: the reader's).
+
+        Raises `TruncatedFrame` if the stream ends first,
+        `FrameTooLarge`/`RemoteProtocolError` on a bad prefix.
+        """
+        if max_frame is not None:
+            self._decoder.max_frame = max_frame
+        data = b""
+        while True:
+            frames = self._decoder.feed(data, max_frames=1)
+            if frames:
+                return frames[0]
             data = await read_some(self.stream)
             if not data:
                 self._decoder.close()
                 raise TruncatedFrame("stream ended before a frame was received")
-            self._pending.extend(self._decoder.feed(data, max_frames=1))
-        return self._pending.pop(0)
+            self.wire_bytes += len(data)
 
     async def read(self) -> bytes:
         """The next raw bytes after the frames read so far; b"" at end of stream."""
         leftover = self._decoder.take_buffer()
         if leftover:
             return leftover
-        return await read_some(self.stream)
+        data = await read_some(self.stream)
+        self.wire_bytes += len(data)
+        return data
 
 
 BAN_DURATION = 600.0  # seconds a peer that sent corrupt data or garbage stays banned

@@ -45,10 +45,9 @@ import trio
 from libp2p.abc import INetStream
 from multiformats import varint
 
-from benchsync.daemon.host import read_some, remote_peer
+from benchsync.daemon.host import StreamReader, remote_peer
 from benchsync.daemon.network import P2PNode
 from benchsync.protocol.frames import (
-    FrameDecoder,
     LocalProtocolError,
     ProtocolError,
     Refused,
@@ -344,35 +343,6 @@ class LocalQueryService:
 # --- the wire ----------------------------------------------------------------------------------
 
 
-class FrameReader:
-    """Reads length-prefixed frames from a stream, each against a named maximum.
-
-    Unlike `host.StreamReader`, a second frame that arrived in the same read
-    as the first is returned without waiting for more bytes (a requester
-    sends its hello and request in one write, then waits).
-    """
-
-    def __init__(self, stream: INetStream) -> None:
-        self.stream = stream
-        self._decoder = FrameDecoder()
-        self.wire_bytes = 0  # bytes read from the stream so far
-
-    async def frame(self, *, max_frame: int) -> bytes:
-        """The next frame body. Raises `TruncatedFrame` when the stream ends first,
-        `FrameTooLarge` / `RemoteProtocolError` on a bad length prefix."""
-        self._decoder.max_frame = max_frame
-        data = b""
-        while True:
-            frames = self._decoder.feed(data, max_frames=1)
-            if frames:
-                return frames[0]
-            data = await read_some(self.stream)
-            if not data:
-                self._decoder.close()
-                raise TruncatedFrame("stream ended before a whole frame was received")
-            self.wire_bytes += len(data)
-
-
 def response_frame_limit(max_bytes: int) -> int:
     """The largest response frame a requester accepts for a request with `max_bytes`."""
     return min(max_bytes, MAX_RESULT_BYTES) + MAX_RESPONSE_OVERHEAD
@@ -406,7 +376,7 @@ async def exchange(
     if len(body) > MAX_REQUEST_FRAME:
         raise LocalProtocolError(f"query request of {len(body)} bytes exceeds {MAX_REQUEST_FRAME}")
     await stream.write(hello + varint.encode(len(body)) + body)
-    reader = FrameReader(stream)
+    reader = StreamReader(stream, max_frame=MAX_HELLO_FRAME)
     frame = await reader.frame(max_frame=response_frame_limit(request.max_bytes))
     wire = reader.wire_bytes
     if frame[:1] == b"{":  # P2PNode's access wrapper answers with a JSON refusal frame
@@ -464,7 +434,7 @@ class QueryServer:
                 del self.active[peer]
 
     async def _serve(self, stream: INetStream) -> None:
-        reader = FrameReader(stream)
+        reader = StreamReader(stream, max_frame=MAX_HELLO_FRAME)
         with trio.fail_after(REQUEST_TIMEOUT):
             hello_body = await reader.frame(max_frame=MAX_HELLO_FRAME)
             try:
@@ -832,5 +802,5 @@ __all__ = [
     "ANSWERED", "ERROR", "QUERY_PROTOCOL_ID", "REFUSED", "TIMED_OUT", "UNREACHABLE",
     "DistributedQueryError", "DistributedResult", "LocalQueryService", "PeerResult",
     "PeersMissing", "QueryServer", "QueryService",
-    "FrameReader", "ServerLimits", "exchange", "response_frame_limit", "write_frame",
+    "ServerLimits", "exchange", "response_frame_limit", "write_frame",
 ]  # fmt: skip

@@ -23,7 +23,7 @@ from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.peer.id import ID
 from multiformats import varint
 
-from benchsync.daemon.host import parse_peer_addr, read_some
+from benchsync.daemon.host import StreamReader, parse_peer_addr, read_some
 from benchsync.daemon.network import P2PNode
 from benchsync.daemon.query import (
     ANSWERED,
@@ -34,7 +34,6 @@ from benchsync.daemon.query import (
     REFUSED,
     TIMED_OUT,
     UNREACHABLE,
-    FrameReader,
     LocalQueryService,
     PeersMissing,
     QueryService,
@@ -235,7 +234,7 @@ async def test_hostile_queries_over_a_real_stream_are_refused_or_limited(tmp_pat
 
 def stalling_handler(release: trio.Event) -> Callable[[INetStream], Awaitable[None]]:
     async def handler(stream: INetStream) -> None:
-        reader = FrameReader(stream)
+        reader = StreamReader(stream, max_frame=MAX_HELLO_FRAME)
         await reader.frame(max_frame=MAX_HELLO_FRAME)
         await reader.frame(max_frame=MAX_REQUEST_FRAME)
         await release.wait()  # never answers while the test runs
@@ -245,7 +244,7 @@ def stalling_handler(release: trio.Event) -> Callable[[INetStream], Awaitable[No
 
 async def dying_handler(stream: INetStream) -> None:
     """Reads the request, sends a third of a frame, then resets the stream."""
-    reader = FrameReader(stream)
+    reader = StreamReader(stream, max_frame=MAX_HELLO_FRAME)
     await reader.frame(max_frame=MAX_HELLO_FRAME)
     await reader.frame(max_frame=MAX_REQUEST_FRAME)
     await stream.write(varint.encode(3000) + b"BSR1" + b"\x00" * 996)
@@ -254,7 +253,7 @@ async def dying_handler(stream: INetStream) -> None:
 
 async def lying_handler(stream: INetStream) -> None:
     """Answers with the planned column names but every value a string."""
-    reader = FrameReader(stream)
+    reader = StreamReader(stream, max_frame=MAX_HELLO_FRAME)
     await reader.frame(max_frame=MAX_HELLO_FRAME)
     await reader.frame(max_frame=MAX_REQUEST_FRAME)
     columns = dq.plan(GROUP_BY, [1]).partial_columns
