@@ -37,7 +37,7 @@ from typing import Any
 
 from multiformats import CID
 
-from benchsync.protocol.frames import Refused, RemoteProtocolError, check_network
+from benchsync.protocol.frames import Refused, RemoteProtocolError, check_network, parse_cid
 
 CAR_PROTOCOL_ID = "/benchsync/car/1.0.0"
 MAX_WANT = 1024  # CIDs per request: ~62 KiB of JSON, one 256 MiB response of full chunks
@@ -54,12 +54,7 @@ class FetchProtocolError(RemoteProtocolError):
 
 
 def _cid(value: object, what: str) -> CID:
-    if not isinstance(value, str) or len(value) > 256:
-        raise FetchProtocolError(f"{what} must be a CID string, got {type(value).__name__}")
-    try:
-        return CID.decode(value)
-    except Exception as e:  # multiformats raises several unrelated types
-        raise FetchProtocolError(f"{what}={value!r} is not a CID: {e}") from None
+    return parse_cid(value, what, FetchProtocolError)
 
 
 def _cid_list(value: object, what: str, limit: int) -> tuple[CID, ...]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from multiformats import varint
+from multiformats import CID, varint
 
 MAX_FRAME = 64 * 1024  # bytes: the largest control frame any benchsync protocol accepts
 MAX_VARINT_BYTES = 10  # bytes: a uvarint for a 64-bit length never needs more
@@ -72,6 +72,24 @@ def check_network(obj: dict[str, Any], network: str) -> None:
         raise Refused(
             f"wrong network: this node is on network {network!r}, the request was for {other!r}"
         )
+
+
+MAX_CID_TEXT = 256  # characters of a CID string in a message (a sha2-512 CIDv1 is ~110)
+
+
+def parse_cid(value: object, what: str, error: type[Exception]) -> CID:
+    """The CID in a message field, or `error` naming the field and the value.
+
+    `error` is the caller's protocol error class (a bad head and a bad fetch
+    request are rejected differently); multiformats' own exceptions, of several
+    unrelated types, never escape.
+    """
+    if not isinstance(value, str) or len(value) > MAX_CID_TEXT:
+        raise error(f"{what} must be a CID string, got {type(value).__name__}")
+    try:
+        return CID.decode(value)
+    except Exception as e:
+        raise error(f"{what}={value!r} is not a CID: {e}") from None
 
 
 def encode_frame(body: bytes, *, max_frame: int = MAX_FRAME) -> bytes:

@@ -29,7 +29,7 @@ from typing import Any
 
 from multiformats import CID
 
-from benchsync.protocol.frames import Refused, RemoteProtocolError
+from benchsync.protocol.frames import Refused, RemoteProtocolError, parse_cid
 
 HEAD_PROTOCOL_ID = "/benchsync/head/1.0.0"
 TOPIC_TEMPLATE = "benchsync/{network}/heads/1"
@@ -66,15 +66,6 @@ def check_network_name(network: str) -> str:
 def topic_for(network: str) -> str:
     """The GossipSub topic carrying the heads of `network`."""
     return TOPIC_TEMPLATE.format(network=check_network_name(network))
-
-
-def _parse_cid(name: str, value: object) -> CID:
-    if not isinstance(value, str) or len(value) > 256:
-        raise InvalidHead(f"{name} must be a CID string")
-    try:
-        return CID.decode(value)
-    except Exception as e:  # multiformats raises several unrelated types
-        raise InvalidHead(f"{name}={value!r} is not a CID: {e}") from None
 
 
 @dataclass(frozen=True)
@@ -131,8 +122,8 @@ class Head:
         return cls(
             dataset=obj["dataset"],
             seq=obj["seq"],
-            root=_parse_cid("root", obj["root"]),
-            tables=_parse_cid("tables", obj["tables"]),
+            root=parse_cid(obj["root"], "root", InvalidHead),
+            tables=parse_cid(obj["tables"], "tables", InvalidHead),
             created_at=obj["created_at"],
             bytes=obj["bytes"],
         )
