@@ -24,7 +24,7 @@ lint: $(BIN)/.installed
 	$(BIN)/mypy storage protocol daemon
 
 bench: $(BIN)/.installed
-	$(BIN)/python -m bench
+	for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
