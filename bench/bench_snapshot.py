@@ -153,13 +153,16 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # not Linux: KiB
 
 
-def measure_child(kind: str, home: Path) -> dict[str, int]:
+def measure_child(kind: str, home: Path) -> dict[str, Any]:
+    """Peaks of one operation in a fresh process, or {"error": its last stderr line}."""
     out = subprocess.run(
         [sys.executable, __file__, "--child", kind, str(home)],
-        check=True,
         capture_output=True,
         text=True,
     )
+    if out.returncode != 0:
+        lines = out.stderr.strip().splitlines() or [f"exit status {out.returncode}"]
+        return {"error": lines[-1][:160]}
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -271,7 +274,7 @@ def main() -> None:
         small, small_rows = build(work / "small", args.small_mib)
         small.close()
 
-        memory: list[tuple[str, dict[str, int]]] = []
+        memory: list[tuple[str, dict[str, Any]]] = []
         for name, home in (("small", work / "small"), ("large", work / "large")):
             memory.append((f"{name}: bare (imports + open DB)", measure_child("bare", home)))
             # A first snapshot: every block is new and written.
@@ -311,6 +314,9 @@ def main() -> None:
     bare: dict[str, int] = {}
     for name, m in memory:
         size = name.split(":")[0]
+        if "error" in m:
+            print(f"  {name:42s} failed: {m['error']}")
+            continue
         bare.setdefault(size, m["rss"])
         print(
             f"  {name:42s} RSS {m['rss'] / MIB:7.1f} MiB  ratio {m['rss'] / bare[size]:5.2f}"
