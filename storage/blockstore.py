@@ -18,7 +18,11 @@ exit makes every block durable with one `syncfs` of the store's filesystem,
 *then* renames them all into place, then makes the renames durable. A block is
 never visible under its key before its bytes are on disk: `put` skips keys that
 exist, so a renamed-but-unsynced block that a crash emptied would be trusted
-forever.
+forever. Without syncfs(2) (not Linux) the batch fsyncs each temp file, then
+each touched shard directory. While a batch runs, a helper thread starts the
+disk writeback of each finished temp file (sync_file_range), so the disk can
+work while the caller hashes the next chunk. `gc` deletes temp files: run it
+only while no batch is open (it already requires no concurrent puts).
 """
 
 from __future__ import annotations
