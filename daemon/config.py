@@ -369,6 +369,9 @@ SETTINGS: tuple[Setting, ...] = (
             "Bytes of Arrow data one query may return.", "SIZE"),
     Setting("query_memory_limit", _size_kind(16 * MiB), 1 * GiB,
             "DuckDB memory limit for queries served to peers.", "SIZE"),
+    Setting("db_memory_limit", _size_kind(64 * MiB), 1 * GiB,
+            "DuckDB memory limit of the node's own database; larger sorts (the snapshot "
+            "export) spill to disk instead of growing with the database.", "SIZE"),
     Setting("control_socket", PATH, None,
             "Unix socket of the control API (mode 0600).", "PATH",
             default_doc="$RUNTIME_DIRECTORY/control.sock under systemd, else "
@@ -408,6 +411,7 @@ class Config:
     query_max_rows: int
     query_max_bytes: int
     query_memory_limit: int
+    db_memory_limit: int
     control_socket: Path
     control_tcp: str | None
     control_token: str | None

@@ -123,7 +123,9 @@ class Node:
         self.home = Path(config.home)
         self.notifier = notifier or Notifier()
         self.peer_id = peer_id_of(load_or_create_identity(self.home))
-        self.dataset = LocalDataset(self.home, self.peer_id)
+        self.dataset = LocalDataset(
+            self.home, self.peer_id, memory_limit=f"{config.db_memory_limit // 2**20}MiB"
+        )
         self.metrics = Metrics()
         self.metrics.set_identity(peer_id=self.peer_id, network=config.network, version=VERSION)
         self.p2p = P2PNode(

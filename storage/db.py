@@ -105,12 +105,21 @@ def _coerce(kind: str, record: Record | Mapping[str, Any] | None,
 class BenchmarkDB:
     """A node's benchmark database file. Thread-safe; also a context manager."""
 
-    def __init__(self, path: str | Path, *, read_only: bool = False) -> None:
+    def __init__(
+        self, path: str | Path, *, read_only: bool = False, memory_limit: str | None = None
+    ) -> None:
+        """Open (creating or migrating forward) the database at `path`.
+
+        `memory_limit` (a DuckDB size such as "1GiB") caps DuckDB's buffer
+        manager; bigger sorts (the snapshot export) spill to disk instead of
+        growing with the database. None leaves DuckDB's default (80 % of RAM).
+        """
         self.path = Path(path)
         self.read_only = read_only
         self.on_write: list[Callable[[int], None]] = []
+        config = {"memory_limit": memory_limit} if memory_limit else {}
         try:
-            self._root = duckdb.connect(str(self.path), read_only=read_only)
+            self._root = duckdb.connect(str(self.path), read_only=read_only, config=config)
         except duckdb.IOException as e:
             if "lock" in str(e).lower():
                 raise DatabaseLocked(
