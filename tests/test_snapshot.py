@@ -426,3 +426,33 @@ def test_incomplete_snapshot_is_reported(ds: LocalDataset) -> None:
     with pytest.raises(IncompleteSnapshot):
         list(ds.export_car(io.BytesIO(), v.cid))
     assert ds.db.table_counts()["performance_results"] == 20
+
+
+def _ipfs_car() -> str | None:
+    import shutil
+
+    return os.environ.get("BENCHSYNC_IPFS_CAR") or shutil.which("ipfs-car")
+
+
+@pytest.mark.skipif(_ipfs_car() is None, reason="ipfs-car not installed (BENCHSYNC_IPFS_CAR)")
+def test_exported_snapshot_unpacks_with_ipfs_car(ds: LocalDataset, tmp_path: Path) -> None:
+    import subprocess
+
+    fill(ds, 0, 3000)
+    v = ds.snapshot().version
+    car_path = tmp_path / "snap.car"
+    with open(car_path, "wb") as f:
+        ds.export_car(f, None)
+    exe = _ipfs_car()
+    assert exe is not None
+    roots = subprocess.run([exe, "roots", str(car_path)], capture_output=True, text=True,
+                           check=True, timeout=60)  # fmt: skip
+    assert roots.stdout.split() == [v.cid]
+    out = tmp_path / "out"
+    subprocess.run([exe, "unpack", str(car_path), "--output", str(out)], capture_output=True,
+                   check=True, timeout=60)  # fmt: skip
+    assert Manifest.from_bytes((out / "manifest.json").read_bytes()).seq == 1
+    n = duckdb.connect().execute(
+        f"SELECT count(*) FROM read_parquet('{out / 'tables' / 'performance_results.parquet'}')"
+    ).fetchone()
+    assert n == (3000,)
