@@ -40,7 +40,7 @@ class Progress:
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
         self.started = time.monotonic()
-        self._last = 0.0
+        self._last = self.started  # first draw after one interval: short jobs stay quiet
 
     def update(self, n: int) -> None:
         self.done += n
@@ -50,7 +50,8 @@ class Progress:
             self._draw(final=False)
 
     def close(self) -> None:
-        if self.enabled:
+        # A job that finished within one interval never drew: nothing to close.
+        if self.enabled and (self.tty or self._last > self.started):
             self._draw(final=True)
 
     def _draw(self, *, final: bool) -> None:
