@@ -15,19 +15,16 @@ lock serialises the operations that replace the database file or the head
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
-from datetime import date, datetime
-from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import duckdb
-import pyarrow as pa
 import trio
 from multiformats import CID
 
+from benchsync.daemon.answers import table_json
 from benchsync.daemon.config import Config
 from benchsync.daemon.control import (
     ApiError,
@@ -71,31 +68,6 @@ def head_of(version: Version) -> Head:
         created_at=version.created_at,
         bytes=version.manifest.total_bytes,
     )
-
-
-def jsonable(value: Any) -> Any:
-    """A value of a query result as JSON (timestamps as ISO 8601, NaN/inf as null)."""
-    if isinstance(value, datetime | date):
-        return value.isoformat()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Decimal):
-        return float(value)
-    if isinstance(value, bytes):
-        return value.hex()
-    if isinstance(value, dict):
-        return {k: jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [jsonable(v) for v in value]
-    return value
-
-
-def table_json(table: pa.Table) -> dict[str, Any]:
-    """An Arrow table as `{"columns": [...], "types": [...], "rows": [[...], ...]}`."""
-    columns = table.column_names
-    data = [table.column(i).to_pylist() for i in range(table.num_columns)]
-    rows = [[jsonable(col[r]) for col in data] for r in range(table.num_rows)]
-    return {"columns": columns, "types": [str(t) for t in table.schema.types], "rows": rows}
 
 
 class _WriteCounter:

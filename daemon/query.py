@@ -30,14 +30,11 @@ A peer that breaks this loses its stream (reset), never the node.
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from decimal import Decimal
 from typing import Any, Literal, TypeAlias
 
 import pyarrow as pa
@@ -45,6 +42,7 @@ import trio
 from libp2p.abc import INetStream
 from multiformats import varint
 
+from benchsync.daemon.answers import table_json
 from benchsync.daemon.host import StreamReader, remote_peer
 from benchsync.daemon.network import P2PNode
 from benchsync.protocol.frames import (
@@ -528,32 +526,11 @@ class DistributedResult:
 
     def to_json(self) -> dict[str, Any]:
         """Columns, rows (lists of JSON values), peers, strategy: for the control API/CLI."""
-        names = self.table.column_names
-        rows = [[_json_value(r[n]) for n in names] for r in self.table.to_pylist()]
-        return {
-            "columns": names, "types": [str(t) for t in self.table.schema.types],
-            "rows": rows, "peers": [p.to_json() for p in self.peers],
+        return table_json(self.table) | {
+            "peers": [p.to_json() for p in self.peers],
             "strategy": self.strategy, "reason": self.reason, "complete": self.complete,
             "elapsed_s": round(self.elapsed_s, 4),
         }  # fmt: skip
-
-
-def _json_value(value: Any) -> Any:
-    if isinstance(value, dt.datetime | dt.date | dt.time):
-        return value.isoformat()
-    if isinstance(value, dt.timedelta):
-        return value.total_seconds()
-    if isinstance(value, Decimal):
-        return int(value) if value == value.to_integral_value() else float(value)
-    if isinstance(value, float) and not math.isfinite(value):
-        return None if math.isnan(value) else str(value)
-    if isinstance(value, bytes):
-        return value.hex()
-    if isinstance(value, dict):
-        return {str(k): _json_value(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_value(v) for v in value]
-    return value
 
 
 class QueryService:

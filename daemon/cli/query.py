@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime as dt
 import io
 import json
 import sys
-from decimal import Decimal
 from typing import Any
 
 import duckdb
 import pyarrow as pa
 
+from benchsync.daemon.answers import json_value
 from benchsync.daemon.cli.common import CLIError, call_node, data_dir, node_client
 from benchsync.daemon.control import ControlClient
 from benchsync.storage.db import DB_FILENAME, BenchmarkDB, DatabaseLocked
@@ -45,24 +44,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dt.datetime | dt.date | dt.time):
-        return value.isoformat()
-    if isinstance(value, Decimal):
-        return float(value)
-    if isinstance(value, bytes):
-        return value.hex()
-    if isinstance(value, dt.timedelta):
-        return value.total_seconds()
-    return value
-
-
 def _text(value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, dict | list):
-        return json.dumps(value, default=_jsonable)
-    return str(_jsonable(value))
+        return json.dumps(value, default=json_value)
+    return str(json_value(value))
 
 
 def format_arrow(table: pa.Table, fmt: str) -> str:
@@ -70,8 +57,8 @@ def format_arrow(table: pa.Table, fmt: str) -> str:
     rows = table.to_pylist()
     names = table.column_names
     if fmt == "json":
-        return json.dumps([{k: _jsonable(v) for k, v in r.items()} for r in rows],
-                          default=_jsonable, indent=2)
+        return json.dumps([{k: json_value(v) for k, v in r.items()} for r in rows],
+                          default=json_value, indent=2)
     if fmt == "csv":
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
