@@ -126,18 +126,13 @@ class Node:
             memory_limit=f"{max(16, config.query_memory_limit // 2**20)}MiB",
         )
         self._writes = _WriteCounter()
-        self._attach_db()
+        self.dataset.on_write.append(self._writes.add)
+        self.dataset.on_write.append(self.metrics.writes.inc)
         self._head_lock = trio.Lock()  # snapshot and restore replace the head / the DB file
         self._last_snapshot = time.monotonic()
         self.endpoints: ControlEndpoints | None = None
         self._metric_marks: dict[str, int] = {}
         self.started_at = time.time()
-
-    def _attach_db(self) -> None:
-        db = self.dataset.db
-        db.on_write.append(self._writes.add)
-        db.on_write.append(lambda n: self.metrics.writes.inc(n))
-        self.queries.database_replaced()
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -223,7 +218,7 @@ class Node:
     async def restore(self, cid: str) -> Version:
         async with self._head_lock:
             version = await trio.to_thread.run_sync(self.dataset.restore, cid)
-            self._attach_db()
+            self.queries.database_replaced()
         log.info("restored %s as seq=%d cid=%s", cid, version.seq, version.cid)
         await self._announce(version)
         return version

@@ -24,7 +24,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -123,6 +123,9 @@ class LocalDataset:
         self.read_only = read_only
         self.memory_limit = memory_limit
         self._db: BenchmarkDB | None = None
+        # Listeners of committed writes (rows written). The list is shared with every
+        # database object this dataset opens, so they survive a restore's swap.
+        self.on_write: list[Callable[[int], None]] = []
         self.blocks = FsBlockstore(self.home / "blocks")
         self.snapshots = SnapshotStore(self.home / "snapshots", self.blocks, dataset)
         self.replicas = ReplicaStore(self.home / "replicas", self.blocks)
@@ -135,6 +138,7 @@ class LocalDataset:
             self._db = BenchmarkDB(
                 self.db_path, read_only=self.read_only, memory_limit=self.memory_limit
             )
+            self._db.on_write = self.on_write
         return self._db
 
     def close(self) -> None:
@@ -233,8 +237,9 @@ class LocalDataset:
 
     def _verify_built(self, path: Path, target: Version, work: Path) -> None:
         work.mkdir(parents=True, exist_ok=True)
-        config = {"memory_limit": self.memory_limit} if self.memory_limit else {}
-        conn = duckdb.connect(str(path), read_only=True, config=config)
+        conn = duckdb.connect(
+            str(path), read_only=True, config={"memory_limit": self.memory_limit or "80%"}
+        )
         try:
             tables_cid, _, _ = add_tables(export_tables(conn, work), lambda cid, data: None)
         finally:
@@ -252,7 +257,13 @@ class LocalDataset:
         n = car.write_car(out, [root], dag_blocks(self.blocks, root))
         return str(root), n
 
-    def export_cars(self, dest: Path, cid: str | None, max_size: int) -> list[Path]:
+    def export_cars(
+        self,
+        dest: Path,
+        cid: str | None,
+        max_size: int,
+        progress: Callable[[int], None] | None = None,
+    ) -> list[Path]:
         """Split the DAG into CARs of at most `max_size` bytes each (all name the same root)."""
         root = self._export_root(cid)
         header = len(car.encode_header([root]))
@@ -277,6 +288,8 @@ class LocalDataset:
                     written = header
                 out.write(car.encode_section(block_cid, data))
                 written += section
+                if progress is not None:
+                    progress(section)
         finally:
             if out is not None:
                 out.close()

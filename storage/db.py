@@ -117,7 +117,9 @@ class BenchmarkDB:
         self.path = Path(path)
         self.read_only = read_only
         self.on_write: list[Callable[[int], None]] = []
-        config = {"memory_limit": memory_limit} if memory_limit else {}
+        config: dict[str, str | bool | int | float | list[str]] = (
+            {"memory_limit": memory_limit} if memory_limit else {}
+        )
         try:
             self._root = duckdb.connect(str(self.path), read_only=read_only, config=config)
         except duckdb.IOException as e:

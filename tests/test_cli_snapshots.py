@@ -64,6 +64,11 @@ def test_snapshot_log_restore_export_import(tmp_path: Path) -> None:
         roots, blocks = car.read_car(f)
         assert [str(r) for r in roots] == [v2["cid"]] and sum(1 for _ in blocks) > 3
 
+    parts = cli(home, "export", "--car", str(tmp_path / "split.car"), "--max-size", "300K")
+    assert parts.returncode == 0, parts.stderr
+    files = [Path(p) for p in parts.stdout.split()]
+    assert files and all(p.is_file() and p.stat().st_size <= 300 * 1024 for p in files)
+
     other = tmp_path / "b"
     imported = cli(other, "import", str(out), "--json")
     assert imported.returncode == 0, imported.stderr
