@@ -44,6 +44,7 @@ from benchsync.protocol.heads import Head, encode_head
 from benchsync.protocol.planner import PlanError
 from benchsync.storage.dataset import LocalDataset
 from benchsync.storage.errors import InvalidRecord, NotFound, StorageError
+from benchsync.storage.migrate import migrate_files
 from benchsync.storage.sandbox import QueryError
 from benchsync.storage.snapshot import Version, read_version
 
@@ -310,6 +311,7 @@ class Node:
         r.add("POST", "/v1/snapshot", self._api_snapshot)
         r.add("GET", "/v1/history", self._api_history)
         r.add("POST", "/v1/restore", self._api_restore)
+        r.add("POST", "/v1/migrate", self._api_migrate)
         if self.config.metrics:
             r.add("GET", "/metrics", self._api_metrics)
         return r
@@ -430,6 +432,24 @@ class Node:
         except StorageError as e:
             raise ApiError(409, "restore_failed", str(e), "the live database is unchanged") from e
         return 200, version.to_json()
+
+    async def _api_migrate(self, request: Request) -> tuple[int, Any]:
+        """Migrate legacy files into the running node's dataset (the node owns the database)."""
+        body = request.json()
+        paths = body.get("paths") if isinstance(body, dict) else None
+        if not isinstance(paths, list) or not paths or not all(isinstance(p, str) for p in paths):
+            raise ApiError(400, "bad_request", 'expected {"paths": ["/abs/legacy.duckdb", ...]}',
+                           "paths are read by the node's process: give absolute paths")  # fmt: skip
+        backup, verify = bool(body.get("backup", True)), bool(body.get("verify", True))
+        async with self._head_lock:
+            before = await trio.to_thread.run_sync(self.dataset.head)
+            results = await trio.to_thread.run_sync(
+                lambda: migrate_files(self.dataset, paths, backup=backup, verify=verify)
+            )
+            head = await trio.to_thread.run_sync(self.dataset.head)
+        if head is not None and (before is None or head.cid != before.cid):
+            await self._announce(head)
+        return 200, {"results": [r.to_json() for r in results], "ok": all(r.ok for r in results)}
 
     async def _api_metrics(self, request: Request) -> tuple[int, Any]:
         self._sync_metrics()

@@ -438,4 +438,4 @@ def test_cli_refuses_while_a_node_holds_the_database(
     _, err = capsys.readouterr()
     assert rc != 0
     assert "in use by another process" in err
-    assert "Try: stop the node first" in err
+    assert "Try: if a node runs there" in err

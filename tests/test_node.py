@@ -161,3 +161,23 @@ async def test_snapshot_policy_after_n_writes(tmp_path: Path) -> None:
                 await trio.sleep(0.05)
         assert node.dataset.head().manifest.tables["performance_results"].rows == 3
         nursery.cancel_scope.cancel()
+
+
+async def test_migrate_through_the_running_node(tmp_path: Path) -> None:
+    from legacy_fixtures import build_legacy_db
+
+    legacy = build_legacy_db(tmp_path / "legacy.duckdb", seed=0)
+    node = make_node(tmp_path / "a")
+    async with trio.open_nursery() as nursery:
+        ep = await nursery.start(node.run)
+        client = ControlClient(socket_path=ep.socket_path)
+        answer = await call(client, "POST", "/v1/migrate", {"paths": [str(legacy.path)]})
+        [result] = answer["results"]
+        assert answer["ok"] and result["status"] == "migrated" and result["verified"]
+        assert result["cid"] == node.dataset.head().cid  # snapshot taken after the import
+        rows = await call(client, "POST", "/v1/query", {
+            "sql": "SELECT count(*) FROM performance_results"})  # fmt: skip
+        assert rows["rows"] == [[legacy.rows["performance_results"]]]
+        again = await call(client, "POST", "/v1/migrate", {"paths": [str(legacy.path)]})
+        assert again["results"][0]["status"] == "already-migrated"
+        nursery.cancel_scope.cancel()

@@ -13,10 +13,18 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from benchsync.daemon.cli.common import CLIError, add_home_argument, data_dir, open_dataset
+from benchsync.daemon.cli.common import (
+    CLIError,
+    add_home_argument,
+    call_node,
+    data_dir,
+    node_client,
+    open_dataset,
+)
 from benchsync.storage.db import DatabaseLocked
-from benchsync.storage.migrate import MigrationResult, migrate_files, snapshot_legacy
+from benchsync.storage.migrate import migrate_files, snapshot_legacy
 
 EXIT_SOME_FAILED = 2  # at least one file failed; the rest were migrated
 
@@ -92,40 +100,42 @@ def _home(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     _home(args)
     say = _progress(args.verbose)
-    ds = open_dataset(args)
-    with ds:
-        if not args.snapshot_only:
-            try:
-                _ = ds.db  # opened lazily; open it now, before anything is read or backed up
-            except DatabaseLocked as e:
-                raise CLIError(
-                    f"the database in {ds.home} is in use by another process ({e})",
-                    "stop the node first (systemctl stop benchsync, or Ctrl-C `benchsync up`), run "
-                    "`benchsync migrate` again, then start it; migrating through a running node is "
-                    "not supported yet",
-                ) from None
-        if args.snapshot_only:
-            results = [snapshot_legacy(ds, Path(p), progress=say) for p in args.db]
-        else:
-            results = migrate_files(
-                ds,
-                [Path(p) for p in args.db],
-                backup=not args.no_backup,
-                verify=not args.no_verify,
-                progress=say,
-            )
+    client = None if args.snapshot_only else node_client(args)
+    if client is not None:
+        # The running node owns the database: it migrates (and announces the new head).
+        say(f"migrating {len(args.db)} file(s) through the running node")
+        body = {"paths": [str(Path(p).resolve()) for p in args.db],
+                "backup": not args.no_backup, "verify": not args.no_verify}  # fmt: skip
+        results = call_node(client, "POST", "/v1/migrate", body)["results"]
+    else:
+        with open_dataset(args) as ds:
+            if not args.snapshot_only:
+                try:
+                    _ = ds.db  # opened lazily; open it now, before anything is read or backed up
+                except DatabaseLocked as e:
+                    raise CLIError(
+                        f"the database in {ds.home} is in use by another process ({e})",
+                        "if a node runs there, check its control socket (`benchsync status`); "
+                        "otherwise stop the process that holds the file",
+                    ) from None
+            if args.snapshot_only:
+                done = [snapshot_legacy(ds, Path(p), progress=say) for p in args.db]
+            else:
+                done = migrate_files(
+                    ds,
+                    [Path(p) for p in args.db],
+                    backup=not args.no_backup,
+                    verify=not args.no_verify,
+                    progress=say,
+                )
+        results = [r.to_json() for r in done]
     if args.json:
-        print(
-            json.dumps(
-                {"results": [r.to_json() for r in results], "ok": all(r.ok for r in results)},
-                indent=1,
-            )
-        )
+        print(json.dumps({"results": results, "ok": all(r["ok"] for r in results)}, indent=1))
     else:
         _print_summary(results)
-    failed = [r for r in results if not r.ok]
+    failed = [r for r in results if not r["ok"]]
     for r in failed:
-        print(f"Error: {r.error}", file=sys.stderr)
+        print(f"Error: {r['error']}", file=sys.stderr)
     if failed:
         print(
             f"Try: fix the file(s) above and run the same command again; the "
@@ -137,25 +147,26 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_summary(results: list[MigrationResult]) -> None:
+def _print_summary(results: list[dict[str, Any]]) -> None:
+    """The summary table, from results as `MigrationResult.to_json()` (local or from a node)."""
     header = ("FILE", "STATUS", "TABLES", "ROWS", "CID", "VERIFIED", "BACKUP")
     rows = [header]
     for r in results:
-        verified = {True: "yes", False: "NO", None: "-"}[r.verified]
+        verified = {True: "yes", False: "NO", None: "-"}[r["verified"]]
         rows.append(
             (
-                str(r.path),
-                r.status,
-                str(len(r.tables)),
-                str(r.rows),
-                r.cid or "-",
+                r["path"],
+                r["status"],
+                str(len(r["tables"])),
+                str(r["rows"]),
+                r["cid"] or "-",
                 verified,
-                str(r.backup) if r.backup else "-",
+                r["backup"] or "-",
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
     for r in results:
-        for w in r.warnings:
-            print(f"warning: {r.path}: {w}", file=sys.stderr)
+        for w in r["warnings"]:
+            print(f"warning: {r['path']}: {w}", file=sys.stderr)
