@@ -261,12 +261,12 @@ def test_random_bytes_only_raise_car_errors(data: bytes) -> None:
 
 
 def _ipfs_car() -> list[str] | None:
-    exe = os.environ.get("BENCHSYNC_IPFS_CAR") or shutil.which("ipfs-car")
+    exe = os.environ.get("IPFS_CAR_BIN") or shutil.which("ipfs-car")
     return [exe] if exe else None
 
 
 @pytest.mark.skipif(
-    _ipfs_car() is None, reason="ipfs-car not installed (or set BENCHSYNC_IPFS_CAR)"
+    _ipfs_car() is None, reason="ipfs-car not installed (or set IPFS_CAR_BIN)"
 )
 def test_ipfs_car_unpacks_our_car(tmp_path: Path) -> None:
     src = tmp_path / "src"

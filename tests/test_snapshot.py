@@ -431,10 +431,10 @@ def test_incomplete_snapshot_is_reported(ds: LocalDataset) -> None:
 def _ipfs_car() -> str | None:
     import shutil
 
-    return os.environ.get("BENCHSYNC_IPFS_CAR") or shutil.which("ipfs-car")
+    return os.environ.get("IPFS_CAR_BIN") or shutil.which("ipfs-car")
 
 
-@pytest.mark.skipif(_ipfs_car() is None, reason="ipfs-car not installed (BENCHSYNC_IPFS_CAR)")
+@pytest.mark.skipif(_ipfs_car() is None, reason="ipfs-car not installed (IPFS_CAR_BIN)")
 def test_exported_snapshot_unpacks_with_ipfs_car(ds: LocalDataset, tmp_path: Path) -> None:
     import subprocess
 
