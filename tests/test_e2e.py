@@ -367,7 +367,7 @@ def _check_sigterm(nodes: list[NodeProcess], listeners: list[NotifyListener]) ->
     codes = [node.proc.wait(timeout=STOP_TIMEOUT) for node in nodes if node.proc is not None]
     assert codes == [0, 0, 0], [n.tail_log() for n in nodes]
     for node, listener in zip(nodes, listeners, strict=True):
-        listener.wait_for("STOPPING", timeout=5)
+        listener.wait_for("STOPPING", timeout=NOTIFY_TIMEOUT)
         assert not node.client.available(), "the control socket should be gone after a clean stop"
 
 
@@ -387,7 +387,7 @@ def test_node_stays_responsive_when_the_service_manager_stops_reading(tmp_path: 
         node.start()
         # READY=1 and every WATCHDOG=1 are undeliverable from the start.
         node.wait_ready(timeout=STUCK_READY_TIMEOUT)
-        client = ControlClient(socket_path=node.socket_path, timeout=5.0)
+        client = ControlClient(socket_path=node.socket_path, timeout=30.0)
         answer = client.post("/v1/record/perf", {"model_name": "m", "hardware_type": "cpu",
                                                  "throughput": 1.0})  # fmt: skip
         assert answer["stored"] == 1
