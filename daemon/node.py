@@ -361,6 +361,11 @@ class Node:
             ) from e
         except (TypeError, ValueError) as e:
             raise ApiError(422, "invalid_record", str(e), "nothing was written") from e
+        except (StorageError, duckdb.Error) as e:  # e.g. a full disk: the transaction rolled back
+            raise ApiError(
+                500, "write_failed", f"{type(e).__name__}: {e}",
+                "nothing was written; check free disk space and the node's log, then retry",
+            ) from e
 
     async def _api_query(self, request: Request) -> tuple[int, Any]:
         body = request.json()
