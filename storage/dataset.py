@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -123,6 +124,7 @@ class LocalDataset:
         self.read_only = read_only
         self.memory_limit = memory_limit
         self._db: BenchmarkDB | None = None
+        self._swap_lock = threading.RLock()  # held while a restore swaps the database file
         # Listeners of committed writes (rows written). The list is shared with every
         # database object this dataset opens, so they survive a restore's swap.
         self.on_write: list[Callable[[int], None]] = []
@@ -134,17 +136,19 @@ class LocalDataset:
     def db(self) -> BenchmarkDB:
         """The database, opened on first use: CAR export/import and history never need it,
         so they work beside a running node that holds the database's write lock."""
-        if self._db is None:
-            self._db = BenchmarkDB(
-                self.db_path, read_only=self.read_only, memory_limit=self.memory_limit
-            )
-            self._db.on_write = self.on_write
-        return self._db
+        with self._swap_lock:  # never (re)open the file halfway through a restore's swap
+            if self._db is None:
+                self._db = BenchmarkDB(
+                    self.db_path, read_only=self.read_only, memory_limit=self.memory_limit
+                )
+                self._db.on_write = self.on_write
+            return self._db
 
     def close(self) -> None:
-        if self._db is not None:
-            self._db.close()
-            self._db = None
+        with self._swap_lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
 
     def __enter__(self) -> LocalDataset:
         return self
@@ -187,16 +191,17 @@ class LocalDataset:
             files = materialize_tables(self.blocks, target, work / "tables")
             self._build_database(staged, files)
             self._verify_built(staged, target, work / "verify")
-            self.close()
-            wal = self.db_path.with_name(self.db_path.name + ".wal")
-            if wal.exists():
-                # The live database did not checkpoint on close; swapping would pair the new
-                # file with the old write-ahead log. Reopen and refuse rather than corrupt.
-                self._db = None  # reopened on next use
-                raise RestoreError(f"{wal} still exists after closing the database; not swapping")
-            os.replace(staged, self.db_path)
-            fsync_dir(self.home)
-            self._db = None  # the next use opens the restored file
+            # Other threads (the node's writers and queries) wait on `db` until the
+            # swap is done, and then open the restored file, never the old one.
+            with self._swap_lock:
+                self.close()
+                wal = self.db_path.with_name(self.db_path.name + ".wal")
+                if wal.exists():
+                    # The live database did not checkpoint on close; swapping would pair the
+                    # new file with the old write-ahead log. Refuse rather than corrupt.
+                    raise RestoreError(f"{wal} still exists after closing the database")
+                os.replace(staged, self.db_path)
+                fsync_dir(self.home)
         finally:
             shutil.rmtree(work, ignore_errors=True)
             with contextlib.suppress(FileNotFoundError):

@@ -129,6 +129,8 @@ class BenchmarkDB:
                 ) from None
             raise StorageError(f"cannot open {self.path}: {e}") from None
         self._cursor_lock = threading.Lock()  # making cursors off the root is not thread-safe
+        self._readers = 0  # read cursors in use; close() waits for them
+        self._readers_done = threading.Condition()
         self._closed = False
         self._jobs: queue.SimpleQueue[tuple[Callable[..., Any], Future[Any]] | None] = (
             queue.SimpleQueue())
@@ -142,13 +144,21 @@ class BenchmarkDB:
     # ---- lifecycle -------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Finish queued writes, then close the file. Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
+        """Refuse new work, let queued writes and running reads finish, close the file.
+
+        Idempotent. Closing the DuckDB connection under a running read would
+        fail it ("connection is busy"), so readers are waited for (at most
+        WRITER_JOIN_TIMEOUT); new readers get a "closed" StorageError.
+        """
+        with self._readers_done:
+            if self._closed:
+                return
+            self._closed = True
         if self._writer is not None:
             self._jobs.put(None)
             self._writer.join(WRITER_JOIN_TIMEOUT)
+        with self._readers_done:
+            self._readers_done.wait_for(lambda: self._readers == 0, WRITER_JOIN_TIMEOUT)
         self._root.close()
 
     def __enter__(self) -> BenchmarkDB:
@@ -215,14 +225,21 @@ class BenchmarkDB:
     @contextmanager
     def reader(self) -> Iterator[duckdb.DuckDBPyConnection]:
         """A cursor for reading, usable in the calling thread; it sees committed data."""
-        if self._closed:
-            raise StorageError(f"{self.path} is closed")
-        with self._cursor_lock:
-            cur = self._root.cursor()
+        with self._readers_done:
+            if self._closed:
+                raise StorageError(f"{self.path} is closed")
+            self._readers += 1
         try:
-            yield cur
+            with self._cursor_lock:
+                cur = self._root.cursor()
+            try:
+                yield cur
+            finally:
+                cur.close()
         finally:
-            cur.close()
+            with self._readers_done:
+                self._readers -= 1
+                self._readers_done.notify_all()
 
     def query(self, sql: str, params: Iterable[Any] | Mapping[str, Any] | None = None) -> pa.Table:
         """Run one SQL statement on a read cursor and return its rows as an Arrow table.

@@ -456,3 +456,39 @@ def test_exported_snapshot_unpacks_with_ipfs_car(ds: LocalDataset, tmp_path: Pat
         f"SELECT count(*) FROM read_parquet('{out / 'tables' / 'performance_results.parquet'}')"
     ).fetchone()
     assert n == (3000,)
+
+
+def test_restore_while_other_threads_use_the_database(tmp_path: Path) -> None:
+    import threading
+
+    home = tmp_path / "node"
+    with LocalDataset(home, DATASET) as ds:
+        fill(ds, 0, 100)
+        v1 = ds.snapshot().version
+        fill(ds, 100, 50)
+        ds.snapshot()
+        stop = threading.Event()
+        seen: list[int] = []
+        errors: list[BaseException] = []
+
+        def reader() -> None:
+            # What the node's query service and status do: fetch `ds.db` on every use.
+            while not stop.is_set():
+                try:
+                    seen.append(ds.db.table_counts()["performance_results"])
+                except Exception as e:
+                    errors.append(e)
+
+        thread = threading.Thread(target=reader)
+        thread.start()
+        try:
+            ds.restore(v1.cid)
+        finally:
+            stop.set()
+            thread.join(10)
+        assert set(seen) <= {100, 150} and seen[-1] == 100
+        # At most a read that raced the close fails cleanly; none reads a half-swapped file.
+        assert all("closed" in str(e) for e in errors), errors
+        fill(ds, 1000, 1)  # lands in the restored file, not in the replaced one
+    with LocalDataset(home, DATASET) as reopened:
+        assert reopened.db.table_counts()["performance_results"] == 101
