@@ -250,8 +250,12 @@ class Node:
 
     # --- status ---------------------------------------------------------------------------------
 
-    def status(self) -> dict[str, Any]:
-        head = self.dataset.snapshots.head()
+    async def status(self) -> dict[str, Any]:
+        """What `benchsync status` shows. P2P state is read here, on the trio thread
+        that owns it; only the database count runs in a worker thread."""
+        rows = await trio.to_thread.run_sync(self.dataset.db.table_counts)
+        head = self.dataset.snapshots.head()  # two small files
+        replicas = self.replicas()
         return {
             "peer_id": self.peer_id,
             "network": self.config.network,
@@ -261,11 +265,13 @@ class Node:
             "head_seq": head.seq if head else None,
             "tables_cid": head.tables_cid if head else None,
             "uptime_seconds": round(time.time() - self.started_at, 3),
-            "rows": self.dataset.db.table_counts(),
+            "rows": rows,
             "trusted_peers": list(self.config.trusted_peers),
             "peers": self.peers(),
-            "replicas": self.replicas(),
-            "transfers": [r["dataset"] for r in self.replicas() if r["syncing"]],
+            "replicas": replicas,
+            "transfers": [r["dataset"] for r in replicas if r["syncing"]],
+            "received_bytes": self.p2p.fetcher.stats.block_bytes,
+            "served_bytes": self.p2p.provider.served.block_bytes,
         }
 
     def peers(self) -> list[dict[str, Any]]:
@@ -317,13 +323,13 @@ class Node:
         return r
 
     async def _api_status(self, request: Request) -> tuple[int, Any]:
-        return 200, await trio.to_thread.run_sync(self.status)
+        return 200, await self.status()
 
     async def _api_peers(self, request: Request) -> tuple[int, Any]:
         return 200, {"peers": self.peers()}
 
     async def _api_replicas(self, request: Request) -> tuple[int, Any]:
-        return 200, {"replicas": await trio.to_thread.run_sync(self.replicas)}
+        return 200, {"replicas": self.replicas()}
 
     async def _api_record(self, request: Request) -> tuple[int, Any]:
         kind = request.params["kind"]
@@ -458,7 +464,7 @@ class Node:
 
     async def _api_metrics(self, request: Request) -> tuple[int, Any]:
         self._sync_metrics()
-        await trio.to_thread.run_sync(self.replicas)  # refreshes replica_lag gauges
+        self.replicas()  # refreshes the replica_lag gauges
         return 200, Text(self.metrics.render(), "text/plain; version=0.0.4; charset=utf-8")
 
     def _sync_metrics(self) -> None:

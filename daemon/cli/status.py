@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+import time
 from typing import Any
 
 from benchsync.daemon.cli.common import CLIError, add_home_argument, call_node, node_client
+
+WATCH_INTERVAL = 1.0  # seconds between status polls of `status --watch`
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -14,6 +18,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_home_argument(p)
     p.add_argument("--config", metavar="FILE", help="config file (default: <home>/config.toml)")
     p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.add_argument(
+        "--watch", action="store_true",
+        help="follow transfers live (a redrawn view on a terminal, a line per change otherwise)",
+    )  # fmt: skip
+    p.add_argument("--interval", type=float, default=WATCH_INTERVAL, help="seconds between updates")
     p.set_defaults(func=run_status)
 
     p = sub.add_parser("peers", help="connected peers and their heads")
@@ -59,6 +68,8 @@ def offline_status(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_status(args: argparse.Namespace) -> int:
+    if args.watch:
+        return watch(args)
     client = node_client(args)
     if client is not None:
         doc = call_node(client, "GET", "/v1/status") | {"running": True}
@@ -93,6 +104,43 @@ def run_status(args: argparse.Namespace) -> int:
     if doc.get("transfers"):
         print(f"transfers {', '.join(doc['transfers'])}")
     return 0
+
+
+def _replica_lines(doc: dict[str, Any], rate: float) -> list[str]:
+    lines = [f"peers {len(doc['peers'])}  head {_short(doc['head'])}  "
+             f"received {doc['received_bytes'] / 1e6:.1f} MB ({rate / 1e6:.1f} MB/s)"]  # fmt: skip
+    for r in doc["replicas"]:
+        state = "syncing" if r["syncing"] else ("error" if r.get("last_error") else "idle")
+        lines.append(f"  {r['dataset'][:20]}…  installed seq {r.get('seq_installed') or '-'}"
+                     f" / seen {r.get('seq_seen') or '-'}  lag {r['lag']}  {state}")  # fmt: skip
+    return lines
+
+
+def watch(args: argparse.Namespace) -> int:
+    """Follow a running node's transfers until interrupted."""
+    client = node_client(args)
+    if client is None:
+        raise CLIError("no node is running on this data directory", "start one with `benchsync up`")
+    tty = sys.stdout.isatty()
+    last_bytes, last_time, drawn, previous = None, time.monotonic(), 0, None
+    try:
+        while True:
+            doc = call_node(client, "GET", "/v1/status")
+            now = time.monotonic()
+            got = doc["received_bytes"]
+            rate = 0.0 if last_bytes is None else (got - last_bytes) / max(now - last_time, 1e-9)
+            last_bytes, last_time = got, now
+            lines = _replica_lines(doc, rate)
+            if tty:  # redraw the block in place
+                print(f"\x1b[{drawn}F\x1b[J" if drawn else "", end="")
+                print("\n".join(lines), flush=True)
+                drawn = len(lines)
+            elif lines[1:] != previous:  # a log-friendly line per change
+                print("\n".join(lines), flush=True)
+                previous = lines[1:]
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
+        return 0
 
 
 def run_peers(args: argparse.Namespace) -> int:
