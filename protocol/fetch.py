@@ -39,6 +39,9 @@ from multiformats import CID
 
 from benchsync.protocol.frames import Refused, RemoteProtocolError, check_network, parse_cid
 
+# Pure CID text conversion (no I/O): the fast paths multiformats lacks.
+from benchsync.storage.cid import cid_from_text, cid_text
+
 CAR_PROTOCOL_ID = "/benchsync/car/1.0.0"
 MAX_WANT = 1024  # CIDs per request: ~62 KiB of JSON, one 256 MiB response of full chunks
 MAX_FETCH_FRAME = 128 * 1024  # bytes: largest request or status frame
@@ -54,7 +57,9 @@ class FetchProtocolError(RemoteProtocolError):
 
 
 def _cid(value: object, what: str) -> CID:
-    return parse_cid(value, what, FetchProtocolError)
+    # Want lists carry up to MAX_WANT CIDs; the fast path parses our canonical ones.
+    cid = cid_from_text(value) if isinstance(value, str) else None
+    return cid if cid is not None else parse_cid(value, what, FetchProtocolError)
 
 
 def _cid_list(value: object, what: str, limit: int) -> tuple[CID, ...]:
@@ -82,8 +87,8 @@ class FetchRequest:
     def to_json(self) -> dict[str, Any]:
         return {
             "network": self.network,
-            "root": str(self.root),
-            "want": [str(c) for c in self.want],
+            "root": cid_text(self.root),
+            "want": [cid_text(c) for c in self.want],
         }
 
     @classmethod
@@ -114,7 +119,7 @@ class FetchStatus:
             "status": "ok",
             "count": self.count,
             "bytes": self.bytes,
-            "missing": [str(c) for c in self.missing],
+            "missing": [cid_text(c) for c in self.missing],
         }
 
     @classmethod

@@ -15,6 +15,8 @@ are already valid, so we go through the constructor's unchecked half
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 from collections.abc import Callable
 
@@ -159,3 +161,36 @@ def decode_cid(raw: Buffer) -> CID:
     if version == 0:
         return CID.decode(bytes(raw))  # rare (old Kubo DAGs): the slow path is fine
     return make_cid(codec, hash_code, digest)
+
+
+# A UnixFS block's CID as text: "b" + base32 of 0x01, codec, 0x12 0x20, 32-byte digest.
+_UNIXFS_CID_PREFIXES = {bytes([1, code, SHA2_256, 32]) for code in (RAW, DAG_PB)}
+_UNIXFS_CID_TEXT = 59  # characters: "b" + 58 base32 digits for 36 bytes
+
+
+def cid_text(cid: CID) -> str:
+    """`str(cid)`, ~10x faster for base32 CIDv1 (every CID we make).
+
+    multiformats encodes through a type-checked alphabet (~170 us per CID); a
+    1024-CID want list cost ~0.2 s per fetch round, and as much again to parse.
+    """
+    if cid.version == 1 and cid.base.name == "base32":
+        return "b" + base64.b32encode(bytes(cid)).decode("ascii").lower().rstrip("=")
+    return str(cid)
+
+
+def cid_from_text(text: str) -> CID | None:
+    """The CID spelled by `text` if it is the canonical text of a sha2-256 raw or
+    dag-pb CIDv1 (then equal to `CID.decode(text)`); None for anything else, which
+    the caller parses with multiformats (and its errors)."""
+    if len(text) != _UNIXFS_CID_TEXT or text[0] != "b":
+        return None
+    try:
+        raw = base64.b32decode(text[1:].upper() + "======")
+    except (binascii.Error, ValueError):
+        return None
+    if len(raw) != 36 or raw[:4] not in _UNIXFS_CID_PREFIXES:
+        return None
+    cid = make_cid(raw[1], SHA2_256, raw[4:])
+    # Only the canonical spelling (lower case, zero padding bits) takes this path.
+    return cid if cid_text(cid) == text else None
