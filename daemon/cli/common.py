@@ -60,22 +60,21 @@ def parse_size(text: str) -> int:
 
 
 def open_dataset(args: argparse.Namespace) -> LocalDataset:
-    """Open the data directory offline (no running node), creating it on first use."""
-    from benchsync.daemon.identity import load_or_create_identity, peer_id_of
+    """Open the data directory offline (no running node), creating it on first use.
+
+    The database itself opens on first use; a node holding it makes that raise
+    DatabaseLocked, which `main` turns into an error with a hint.
+    """
+    from benchsync.daemon.identity import IdentityError, load_or_create_identity, peer_id_of
     from benchsync.storage.dataset import LocalDataset
 
     home = data_dir(getattr(args, "home", None))
     home.mkdir(parents=True, exist_ok=True)
-    peer_id = peer_id_of(load_or_create_identity(home))
     try:
-        return LocalDataset(home, str(peer_id))
-    except Exception as e:
-        if "lock" in str(e).lower():
-            raise CLIError(
-                f"the database in {home} is in use by another process ({e})",
-                "a node is running on this data directory: use it (benchsync status) or stop it",
-            ) from e
-        raise
+        key_pair = load_or_create_identity(home)
+    except IdentityError as e:  # its message says what to do with the key file
+        raise CLIError(str(e), "the identity names this node's dataset; keep it safe") from e
+    return LocalDataset(home, peer_id_of(key_pair))
 
 
 def node_client(args: argparse.Namespace) -> ControlClient | None:
