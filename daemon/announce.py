@@ -27,9 +27,9 @@ from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
 from libp2p.pubsub.pb import rpc_pb2
-from libp2p.pubsub.pubsub import Pubsub
 from libp2p.tools.anyio_service import background_trio_service
 
+from benchsync.daemon.gossip import GuardedPubsub
 from benchsync.daemon.host import AccessPolicy, StreamReader, guard_handler, remote_peer
 from benchsync.protocol.frames import (
     MAX_FRAME,
@@ -67,6 +67,7 @@ MESH_DEGREE_LOW = 4  # D_lo: graft more below this
 MESH_DEGREE_HIGH = 12  # D_hi: prune above this
 REQUEST_TIMEOUT = 10.0  # seconds for a whole head request/response exchange
 JOIN_ANNOUNCE_DELAY = 2.0  # seconds after a peer joins before we re-announce (2 heartbeats)
+DISCONNECT_TIMEOUT = 2.0  # seconds granted to hanging up on a misbehaving peer
 
 HeadCallback = Callable[[Head, str], Awaitable[None]]
 ReplicaHintCallback = Callable[[Head, str], Awaitable[None]]
@@ -114,7 +115,15 @@ class Announcer:
             # test) runs many nodes per address, where it only adds churn.
             eclipse_protection_enabled=False,
         )
-        self.pubsub = Pubsub(host, self.gossipsub, strict_signing=True, allowed_topics={self.topic})
+        # py-libp2p's Pubsub lets a hostile RPC or key raise into the node: guarded.
+        self.pubsub = GuardedPubsub(
+            host,
+            self.gossipsub,
+            allowed_topics={self.topic},
+            on_misbehaviour=self._misbehaved,
+            refuse=lambda peer: self.policy.is_banned(peer.to_base58()),
+        )
+        self._nursery: trio.Nursery | None = None
         self._wake_reannounce = trio.Event()
         self._soon_deadline: float | None = None  # trio time of a pending join announcement
 
@@ -130,6 +139,7 @@ class Announcer:
             self.pubsub.set_topic_validator(self.topic, self._validate, False)
             subscription = await self.pubsub.subscribe(self.topic)
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
                 nursery.start_soon(self._receive, subscription)
                 nursery.start_soon(self._reannounce_loop)
                 task_status.started()
@@ -175,6 +185,23 @@ class Announcer:
             self._reject()
             return False
         return True
+
+    def _misbehaved(self, peer: ID, reason: str) -> None:
+        """A peer sent gossip input no honest router sends: reject, score, ban, hang up."""
+        self._reject()
+        scorer = getattr(self.gossipsub, "scorer", None)
+        if scorer is not None:
+            scorer.on_invalid_message(peer, self.topic)
+        self.policy.ban(peer.to_base58(), f"gossip: {reason}")
+        if self._nursery is not None:
+            self._nursery.start_soon(self._disconnect, peer)
+
+    async def _disconnect(self, peer: ID) -> None:
+        with trio.move_on_after(DISCONNECT_TIMEOUT):
+            try:
+                await self.host.disconnect(peer)
+            except Exception as e:  # the connection may already be gone
+                log.debug("disconnecting %s: %r", peer, e)
 
     def _reject(self) -> None:
         self.rejected += 1
