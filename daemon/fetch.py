@@ -35,6 +35,7 @@ from benchsync.protocol.fetch import (
     BlockSequence,
     FetchRequest,
     FetchStatus,
+    ResponseTooLarge,
     expected_blocks,
     missing_blocks,
     plan_response,
@@ -78,6 +79,11 @@ class FetchLimits:
 
 class FetchInterrupted(Exception):
     """A transfer broke (stream ended early or stalled); the provider is not blamed."""
+
+
+class ProviderUnsuitable(Exception):
+    """A provider answers in a way we cannot take (an older node ignoring our
+    response limit); it is not blamed, only not asked again for this DAG."""
 
 
 class ProviderMisbehaved(Exception):
@@ -187,7 +193,10 @@ class BlockProvider:
 
         held = await trio.to_thread.run_sync(sizes)
         send, status = plan_response(
-            request.want, held.get, max_response=self.limits.max_response
+            request.want,
+            held.get,
+            max_response=self.limits.max_response,
+            requester_limit=request.max_bytes,
         )
         head = encode_json_frame(status.to_json(), max_frame=MAX_FETCH_FRAME)
         if send:
@@ -307,11 +316,17 @@ class Fetcher:
     ) -> int:
         """One request/response exchange with `peer`; returns the blocks stored.
 
-        Raises `ProviderMisbehaved` (ban it), `FetchInterrupted`, `Refused`,
+        Raises `ProviderMisbehaved` (ban it), `ProviderUnsuitable`, `FetchInterrupted`, `Refused`,
         `trio.TooSlowError` or a libp2p error when the stream cannot be opened.
         Blocks verified before a failure are stored all the same.
         """
-        request = FetchRequest(self.network, root, tuple(want[: self.limits.max_want]))
+        request = FetchRequest(
+            self.network,
+            root,
+            tuple(want[: self.limits.max_want]),
+            # The provider keeps each response within our limit (BlockSequence checks it).
+            max_bytes=self.limits.max_response,
+        )
         local = stats or TransferStats()
         with trio.fail_after(REQUEST_TIMEOUT):
             stream = await self.host.new_stream(peer, [TProtocol(CAR_PROTOCOL_ID)])
@@ -352,6 +367,9 @@ class Fetcher:
         try:
             expected = expected_blocks(request, status)
             sequence = BlockSequence(expected, status.bytes, max_response=self.limits.max_response)
+        except ResponseTooLarge as e:
+            # Said before any block moved; an older provider does not read our limit.
+            raise ProviderUnsuitable(str(e)) from None
         except ProtocolError as e:
             raise ProviderMisbehaved(str(e)) from None
         if not expected:

@@ -15,7 +15,8 @@ the next round, from any provider, wants only the remainder.
 
 Wire format of one exchange (one stream per request):
 
-    requester -> provider: frame(JSON {"network", "root", "want": [CID strings]})
+    requester -> provider: frame(JSON {"network", "root", "want": [CID strings],
+                                      "max_bytes": n})
     provider  -> requester: frame(JSON {"status": "ok", "count": n, "bytes": b,
                                        "missing": [CID strings]})
                             CAR header (roots = [root]) + n sections
@@ -23,10 +24,12 @@ Wire format of one exchange (one stream per request):
 
 The n blocks sent are the first n of `want` minus `missing` (in order); the
 rest of the want list was deferred to keep the response under the provider's
-`max_response` and is simply asked for again. The requester checks that every
-block is the next one it expects (so a provider cannot push unsolicited data),
-that the bytes match the announced total, and the CAR decoder checks every
-block against its CID.
+`max_response` and the requester's `max_bytes`, and is simply asked for again.
+`max_bytes` (the requester's `max_response_bytes`) is optional: a request
+without it, from an older node, gets responses up to the provider's own limit.
+The requester checks that every block is the next one it expects (so a
+provider cannot push unsolicited data), that the bytes match the announced
+total, and the CAR decoder checks every block against its CID.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ MAX_WANT = 1024  # CIDs per request: ~62 KiB of JSON, one 256 MiB response of fu
 MAX_FETCH_FRAME = 128 * 1024  # bytes: largest request or status frame
 MAX_BLOCK = 2 * 1024 * 1024  # bytes: largest block we accept (UnixFS chunks are 256 KiB)
 MAX_RESPONSE = 64 * 1024 * 1024  # bytes: largest sum of block bytes in one response
+MAX_REQUESTED_BYTES = 2**63 - 1  # bytes: largest `max_bytes` a request may name
 MAX_SECTION = MAX_BLOCK + 128  # bytes: a CAR section is a CID (<= 100 bytes) plus a block
 DAG_PB = "dag-pb"  # the codec of UnixFS inner nodes: only these have links
 RAW = "raw"  # UnixFS leaves
@@ -54,6 +58,19 @@ RAW = "raw"  # UnixFS leaves
 
 class FetchProtocolError(RemoteProtocolError):
     """A provider's response broke the fetch protocol (wrong block, bad status, short stream)."""
+
+
+class ResponseTooLarge(FetchProtocolError):
+    """A provider announced more block bytes than our limit (before sending any block).
+
+    A provider that predates `max_bytes` in requests fills responses up to its
+    own limit, honestly: the requester should go elsewhere, not blame it.
+    """
+
+    def __init__(self, *, limit: int, got: int) -> None:
+        super().__init__(f"provider announced {got} bytes, our limit is {limit}")
+        self.limit = limit
+        self.got = got
 
 
 def _cid(value: object, what: str) -> CID:
@@ -72,24 +89,38 @@ def _cid_list(value: object, what: str, limit: int) -> tuple[CID, ...]:
 
 @dataclass(frozen=True)
 class FetchRequest:
-    """Ask a provider for exactly `want` (blocks of the DAG under `root`)."""
+    """Ask a provider for exactly `want` (blocks of the DAG under `root`).
+
+    `max_bytes` is the most block bytes the requester accepts in one
+    response (its `max_response_bytes`); None leaves it to the provider.
+    """
 
     network: str
     root: CID
     want: tuple[CID, ...]
+    max_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if not 0 < len(self.want) <= MAX_WANT:
             raise ValueError(f"a fetch request wants 1..{MAX_WANT} blocks, not {len(self.want)}")
         if len(set(self.want)) != len(self.want):
             raise ValueError("a fetch request must not want the same block twice")
+        if self.max_bytes is not None and (
+            type(self.max_bytes) is not int or not 0 < self.max_bytes <= MAX_REQUESTED_BYTES
+        ):
+            raise ValueError(
+                f"max_bytes must be an integer in 1..{MAX_REQUESTED_BYTES}, got {self.max_bytes!r}"
+            )
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        doc: dict[str, Any] = {
             "network": self.network,
             "root": cid_text(self.root),
             "want": [cid_text(c) for c in self.want],
         }
+        if self.max_bytes is not None:
+            doc["max_bytes"] = self.max_bytes
+        return doc
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any], network: str) -> FetchRequest:
@@ -101,7 +132,7 @@ class FetchRequest:
         root = _cid(obj.get("root"), "root")
         want = _cid_list(obj.get("want"), "want", MAX_WANT)
         try:
-            return cls(network=network, root=root, want=want)
+            return cls(network=network, root=root, want=want, max_bytes=obj.get("max_bytes"))
         except ValueError as e:
             raise FetchProtocolError(str(e)) from None
 
@@ -145,14 +176,17 @@ def plan_response(
     size_of: Callable[[CID], int | None],
     *,
     max_response: int = MAX_RESPONSE,
+    requester_limit: int | None = None,
 ) -> tuple[list[CID], FetchStatus]:
     """Provider side: choose the blocks to send for `want`.
 
     `size_of(cid)` returns a held block's size or None when absent. Returns the
     blocks to send, in want order, and the status frame announcing them: held
     blocks are sent until the next would push the total past `max_response`
-    (the first held block is always sent, so every round makes progress); the
-    rest is deferred. Absent blocks are listed as missing.
+    (our limit: the first held block is always sent, so every round makes
+    progress) or past `requester_limit` (the request's `max_bytes`: never
+    exceeded, the requester would reject the whole response); the rest is
+    deferred. Absent blocks are listed as missing.
     """
     send: list[CID] = []
     missing: list[CID] = []
@@ -162,7 +196,11 @@ def plan_response(
         size = size_of(cid)
         if size is None:
             missing.append(cid)
-        elif not full and (not send or total + size <= max_response):
+        elif (
+            not full
+            and (not send or total + size <= max_response)
+            and (requester_limit is None or total + size <= requester_limit)
+        ):
             send.append(cid)
             total += size
         else:
@@ -198,9 +236,7 @@ class BlockSequence:
 
     def __init__(self, expected: Sequence[CID], announced_bytes: int, *, max_response: int) -> None:
         if announced_bytes > max_response:
-            raise FetchProtocolError(
-                f"provider announced {announced_bytes} bytes, our limit is {max_response}"
-            )
+            raise ResponseTooLarge(limit=max_response, got=announced_bytes)
         self._expected = list(expected)
         self._next = 0
         self.announced = announced_bytes

@@ -11,7 +11,7 @@ import os
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from multiformats import CID
+from multiformats import CID, multihash
 
 from benchsync.protocol.fetch import (
     BlockSequence,
@@ -193,3 +193,59 @@ def test_request_validation() -> None:
 def test_status_parser_only_raises_protocol_errors(doc: dict[str, object]) -> None:
     with contextlib.suppress(FetchProtocolError, Refused):
         FetchStatus.from_json(json.loads(json.dumps(doc)))
+
+
+MiB = 1024 * 1024
+
+
+def fake_chunks(n: int) -> tuple[CID, ...]:
+    """`n` distinct raw-leaf CIDs (the provider below says each is a full 256 KiB chunk)."""
+    return tuple(
+        CID("base32", 1, "raw", multihash.digest(i.to_bytes(4, "big"), "sha2-256"))
+        for i in range(n)
+    )
+
+
+def test_provider_honours_the_response_limit_the_requester_sends() -> None:
+    # 75 MiB of wanted chunks; the provider's own limit (the 1 GiB default)
+    # would send them all, the requester accepts at most 64 MiB per response.
+    want = fake_chunks(300)
+    req = FetchRequest("lab", want[0], want, max_bytes=64 * MiB)
+    (body,) = FrameDecoder().feed(encode_json_frame(req.to_json()))
+    got = FetchRequest.from_json(decode_json(body), "lab")
+    assert got.max_bytes == 64 * MiB
+    send, status = plan_response(
+        got.want, lambda c: CHUNK, max_response=1024 * MiB, requester_limit=got.max_bytes
+    )
+    assert status.bytes == 64 * MiB and len(send) == 256
+    # The requester's checks pass: no FetchProtocolError, no ban of an honest peer.
+    seq = BlockSequence(expected_blocks(req, status), status.bytes, max_response=64 * MiB)
+    for cid in send:
+        seq.check(cid, b"\0" * CHUNK)
+    seq.finish()
+
+
+def test_request_without_a_response_limit_means_the_providers_own() -> None:
+    want = fake_chunks(300)
+    old_wire = {"network": "lab", "root": str(want[0]), "want": [str(c) for c in want]}
+    assert FetchRequest("lab", want[0], want).to_json() == old_wire  # still what old nodes send
+    got = FetchRequest.from_json(old_wire, "lab")
+    assert got.max_bytes is None
+    _, status = plan_response(
+        got.want, lambda c: CHUNK, max_response=1024 * MiB, requester_limit=got.max_bytes
+    )
+    assert status.bytes == 75 * MiB
+    for bad in [0, -1, "64", 1.5, True, 2**64]:
+        with pytest.raises(FetchProtocolError, match="max_bytes"):
+            FetchRequest.from_json({**old_wire, "max_bytes": bad}, "lab")
+
+
+def test_requester_limit_is_never_exceeded_even_by_the_first_block() -> None:
+    want = fake_chunks(3)
+    send, status = plan_response(
+        want, lambda c: CHUNK, max_response=CHUNK // 2, requester_limit=CHUNK // 2
+    )
+    assert send == [] and status.count == 0 and status.missing == ()
+    # The provider's own limit still lets the first block through (progress).
+    send, _ = plan_response(want, lambda c: CHUNK, max_response=CHUNK // 2)
+    assert send == [want[0]]

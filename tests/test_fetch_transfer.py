@@ -13,6 +13,7 @@ mid-batch costs no block that arrived complete.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import multiaddr
@@ -26,7 +27,7 @@ from libp2p.custom_types import TProtocol
 from multiformats import CID
 
 import benchsync.daemon.fetch as fetch_mod
-from benchsync.daemon.fetch import FetchFailed, FetchInterrupted
+from benchsync.daemon.fetch import FetchFailed, FetchInterrupted, FetchLimits
 from benchsync.daemon.host import StreamReader, new_benchsync_host
 from benchsync.daemon.network import P2PNode
 from benchsync.protocol.fetch import (
@@ -38,6 +39,7 @@ from benchsync.protocol.fetch import (
     missing_blocks,
 )
 from benchsync.protocol.frames import decode_json, encode_json_frame
+from benchsync.protocol.heads import Head
 from benchsync.storage import car, unixfs
 from benchsync.storage.blockstore import Blockstore, FsBlockstore, MemoryBlockstore
 from benchsync.storage.cid import DAG_PB, RAW, block_cid, cid_text
@@ -108,9 +110,11 @@ def complete(store: Blockstore, root: CID) -> bool:
     return not missing_blocks(root, store.has, store.get, links)
 
 
-def p2p_node(tmp: Path, name: str, store: Blockstore | None = None) -> P2PNode:
+def p2p_node(
+    tmp: Path, name: str, store: Blockstore | None = None, limits: FetchLimits | None = None
+) -> P2PNode:
     blocks = store or FsBlockstore(tmp / name / "blocks", fsync=False)
-    return P2PNode(tmp / name, network=NETWORK, blockstore=blocks, retry_delay=0.2)
+    return P2PNode(tmp / name, network=NETWORK, blockstore=blocks, retry_delay=0.2, limits=limits)
 
 
 class CorruptsOneLeaf(MemoryBlockstore):
@@ -202,3 +206,26 @@ async def test_provider_stalling_mid_batch_costs_no_complete_block(
     assert r.blockstore.has(leaves[0]) and r.blockstore.has(leaves[1])
     assert not r.blockstore.has(leaves[2])
     assert not r.policy.is_banned(host.get_id().to_base58())
+
+
+async def test_nodes_with_different_response_limits_sync_without_banning(
+    tmp_path: Path,
+) -> None:
+    # The provider would fill a response up to 1 GiB; the requester takes 1 MiB.
+    # The snapshot (12 chunks, 3 MiB) is larger than the smaller limit.
+    a = p2p_node(tmp_path, "a", limits=FetchLimits(max_response=1024 * 1024 * 1024))
+    b = p2p_node(tmp_path, "b", limits=FetchLimits(max_response=1024 * 1024))
+    root = make_dag(a.blockstore, os.urandom(12 * CHUNK))
+    size = sum(len(d) for _, d in unixfs.walk(a.blockstore.get, root))
+    head = Head(a.peer_id, 1, root, root, time.time(), size)
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(a.run)
+            await nursery.start(b.run)
+            await a.announce(head)
+            await b.connect(a.addrs[0])
+            await b.wait_until(lambda: b.syncer.installed(a.peer_id) == head)
+            nursery.cancel_scope.cancel()
+    assert complete(b.blockstore, root)
+    assert not b.policy.is_banned(a.peer_id)
+    assert b.fetcher.stats.rounds >= 4  # the leaves came in several 1 MiB responses
