@@ -13,6 +13,13 @@ grows. A head response's own head must be the responder's dataset. The
 replica heads in a head response are not signed by their owner, so they are
 only *provider hints* (this peer can serve that root); they never move a
 dataset's head. Accepted heads are handed to `on_head(head, peer)`.
+
+Identities are free, so a head of a dataset not yet followed must also pass
+`admit(dataset, source)` (the syncer's follow limit and per-connection rate
+of new datasets); a refused head is not delivered, booked or forwarded, and
+its source is not blamed (an honest hub relays many datasets). Gossip input
+that no honest router sends (an unverifiable signature, a malformed RPC) is
+rejected by `GuardedPubsub` and its sender banned.
 """
 
 from __future__ import annotations
@@ -70,6 +77,8 @@ JOIN_ANNOUNCE_DELAY = 2.0  # seconds after a peer joins before we re-announce (2
 DISCONNECT_TIMEOUT = 2.0  # seconds granted to hanging up on a misbehaving peer
 
 HeadCallback = Callable[[Head, str], Awaitable[None]]
+# (dataset, peer that delivered its head) -> why it is not followed, or None
+AdmitCallback = Callable[[str, str], str | None]
 ReplicaHintCallback = Callable[[Head, str], Awaitable[None]]
 
 
@@ -91,6 +100,7 @@ class Announcer:
         on_replica_hint: ReplicaHintCallback | None = None,
         replicas: Callable[[], list[Head]] = list,
         reannounce_interval: float = REANNOUNCE_INTERVAL,
+        admit: AdmitCallback = lambda dataset, source: None,
     ) -> None:
         self.host = host
         self.network = network
@@ -99,6 +109,7 @@ class Announcer:
         self.on_head = on_head
         self.on_replica_hint = on_replica_hint
         self.replicas = replicas
+        self.admit = admit
         self.reannounce_interval = reannounce_interval
         self.book = HeadBook()
         self.local_head: Head | None = None
@@ -179,9 +190,16 @@ class Announcer:
             self._reject()
             return False
         try:
-            check_announcement(msg.data, signer, self.book)
+            head = check_announcement(msg.data, signer, self.book)
         except InvalidHead as e:
             log.info("rejecting head announcement from %s: %s", signer, e)
+            self._reject()
+            return False
+        # Identities are free: a new dataset is taken (and forwarded) only within
+        # the follow limits, counted against the peer that delivered it.
+        reason = self.admit(head.dataset, forwarder.to_base58())
+        if reason is not None:
+            log.debug("not taking head of %s via %s: %s", signer, forwarder, reason)
             self._reject()
             return False
         return True
@@ -306,7 +324,10 @@ class Announcer:
             finally:
                 await stream.close()
         peer_s = str(peer)
-        if response.head is not None:
+        reason = None if response.head is None else self.admit(response.head.dataset, peer_s)
+        if response.head is not None and reason is not None:
+            log.info("not taking head of %s: %s", peer_s, reason)
+        elif response.head is not None:
             try:
                 self.book.accept(response.head)
             except InvalidHead as e:

@@ -360,6 +360,8 @@ SETTINGS: tuple[Setting, ...] = (
             "Largest CAR stream accepted for one fetch.", "SIZE"),
     Setting("max_concurrent_fetches_per_peer", _int_kind(1, 64), 4,
             "Fetch streams served to one peer at the same time.", "N"),
+    Setting("max_followed_datasets", _int_kind(1), 256,
+            "Peer datasets followed at most (a bound against self-made identities).", "N"),
     Setting("query_timeout", _seconds_kind(0), 30.0,
             "Time limit of one query, on this node and per peer of a network query.",
             "SECONDS"),
@@ -407,6 +409,7 @@ class Config:
     max_block_bytes: int
     max_response_bytes: int
     max_concurrent_fetches_per_peer: int
+    max_followed_datasets: int
     query_timeout: float
     query_max_rows: int
     query_max_bytes: int

@@ -38,10 +38,16 @@ from benchsync.daemon.host import (
     remote_peer,
 )
 from benchsync.daemon.identity import load_or_create_identity
-from benchsync.daemon.sync import RETRY_DELAY, CompleteCallback, ReplicaState, Syncer
+from benchsync.daemon.sync import (
+    DEFAULT_MAX_FOLLOWED,
+    RETRY_DELAY,
+    CompleteCallback,
+    ReplicaState,
+    Syncer,
+)
 from benchsync.protocol.fetch import CAR_PROTOCOL_ID
 from benchsync.protocol.frames import encode_json_frame, refusal
-from benchsync.protocol.heads import Head, check_network_name
+from benchsync.protocol.heads import Head, NewDatasetLimiter, check_network_name
 from benchsync.storage.blockstore import Blockstore
 
 if TYPE_CHECKING:
@@ -126,6 +132,8 @@ class P2PNode:
         reannounce_interval: float = REANNOUNCE_INTERVAL,
         retry_delay: float = RETRY_DELAY,
         on_complete: CompleteCallback | None = None,
+        max_followed: int = DEFAULT_MAX_FOLLOWED,
+        limiter: NewDatasetLimiter | None = None,
     ) -> None:
         self.network = check_network_name(network)
         self.listen = [parse_multiaddr(a, "listen") for a in (listen or DEFAULT_LISTEN)]
@@ -148,6 +156,8 @@ class P2PNode:
             on_complete=on_complete,
             connected_peers=self.connected_peers,
             retry_delay=retry_delay,
+            max_followed=max_followed,
+            limiter=limiter,
         )
         self.announcer = Announcer(
             self.host,
@@ -157,6 +167,7 @@ class P2PNode:
             on_replica_hint=self.syncer.replica_hint,
             replicas=self.syncer.replica_heads,
             reannounce_interval=reannounce_interval,
+            admit=self.syncer.admit,
         )
         self._cancel = trio.CancelScope()
         self.running = False
@@ -237,6 +248,7 @@ class P2PNode:
             return  # we neither follow it nor ask it anything; it gets refusals
         # Peers further away learn our head by gossip once the newcomer is in the mesh.
         self.announcer.announce_soon()
+        self.syncer.peer_connected(peer_s)
         try:
             await self.announcer.request_head(peer)
         except Exception as e:  # a peer that cannot answer is simply not followed yet

@@ -9,6 +9,14 @@ and retries with backoff. Only when the root's whole DAG is present and
 verified is `on_complete(head)` awaited (the replica installer); the head
 counts as installed once that returns. A partial root is never reported
 complete.
+
+Identities cost nothing, so a peer can sign heads for thousands of datasets
+(a Sybil flood). Three bounds keep that from growing without end: at most
+`max_followed` datasets are followed; `admit(dataset, source)` lets one source
+(the connection that delivered the head) introduce new datasets only at a
+limited rate (`NewDatasetLimiter`); and a dataset whose fetch fails backs off
+exponentially up to `MAX_RETRY_DELAY`, cut short only by a newer head or a
+provider not known before, never by the same head announced again.
 """
 
 from __future__ import annotations
@@ -22,9 +30,10 @@ from typing import TYPE_CHECKING, Any
 import trio
 from multiformats import CID
 
+from benchsync.daemon.config import SETTINGS_BY_NAME
 from benchsync.daemon.fetch import Fetcher, FetchFailed
 from benchsync.daemon.host import AccessPolicy
-from benchsync.protocol.heads import Head
+from benchsync.protocol.heads import Head, NewDatasetLimiter
 from benchsync.storage.errors import StorageError
 
 if TYPE_CHECKING:
@@ -33,8 +42,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RETRY_DELAY = 0.5  # seconds before the first retry of a failed fetch
-MAX_RETRY_DELAY = 30.0  # seconds: the backoff stops growing here
+MAX_RETRY_DELAY = 300.0  # seconds: the backoff stops growing here
 MAX_PROVIDERS_PER_ROOT = 64  # peers remembered as holders of one root
+DEFAULT_MAX_FOLLOWED: int = SETTINGS_BY_NAME["max_followed_datasets"].default  # datasets
 
 CompleteCallback = Callable[[Head], Awaitable[None]]
 
@@ -98,6 +108,8 @@ class Syncer:
         on_complete: CompleteCallback | None = None,
         connected_peers: Callable[[], list[str]] = list,
         retry_delay: float = RETRY_DELAY,
+        max_followed: int = DEFAULT_MAX_FOLLOWED,
+        limiter: NewDatasetLimiter | None = None,
     ) -> None:
         self.fetcher = fetcher
         self.me = me
@@ -105,6 +117,9 @@ class Syncer:
         self.on_complete = on_complete or _nothing
         self.connected_peers = connected_peers
         self.retry_delay = retry_delay
+        self.max_followed = max_followed
+        self.limiter = limiter or NewDatasetLimiter()
+        self.refused_datasets = 0  # new datasets not followed (limit or rate); for status
         self.states: dict[str, ReplicaState] = {}
         self.providers: dict[CID, list[str]] = {}  # root -> peers that said they hold it
         self._wake: dict[str, trio.Event] = {}
@@ -126,32 +141,82 @@ class Syncer:
         """Whether we replicate `dataset` (not ours; trusted when a trusted list is set)."""
         return dataset != self.me and self.policy.is_trusted(dataset)
 
+    def admit(self, dataset: str, source: str) -> str | None:
+        """Why a head of `dataset` delivered by `source` will not be followed, or None.
+
+        A dataset already followed is always admitted; a new one only while
+        fewer than `max_followed` are followed and `source` has not introduced
+        too many new datasets lately (this takes one of its tokens).
+        """
+        if dataset in self.states:
+            return None
+        if not self.follows(dataset):
+            return f"dataset {dataset} is not followed by this node"
+        if len(self.states) >= self.max_followed:
+            self.refused_datasets += 1
+            return (
+                f"already following {self.max_followed} datasets (max_followed_datasets); "
+                f"not following {dataset}"
+            )
+        if not self.limiter.allow(source, time.monotonic()):
+            self.refused_datasets += 1
+            return f"peer {source} introduces new datasets too fast; not following {dataset} yet"
+        return None
+
     async def head_seen(self, head: Head, peer: str) -> None:
-        """A validated head of `head.dataset`, heard from `peer` (which can serve it)."""
+        """A validated head of `head.dataset`, heard from `peer` (which can serve it).
+
+        The caller has admitted the dataset (`admit`); a new dataset beyond
+        `max_followed` is dropped all the same.
+        """
         if not self.follows(head.dataset):
             return
-        self.add_provider(head.root, peer)
+        if head.dataset not in self.states and len(self.states) >= self.max_followed:
+            self.refused_datasets += 1
+            return
         state = self._state(head.dataset)
+        new_provider = self.add_provider(head.root, peer)
         if state.head_seen is None or head.seq > state.head_seen.seq:
+            if state.head_seen is not None and state.head_seen.root != head.root:
+                # Nobody will fetch the old root for this dataset again.
+                self.providers.pop(state.head_seen.root, None)
             state.head_seen = head
             self._notify(head.dataset)
-        elif head == state.head_seen and state.head_installed != head:
-            self._notify(head.dataset)  # a re-announcement: a good moment to retry
-
-    async def replica_hint(self, head: Head, peer: str) -> None:
-        """`peer` says it holds the DAG of `head.root`; use it as a provider, not as a head."""
-        if not self.follows(head.dataset):
-            return
-        self.add_provider(head.root, peer)
-        state = self.states.get(head.dataset)
-        if state is not None and state.head_seen is not None and state.head_seen.root == head.root:
+        elif head == state.head_seen and state.head_installed != head and new_provider:
+            # A holder we did not know: worth a retry now. The same head announced
+            # again by the same peer is not (it would defeat the backoff).
             self._notify(head.dataset)
 
-    def add_provider(self, root: CID, peer: str) -> None:
+    async def replica_hint(self, head: Head, peer: str) -> None:
+        """`peer` says it holds the DAG of `head.root`; use it as a provider, not as a head.
+
+        Only for datasets already followed: a hint never makes us follow one.
+        """
+        state = self.states.get(head.dataset)
+        if state is None or state.head_seen is None or state.head_seen.root != head.root:
+            return
+        if self.add_provider(head.root, peer) and state.head_installed != state.head_seen:
+            self._notify(head.dataset)
+
+    def peer_connected(self, peer: str) -> None:
+        """`peer` (re)connected: retry now the datasets it is known to hold and we lack."""
+        for dataset, state in self.states.items():
+            seen = state.head_seen
+            if (
+                seen is not None
+                and seen != state.head_installed
+                and peer in self.providers.get(seen.root, ())
+            ):
+                self._notify(dataset)
+
+    def add_provider(self, root: CID, peer: str) -> bool:
+        """Remember `peer` as a holder of `root`; True when it was not known yet."""
         peers = self.providers.setdefault(root, [])
-        if peer not in peers and peer != self.me:
-            peers.append(peer)
-            del peers[:-MAX_PROVIDERS_PER_ROOT]
+        if peer in peers or peer == self.me:
+            return False
+        peers.append(peer)
+        del peers[:-MAX_PROVIDERS_PER_ROOT]
+        return True
 
     # --- outputs ------------------------------------------------------------------
 

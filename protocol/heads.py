@@ -38,6 +38,9 @@ MAX_REPLICAS_IN_RESPONSE = 256  # heads of replicated datasets in one head respo
 MAX_HEAD_RESPONSE = (MAX_REPLICAS_IN_RESPONSE + 1) * MAX_HEAD_MESSAGE  # bytes
 MAX_SEQ = 2**63 - 1  # the seq is a signed 64-bit integer in the snapshot manifest
 MAX_DATASET_LEN = 128  # characters: an Ed25519 peer ID in base58 is 52
+NEW_DATASETS_BURST = 64  # datasets one source (a connection) may introduce at once
+NEW_DATASETS_PER_SECOND = 1.0  # sustained rate of new datasets per source after the burst
+MAX_RATE_SOURCES = 4096  # sources whose rate is remembered (the least recent is forgotten)
 NETWORK_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _HEAD_FIELDS = frozenset({"dataset", "seq", "root", "tables", "created_at", "bytes"})
 
@@ -246,3 +249,45 @@ def parse_head_response(obj: Mapping[str, Any], responder: str) -> HeadResponse:
     if not isinstance(raw_reps, list) or len(raw_reps) > MAX_REPLICAS_IN_RESPONSE:
         raise InvalidHead(f"replicas must be a list of at most {MAX_REPLICAS_IN_RESPONSE} heads")
     return HeadResponse(head=head, replicas=tuple(Head.from_json(r) for r in raw_reps))
+
+
+# --- Sybil defence ---------------------------------------------------------------
+
+
+class NewDatasetLimiter:
+    """Rate of *new* datasets per source: a token bucket per connection, time passed in.
+
+    Anyone can make identities, so a peer can sign heads for thousands of
+    datasets of its own; `allow(source, now)` admits at most `burst` new
+    datasets from one source (the peer that delivered the head) at once and
+    `per_second` after that. Relays are sources like any other: a hub
+    forwarding a lab's heads needs one token per dataset, once. Only the most
+    recent `max_sources` sources are remembered, so the limiter's own memory
+    is bounded too.
+    """
+
+    def __init__(
+        self,
+        *,
+        burst: int = NEW_DATASETS_BURST,
+        per_second: float = NEW_DATASETS_PER_SECOND,
+        max_sources: int = MAX_RATE_SOURCES,
+    ) -> None:
+        if burst < 1 or per_second < 0 or max_sources < 1:
+            raise ValueError("burst and max_sources must be >= 1, per_second >= 0")
+        self.burst = burst
+        self.per_second = per_second
+        self.max_sources = max_sources
+        self._buckets: dict[str, tuple[float, float]] = {}  # source -> (tokens, at time)
+
+    def allow(self, source: str, now: float) -> bool:
+        """Take one token of `source` at time `now` (seconds); False when it has none."""
+        tokens, then = self._buckets.pop(source, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + max(0.0, now - then) * self.per_second)
+        allowed = tokens >= 1.0
+        if allowed:
+            tokens -= 1.0
+        self._buckets[source] = (tokens, now)  # re-inserted: dicts keep recency order
+        while len(self._buckets) > self.max_sources:
+            del self._buckets[next(iter(self._buckets))]
+        return allowed
