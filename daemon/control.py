@@ -43,10 +43,21 @@ if TYPE_CHECKING:
 
 MAX_BODY_BYTES = 1 * 1024 * 1024  # bytes; largest request body (records come in batches)
 MAX_HEADER_BYTES = 16 * 1024  # bytes; request line plus headers
-REQUEST_TIMEOUT = 10.0  # seconds to receive one whole request (also keep-alive idle time)
-MAX_CONNECTIONS = 64  # connections served at once; more wait for a free slot
+IDLE_TIMEOUT = 10.0  # seconds a connection may wait before (or between) requests
+HEADER_TIMEOUT = 10.0  # seconds from a request's first byte to the end of its head
+BODY_TIMEOUT = 30.0  # seconds to receive a body once its head is in
+# Each listener has its own connection limit, so that a flood of (unauthenticated)
+# TCP connections never delays the local user on the Unix socket.
+MAX_UNIX_CONNECTIONS = 64  # served at once on the Unix socket; more wait for a free slot
+MAX_TCP_CONNECTIONS = 32  # served at once on TCP; more are answered 503 and closed at once
+REFUSE_TIMEOUT = 1.0  # seconds to write the 503 to a TCP connection over the limit
 RECEIVE_SIZE = 64 * 1024  # bytes per read
 MAX_DRAIN_BYTES = 64 * 1024 * 1024  # bytes of a refused body we read and discard at most
+# A request refused for its token gets its answer, not our reading of its body.
+UNAUTHORIZED_DRAIN_BYTES = 64 * 1024  # bytes
+UNAUTHORIZED_DRAIN_TIMEOUT = 1.0  # seconds
+MAX_QUERY_INT = 2**63 - 1  # largest integer a query parameter may carry (DuckDB's BIGINT)
+MAX_QUERY_INT_DIGITS = 19  # decimal digits of MAX_QUERY_INT
 BACKLOG = 64  # pending connections per listener
 SOCKET_PROBE_TIMEOUT = 1.0  # seconds to decide whether a socket file has a live server
 MAX_UNIX_PATH = 107  # bytes; sun_path holds 108 including the terminating NUL
@@ -81,14 +92,32 @@ class ApiError(Exception):
         return {"error": {"code": self.code, "message": self.message, "hint": self.hint}}
 
 
-class ControlSocketError(OSError):
-    """The control socket cannot be created (our environment's fault, not a client's)."""
+class ControlListenError(OSError):
+    """A control listener cannot be opened (our environment's fault, not a client's).
+
+    `message` says what happened (naming the address) and `hint` what to try.
+    """
+
+    def __init__(self, where: str, message: str, hint: str) -> None:
+        super().__init__(f"{where}: {message}")
+        self.message = f"{where}: {message}"
+        self.hint = hint
+
+
+class ControlSocketError(ControlListenError):
+    """The control socket cannot be created."""
 
     def __init__(self, path: Path, message: str, hint: str) -> None:
-        super().__init__(f"control socket {path}: {message}")
+        super().__init__(f"control socket {path}", message, hint)
         self.path = path
-        self.message = f"control socket {path}: {message}"
-        self.hint = hint
+
+
+class ControlTCPError(ControlListenError):
+    """The control API's TCP address cannot be listened on (e.g. the port is in use)."""
+
+    def __init__(self, address: tuple[str, int], message: str, hint: str) -> None:
+        super().__init__(f"control TCP address {address[0]}:{address[1]}", message, hint)
+        self.address = address
 
 
 class ControlSocketInUse(ControlSocketError):
@@ -131,7 +160,8 @@ class Request:
     transport: str = "unix"  # "unix" or "tcp"
 
     def json(self) -> Any:
-        """The body decoded as JSON (None for an empty body); ApiError 400 if it is not JSON."""
+        """The body decoded as JSON (None for an empty body); ApiError 400 if it is not JSON
+        or is nested too deeply for the decoder."""
         if not self.body:
             return None
         try:
@@ -141,6 +171,37 @@ class Request:
                 400, "bad_json", f"request body is not valid JSON: {e}",
                 "send a JSON document with Content-Type: application/json",
             ) from None  # fmt: skip
+        except RecursionError:
+            raise ApiError(
+                400, "bad_json", "request body is nested too deeply to decode",
+                "send a JSON document with at most a few levels of arrays and objects",
+            ) from None  # fmt: skip
+
+    def query_int(
+        self, name: str, default: int | None = None, *, minimum: int = 0,
+        maximum: int = MAX_QUERY_INT,
+    ) -> int | None:
+        """The query parameter `name` as an integer (`default` when absent or empty).
+
+        Raises ApiError 400 `bad_query` when it is not a decimal integer from
+        `minimum` to `maximum`.
+        """  # fmt: skip
+        text = self.query.get(name)
+        if text is None or text == "":
+            return default
+        stripped = text.strip()
+        digits = stripped[1:] if stripped[:1] in ("-", "+") else stripped
+        value: int | None = None
+        if digits.isascii() and digits.isdigit() and len(digits) <= MAX_QUERY_INT_DIGITS:
+            value = int(stripped)
+        if value is None or not minimum <= value <= maximum:
+            shown = text if len(text) <= 40 else text[:40] + "..."
+            raise ApiError(
+                400, "bad_query",
+                f"query parameter {name}={shown!r} is not an integer from {minimum} to {maximum}",
+                f"give {name} as a whole number, e.g. ?{name}={max(minimum, 10)}",
+            )  # fmt: skip
+        return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,21 +283,32 @@ class ControlEndpoints:
 
 @dataclasses.dataclass
 class ControlServer:
-    """Serves a `Router` on a Unix socket and, if `tcp` is set, on TCP with a bearer token."""
+    """Serves a `Router` on a Unix socket and, if `tcp` is set, on TCP with a bearer token.
+
+    Each listener has its own connection limit: Unix-socket connections over
+    the limit wait for a slot, TCP ones are answered 503 at once. On TCP the
+    token is checked as soon as the request head is in, before any body is read.
+    """
 
     router: Router
     socket_path: Path
     tcp: tuple[str, int] | None = None
     token: str | None = None
     max_body_bytes: int = MAX_BODY_BYTES
-    request_timeout: float = REQUEST_TIMEOUT
-    max_connections: int = MAX_CONNECTIONS
+    idle_timeout: float = IDLE_TIMEOUT
+    header_timeout: float = HEADER_TIMEOUT
+    body_timeout: float = BODY_TIMEOUT
+    max_unix_connections: int = MAX_UNIX_CONNECTIONS
+    max_tcp_connections: int = MAX_TCP_CONNECTIONS
 
     def __post_init__(self) -> None:
         self.socket_path = Path(self.socket_path)
         if self.tcp is not None and not self.token:
             raise ValueError("a TCP control listener needs a token")
-        self._limiter = trio.CapacityLimiter(self.max_connections)
+        self._limiters = {
+            "unix": trio.CapacityLimiter(self.max_unix_connections),
+            "tcp": trio.CapacityLimiter(self.max_tcp_connections),
+        }
 
     @classmethod
     def from_config(cls, router: Router, config: Any) -> ControlServer:
@@ -249,20 +321,21 @@ class ControlServer:
         """Listen and serve until cancelled; removes the socket file on the way out.
 
         `task_status.started()` gets the `ControlEndpoints`. Raises
-        `ControlSocketInUse` if a live server owns the socket path, and
-        `ControlSocketError` if the socket cannot be created.
+        `ControlSocketInUse` if a live server owns the socket path,
+        `ControlSocketError` if the socket cannot be created and
+        `ControlTCPError` if the TCP address cannot be listened on; all three
+        before anything is served.
         """
         unix_listener = await _open_unix_listener(self.socket_path)
         ino = os.stat(self.socket_path).st_ino
         try:
+            tcp_listeners = await _open_tcp_listeners(self.tcp) if self.tcp is not None else []
             async with trio.open_nursery() as nursery:
                 await nursery.start(
                     trio.serve_listeners, partial(self._serve, transport="unix"), [unix_listener]
                 )
                 tcp_address = None
-                if self.tcp is not None:
-                    host, port = self.tcp
-                    tcp_listeners = await trio.open_tcp_listeners(port, host=host, backlog=BACKLOG)
+                if tcp_listeners:
                     sockname = tcp_listeners[0].socket.getsockname()
                     tcp_address = (sockname[0], sockname[1])
                     await nursery.start(
@@ -276,9 +349,19 @@ class ControlServer:
             with contextlib.suppress(OSError):
                 if os.stat(self.socket_path).st_ino == ino:
                     os.unlink(self.socket_path)
+            unix_listener.socket.close()  # synchronous: we may be cancelled already
 
     async def _serve(self, stream: trio.abc.Stream, *, transport: str) -> None:
-        async with self._limiter:
+        limiter = self._limiters[transport]
+        try:
+            if transport == "tcp":
+                try:
+                    limiter.acquire_nowait()
+                except trio.WouldBlock:
+                    await _refuse_busy(stream, self.max_tcp_connections)
+                    return
+            else:
+                await limiter.acquire()
             try:
                 await _Connection(self, stream, transport).serve()
             except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
@@ -286,14 +369,16 @@ class ControlServer:
             except Exception:  # never let one connection take the server down
                 log.exception("control API connection failed")
             finally:
-                with contextlib.suppress(Exception):
-                    await stream.aclose()
+                limiter.release()
+        finally:
+            with contextlib.suppress(Exception):
+                await stream.aclose()
 
     async def dispatch(self, request: Request) -> tuple[int, Any]:
         """Route one request: (status, body) where body is JSON-able or `Text`."""
         try:
             if request.transport == "tcp":
-                self._authorize(request)
+                self.authorize(request.headers)
             handler, params = self.router.resolve(request.method, request.path)
             request = dataclasses.replace(request, params=params)
             status, body = await handler(request)
@@ -307,12 +392,15 @@ class ControlServer:
                 "the node's log has the details; please report it",
             )  # fmt: skip
 
-    def _authorize(self, request: Request) -> None:
-        given = request.headers.get("authorization", "")
+    def authorize(self, headers: Mapping[str, str]) -> None:
+        """Check a TCP request's bearer token; ApiError 401 when it is missing or wrong."""
+        given = headers.get("authorization", "")
         scheme, _, token = given.partition(" ")
         expected = (self.token or "").encode()
         # compare_digest takes time independent of where the tokens differ.
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected):
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            token.strip().encode("utf-8", "surrogateescape"), expected
+        ):
             raise ApiError(
                 401, "unauthorized",
                 "missing or wrong bearer token" if given else "this listener needs a bearer token",
@@ -321,21 +409,30 @@ class ControlServer:
 
 
 class _Connection:
-    """One HTTP/1.1 connection: read a request, answer it, repeat while keep-alive holds."""
+    """One HTTP/1.1 connection: read a request, answer it, repeat while keep-alive holds.
+
+    Reading a request has three deadlines: `idle_timeout` until its first byte
+    (an idle connection is then closed without an answer), `header_timeout`
+    from there to the end of its head, `body_timeout` for the body (408 when
+    either passes).
+    """
 
     def __init__(self, server: ControlServer, stream: trio.abc.Stream, transport: str) -> None:
         self.server = server
         self.stream = stream
         self.transport = transport
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
-        self._received = False  # any bytes of the current request yet?
+        self._phase = "idle"  # idle | head | body: what we are waiting for
+        self._deadline = trio.CancelScope()
 
     async def serve(self) -> None:
         while True:
-            self._received = False
             request: Request | None = None
             error: ApiError | None = None
-            with trio.move_on_after(self.server.request_timeout) as timeout:
+            self._phase = "idle"
+            with trio.CancelScope(
+                deadline=trio.current_time() + self.server.idle_timeout
+            ) as self._deadline:
                 try:
                     request = await self._read_request()
                 except ApiError as e:
@@ -345,18 +442,25 @@ class _Connection:
                         e.error_status_hint, "bad_request", f"malformed HTTP request: {e}",
                         "send HTTP/1.1",
                     )  # fmt: skip
-            if timeout.cancelled_caught:
-                if not self._received:
-                    return  # an idle keep-alive connection: close quietly
+            if self._deadline.cancelled_caught:
+                if self._phase == "idle":
+                    return  # an idle (keep-alive) connection: close quietly
+                limit = (
+                    self.server.header_timeout if self._phase == "head"
+                    else self.server.body_timeout
+                )  # fmt: skip
                 error = ApiError(
                     408, "request_timeout",
-                    f"request not received within {self.server.request_timeout:g} s",
+                    f"request {'head' if self._phase == 'head' else 'body'} not received "
+                    f"within {limit:g} s",
                     "send the whole request at once",
                 )  # fmt: skip
             if error is not None:
                 await self._respond(error.status, error, close=True)
                 if error.status == 413:
-                    await self._drain()
+                    await self._drain(MAX_DRAIN_BYTES, self.server.body_timeout)
+                elif error.status == 401:
+                    await self._drain(UNAUTHORIZED_DRAIN_BYTES, UNAUTHORIZED_DRAIN_TIMEOUT)
                 return
             if request is None:
                 return  # the client closed the connection
@@ -366,12 +470,16 @@ class _Connection:
                 return
             self.conn.start_next_cycle()
 
-    async def _drain(self) -> None:
+    def _enter(self, phase: str, timeout: float) -> None:
+        self._phase = phase
+        self._deadline.deadline = trio.current_time() + timeout
+
+    async def _drain(self, max_bytes: int, timeout: float) -> None:
         """Read and discard the rest of a refused body, so that the client reads our
-        413 instead of failing with a broken pipe while it still writes."""
+        answer instead of failing with a broken pipe while it still writes."""
         discarded = 0
-        with trio.move_on_after(self.server.request_timeout):
-            while discarded < MAX_DRAIN_BYTES:
+        with trio.move_on_after(timeout):
+            while discarded < max_bytes:
                 try:
                     event = await self._next_event()
                 except h11.RemoteProtocolError:
@@ -388,8 +496,8 @@ class _Connection:
             if self.conn.they_are_waiting_for_100_continue:
                 await self._send(h11.InformationalResponse(status_code=100, headers=[]))
             data = await self.stream.receive_some(RECEIVE_SIZE)
-            if data:
-                self._received = True
+            if data and self._phase == "idle":
+                self._enter("head", self.server.header_timeout)
             self.conn.receive_data(data)
 
     async def _read_request(self) -> Request | None:
@@ -399,10 +507,13 @@ class _Connection:
         assert isinstance(event, h11.Request)
         head = event
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in head.headers}
+        if self.transport == "tcp":
+            self.server.authorize(headers)  # before any of the body is read
         limit = self.server.max_body_bytes
         length = headers.get("content-length")
         if length is not None and int(length) > limit:
             raise _too_large(limit, int(length))
+        self._enter("body", self.server.body_timeout)
         chunks: list[bytes] = []
         size = 0
         while True:
@@ -471,6 +582,41 @@ def _too_large(limit: int, got: int) -> ApiError:
     )  # fmt: skip
 
 
+async def _refuse_busy(stream: trio.abc.Stream, limit: int) -> None:
+    """Answer 503 on a TCP connection over the limit, without reading its request."""
+    error = ApiError(
+        503, "busy", f"the control API's TCP listener serves at most {limit} connections at once",
+        "retry in a moment, close idle connections, or use the Unix socket",
+    )  # fmt: skip
+    payload = (json.dumps(error.body()) + "\n").encode()
+    head = (
+        "HTTP/1.1 503 Service Unavailable\r\n"
+        f"Content-Type: {JSON_TYPE}\r\nContent-Length: {len(payload)}\r\n"
+        f"Server: {SERVER_NAME.decode()}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
+    )
+    with trio.move_on_after(REFUSE_TIMEOUT), contextlib.suppress(trio.BrokenResourceError,
+                                                                 trio.ClosedResourceError):
+        await stream.send_all(head.encode("ascii") + payload)
+
+
+async def _open_tcp_listeners(address: tuple[str, int]) -> list[trio.SocketListener]:
+    """Listen on the control API's TCP address; `ControlTCPError` when it cannot."""
+    host, port = address
+    try:
+        return list(await trio.open_tcp_listeners(port, host=host, backlog=BACKLOG))
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            reason, hint = "the port is in use", (
+                "stop the program using it (`ss -ltnp` shows it), or set control_tcp "
+                "(BENCHSYNC_CONTROL_TCP) to another port"
+            )
+        else:
+            reason, hint = f"cannot listen: {e.strerror or e}", (
+                "set control_tcp (BENCHSYNC_CONTROL_TCP) to an address of this machine"
+            )
+        raise ControlTCPError(address, reason, hint) from e
+
+
 async def _open_unix_listener(path: Path) -> trio.SocketListener:
     """Bind a Unix socket at `path` (mode 0600), replacing a stale socket file."""
     if len(os.fsencode(path)) > MAX_UNIX_PATH:
@@ -479,7 +625,13 @@ async def _open_unix_listener(path: Path) -> trio.SocketListener:
             "set control_socket (BENCHSYNC_CONTROL_SOCKET) to a shorter path",
         )  # fmt: skip
     if not path.parent.exists():
-        path.parent.mkdir(parents=True, mode=SOCKET_DIR_MODE)
+        try:
+            path.parent.mkdir(parents=True, mode=SOCKET_DIR_MODE)
+        except OSError as e:
+            raise ControlSocketError(
+                path, f"cannot create its directory: {e.strerror or e}",
+                "set control_socket (BENCHSYNC_CONTROL_SOCKET) to a path in a writable directory",
+            ) from e  # fmt: skip
     if path.is_symlink() or path.exists():
         if not stat.S_ISSOCK(path.lstat().st_mode):
             raise ControlSocketError(

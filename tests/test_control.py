@@ -63,11 +63,15 @@ def make_router() -> Router:
     async def text(request: Request) -> tuple[int, Any]:
         return 200, Text("plain words\n")
 
+    async def history(request: Request) -> tuple[int, Any]:
+        return 200, {"limit": request.query_int("limit", minimum=1)}
+
     router.add("GET", "/v1/status", status)
     router.add("POST", "/v1/echo", echo)
     router.add("GET", "/v1/replicas/{peer}", replica)
     router.add("GET", "/v1/boom", boom)
     router.add("GET", "/v1/text", text)
+    router.add("GET", "/v1/history", history)
     return router
 
 
@@ -182,7 +186,7 @@ async def test_body_over_the_limit_is_a_413(sock_dir: Path) -> None:
 
 
 async def test_slow_request_gets_408_and_idle_connection_is_closed(sock_dir: Path) -> None:
-    async with serving(sock_dir, request_timeout=0.3) as ep:
+    async with serving(sock_dir, header_timeout=0.3, idle_timeout=0.3) as ep:
         with trio.fail_after(5):
             reply = await raw(ep.socket_path, b"GET /v1/status HTTP/1.1\r\nHost:")
         assert reply.startswith(b"HTTP/1.1 408 ")

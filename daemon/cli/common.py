@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from pathlib import Path
@@ -28,6 +29,30 @@ def fail(err: CLIError) -> int:
     if err.hint:
         print(f"Try: {err.hint}", file=sys.stderr)
     return err.code
+
+
+# errno -> what to try, for file-system failures that are the environment's, not ours.
+_OS_ERROR_HINTS = {
+    errno.EROFS: "the file system is mounted read-only: give the node a writable data "
+                 "directory (--home or $BENCHSYNC_HOME), or remount it read-write",
+    errno.EACCES: "check that this user may write there (owner and mode), or give a data "
+                  "directory this user owns (--home or $BENCHSYNC_HOME)",
+    errno.EPERM: "check that this user may write there (owner, mode, immutable flag)",
+    errno.ENOSPC: "free some disk space, then run the same command again",
+    errno.EDQUOT: "free some space (the disk quota is full), then run the same command again",
+    errno.ENOENT: "check the path above; `benchsync init` creates a data directory",
+    errno.ENAMETOOLONG: "use a shorter path",
+}  # fmt: skip
+
+
+def os_error(e: OSError) -> CLIError:
+    """A `CLIError` for a file-system failure: the path, the reason, what to try."""
+    reason = e.strerror or str(e)
+    what = f"{e.filename}: {reason}" if e.filename is not None else reason
+    if e.filename2 is not None:
+        what = f"{e.filename} -> {e.filename2}: {reason}"
+    hint = _OS_ERROR_HINTS.get(e.errno or 0, "check the path above and its permissions")
+    return CLIError(f"cannot use {what}" if e.filename else what, hint)
 
 
 def data_dir(explicit: str | os.PathLike[str] | None = None) -> Path:

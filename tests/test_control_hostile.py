@@ -1,0 +1,184 @@
+"""The control API against hostile or broken clients (issue 17, findings 8 and 13).
+
+Real listeners (a Unix socket and TCP on 127.0.0.1), raw bytes from the
+attacker's side, the real `ControlClient` on the user's side.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+from test_control import TOKEN, serving, sock_dir
+
+from benchsync.daemon.control import ApiError, ControlClient, Request
+
+__all__ = ["sock_dir"]  # the fixture, shared with test_control
+
+IDLE_ATTACKERS = 200  # the attack run's number of idle TCP connections
+# A Unix-socket call must answer within this while the TCP listener is flooded. The
+# old shared limiter made it wait for the flood's request timeouts (10 s, 28 s seen).
+UNIX_DEADLINE = 5.0  # seconds
+
+
+async def receive_all(stream: trio.abc.Stream) -> bytes:
+    out = b""
+    while chunk := await stream.receive_some(65536):
+        out += chunk
+    return out
+
+
+async def test_idle_tcp_connections_do_not_block_the_unix_socket(sock_dir: Path) -> None:
+    async with serving(sock_dir, tcp=("127.0.0.1", 0), token=TOKEN) as ep:
+        assert ep.tcp_address is not None
+        attackers: list[trio.SocketStream] = []
+        try:
+            for i in range(IDLE_ATTACKERS):
+                s = await trio.open_tcp_stream(*ep.tcp_address)
+                attackers.append(s)
+                if i % 2:  # slowloris: half a request head, never finished
+                    await s.send_all(b"GET /v1/status HTTP/1.1\r\nHost: x\r\n")
+            # Every connection is accepted and its handler parked before the user calls.
+            await trio.testing.wait_all_tasks_blocked(cushion=0.1)
+            client = ControlClient(socket_path=ep.socket_path, timeout=UNIX_DEADLINE)
+            started = time.monotonic()
+            got = await trio.to_thread.run_sync(client.get, "/v1/status")
+            assert got["ok"] is True and got["transport"] == "unix"
+            assert time.monotonic() - started < UNIX_DEADLINE
+        finally:
+            for s in attackers:
+                await s.aclose()
+
+
+async def test_tcp_connections_over_the_limit_are_refused_at_once(sock_dir: Path) -> None:
+    async with serving(
+        sock_dir, tcp=("127.0.0.1", 0), token=TOKEN, max_tcp_connections=4
+    ) as ep:
+        assert ep.tcp_address is not None
+        idle = [await trio.open_tcp_stream(*ep.tcp_address) for _ in range(4)]
+        try:
+            await trio.testing.wait_all_tasks_blocked(cushion=0.1)
+            extra = await trio.open_tcp_stream(*ep.tcp_address)
+            async with extra:
+                with trio.fail_after(UNIX_DEADLINE):
+                    reply = await receive_all(extra)
+            assert reply.startswith(b"HTTP/1.1 503 ")
+            body = json.loads(reply.split(b"\r\n\r\n", 1)[1])
+            assert body["error"]["code"] == "busy" and body["error"]["hint"]
+        finally:
+            for s in idle:
+                await s.aclose()
+        # Once the idle ones are gone, an authenticated client is served again.
+        url = f"http://{ep.tcp_address[0]}:{ep.tcp_address[1]}"
+        client = ControlClient(url=url, token=TOKEN, timeout=UNIX_DEADLINE)
+
+        async def served() -> bool:
+            try:
+                return bool((await trio.to_thread.run_sync(client.get, "/v1/status"))["ok"])
+            except Exception:
+                return False
+
+        with trio.fail_after(UNIX_DEADLINE * 2):
+            while not await served():
+                await trio.sleep(0.05)
+
+
+async def test_tcp_token_is_checked_before_the_body_is_read(sock_dir: Path) -> None:
+    async with serving(sock_dir, tcp=("127.0.0.1", 0), token=TOKEN) as ep:
+        assert ep.tcp_address is not None
+        stream = await trio.open_tcp_stream(*ep.tcp_address)
+        async with stream:
+            # A promised megabyte that never comes: no token, so no waiting for it.
+            await stream.send_all(
+                b"POST /v1/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n"
+            )
+            with trio.fail_after(UNIX_DEADLINE):
+                reply = await receive_all(stream)
+        assert reply.startswith(b"HTTP/1.1 401 ")
+        assert b'"code": "unauthorized"' in reply
+
+
+async def test_idle_connection_is_closed_after_the_idle_timeout(sock_dir: Path) -> None:
+    async with serving(
+        sock_dir, tcp=("127.0.0.1", 0), token=TOKEN, idle_timeout=0.3
+    ) as ep:
+        assert ep.tcp_address is not None
+        for open_stream in (
+            lambda: trio.open_tcp_stream(*ep.tcp_address),
+            lambda: trio.open_unix_socket(os.fspath(ep.socket_path)),
+        ):
+            stream = await open_stream()
+            async with stream:
+                with trio.fail_after(UNIX_DEADLINE):
+                    assert await receive_all(stream) == b""  # closed quietly
+
+
+async def test_trickled_head_gets_408_after_the_header_timeout(sock_dir: Path) -> None:
+    async with serving(
+        sock_dir, tcp=("127.0.0.1", 0), token=TOKEN, header_timeout=0.5
+    ) as ep:
+        assert ep.tcp_address is not None
+        stream = await trio.open_tcp_stream(*ep.tcp_address)
+        async with stream:
+            started = trio.current_time()
+            reply = b""
+            with trio.fail_after(UNIX_DEADLINE):
+                # One byte at a time, each well within any per-read timeout.
+                for byte in b"GET /v1/status HTTP/1.1\r\nHost: xxxxxxxxxxxxxxxxxxxxxxxxxxxxxx":
+                    try:
+                        await stream.send_all(bytes([byte]))
+                    except trio.BrokenResourceError:
+                        break
+                    await trio.sleep(0.05)
+                reply = await receive_all(stream)
+            assert reply.startswith(b"HTTP/1.1 408 ")
+            assert trio.current_time() - started < UNIX_DEADLINE
+
+
+@pytest.mark.parametrize(
+    ("target", "code"),
+    [
+        ("/v1/history?limit=abc", "bad_query"),
+        ("/v1/history?limit=-1", "bad_query"),
+        ("/v1/history?limit=" + "9" * 40, "bad_query"),
+    ],
+)
+async def test_bad_query_parameter_is_a_400(sock_dir: Path, target: str, code: str) -> None:
+    async with serving(sock_dir) as ep:
+        client = ControlClient(socket_path=ep.socket_path)
+        status, ctype, body = await trio.to_thread.run_sync(client.request, "GET", target)
+        assert status == 400 and ctype == "application/json"
+        error = json.loads(body)["error"]
+        assert error["code"] == code and "limit" in error["message"] and error["hint"]
+        assert await trio.to_thread.run_sync(client.get, "/v1/history?limit=5") == {"limit": 5}
+
+
+async def test_deeply_nested_json_is_a_400(sock_dir: Path) -> None:
+    async with serving(sock_dir) as ep:
+        client = ControlClient(socket_path=ep.socket_path)
+        for deep in (b"[" * 100_000 + b"]" * 100_000, b'{"a":' * 100_000 + b"1" + b"}" * 100_000):
+            stream = await trio.open_unix_socket(os.fspath(ep.socket_path))
+            async with stream:
+                await stream.send_all(
+                    b"POST /v1/echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                    b"Content-Length: %d\r\n\r\n" % len(deep) + deep
+                )
+                reply = await receive_all(stream)
+            assert reply.startswith(b"HTTP/1.1 400 "), reply[:200]
+            error = json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]
+            assert error["code"] == "bad_json" and "nested" in error["message"]
+        # The server is unharmed.
+        assert (await trio.to_thread.run_sync(client.get, "/v1/status"))["ok"] is True
+
+
+def test_query_int_names_the_parameter() -> None:
+    request = Request("GET", "/", {"limit": "x"}, {}, b"")
+    with pytest.raises(ApiError) as info:
+        request.query_int("limit")
+    assert info.value.status == 400 and "limit" in info.value.message
+    assert Request("GET", "/", {}, {}, b"").query_int("limit", default=7) == 7
