@@ -38,7 +38,7 @@ from benchsync.storage import car, distquery
 from benchsync.storage.blockstore import FsBlockstore
 from benchsync.storage.db import DB_FILENAME, BenchmarkDB
 from benchsync.storage.errors import NotFound, StorageError
-from benchsync.storage.replicas import ReplicaStore
+from benchsync.storage.replicas import ReplicaStore, check_parquet_schema
 from benchsync.storage.sandbox import QueryRefused
 from benchsync.storage.snapshot import (
     BadSnapshot,
@@ -55,6 +55,7 @@ from benchsync.storage.snapshot import (
     missing_blocks,
     read_version,
 )
+from benchsync.storage.sqlnames import check_table_name, ident, literal
 
 SCOPES = ("local", "replicas")
 # DuckDB's default is 80 % of RAM; a node shares its machine with the benchmarks it records.
@@ -226,17 +227,26 @@ class LocalDataset:
                     ).fetchall()
                 }
                 for table, parquet in files.items():
-                    src = f"read_parquet('{parquet}')"
+                    # materialize_tables checked names, sizes and rows; the columns are
+                    # checked here, against the tables the rows are about to land in.
+                    check_parquet_schema(conn, table, parquet, extra_columns=False)
+                    name = ident(check_table_name(table))
+                    src = f"read_parquet({literal(parquet)})"
                     if table in existing:
-                        conn.execute(f'DELETE FROM "{table}"')
-                        conn.execute(f'INSERT INTO "{table}" BY NAME SELECT * FROM {src}')
+                        conn.execute(f"DELETE FROM {name}")
+                        conn.execute(f"INSERT INTO {name} BY NAME SELECT * FROM {src}")
                     else:
-                        conn.execute(f'CREATE TABLE "{table}" AS SELECT * FROM {src}')
+                        conn.execute(f"CREATE TABLE {name} AS SELECT * FROM {src}")
                 after_load = getattr(staged, "after_bulk_load", None)
                 if after_load is not None:
                     after_load(conn)
 
             staged.write(load)
+        except duckdb.Error as e:
+            raise RestoreError(
+                f"the version's tables do not load into this node's schema: {e}; "
+                "the live database is unchanged"
+            ) from e
         finally:
             staged.close()
 
@@ -247,6 +257,11 @@ class LocalDataset:
         )
         try:
             tables_cid, _, _ = add_tables(export_tables(conn, work), lambda cid, data: None)
+        except duckdb.Error as e:
+            raise RestoreError(
+                f"cannot re-export the restored database to verify it: {e}; "
+                "the live database is unchanged"
+            ) from e
         finally:
             conn.close()
         if str(tables_cid) != target.tables_cid:

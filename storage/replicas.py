@@ -14,6 +14,7 @@ dataset (peer ID) each row came from.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from multiformats import CID
 from benchsync.storage import schema
 from benchsync.storage.blockstore import Blockstore
 from benchsync.storage.snapshot import (
+    PARQUET_SUFFIX,
     BadSnapshot,
     IncompleteSnapshot,
     Version,
@@ -32,8 +34,11 @@ from benchsync.storage.snapshot import (
     materialize_tables,
     missing_blocks,
 )
+from benchsync.storage.sqlnames import TABLE_NAME_RE, check_table_name, ident, literal
 
 CURRENT_FILENAME = "CURRENT.json"
+# A dataset is named by its peer ID (base58btc, or a CIDv1 in base32): it names a folder.
+DATASET_RE = re.compile(r"^[A-Za-z0-9]{1,128}$")
 
 
 @dataclass(frozen=True)
@@ -61,28 +66,40 @@ class Replica:
 
 def _safe_component(dataset: str) -> str:
     # Peer IDs are base58; anything else must not escape the replicas directory.
-    if not dataset or not dataset.isalnum():
+    if not isinstance(dataset, str) or not DATASET_RE.fullmatch(dataset):
         raise BadSnapshot(f"dataset name {dataset!r} is not a peer ID")
     return dataset
 
 
-def check_parquet_schema(conn: Any, table: str, path: Path) -> None:
+def check_parquet_schema(
+    conn: Any, table: str, path: Path, *, extra_columns: bool = True
+) -> None:
     """Raise BadSnapshot if `path` does not hold rows of our `table`.
 
     Every column the file shares with our table must have the same type, and
     the table's primary key must be present. Extra columns (a newer schema) are
-    allowed; they are not shown through the union views' BY NAME unions.
+    allowed if `extra_columns` (replicas: the union views' BY NAME unions do
+    not show them); a restore, which loads the rows into our tables, refuses them.
     """
+    check_table_name(table)
     try:
         got = {
             r[0]: r[1]
-            for r in conn.execute(f"DESCRIBE SELECT * FROM read_parquet('{path}')").fetchall()
+            for r in conn.execute(
+                f"DESCRIBE SELECT * FROM read_parquet({literal(path)})"
+            ).fetchall()
         }
     except Exception as e:  # duckdb raises many kinds for a damaged file
         raise BadSnapshot(f"tables/{table}.parquet is not readable Parquet: {e}") from e
     if table not in schema.TABLES:
         return
-    want = {r[0]: r[1] for r in conn.execute(f'DESCRIBE "{table}"').fetchall()}
+    want = {r[0]: r[1] for r in conn.execute(f"DESCRIBE {ident(table)}").fetchall()}
+    extra = sorted(set(got) - set(want))
+    if extra and not extra_columns:
+        raise BadSnapshot(
+            f"tables/{table}.parquet has {len(extra)} column(s) our {table} lacks "
+            f"({', '.join(repr(c) for c in extra[:5])}); it was written by a newer schema"
+        )
     key = schema.PRIMARY_KEYS.get(table)
     if key and key not in got:
         raise BadSnapshot(f"tables/{table}.parquet lacks the key column {key!r}")
@@ -142,7 +159,7 @@ class ReplicaStore:
             installed_at=time.time(),
             bytes=version.manifest.total_bytes,
             rows={n: t.rows for n, t in version.manifest.tables.items()},
-            tables={t: dest / f"{t}.parquet" for t in files},
+            tables={t: dest / f"{t}{PARQUET_SUFFIX}" for t in files},
         )
         atomic_write(self.root / dataset / CURRENT_FILENAME, json.dumps(replica.to_json()).encode())
         if current is not None and current.root != version.cid:
@@ -166,7 +183,12 @@ class ReplicaStore:
             installed_at=float(doc["installed_at"]),
             bytes=int(doc["bytes"]),
             rows={k: int(v) for k, v in doc["rows"].items()},
-            tables={p.stem: p for p in sorted(folder.glob("*.parquet"))},
+            # Only files `install` can have written: names it checked.
+            tables={
+                p.stem: p
+                for p in sorted(folder.glob(f"*{PARQUET_SUFFIX}"))
+                if TABLE_NAME_RE.fullmatch(p.stem)
+            },
         )
 
     def all(self) -> list[Replica]:
@@ -195,18 +217,15 @@ class ReplicaStore:
             parts = []
             if table in own_tables:
                 parts.append(
-                    f'SELECT {_lit(own_dataset)} AS origin, * FROM "{own_catalog}".main."{table}"'
+                    f"SELECT {literal(own_dataset)} AS origin, * "
+                    f"FROM {ident(own_catalog)}.main.{ident(table)}"
                 )
             for r in replicas:
                 if table in r.tables:
                     parts.append(
-                        f"SELECT {_lit(r.dataset)} AS origin, * "
-                        f"FROM read_parquet({_lit(str(r.tables[table]))})"
+                        f"SELECT {literal(r.dataset)} AS origin, * "
+                        f"FROM read_parquet({literal(r.tables[table])})"
                     )
             body = " UNION ALL BY NAME ".join(parts)
-            statements.append(f'CREATE OR REPLACE TEMP VIEW "{table}" AS {body}')
+            statements.append(f"CREATE OR REPLACE TEMP VIEW {ident(table)} AS {body}")
         return statements
-
-
-def _lit(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"

@@ -15,6 +15,14 @@ what makes snapshots (and peer fetches) incremental.
 History is the chain of `parent` links between manifests; the head is a small
 JSON file written atomically. Nothing here erases history: a restore records a
 new head whose content equals an old version's.
+
+A snapshot may come from a peer, so its meaning is checked before any of it
+reaches the filesystem or DuckDB (`read_version` and `materialize_tables` do it
+for every consumer): table names follow `sqlnames.TABLE_NAME_RE`, `tables/`
+holds exactly one `<table>.parquet` per manifest table and nothing else, each
+file expands to exactly the bytes its manifest claims (bounded by the limits
+below, and by how much distinct data the DAG really holds), and its Parquet
+metadata agrees with the claimed rows and stays under a decompressed size.
 """
 
 from __future__ import annotations
@@ -31,11 +39,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from multiformats import CID
 
 from benchsync.storage import schema, unixfs
 from benchsync.storage.blockstore import Blockstore, BlockWriteError, verify_block
-from benchsync.storage.errors import NotFound, StorageError
+from benchsync.storage.errors import NotFound, StorageError, TooLarge
+from benchsync.storage.sqlnames import UnsafeName, check_table_name, ident, literal
 
 FORMAT = "benchsync-snapshot/1"
 ROW_GROUP_SIZE = (
@@ -46,6 +58,23 @@ MANIFEST_NAME = "manifest.json"
 TABLES_DIR = "tables"
 MAX_MANIFEST_BYTES = 1024 * 1024  # a manifest lists tables, not rows; anything bigger is not ours
 HEAD_FILENAME = "HEAD.json"
+PARQUET_SUFFIX = ".parquet"
+# What a snapshot from outside may claim. Our schema has 8 tables; legacy files add a few.
+MAX_TABLES = 256
+MAX_TABLE_BYTES = 64 * 1024**3  # bytes of one table's Parquet file
+MAX_TABLE_ROWS = 2**40  # rows of one table
+# Decoded size of one table's Parquet data (every value spelled out, dictionaries
+# expanded): what loading it may cost in DuckDB memory, spill files and database file.
+MAX_TABLE_UNCOMPRESSED_BYTES = 64 * 1024**3  # bytes
+# Our zstd Parquet of benchmark rows decodes to a small multiple of its size; a file
+# that decodes to more than this (once above the floor) is a decompression bomb.
+MAX_PARQUET_EXPANSION = 200  # uncompressed bytes per file byte
+PARQUET_EXPANSION_FLOOR = 64 * 1024 * 1024  # bytes; small files may compress as they like
+# Identical 256 KiB chunks may share one leaf, but zstd Parquet all but never repeats
+# one; a file claiming more than this many times the distinct bytes its DAG holds
+# is a DAG bomb (a diamond of links to one leaf), however its claims add up.
+MAX_CHUNK_REUSE = 16
+MIN_CID_PREFIX = 12  # characters; every CIDv1 of ours starts "bafybei"/"bafkrei"
 
 
 class SnapshotError(StorageError):
@@ -61,7 +90,11 @@ class IncompleteSnapshot(SnapshotError):
 
 
 class BadSnapshot(SnapshotError):
-    """A well-formed DAG whose content is not a valid benchsync snapshot."""
+    """A well-formed DAG whose content is not a valid benchsync snapshot (its author's fault)."""
+
+
+class SnapshotTooLarge(BadSnapshot, TooLarge):
+    """A snapshot's content is bigger than its manifest claims or than a named limit."""
 
 
 @dataclass(frozen=True)
@@ -107,10 +140,16 @@ class Manifest:
                 raise BadSnapshot(
                     f"unknown snapshot format {doc.get('format')!r}, expected {FORMAT!r}"
                 )
+            if len(doc["tables"]) > MAX_TABLES:
+                raise BadSnapshot(
+                    f"manifest lists {len(doc['tables'])} tables, limit {MAX_TABLES}"
+                )
             tables = {
-                str(name): TableInfo(rows=int(t["rows"]), bytes=int(t["bytes"]), cid=str(t["cid"]))
+                check_table_name(name): _table_info(name, t)
                 for name, t in doc["tables"].items()
             }
+            if schema.VERSION_TABLE in tables:  # node-local; a restore must not take a peer's
+                raise BadSnapshot(f"manifest lists the node-local table {schema.VERSION_TABLE!r}")
             parent = doc["parent"]
             return cls(
                 dataset=str(doc["dataset"]),
@@ -122,6 +161,8 @@ class Manifest:
             )
         except BadSnapshot:
             raise
+        except UnsafeName as e:
+            raise BadSnapshot(f"manifest.json: {e}") from e
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise BadSnapshot(f"malformed manifest.json: {e}") from e
 
@@ -132,6 +173,20 @@ class Manifest:
     @property
     def total_bytes(self) -> int:
         return sum(t.bytes for t in self.tables.values())
+
+
+def _table_info(name: str, doc: Any) -> TableInfo:
+    """A manifest's entry for one table, its numbers checked against the limits."""
+    info = TableInfo(rows=int(doc["rows"]), bytes=int(doc["bytes"]), cid=str(doc["cid"]))
+    if not 0 <= info.rows <= MAX_TABLE_ROWS:
+        raise BadSnapshot(
+            f"manifest: table {name} claims {info.rows} rows (allowed 0..{MAX_TABLE_ROWS})"
+        )
+    if info.bytes < 0:
+        raise BadSnapshot(f"manifest: table {name} claims {info.bytes} bytes")
+    if info.bytes > MAX_TABLE_BYTES:
+        raise SnapshotTooLarge(f"manifest: table {name}", limit=MAX_TABLE_BYTES, got=info.bytes)
+    return info
 
 
 @dataclass(frozen=True)
@@ -185,16 +240,72 @@ def _getter(store: Blockstore) -> Callable[[CID], bytes]:
 
 
 def read_version(store: Blockstore, root: CID | str) -> Version:
-    """The version rooted at `root`; raises IncompleteSnapshot or BadSnapshot."""
-    root = CID.decode(root) if isinstance(root, str) else root
+    """The version rooted at `root`, its manifest and `tables/` listing checked.
+
+    Raises IncompleteSnapshot, or BadSnapshot for anything that is not a valid
+    benchsync snapshot (a root that is not a CID, a bad name, a missing or
+    unlisted table file, a size beyond the limits).
+    """
+    try:
+        root = CID.decode(root) if isinstance(root, str) else root
+    except (ValueError, KeyError) as e:
+        raise BadSnapshot(f"{str(root)[:100]!r} is not a CID: {e}") from e
     get = _getter(store)
-    entries = {name: cid for name, cid, _ in _list_dir(get, root)}
-    if MANIFEST_NAME not in entries or TABLES_DIR not in entries:
+    listing = _list_dir(get, root)
+    entries = dict((name, cid) for name, cid, _ in listing)
+    if len(entries) != len(listing) or set(entries) != {MANIFEST_NAME, TABLES_DIR}:
         raise BadSnapshot(
-            f"{root} is not a benchsync snapshot (no {MANIFEST_NAME} or {TABLES_DIR}/)"
+            f"{root} is not a benchsync snapshot: its entries are "
+            f"{sorted(name for name, _, _ in listing)[:10]!r}, expected "
+            f"[{MANIFEST_NAME!r}, {TABLES_DIR!r}]"
         )
     manifest = Manifest.from_bytes(_read_small_file(get, entries[MANIFEST_NAME]))
-    return Version(cid=str(root), tables_cid=str(entries[TABLES_DIR]), manifest=manifest)
+    version = Version(cid=str(root), tables_cid=str(entries[TABLES_DIR]), manifest=manifest)
+    # History outlives garbage-collected tables; their listing is checked again by
+    # `materialize_tables` before anything is read from them.
+    with contextlib.suppress(IncompleteSnapshot):
+        table_files(get, version)
+    return version
+
+
+def table_files(get: Callable[[CID], bytes], version: Version) -> dict[str, CID]:
+    """Table name -> file CID of `version`'s `tables/`, checked against its manifest.
+
+    Every entry must be exactly `<table>.parquet` for a table the manifest lists,
+    with the CID the manifest names, once; every listed table must be there.
+    Raises BadSnapshot naming the first entry that breaks the rule.
+    """
+    listing = _list_dir(get, CID.decode(version.tables_cid))
+    tables = version.manifest.tables
+    files: dict[str, CID] = {}
+    for name, cid, _ in listing:
+        table = name.removesuffix(PARQUET_SUFFIX)
+        if name == table:
+            if table in tables:
+                raise BadSnapshot(
+                    f"tables/{table}/ is a directory (the segment layout "
+                    f"tables/<table>/part-NNNN.parquet), which this version cannot read"
+                )
+            raise BadSnapshot(f"unexpected entry {name[:100]!r} in tables/ (want <table>.parquet)")
+        try:
+            check_table_name(table)
+        except UnsafeName as e:
+            raise BadSnapshot(f"tables/ entry {name[:100]!r}: {e}") from e
+        if table in files:
+            raise BadSnapshot(f"tables/{name} appears twice")
+        if table not in tables:
+            raise BadSnapshot(f"tables/{name} is not listed in the manifest")
+        if str(cid) != tables[table].cid:
+            raise BadSnapshot(
+                f"tables/{name} is {cid}, but the manifest says {tables[table].cid}"
+            )
+        files[table] = cid
+    absent = sorted(set(tables) - set(files))
+    if absent:
+        raise BadSnapshot(
+            f"manifest lists table {absent[0]!r} but tables/{absent[0]}.parquet is absent"
+        )
+    return files
 
 
 def _list_dir(get: Callable[[CID], bytes], cid: CID) -> list[tuple[str, CID, int]]:
@@ -210,10 +321,17 @@ def _list_dir(get: Callable[[CID], bytes], cid: CID) -> list[tuple[str, CID, int
 
 def _read_small_file(get: Callable[[CID], bytes], cid: CID) -> bytes:
     out = bytearray()
-    for chunk in unixfs.cat(get, cid):
-        out += chunk
-        if len(out) > MAX_MANIFEST_BYTES:
-            raise BadSnapshot(f"manifest.json exceeds {MAX_MANIFEST_BYTES} bytes")
+    try:
+        for chunk in unixfs.cat(get, cid):
+            out += chunk
+            if len(out) > MAX_MANIFEST_BYTES:
+                raise SnapshotTooLarge(f"{MANIFEST_NAME}", limit=MAX_MANIFEST_BYTES, got=len(out))
+    except SnapshotError:
+        raise
+    except unixfs.FileTooLarge as e:
+        raise SnapshotTooLarge(f"{MANIFEST_NAME}", limit=e.limit, got=e.got) from e
+    except StorageError as e:
+        raise BadSnapshot(f"{MANIFEST_NAME} ({cid}): {e}") from e
     return bytes(out)
 
 
@@ -241,33 +359,135 @@ def dag_blocks(store: Blockstore, root: CID) -> Iterator[tuple[CID, bytes]]:
 
 
 def materialize_tables(store: Blockstore, version: Version, dest: Path) -> dict[str, Path]:
-    """Write the version's Parquet files into `dest`; returns table name -> file path."""
+    """Write the version's Parquet files into `dest`; returns table name -> file path.
+
+    Names, sizes and Parquet metadata are checked first (see `table_files`,
+    `check_parquet_file`); paths are built only from checked table names. On
+    any error every file this call wrote is removed (and `dest`, if this call
+    created it) before raising IncompleteSnapshot, BadSnapshot (SnapshotTooLarge
+    for a bomb), DiskFull or SnapshotError.
+    """
     get = _getter(store)
+    cids = table_files(get, version)
+    created = not dest.exists()
     dest.mkdir(parents=True, exist_ok=True)
     files: dict[str, Path] = {}
-    listing = _list_dir(get, CID.decode(version.tables_cid))
-    names = {name for name, _, _ in listing}
-    for table in version.manifest.tables:
-        if f"{table}.parquet" not in names:
-            raise BadSnapshot(
-                f"manifest lists table {table!r} but tables/{table}.parquet is absent"
-            )
-    for name, cid, _ in listing:
-        if not name.endswith(".parquet"):
-            continue
-        path = dest / name
-        with open(path, "wb") as f:
-            for chunk in unixfs.cat(get, cid):
-                f.write(chunk)
-        files[name.removesuffix(".parquet")] = path
+    try:
+        for table, cid in cids.items():
+            info = version.manifest.tables[table]
+            path = dest / f"{check_table_name(table)}{PARQUET_SUFFIX}"
+            _check_distinct_bytes(get, table, cid, info.bytes)
+            files[table] = path
+            _write_file(get, table, cid, info.bytes, path)
+            check_parquet_file(path, table, info)
+    except BaseException:
+        for path in files.values():
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        if created:
+            shutil.rmtree(dest, ignore_errors=True)
+        raise
     return files
 
 
+def _check_distinct_bytes(get: Callable[[CID], bytes], table: str, cid: CID, claimed: int) -> None:
+    """Refuse a file claiming far more bytes than the distinct blocks of its DAG hold."""
+    try:
+        distinct = unixfs.distinct_bytes(get, cid)
+    except SnapshotError:
+        raise
+    except StorageError as e:
+        raise BadSnapshot(f"tables/{table}.parquet ({cid}): {e}") from e
+    if claimed > MAX_CHUNK_REUSE * distinct and claimed > 0:
+        raise SnapshotTooLarge(
+            f"tables/{table}.parquet (its DAG holds {distinct} distinct bytes; "
+            f"expanded at most {MAX_CHUNK_REUSE} times)",
+            limit=MAX_CHUNK_REUSE * distinct,
+            got=claimed,
+        )
+
+
+def _write_file(get: Callable[[CID], bytes], table: str, cid: CID, size: int, path: Path) -> None:
+    """Write the file DAG `cid` to `path` (which must not exist), exactly `size` bytes."""
+    try:
+        with open(path, "xb") as f:
+            for chunk in unixfs.cat(get, cid, size):
+                f.write(chunk)
+    except SnapshotError:
+        raise
+    except unixfs.FileTooLarge as e:
+        raise SnapshotTooLarge(
+            f"tables/{table}.parquet (the manifest claims {size} bytes)", limit=e.limit, got=e.got
+        ) from e
+    except StorageError as e:
+        raise BadSnapshot(f"tables/{table}.parquet ({cid}): {e}") from e
+    except OSError as e:
+        if _disk_full(e):
+            raise DiskFull(f"disk full while writing {path}: {e}") from e
+        raise SnapshotError(f"cannot write {path}: {e}") from e
+
+
+def check_parquet_file(path: Path, table: str, info: TableInfo) -> None:
+    """Check a table file before anything loads its rows into DuckDB.
+
+    The row count must equal the manifest's, and the decoded size stay under
+    MAX_TABLE_UNCOMPRESSED_BYTES and MAX_PARQUET_EXPANSION times the file (above
+    PARQUET_EXPANSION_FLOOR). The metadata's uncompressed sizes are checked
+    first; then the data is decoded one row group at a time, dictionaries kept
+    as dictionaries, because one dictionary value repeated on every row decodes
+    to far more than any size the metadata states. Raises BadSnapshot
+    (SnapshotTooLarge for a bomb).
+    """
+    limit = min(
+        MAX_TABLE_UNCOMPRESSED_BYTES,
+        max(PARQUET_EXPANSION_FLOOR, MAX_PARQUET_EXPANSION * info.bytes),
+    )
+    what = f"tables/{table}.parquet decoded ({info.bytes} bytes on disk)"
+    try:
+        meta = pq.ParquetFile(path).metadata
+        if meta.num_rows != info.rows:
+            raise BadSnapshot(
+                f"tables/{table}.parquet holds {meta.num_rows} rows, "
+                f"the manifest claims {info.rows}"
+            )
+        stated = sum(
+            meta.row_group(g).column(c).total_uncompressed_size
+            for g in range(meta.num_row_groups)
+            for c in range(meta.num_columns)
+        )
+        if stated > limit:
+            raise SnapshotTooLarge(what, limit=limit, got=stated)
+        schema_arrow = meta.schema.to_arrow_schema()
+        text = [
+            f.name
+            for f in schema_arrow
+            if pa.types.is_string(f.type)
+            or pa.types.is_binary(f.type)
+            or pa.types.is_large_string(f.type)
+            or pa.types.is_large_binary(f.type)
+        ]
+        pf = pq.ParquetFile(path, read_dictionary=text)
+        decoded = 0
+        for g in range(meta.num_row_groups):
+            for column in pf.read_row_group(g).columns:
+                decoded += sum(_decoded_bytes(chunk) for chunk in column.chunks)
+                if decoded > limit:
+                    raise SnapshotTooLarge(what, limit=limit, got=decoded)
+    except SnapshotError:
+        raise
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise BadSnapshot(f"tables/{table}.parquet is not readable Parquet: {e}") from e
+
+
+def _decoded_bytes(array: pa.Array) -> int:
+    """Bytes of `array` with every dictionary value spelled out where it is used."""
+    if isinstance(array, pa.DictionaryArray):
+        lengths = pc.binary_length(array.dictionary).take(array.indices)
+        return int(pc.sum(lengths).as_py() or 0) + array.indices.nbytes
+    return int(array.nbytes)
+
+
 # --- writing snapshots ---------------------------------------------------------------
-
-
-def _quote(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
 
 
 def export_tables(conn: Any, dest: Path) -> dict[str, Path]:
@@ -281,10 +501,10 @@ def export_tables(conn: Any, dest: Path) -> dict[str, Path]:
     conn.execute("BEGIN TRANSACTION")
     try:
         for table in tables:
-            path = dest / f"{table}.parquet"
+            path = dest / f"{check_table_name(table)}{PARQUET_SUFFIX}"
             conn.execute(
-                f"COPY (SELECT * FROM {_quote(table)} ORDER BY {_sort_order(conn, table)}) "
-                f"TO '{path}' "
+                f"COPY (SELECT * FROM {ident(table)} ORDER BY {_sort_order(conn, table)}) "
+                f"TO {literal(path)} "
                 f"(FORMAT parquet, COMPRESSION {PARQUET_COMPRESSION}, "
                 f"ROW_GROUP_SIZE {ROW_GROUP_SIZE})"
             )
@@ -305,11 +525,11 @@ def _sort_order(conn: Any, table: str) -> str:
     key = schema.PRIMARY_KEYS.get(table)
     if key is not None:
         unique = conn.execute(
-            f"SELECT count({_quote(key)}) = count(*) AND count(DISTINCT {_quote(key)}) = count(*) "
-            f"FROM {_quote(table)}"
+            f"SELECT count({ident(key)}) = count(*) AND count(DISTINCT {ident(key)}) = count(*) "
+            f"FROM {ident(table)}"
         ).fetchone()[0]
         if unique:
-            return _quote(key)
+            return ident(key)
     columns = [
         r[0]
         for r in conn.execute(
@@ -318,7 +538,7 @@ def _sort_order(conn: Any, table: str) -> str:
             [table],
         ).fetchall()
     ]
-    return ", ".join(_quote(c) for c in ([key] if key else []) + columns)
+    return ", ".join(ident(c) for c in ([key] if key else []) + columns)
 
 
 def add_tables(
@@ -333,7 +553,7 @@ def add_tables(
     for table, path in files.items():
         with open(path, "rb") as f:
             cid, size, tsize = unixfs.add_file(f, put)
-        entries.append((f"{table}.parquet", cid, tsize))
+        entries.append((f"{check_table_name(table)}{PARQUET_SUFFIX}", cid, tsize))
         added[table] = (cid, size)
     tables_cid, tables_tsize = unixfs.add_directory(entries, put)
     return tables_cid, tables_tsize, added
@@ -353,7 +573,7 @@ def snapshot_tables(conn: Any) -> list[str]:
 
 
 def _count_rows(conn: Any, path: Path) -> int:
-    return int(conn.execute(f"SELECT count(*) FROM read_parquet('{path}')").fetchone()[0])
+    return int(conn.execute(f"SELECT count(*) FROM read_parquet({literal(path)})").fetchone()[0])
 
 
 @dataclass
@@ -393,7 +613,19 @@ class SnapshotStore:
                 f"cannot read {self.head_path}: {e}; restore it from `benchsync log` of a peer "
                 "or delete it to start a new history"
             ) from e
-        return read_version(self.blocks, doc["cid"])
+        cid = doc.get("cid") if isinstance(doc, dict) else None
+        if not isinstance(cid, str):
+            raise SnapshotError(
+                f"{self.head_path} is damaged (no \"cid\" string); restore it from "
+                "`benchsync log` of a peer or delete it to start a new history"
+            )
+        try:
+            return read_version(self.blocks, cid)
+        except BadSnapshot as e:
+            raise BadSnapshot(
+                f"{self.head_path} names {cid[:100]!r}, which is not a valid snapshot: {e}; "
+                "delete it to start a new history"
+            ) from e
 
     def _set_head(self, version: Version) -> None:
         atomic_write(self.head_path, json.dumps(version.to_json(), sort_keys=True).encode())
@@ -508,17 +740,31 @@ class SnapshotStore:
         return out
 
     def find(self, cid: str) -> Version:
-        """A version by root CID (or a unique prefix of one in the history)."""
-        for version in self.history():
+        """A version by root CID (or a unique prefix of one in the history).
+
+        Raises NotFound for an unknown CID, a prefix shorter than MIN_CID_PREFIX
+        characters (every one of our CIDs shares its first seven) or one that
+        matches several versions; IncompleteSnapshot/BadSnapshot as read_version.
+        """
+        if not isinstance(cid, str) or len(cid) < MIN_CID_PREFIX:
+            raise NotFound(
+                f"{cid!r} is too short to name a version: give a full CID or at least "
+                f"{MIN_CID_PREFIX} characters of one (see `benchsync log`)"
+            )
+        history = self.history()
+        for version in history:
             if version.cid == cid or version.tables_cid == cid:
                 return version
-        matches = [v for v in self.history() if v.cid.startswith(cid)]
+        matches = [v for v in history if v.cid.startswith(cid)]
         if len(matches) == 1:
             return matches[0]
+        if len(matches) > 1:
+            raise NotFound(f"{cid!r} is the prefix of {len(matches)} versions; give more of it")
         try:
-            return read_version(self.blocks, cid)
+            root = CID.decode(cid)
         except (ValueError, KeyError) as e:
             raise NotFound(f"no version {cid!r} in the history or the blockstore") from e
+        return read_version(self.blocks, root)
 
 
 def _disk_full(e: BaseException) -> bool:

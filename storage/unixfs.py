@@ -31,6 +31,7 @@ from benchsync.storage.errors import NotFound, StorageError, TooLarge
 __all__ = [
     "CHUNK_SIZE",
     "DAG_PB",
+    "MAX_DAG_DEPTH",
     "MAX_LINKS",
     "RAW",
     "add_bytes",
@@ -39,6 +40,7 @@ __all__ = [
     "add_file",
     "add_path",
     "cat",
+    "distinct_bytes",
     "links",
     "list_directory",
     "resolve",
@@ -51,6 +53,10 @@ MAX_LINKS = 174  # links per file node (Kubo/go-unixfs balanced layout)
 # (name + CID bytes) exceeds this; we do not build shards, so we refuse instead
 # of silently computing a CID that no IPFS tool would agree with.
 HAMT_SHARDING_THRESHOLD = 256 * 1024  # bytes
+# Levels of file nodes `cat` follows. Kubo's balanced 174-ary tree of 256 KiB leaves
+# holds more than an exabyte in 7 levels, and trickle DAGs (deeper) stay far below
+# this for any file a disk can hold: deeper is a hand-made DAG.
+MAX_DAG_DEPTH = 32
 
 # ipfs-car 3.x (ipfs-unixfs-importer defaults as ipfs-car sets them).
 IPFSCAR_CHUNK_SIZE = 1024 * 1024  # bytes
@@ -66,6 +72,10 @@ class UnixFSError(StorageError):
 
 class PathNotFound(UnixFSError, NotFound):
     """A path inside a UnixFS directory does not exist."""
+
+
+class FileTooLarge(UnixFSError, TooLarge):
+    """A file DAG expands (or claims to expand) past the size its reader expected."""
 
 
 class DirectoryTooLarge(UnixFSError, TooLarge):
@@ -269,6 +279,21 @@ def walk(get: GetBlock, root: CID) -> Iterator[tuple[CID, bytes]]:
         stack.extend(reversed(links(cid, data)))
 
 
+def distinct_bytes(get: GetBlock, root: CID) -> int:
+    """File bytes held by the distinct blocks under `root`, each block counted once.
+
+    What a DAG really stores, as opposed to what it expands to when leaves repeat.
+    Raises DagPbError for a malformed node, and whatever `get` raises.
+    """
+    total = 0
+    for cid, block in walk(get, root):
+        if cid.codec.code == RAW:
+            total += len(block)
+        elif cid.codec.code == DAG_PB:
+            total += len(dagpb.decode_unixfs(dagpb.decode_node(block)[1] or b"").data)
+    return total
+
+
 def _directory_links(get: GetBlock, cid: CID) -> list[Link]:
     if cid.codec.code != DAG_PB:
         raise UnixFSError(f"{cid} is a raw block, not a directory")
@@ -309,21 +334,81 @@ def resolve(get: GetBlock, root: CID, path: str) -> CID:
     return cid
 
 
-def cat(get: GetBlock, cid: CID) -> Iterator[bytes]:
-    """Stream the bytes of a UnixFS file, chunk by chunk. Raises UnixFSError for non-files."""
-    stack = [cid]
+def cat(get: GetBlock, cid: CID, size: int | None = None) -> Iterator[bytes]:
+    """Stream the bytes of a UnixFS file, chunk by chunk, holding the DAG to its size claims.
+
+    `size` is the byte size the caller expects (a manifest's `bytes`, say): the
+    file must be exactly that long. FileTooLarge is raised before the first byte
+    past `size` is yielded, or as soon as the root claims more; UnixFSError if
+    the file ends short, if a node's `filesize`/`blocksizes` disagree with each
+    other or with its children's data, if a node links an empty child, or if the
+    DAG is deeper than MAX_DAG_DEPTH. Without `size` the root's own claim is the
+    bound: pass `size` for every DAG that came from outside.
+
+    Identical chunks may share one leaf block, so links may repeat: it is the
+    bytes that are bounded, and since every linked child must hold at least one
+    byte, the blocks visited are at most `size * MAX_DAG_DEPTH`.
+    Raises whatever `get` raises for a missing block.
+    """
+    if size is not None and size < 0:
+        raise ValueError(f"size must be >= 0, got {size}")
+    limit = size
+    produced = 0
+    # (cid, bytes the parent claims for it or None at the root, depth)
+    stack: list[tuple[CID, int | None, int]] = [(cid, size, 0)]
     while stack:
-        current = stack.pop()
+        current, claimed, depth = stack.pop()
+        if depth > MAX_DAG_DEPTH:
+            raise UnixFSError(f"{cid}: file DAG is deeper than {MAX_DAG_DEPTH} levels")
         block = get(current)
         if current.codec.code == RAW:
-            yield block
-            continue
-        if current.codec.code != DAG_PB:
+            chunk = block
+        elif current.codec.code == DAG_PB:
+            node_links, data = dagpb.decode_node(block)
+            fs = dagpb.decode_unixfs(data or b"")
+            if fs.type not in (dagpb.TYPE_FILE, dagpb.TYPE_RAW):
+                raise UnixFSError(f"{current} is not a file (UnixFS type {fs.type})")
+            total = _node_size(current, node_links, fs)
+            if depth == 0 and limit is not None and total > limit:
+                raise FileTooLarge(f"file {cid} (its root's claim)", limit=limit, got=total)
+            if claimed is not None and total != claimed:
+                raise UnixFSError(f"{current} holds {total} bytes, its parent claims {claimed}")
+            if limit is None:
+                limit = total
+            chunk = fs.data
+            stack.extend(
+                (link.cid, blocksize, depth + 1)
+                for link, blocksize in reversed(list(zip(node_links, fs.blocksizes, strict=True)))
+            )
+        else:
             raise UnixFSError(f"{current} has codec {current.codec.name}, not a UnixFS file")
-        node_links, data = dagpb.decode_node(block)
-        fs = dagpb.decode_unixfs(data or b"")
-        if fs.type not in (dagpb.TYPE_FILE, dagpb.TYPE_RAW):
-            raise UnixFSError(f"{current} is not a file (UnixFS type {fs.type})")
-        if fs.data:
-            yield fs.data
-        stack.extend(reversed([link.cid for link in node_links]))
+        if limit is not None and produced + len(chunk) > limit:
+            raise FileTooLarge(f"file {cid}", limit=limit, got=produced + len(chunk))
+        if current.codec.code == RAW:
+            if claimed is not None and len(block) != claimed:
+                raise UnixFSError(
+                    f"{current} holds {len(block)} bytes, its parent claims {claimed}"
+                )
+            if limit is None:
+                limit = len(block)
+        if chunk:
+            produced += len(chunk)
+            yield chunk
+    if limit is not None and produced != limit:
+        raise UnixFSError(f"file {cid} ends after {produced} bytes, expected {limit}")
+
+
+def _node_size(cid: CID, node_links: list[Link], fs: dagpb.UnixFSData) -> int:
+    """The bytes a file node claims, after checking its claims agree with each other."""
+    if len(fs.blocksizes) != len(node_links):
+        raise UnixFSError(
+            f"{cid} has {len(node_links)} links but {len(fs.blocksizes)} blocksizes"
+        )
+    if any(b == 0 for b in fs.blocksizes):
+        raise UnixFSError(f"{cid} links an empty child (blocksize 0)")
+    total = len(fs.data) + sum(fs.blocksizes)
+    if fs.filesize is not None and fs.filesize != total:
+        raise UnixFSError(
+            f"{cid} claims filesize {fs.filesize} but its data and blocksizes add up to {total}"
+        )
+    return total

@@ -21,6 +21,7 @@ from benchsync.storage.snapshot import (
     DiskFull,
     IncompleteSnapshot,
     Manifest,
+    TableInfo,
     read_version,
 )
 
@@ -368,7 +369,7 @@ def test_wrong_schema_parquet_inside_well_formed_snapshot(ds: LocalDataset, tmp_
     get = ds.blocks.get
     entries = unixfs.list_directory(get, CID.decode(good.tables_cid))
     with open(bad_pq, "rb") as f:
-        bad_cid, _, bad_tsize = unixfs.add_file(f, put)
+        bad_cid, bad_size, bad_tsize = unixfs.add_file(f, put)
     entries = [
         (n, c, t) if n != "performance_results.parquet" else (n, bad_cid, bad_tsize)
         for n, c, t in entries
@@ -380,7 +381,11 @@ def test_wrong_schema_parquet_inside_well_formed_snapshot(ds: LocalDataset, tmp_
         parent=None,
         created_at=0.0,
         schema_version=good.manifest.schema_version,
-        tables=good.manifest.tables,
+        # The manifest tells the truth about the file; only its schema is wrong.
+        tables={
+            **good.manifest.tables,
+            "performance_results": TableInfo(rows=1, bytes=bad_size, cid=str(bad_cid)),
+        },
     )
     mcid, _, mtsize = unixfs.add_bytes(manifest.to_bytes(), put)
     root, _ = unixfs.add_directory(
