@@ -7,22 +7,32 @@ and a default dialer silently downgrades to plaintext; it offers Mplex; it
 waits a 250 ms happy-eyeballs delay per dial unless the per-peer connection
 limit is 1; and an exception escaping a stream handler tears down the whole
 host. `new_benchsync_host` fixes the first three, `guard_handler` the last.
+
+Listening is ours too (`ExclusiveTCP`): py-libp2p's TCP listener sets
+SO_REUSEPORT (for hole punching, which we do not use), so a second node on a
+used port silently shares it and the kernel splits the connections between
+the two. Our listener binds exclusively, and `check_listening` turns an
+address that could not be bound into an error before the node reports ready
+(py-libp2p itself only logs it).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import multiaddr
 import trio
 from libp2p import new_host
-from libp2p.abc import IHost, INetStream
+from libp2p.abc import IHost, INetStream, IRawConnection
 from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as create_new_x25519_key_pair
-from libp2p.custom_types import TProtocol
+from libp2p.custom_types import THandler, TProtocol
+from libp2p.io.trio import TrioTCPStream
 from libp2p.network.config import ConnectionConfig
 from libp2p.network.stream.exceptions import StreamError
 from libp2p.peer.id import ID
@@ -31,14 +41,20 @@ from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
+from libp2p.transport.exceptions import OpenConnectionError
+from libp2p.transport.tcp.tcp import TCP, TCPListener
 
 from benchsync.protocol.frames import FrameDecoder, TruncatedFrame
+
+if TYPE_CHECKING:
+    from trio_typing import TaskStatus
 
 log = logging.getLogger(__name__)
 
 DEFAULT_LISTEN = ["/ip4/127.0.0.1/tcp/0"]
 DIAL_TIMEOUT = 10.0  # seconds: a LAN peer that has not answered by then is down
 MAX_CONNECTIONS = 1024  # connections: far above a lab's node count
+LISTEN_BACKLOG = 128  # pending TCP connections per listening socket
 READ_CHUNK = 256 * 1024  # bytes asked per stream read (Noise returns at most ~64 KiB anyway)
 
 StreamHandler = Callable[[INetStream], Awaitable[None]]
@@ -46,6 +62,10 @@ StreamHandler = Callable[[INetStream], Awaitable[None]]
 
 class HostConfigError(ValueError):
     """A listen or bootstrap address given by the user is unusable."""
+
+
+class ListenError(HostConfigError):
+    """A listen address could not be bound (in use, not ours, no permission)."""
 
 
 def parse_multiaddr(addr: str, what: str) -> multiaddr.Multiaddr:
@@ -86,6 +106,7 @@ def new_benchsync_host(key_pair: KeyPair, *, mdns: bool = False) -> IHost:
         sec_opt={TProtocol(NOISE_PROTOCOL_ID): noise},
         muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
         enable_mDNS=mdns,
+        transports=[ExclusiveTCP()],
         # One connection per peer makes a dial take ~10 ms instead of waiting
         # the 250 ms happy-eyeballs delay for a second connection.
         connection_config=ConnectionConfig(
@@ -94,6 +115,97 @@ def new_benchsync_host(key_pair: KeyPair, *, mdns: bool = False) -> IHost:
             dial_timeout=DIAL_TIMEOUT,
         ),
     )
+
+
+class _ExclusiveTCPListener(TCPListener):
+    """py-libp2p's TCP listener, binding without SO_REUSEPORT (see the module docstring)."""
+
+    def __init__(self, handler_function: THandler, errors: dict[str, str]) -> None:
+        super().__init__(handler_function)
+        self._errors = errors
+
+    async def listen(self, maddr: multiaddr.Multiaddr) -> None:
+        """Bind `maddr` exclusively and serve it; raises OpenConnectionError (and records
+        why, for `check_listening`) when it cannot be bound."""
+        try:
+            await self._listen(maddr)
+        except OpenConnectionError as e:
+            self._errors[str(maddr)] = str(e)
+            raise
+
+    async def _listen(self, maddr: multiaddr.Multiaddr) -> None:
+        try:
+            port = int(maddr.value_for_protocol("tcp"))
+        except Exception as e:  # ProtocolLookupError, None, a bad number
+            raise OpenConnectionError(f"{maddr} has no TCP port: {e}") from None
+        if "ip6" in {p.name for p in maddr.protocols()}:
+            family, ip = socket.AF_INET6, str(maddr.value_for_protocol("ip6"))
+        else:
+            family, ip = socket.AF_INET, str(maddr.value_for_protocol("ip4"))
+        sock = trio.socket.socket(family, socket.SOCK_STREAM)
+        try:
+            # SO_REUSEADDR only lets a restarted node bind over its old TIME_WAIT
+            # connections; it never shares a port with a live listener (Linux).
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:  # "::" must not also take the IPv4 port
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            await sock.bind((ip, port))
+            sock.listen(LISTEN_BACKLOG)
+        except OSError as e:
+            sock.close()
+            reason = e.strerror or str(e)
+            raise OpenConnectionError(f"cannot listen on {maddr}: {reason}") from None
+        listener = trio.SocketListener(sock)
+
+        async def handle(stream: trio.SocketStream) -> None:
+            with contextlib.suppress(Exception):  # a failed handshake costs its connection
+                await self.handler(TrioTCPStream(stream))
+
+        async def serve(task_status: TaskStatus[Any]) -> None:
+            await trio.serve_listeners(handle, [listener], task_status=task_status)
+
+        async with self._lifecycle_lock:
+            if self._closed:
+                await listener.aclose()
+                raise OpenConnectionError(f"cannot listen on {maddr}: the host is closing")
+            if self._nursery is None:
+                await self._spawn_background_task()
+            if self._nursery is None:
+                await listener.aclose()
+                raise OpenConnectionError(f"cannot listen on {maddr}: listener not running")
+            await self._nursery.start(serve)
+            self.listeners.append(listener)
+
+
+class ExclusiveTCP(TCP):
+    """py-libp2p's TCP transport with `_ExclusiveTCPListener`s; remembers listen failures."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.listen_errors: dict[str, str] = {}  # multiaddr -> why it could not be bound
+
+    def create_listener(self, handler_function: THandler) -> TCPListener:
+        return _ExclusiveTCPListener(handler_function, self.listen_errors)
+
+    async def dial_with_source(
+        self, maddr: multiaddr.Multiaddr, source: tuple[str, int]
+    ) -> IRawConnection:
+        # Hole punching dials from the listen port, which needs SO_REUSEPORT; we have none.
+        return await self.dial(maddr)
+
+
+def check_listening(host: IHost, listen: Sequence[multiaddr.Multiaddr]) -> None:
+    """Raise ListenError unless `host` (running) listens on every address of `listen`."""
+    network = host.get_network()
+    bound = getattr(network, "listeners", {})
+    missing = [str(m) for m in listen if str(m) not in bound]
+    if not missing:
+        return
+    errors: dict[str, str] = {}
+    for transport in network.transport_manager.get_transports():  # type: ignore[attr-defined]
+        errors.update(getattr(transport, "listen_errors", {}))
+    reasons = "; ".join(errors.get(m, f"cannot listen on {m}") for m in missing)
+    raise ListenError(reasons)
 
 
 def remote_peer(stream: INetStream) -> ID:

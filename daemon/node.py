@@ -35,6 +35,7 @@ from benchsync.daemon.control import (
     Text,
 )
 from benchsync.daemon.fetch import FetchLimits
+from benchsync.daemon.host import check_listening
 from benchsync.daemon.identity import load_or_create_identity, peer_id_of
 from benchsync.daemon.metrics import Metrics
 from benchsync.daemon.network import P2PNode
@@ -43,6 +44,7 @@ from benchsync.daemon.sdnotify import Notifier, run_watchdog
 from benchsync.protocol.heads import Head, encode_head
 from benchsync.protocol.planner import PlanError
 from benchsync.storage.dataset import LocalDataset
+from benchsync.storage.db import BenchmarkDB
 from benchsync.storage.errors import InvalidRecord, NotFound, StorageError
 from benchsync.storage.migrate import migrate_files
 from benchsync.storage.sandbox import QueryError
@@ -96,9 +98,20 @@ class Node:
         self.home = Path(config.home)
         self.notifier = notifier or Notifier()
         self.peer_id = peer_id_of(load_or_create_identity(self.home))
+        # The home lock, held until run() ends: one node (or offline writer) per home.
         self.dataset = LocalDataset(
-            self.home, self.peer_id, memory_limit=f"{config.db_memory_limit // 2**20}MiB"
+            self.home,
+            self.peer_id,
+            memory_limit=f"{config.db_memory_limit // 2**20}MiB",
+            exclusive=True,
         )
+        try:
+            self._setup(config)
+        except BaseException:
+            self.dataset.close()
+            raise
+
+    def _setup(self, config: Config) -> None:
         self.metrics = Metrics()
         self.metrics.set_identity(peer_id=self.peer_id, network=config.network, version=VERSION)
         self.p2p = P2PNode(
@@ -141,8 +154,12 @@ class Node:
         self, *, task_status: TaskStatus[ControlEndpoints] = trio.TASK_STATUS_IGNORED
     ) -> None:
         try:
+            # Before anything listens: a damaged database stops the node here, not at
+            # its first request (DuckDB reads most of the file lazily).
+            await trio.to_thread.run_sync(self.dataset.check)
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.p2p.run)
+                check_listening(self.p2p.host, self.p2p.listen)  # py-libp2p only logs failures
                 self.queries.register()
                 head = await trio.to_thread.run_sync(self.dataset.head)
                 if head is not None:
@@ -253,7 +270,8 @@ class Node:
     async def status(self) -> dict[str, Any]:
         """What `benchsync status` shows. P2P state is read here, on the trio thread
         that owns it; only the database count runs in a worker thread."""
-        rows = await trio.to_thread.run_sync(self.dataset.db.table_counts)
+        # `db` waits while a restore swaps the file: resolve it in the thread too.
+        rows = await trio.to_thread.run_sync(lambda: self.dataset.db.table_counts())
         head = self.dataset.snapshots.head()  # two small files
         replicas = self.replicas()
         return {
@@ -349,17 +367,23 @@ class Node:
             raise ApiError(413, "too_many_records",
                            f"{len(records)} records, limit {MAX_RECORDS_PER_REQUEST}",
                            "split the batch")  # fmt: skip
-        db = self.dataset.db
+        def store_one(db: BenchmarkDB) -> int:
+            store = {
+                "perf": db.store_performance_result,
+                "compat": db.store_hardware_compatibility,
+                "test": db.store_integration_test_result,
+            }[kind]
+            return store(records[0])
+
         try:
+            # `writing` (in the thread: it waits while a restore swaps the file) re-runs a
+            # write the swap refused on the restored database; acknowledged means committed.
             if len(records) == 1:
-                store = {
-                    "perf": db.store_performance_result,
-                    "compat": db.store_hardware_compatibility,
-                    "test": db.store_integration_test_result,
-                }[kind]
-                ident = await trio.to_thread.run_sync(lambda: store(records[0]))
+                ident = await trio.to_thread.run_sync(self.dataset.writing, store_one)
                 return 200, {"stored": 1, "id": ident}
-            n = await trio.to_thread.run_sync(db.ingest_records, kind, records)
+            n = await trio.to_thread.run_sync(
+                self.dataset.writing, lambda db: db.ingest_records(kind, records)
+            )
             return 200, {"stored": n}
         except InvalidRecord as e:
             raise ApiError(
@@ -367,7 +391,7 @@ class Node:
             ) from e
         except (TypeError, ValueError) as e:
             raise ApiError(422, "invalid_record", str(e), "nothing was written") from e
-        except (StorageError, duckdb.Error) as e:  # e.g. a full disk: the transaction rolled back
+        except StorageError as e:  # e.g. WriteFailed on a full disk: the transaction rolled back
             raise ApiError(
                 500, "write_failed", f"{type(e).__name__}: {e}",
                 "nothing was written; check free disk space and the node's log, then retry",
@@ -426,10 +450,8 @@ class Node:
         return 200, version.to_json() | {"created": created}
 
     async def _api_history(self, request: Request) -> tuple[int, Any]:
-        limit = request.query.get("limit")
-        versions = await trio.to_thread.run_sync(
-            lambda: self.dataset.history(int(limit) if limit else None)
-        )
+        limit = request.query_int("limit", minimum=1)  # ApiError 400 unless 1..2^63-1
+        versions = await trio.to_thread.run_sync(lambda: self.dataset.history(limit))
         return 200, {"versions": [v.to_json() for v in versions]}
 
     async def _api_restore(self, request: Request) -> tuple[int, Any]:

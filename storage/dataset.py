@@ -10,15 +10,23 @@ open on a data directory. It owns the layout::
     <home>/snapshots/pins.json       roots imported from CARs, kept through GC
     <home>/replicas/<peer>/          installed replicas
     <home>/tmp/                      scratch space for exports and restores
+    <home>/benchsync.lock            held by the one process that writes the home
 
 and the operations that span them: snapshot, restore (atomic file swap),
 CAR export/import, garbage collection and queries in the local and replicas
 scopes.
+
+One process at a time writes a home: opening the database for writing (or
+opening the dataset `exclusive`, as a node does) takes the home lock, and a
+second writer gets `HomeInUse` naming the holder's pid. Reading history and
+blocks, exporting and importing CARs take no lock and work beside a node.
+Whoever takes the lock first removes what a crashed writer left behind.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -28,7 +36,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import duckdb
 import pyarrow as pa
@@ -36,12 +44,14 @@ from multiformats import CID
 
 from benchsync.storage import car, distquery
 from benchsync.storage.blockstore import FsBlockstore
-from benchsync.storage.db import DB_FILENAME, BenchmarkDB
+from benchsync.storage.db import DB_FILENAME, BenchmarkDB, DatabaseClosed
 from benchsync.storage.errors import NotFound, StorageError
+from benchsync.storage.homelock import HomeLock
 from benchsync.storage.replicas import ReplicaStore, check_parquet_schema
 from benchsync.storage.sandbox import QueryRefused
 from benchsync.storage.snapshot import (
     BadSnapshot,
+    DiskFull,
     SnapshotError,
     SnapshotResult,
     SnapshotStore,
@@ -61,6 +71,14 @@ SCOPES = ("local", "replicas")
 # DuckDB's default is 80 % of RAM; a node shares its machine with the benchmarks it records.
 # Capped, the snapshot's sorted export spills to disk instead of growing with the database.
 DEFAULT_DB_MEMORY_LIMIT = "1GiB"
+# Scratch files a writer makes and removes; found while holding the home lock, they are
+# a crashed writer's leftovers (snapshot exports, restore work, staged restore databases).
+LEFTOVER_PATTERNS = (
+    "tmp/snapshot-*", "tmp/restore-*", ".restore-*.duckdb", ".restore-*.duckdb.wal",
+)
+DATA_DIR_MODE = 0o700  # the database, blocks and identity are nobody else's business
+
+T = TypeVar("T")
 
 
 class RestoreError(SnapshotError):
@@ -115,17 +133,28 @@ class LocalDataset:
         *,
         read_only: bool = False,
         memory_limit: str | None = DEFAULT_DB_MEMORY_LIMIT,
+        exclusive: bool = False,
     ) -> None:
+        """Open the data directory `home` (created, mode 0700, if missing).
+
+        `exclusive` takes the home lock now and keeps it until `close()` (a
+        node); otherwise it is taken when the database is first opened for
+        writing. Raises `HomeInUse` when another process holds it.
+        """
         self.home = Path(home)
         self.dataset = dataset
-        self.home.mkdir(parents=True, exist_ok=True)
+        self.home.mkdir(mode=DATA_DIR_MODE, parents=True, exist_ok=True)
         self.tmp = self.home / "tmp"
-        self.tmp.mkdir(exist_ok=True)
+        self.tmp.mkdir(mode=DATA_DIR_MODE, exist_ok=True)
         self.db_path = self.home / DB_FILENAME
         self.read_only = read_only
         self.memory_limit = memory_limit
         self._db: BenchmarkDB | None = None
+        self._closed = False
         self._swap_lock = threading.RLock()  # held while a restore swaps the database file
+        self.lock = HomeLock(self.home)
+        if exclusive:
+            self._take_lock()
         # Listeners of committed writes (rows written). The list is shared with every
         # database object this dataset opens, so they survive a restore's swap.
         self.on_write: list[Callable[[int], None]] = []
@@ -136,20 +165,70 @@ class LocalDataset:
     @property
     def db(self) -> BenchmarkDB:
         """The database, opened on first use: CAR export/import and history never need it,
-        so they work beside a running node that holds the database's write lock."""
+        so they work beside a running node that holds the database's write lock.
+
+        Raises `HomeInUse` (another process writes this home), `DatabaseDamaged`,
+        `DatabaseClosed` after `close()`.
+        """
         with self._swap_lock:  # never (re)open the file halfway through a restore's swap
+            if self._closed:
+                raise DatabaseClosed(f"{self.db_path} is closed")
             if self._db is None:
+                if not self.read_only:
+                    self._take_lock()
                 self._db = BenchmarkDB(
                     self.db_path, read_only=self.read_only, memory_limit=self.memory_limit
                 )
                 self._db.on_write = self.on_write
             return self._db
 
-    def close(self) -> None:
+    def writing(self, fn: Callable[[BenchmarkDB], T]) -> T:
+        """Run the write `fn(db)`; if a restore swaps the file meanwhile, run it on the new one.
+
+        A write refused with DatabaseClosed was never queued, so running it
+        again writes it once. Waits (on `db`) while a restore holds the swap.
+        """
+        while True:
+            db = self.db
+            try:
+                return fn(db)
+            except DatabaseClosed:
+                with self._swap_lock:
+                    if self._closed or self._db is db:
+                        raise  # closed for good, not replaced
+
+    def check(self) -> None:
+        """Open the database and check it is readable; raises DatabaseDamaged if not."""
+        self.db.check()
+
+    def _take_lock(self) -> None:
+        if self.lock.held:
+            return
+        self.lock.acquire()
+        self._remove_leftovers()
+
+    def _remove_leftovers(self) -> None:
+        """Delete what a crashed writer left (we hold the lock: nobody else is writing)."""
+        for pattern in LEFTOVER_PATTERNS:
+            for path in self.home.glob(pattern):
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    with contextlib.suppress(FileNotFoundError):
+                        path.unlink()
+
+    def _close_db(self) -> None:
         with self._swap_lock:
             if self._db is not None:
                 self._db.close()
                 self._db = None
+
+    def close(self) -> None:
+        """Close the database and drop the home lock. Idempotent; later writes are refused."""
+        with self._swap_lock:
+            self._closed = True
+            self._close_db()
+            self.lock.release()
 
     def __enter__(self) -> LocalDataset:
         return self
@@ -159,11 +238,30 @@ class LocalDataset:
 
     # snapshots and history -------------------------------------------------------
     def snapshot(self) -> SnapshotResult:
-        """Take a snapshot (or return the head if nothing changed) and update the sidecar."""
-        with self.db.reader() as conn:
-            result = self.snapshots.snapshot(conn, tmp_dir=self.tmp)
-        if result.created:
-            write_sidecar(self.db_path, result.version)
+        """Take a snapshot (or return the head if nothing changed) and update the sidecar.
+
+        Raises DiskFull (nothing was made current; retry once there is space)
+        or SnapshotError.
+        """
+        return self._snapshot(self.db)
+
+    def _snapshot(self, db: BenchmarkDB) -> SnapshotResult:
+        try:
+            with db.reader() as conn:
+                result = self.snapshots.snapshot(conn, tmp_dir=self.tmp)
+            if result.created:
+                write_sidecar(self.db_path, result.version)
+        except duckdb.Error as e:  # the Parquet export (COPY) writes through DuckDB
+            if _no_space(e):
+                raise DiskFull(
+                    f"disk full while exporting the snapshot ({e}); the database and history "
+                    "are unchanged. Free some space (e.g. `benchsync gc`) and snapshot again"
+                ) from e
+            raise SnapshotError(f"snapshot failed: {type(e).__name__}: {e}") from e
+        except OSError as e:  # the sidecar
+            if _no_space(e):
+                raise DiskFull(f"disk full while writing {sidecar_path(self.db_path)}: {e}") from e
+            raise SnapshotError(f"snapshot failed: {e}") from e
         return result
 
     def head(self) -> Version | None:
@@ -178,7 +276,15 @@ class LocalDataset:
         The restored database is built and verified beside the live one (its
         re-exported `tables/` CID must equal the target's), then swapped in with
         one rename: a crash at any point leaves either the old or the new file.
+
+        Before the swap, writes stop (queued ones commit; later ones wait in
+        `writing` and go to the restored file) and the live state is
+        snapshotted, so every acknowledged write stays in the history. Raises
+        RestoreError, DiskFull (that snapshot could not be taken; nothing
+        changed) or NotFound.
         """
+        # A write: the home lock first (taking it clears leftovers, so not after staging).
+        self._take_lock()
         target = self.snapshots.find(cid)
         missing = missing_blocks(self.blocks, CID.decode(target.cid))
         if missing:
@@ -195,7 +301,13 @@ class LocalDataset:
             # Other threads (the node's writers and queries) wait on `db` until the
             # swap is done, and then open the restored file, never the old one.
             with self._swap_lock:
-                self.close()
+                live = self.db
+                live.stop_writes()
+                try:
+                    # Every write acknowledged so far is committed: keep it in history.
+                    self._snapshot(live)
+                finally:
+                    self._close_db()
                 wal = self.db_path.with_name(self.db_path.name + ".wal")
                 if wal.exists():
                     # The live database did not checkpoint on close; swapping would pair the
@@ -425,3 +537,11 @@ class LocalDataset:
             raise BadSnapshot(f"{root} is our own dataset ({self.dataset}), not a peer's")
         with self.db.reader() as conn:
             return self.replicas.install(version, conn)
+
+
+def _no_space(e: BaseException) -> bool:
+    """Did `e` (an OSError, or DuckDB's text of one) come from a full disk or quota?"""
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    text = str(e)
+    return any(os.strerror(n) in text for n in (errno.ENOSPC, errno.EDQUOT))

@@ -45,6 +45,8 @@ from benchsync.storage.records import (
 from benchsync.storage.schema import PRIMARY_KEYS, TABLES, ensure_schema
 
 DB_FILENAME = "benchsync.duckdb"
+# DuckDB's file layout: three 4 KiB headers, then fixed-size blocks (`pragma_database_size`).
+DUCKDB_HEADER_BYTES = 3 * 4096
 WRITER_JOIN_TIMEOUT = 30.0  # seconds close() waits for queued writes to finish
 _NO_RUN = "no test run has this id; create one with create_test_run() or omit run_id"
 DEFAULT_RUN_NAME = "benchsync record"  # test_runs.test_name of runs created for unattached tests
@@ -65,6 +67,18 @@ class ReadOnlyDatabase(StorageError):
 
 class DatabaseLocked(StorageError):
     """Another process (usually a running node) holds the database file."""
+
+
+class DatabaseDamaged(StorageError):
+    """The database file is not a readable DuckDB database (truncated, overwritten)."""
+
+
+class DatabaseClosed(StorageError):
+    """The database takes no more writes (closed, or closing for a restore); nothing was written."""
+
+
+class WriteFailed(StorageError):
+    """DuckDB failed a write (e.g. a full disk); the transaction was rolled back."""
 
 
 class _WriterState:
@@ -127,7 +141,11 @@ class BenchmarkDB:
                 raise DatabaseLocked(
                     f"{self.path} is in use by another process (is a node running?): {e}"
                 ) from None
+            if "not a valid duckdb database" in str(e).lower() or "read enough" in str(e):
+                raise DatabaseDamaged(f"{self.path} is damaged: {e}") from None
             raise StorageError(f"cannot open {self.path}: {e}") from None
+        except duckdb.Error as e:  # a file DuckDB cannot make sense of
+            raise DatabaseDamaged(f"{self.path} is damaged: {type(e).__name__}: {e}") from None
         self._cursor_lock = threading.Lock()  # making cursors off the root is not thread-safe
         self._readers = 0  # read cursors in use; close() waits for them
         self._readers_done = threading.Condition()
@@ -135,8 +153,17 @@ class BenchmarkDB:
         self._jobs: queue.SimpleQueue[tuple[Callable[..., Any], Future[Any]] | None] = (
             queue.SimpleQueue())
         self._writer: threading.Thread | None = None
+        self._writes_stopped = False
         if not read_only:
-            ensure_schema(self._root)
+            try:
+                ensure_schema(self._root)
+            except duckdb.Error as e:
+                self._root.close()
+                if isinstance(e, duckdb.IOException) and "read enough" not in str(e):
+                    raise StorageError(f"cannot open {self.path}: {e}") from None  # disk, rights
+                raise DatabaseDamaged(
+                    f"{self.path} is damaged: {type(e).__name__}: {e}"
+                ) from None
             self._writer = threading.Thread(
                 target=self._run_writer, name=f"benchsync-writer:{self.path.name}", daemon=True)
             self._writer.start()
@@ -154,12 +181,53 @@ class BenchmarkDB:
             if self._closed:
                 return
             self._closed = True
-        if self._writer is not None:
-            self._jobs.put(None)
-            self._writer.join(WRITER_JOIN_TIMEOUT)
+        self.stop_writes()
         with self._readers_done:
             self._readers_done.wait_for(lambda: self._readers == 0, WRITER_JOIN_TIMEOUT)
         self._root.close()
+
+    def stop_writes(self) -> None:
+        """Take no more writes: queued ones commit, later ones raise DatabaseClosed.
+
+        Reads go on. Idempotent. A restore stops the writes, snapshots what
+        they committed, and only then replaces the file, so no acknowledged
+        write is lost with it.
+        """
+        with self._readers_done:
+            if self._writes_stopped:
+                return
+            self._writes_stopped = True
+            # Under the same lock as `_submit`'s check: no job can be queued behind the stop.
+            if self._writer is not None:
+                self._jobs.put(None)
+        if self._writer is not None:
+            self._writer.join(WRITER_JOIN_TIMEOUT)
+
+    def check(self) -> None:
+        """Read the schema and the file's layout; raises DatabaseDamaged if either is broken.
+
+        Cheap (no table is scanned): it catches a file that was truncated or
+        overwritten, which DuckDB itself only notices when a query reaches
+        the missing blocks.
+        """
+        try:
+            with self.reader() as cur:
+                cur.execute("SELECT table_name, column_name FROM information_schema.columns")
+                cur.fetchall()
+                size = cur.execute(
+                    "SELECT block_size, total_blocks FROM pragma_database_size()"
+                ).fetchone()
+        except duckdb.Error as e:
+            raise DatabaseDamaged(f"{self.path} is damaged: {type(e).__name__}: {e}") from None
+        if size is not None:
+            block_size, total_blocks = int(size[0]), int(size[1])
+            expected = DUCKDB_HEADER_BYTES + block_size * total_blocks
+            got = self.path.stat().st_size
+            if total_blocks and got < expected:
+                raise DatabaseDamaged(
+                    f"{self.path} is damaged: {got} bytes, but its header lists "
+                    f"{total_blocks} blocks ({expected} bytes); it was truncated"
+                )
 
     def __enter__(self) -> BenchmarkDB:
         return self
@@ -200,11 +268,15 @@ class BenchmarkDB:
     def _submit(self, job: Callable[[duckdb.DuckDBPyConnection, _WriterState], tuple[T, int]]) -> T:
         if self.read_only:
             raise ReadOnlyDatabase(f"{self.path} was opened read-only; writes are refused")
-        if self._closed:
-            raise StorageError(f"{self.path} is closed")
         fut: Future[T] = Future()
-        self._jobs.put((job, fut))
-        return fut.result()
+        with self._readers_done:
+            if self._writes_stopped:
+                raise DatabaseClosed(f"{self.path} takes no more writes (closed or being replaced)")
+            self._jobs.put((job, fut))
+        try:
+            return fut.result()
+        except duckdb.Error as e:  # DuckDB failed the transaction (rolled back): disk, I/O
+            raise WriteFailed(f"{type(e).__name__}: {e}") from e
 
     def write(self, fn: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
         """Run `fn(conn)` on the writer thread inside BEGIN/COMMIT and return its result.

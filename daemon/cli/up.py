@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import trio
@@ -77,19 +78,63 @@ def run(args: argparse.Namespace) -> int:
     return trio.run(serve, config)
 
 
+def start_error_hint(e: BaseException, home: Path) -> str | None:
+    """The `Try:` line for an error that stops a node before it is ready, or None when
+    `e` is not one (a bug: let it be a traceback)."""
+    from benchsync.daemon.control import ControlSocketError
+    from benchsync.daemon.host import HostConfigError, ListenError
+    from benchsync.daemon.identity import IdentityError
+    from benchsync.storage.db import DatabaseDamaged
+    from benchsync.storage.errors import StorageError
+    from benchsync.storage.homelock import HomeInUse
+
+    if isinstance(e, HomeInUse):
+        return (f"stop that node first (`benchsync status --home {home}` shows it), or give "
+                "this one its own data directory with --home")  # fmt: skip
+    if isinstance(e, DatabaseDamaged):
+        return ("move the database file aside (history and blocks stay), start the node "
+                "again, then `benchsync restore <cid>` from `benchsync log`")  # fmt: skip
+    if isinstance(e, ListenError):
+        return ("another process listens there: stop it, or choose another --listen "
+                "address (port 0 picks a free one)")  # fmt: skip
+    if isinstance(e, (ControlSocketError, HostConfigError, IdentityError)):
+        return "fix the setting named above (see `benchsync config docs`)"
+    if isinstance(e, (StorageError, OSError)):
+        return f"check that {home} is writable and has free space"
+    return None
+
+
+def _start_error(e: BaseException) -> BaseException:
+    """The one error inside the exception groups trio's nurseries wrap it in."""
+    while isinstance(e, BaseExceptionGroup) and len(e.exceptions) == 1:
+        e = e.exceptions[0]
+    return e
+
+
+def _refuse(e: BaseException, home: Path) -> int | None:
+    """Report a start-up failure as Error/Try; returns the exit status, None if not one."""
+    err = _start_error(e)
+    hint = start_error_hint(err, home)
+    if hint is None:
+        return None
+    logging.getLogger("benchsync.up").error("cannot start: %s", err)
+    print(f"Error: {err}", file=sys.stderr)
+    print(f"Try: {hint}", file=sys.stderr)
+    return 1
+
+
 async def serve(config: config_mod.Config) -> int:
-    from benchsync.daemon.control import ControlEndpoints, ControlSocketError
+    from benchsync.daemon.control import ControlEndpoints
     from benchsync.daemon.node import Node
 
     log = logging.getLogger("benchsync.up")
     try:
         node = await trio.to_thread.run_sync(Node, config)
     except Exception as e:
-        log.error("cannot start: %s", e)
-        print(f"Error: {e}", file=sys.stderr)
-        print("Try: check that no other node uses this data directory (benchsync status)",
-              file=sys.stderr)  # fmt: skip
-        return 1
+        code = _refuse(e, Path(config.home))
+        if code is None:
+            raise
+        return code
     node_scope = trio.CancelScope()
 
     async def run_node(task_status: TaskStatus[ControlEndpoints]) -> None:
@@ -112,11 +157,12 @@ async def serve(config: config_mod.Config) -> int:
             outer.start_soon(watch_signals, signals)
             try:
                 endpoints = await outer.start(run_node)
-            except (ControlSocketError, OSError) as e:
-                log.error("cannot start: %s", e)
-                print(f"Error: {e}", file=sys.stderr)
+            except Exception as e:  # never ready: the node has closed its database and lock
+                code = _refuse(e, Path(config.home))
+                if code is None:
+                    raise
                 outer.cancel_scope.cancel()
-                return 1
+                return code
             # One machine-readable line on stdout, for scripts and the demo.
             print(f"ready peer_id={node.peer_id} control={endpoints.socket_path} "
                   f"addrs={','.join(node.p2p.addrs)}", flush=True)  # fmt: skip

@@ -1,0 +1,165 @@
+"""A node's life on its data directory: one instance per home, a checked database,
+an exclusive listen port, crash leftovers, permissions, restores that lose no
+acknowledged write, and a full disk that pauses snapshots instead of killing the node.
+
+Real `benchsync up` processes on 127.0.0.1 (issue 17, findings 5, 7, 11 and 14).
+Every wait polls a condition under a deadline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from benchsync.daemon.demo import NodeProcess, free_port
+
+pytestmark = pytest.mark.slow
+
+NETWORK = "lifecycle"
+UP_TIMEOUT = 60.0  # seconds for a refused `benchsync up` to exit
+CLI_TIMEOUT = 60.0  # seconds for one CLI command
+PERF = {"model_name": "bert-base-uncased", "hardware_type": "cuda", "device_name": "A100",
+        "batch_size": 8, "throughput": 812.5, "latency_avg": 9.8}  # fmt: skip
+
+
+def _env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("BENCHSYNC_")}
+
+
+def run_cli(*args: str, timeout: float = CLI_TIMEOUT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "benchsync.daemon.cli", *args],
+                          capture_output=True, text=True, timeout=timeout, env=_env())  # fmt: skip
+
+
+def run_up(home: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    """`benchsync up` that is expected to refuse to start: it must exit on its own.
+
+    A node that reports ready instead is stopped at once (its ready line is kept in
+    stdout, which the caller's assertions then reject).
+    """
+    argv = [sys.executable, "-m", "benchsync.daemon.cli", "up", "--home", str(home),
+            "--network", NETWORK, *extra]  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_env())  # fmt: skip
+    assert proc.stdout is not None
+    first = ""
+    readable, _, _ = select.select([proc.stdout], [], [], UP_TIMEOUT)
+    if readable:
+        first = proc.stdout.readline()  # "" once it exits; the ready line if it starts
+    if first.startswith("ready "):
+        proc.send_signal(signal.SIGTERM)
+    try:
+        out, err = proc.communicate(timeout=UP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+    return subprocess.CompletedProcess(argv, proc.returncode, first + out, err)
+
+
+def assert_clear_refusal(r: subprocess.CompletedProcess[str], *needles: str) -> None:
+    assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
+    assert "ready" not in r.stdout, r.stdout
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.splitlines()
+    assert any(line.startswith("Error: ") for line in lines), r.stderr
+    assert any(line.startswith("Try: ") for line in lines), r.stderr
+    for needle in needles:
+        assert needle in r.stderr, (needle, r.stderr)
+
+
+@contextlib.contextmanager
+def running(node: NodeProcess) -> Iterator[NodeProcess]:
+    node.start()
+    try:
+        node.wait_ready()
+        yield node
+    finally:
+        node.stop()
+
+
+def wait_for(what: str, cond: Callable[[], Any], timeout: float = 60.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(0.1)
+
+
+# --- finding 11: a single instance per home ------------------------------------------------
+
+
+class OffSocketNode(NodeProcess):
+    """A node whose control socket is not the home's default one: offline commands
+    on its home do not find it, as with a second `--control-socket` or a custom config."""
+
+    @property
+    def socket_path(self) -> Path:
+        return self.home.parent / f"{self.home.name}-control.sock"
+
+
+def test_second_node_on_a_used_home_is_refused(tmp_path: Path) -> None:
+    home = tmp_path / "a"
+    with running(OffSocketNode(home, free_port(), NETWORK)) as a:
+        assert a.proc is not None
+        # Another control socket and port: nothing but the home is shared.
+        r = run_up(home, "--control-socket", str(tmp_path / "other.sock"),
+                   "--listen", f"/ip4/127.0.0.1/tcp/{free_port()}")  # fmt: skip
+        assert_clear_refusal(r, str(home), "already used by a running node", f"pid {a.proc.pid}")
+        # An offline writer (`record` does not find the node, so it opens the home
+        # itself) is refused the same way, and the node still serves.
+        w = run_cli("snapshot", "--home", str(home))
+        assert_clear_refusal(w, "already used by a running node", f"pid {a.proc.pid}")
+        w = run_cli("record", "perf", "--home", str(home), "--model", "m", "--hardware", "cpu",
+                    "--throughput", "1")  # fmt: skip
+        assert_clear_refusal(w, "in use")  # record opens the file itself: DuckDB's own lock
+        assert a.client.post("/v1/record/perf", PERF)["stored"] == 1
+        assert a.status()["rows"]["performance_results"] == 1
+
+
+def test_truncated_database_is_a_clear_error_before_ready(tmp_path: Path) -> None:
+    home = tmp_path / "a"
+    with running(NodeProcess(home, free_port(), NETWORK)) as a:
+        a.client.post("/v1/record/perf", {"records": [PERF] * 50})
+    db = home / "benchsync.duckdb"
+    size = db.stat().st_size
+    with open(db, "r+b") as f:
+        f.truncate(size // 3)
+    r = run_up(home, "--listen", f"/ip4/127.0.0.1/tcp/{free_port()}")
+    assert_clear_refusal(r, str(db))
+
+
+def test_used_listen_port_is_a_clear_error_before_ready(tmp_path: Path) -> None:
+    port = free_port()
+    # Something else listens with SO_REUSEPORT: we must not share its port.
+    other = socket.socket()
+    other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    other.bind(("127.0.0.1", port))
+    other.listen()
+    try:
+        r = run_up(tmp_path / "a", "--listen", f"/ip4/127.0.0.1/tcp/{port}")
+        assert_clear_refusal(r, str(port))
+    finally:
+        other.close()
+    # And a running node's port cannot be shared by anyone, reuse flag or not.
+    with running(NodeProcess(tmp_path / "b", port, NETWORK)):
+        intruder = socket.socket()
+        intruder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        with pytest.raises(OSError):
+            intruder.bind(("127.0.0.1", port))
+        intruder.close()
+        r = run_up(tmp_path / "c", "--listen", f"/ip4/127.0.0.1/tcp/{port}")
+        assert_clear_refusal(r, str(port))
