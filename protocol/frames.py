@@ -116,7 +116,9 @@ def decode_json(body: bytes) -> dict[str, Any]:
     """
     try:
         obj = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except RecursionError:  # a 64 KiB frame nests far deeper than the parser's stack allows
+        raise RemoteProtocolError("frame is JSON nested too deeply") from None
+    except ValueError as e:  # not UTF-8, not JSON, or an integer of more than 4300 digits
         raise RemoteProtocolError(f"frame is not UTF-8 JSON: {e}") from None
     if not isinstance(obj, dict):
         raise RemoteProtocolError(f"frame is JSON {type(obj).__name__}, expected an object")

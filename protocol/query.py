@@ -27,6 +27,7 @@ MAX_HEADER_BYTES = 256 * 1024  # bytes of JSON header
 MAX_MESSAGE_CHARS = 4096  # characters of an error message
 MAX_TIMEOUT = 300.0  # seconds
 MAX_ROWS = 10_000_000  # rows a requester may ask for
+MIN_INT_PARAM, MAX_INT_PARAM = -(2**63), 2**63 - 1  # an integer parameter binds as a BIGINT
 MAX_RESULT_BYTES = 256 * 1024 * 1024  # bytes of Arrow IPC in one response
 _PREFIX = struct.Struct(">4sI")
 
@@ -54,7 +55,9 @@ def _header(data: bytes, magic: bytes) -> tuple[dict[str, Any], bytes]:
         raise QueryMessageError(f"truncated header: need {end} bytes, got {len(data)}")
     try:
         header = json.loads(data[_PREFIX.size : end].decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
+    except RecursionError:  # 256 KiB of "[" nests deeper than the parser's stack allows
+        raise QueryMessageError("header is JSON nested too deeply") from None
+    except ValueError as e:  # not UTF-8, not JSON, or an integer of more than 4300 digits
         raise QueryMessageError(f"header is not JSON: {e}") from None
     if not isinstance(header, dict):
         raise QueryMessageError("header must be a JSON object")
@@ -79,6 +82,15 @@ def _types(kind: type | tuple[type, ...]) -> tuple[type, ...]:
     return kind if isinstance(kind, tuple) else (kind,)
 
 
+def _utf8_size(text: str, what: str) -> int:
+    """Bytes of `text` in UTF-8; QueryMessageError if it cannot be encoded (JSON's
+    "\\ud800" escapes decode to lone surrogates, which UTF-8 cannot carry)."""
+    try:
+        return len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise QueryMessageError(f"{what} is not valid Unicode text (lone surrogate)") from None
+
+
 @dataclass(frozen=True)
 class QueryRequest:
     """A read-only SQL query with the limits the requester accepts."""
@@ -92,7 +104,7 @@ class QueryRequest:
     def __post_init__(self) -> None:
         if not isinstance(self.sql, str) or not self.sql.strip():
             raise QueryMessageError("sql must be a non-empty string")
-        if len(self.sql.encode("utf-8")) > MAX_SQL_BYTES:
+        if _utf8_size(self.sql, "sql") > MAX_SQL_BYTES:
             raise QueryMessageError(f"sql exceeds {MAX_SQL_BYTES} bytes")
         if not isinstance(self.params, list) or len(self.params) > MAX_PARAMS:
             raise QueryMessageError(f"params must be a list of at most {MAX_PARAMS} values")
@@ -101,7 +113,9 @@ class QueryRequest:
                 raise QueryMessageError(f"parameter of type {type(p).__name__} is not allowed")
             if isinstance(p, float) and not math.isfinite(p):
                 raise QueryMessageError("float parameters must be finite")
-            if isinstance(p, str) and len(p.encode("utf-8")) > MAX_PARAM_STR_BYTES:
+            if type(p) is int and not MIN_INT_PARAM <= p <= MAX_INT_PARAM:
+                raise QueryMessageError("integer parameters must fit in 64 bits (BIGINT)")
+            if isinstance(p, str) and _utf8_size(p, "a string parameter") > MAX_PARAM_STR_BYTES:
                 raise QueryMessageError(f"string parameter exceeds {MAX_PARAM_STR_BYTES} bytes")
         if isinstance(self.timeout_s, bool) or not isinstance(self.timeout_s, int | float):
             raise QueryMessageError("timeout_s must be a number")
@@ -148,6 +162,7 @@ class QueryResponse:
             raise QueryMessageError(f"status must be one of {STATUSES}, got {self.status!r}")
         if not isinstance(self.message, str) or len(self.message) > MAX_MESSAGE_CHARS:
             raise QueryMessageError(f"message must be a string of at most {MAX_MESSAGE_CHARS}")
+        _utf8_size(self.message, "message")  # it is shown to a user
         if not isinstance(self.arrow_ipc, bytes) or len(self.arrow_ipc) > MAX_RESULT_BYTES:
             raise QueryMessageError(f"arrow_ipc must be at most {MAX_RESULT_BYTES} bytes")
         if self.status != "ok" and self.arrow_ipc:
@@ -157,8 +172,10 @@ class QueryResponse:
 
     @classmethod
     def error(cls, status: Status, message: str) -> QueryResponse:
-        """An error response; a long message is cut to MAX_MESSAGE_CHARS."""
-        return cls(status=status, message=message[:MAX_MESSAGE_CHARS])
+        """An error response; a long message is cut to MAX_MESSAGE_CHARS, and what
+        UTF-8 cannot carry (lone surrogates) is replaced."""
+        text = message[:MAX_MESSAGE_CHARS].encode("utf-8", "replace").decode("utf-8")
+        return cls(status=status, message=text)
 
     def to_bytes(self) -> bytes:
         header = {"status": self.status, "message": self.message, "body": len(self.arrow_ipc)}

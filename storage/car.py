@@ -22,7 +22,7 @@ import io
 from collections.abc import Iterable, Iterator
 from typing import Any, BinaryIO
 
-from multiformats import CID, multibase
+from multiformats import CID, multibase, multihash
 
 from benchsync.storage.blockstore import UnsupportedHash, verify_block
 from benchsync.storage.cid import (
@@ -90,6 +90,26 @@ class CarUnknownCodec(CarError):
 
 class CarUnsupportedHash(CarError, UnsupportedHash):
     """A block's CID uses a hash function we cannot verify."""
+
+    def __init__(self, cid: object, code: int) -> None:
+        # Not UnsupportedHash.__init__: it names the code through multiformats, which
+        # raises MultihashValueError (not KeyError) for a code like 0x02 that is a
+        # multicodec but no hash function -- a traceback instead of this error.
+        Exception.__init__(
+            self,
+            f"cannot verify block {cid}: hash function {_hash_name(code)} is not supported "
+            "(only sha2-256 and identity)",
+        )
+        self.cid = cid
+        self.code = code
+
+
+def _hash_name(code: int) -> str:
+    """`0x13 (sha2-512)` for a known multihash code, `0x2` for anything else."""
+    try:
+        return f"0x{code:x} ({multihash.get(code=code).name})"
+    except (KeyError, ValueError):
+        return f"0x{code:x}"
 
 
 class CarBlockMismatch(CarError, CorruptBlock):

@@ -101,8 +101,11 @@ _new_cid = _pick_constructor()
 def make_cid(codec: int, hash_code: int, digest: bytes) -> CID:
     """A CIDv1 (base32) from a multicodec code, a multihash code and the raw digest.
 
-    Raises InvalidCID for codes multiformats does not know. Whether the digest
-    length suits the hash function is the caller's to check.
+    Raises InvalidCID for codes multiformats does not know, and for a hash code
+    that names a multicodec which is not a hash function (0x02 is "cidv2"):
+    multiformats raises KeyError for the first and MultihashValueError (a
+    ValueError) for the second. Whether the digest length suits the hash
+    function is the caller's to check.
     """
     codec_obj = _CODECS.get(codec)
     hash_obj = _HASHES.get(hash_code)
@@ -110,7 +113,7 @@ def make_cid(codec: int, hash_code: int, digest: bytes) -> CID:
         try:
             codec_obj = _CODECS.setdefault(codec, multicodec.get(code=codec))
             hash_obj = _HASHES.setdefault(hash_code, multihash.get(code=hash_code))
-        except KeyError as e:
+        except (KeyError, ValueError) as e:
             raise InvalidCID(f"unknown multicodec or multihash code: {e}") from e
     mh = uvarint(hash_code) + uvarint(len(digest)) + digest
     return _new_cid(codec_obj, hash_obj, mh)
