@@ -163,3 +163,81 @@ def test_used_listen_port_is_a_clear_error_before_ready(tmp_path: Path) -> None:
         intruder.close()
         r = run_up(tmp_path / "c", "--listen", f"/ip4/127.0.0.1/tcp/{port}")
         assert_clear_refusal(r, str(port))
+
+
+# --- finding 7: no acknowledged write is lost around a restore ------------------------------
+
+WRITERS = 3
+RESTORES = 3
+
+
+def _history_test_cases(home: Path, dataset: str, work: Path) -> set[str]:
+    """Every performance_results.test_case of every version in the home's history."""
+    import pyarrow.parquet as pq
+
+    from benchsync.storage.dataset import LocalDataset
+    from benchsync.storage.snapshot import materialize_tables
+
+    seen: set[str] = set()
+    with LocalDataset(home, dataset, read_only=True) as ds:
+        for i, version in enumerate(ds.history()):
+            files = materialize_tables(ds.blocks, version, work / f"v{i}")
+            if "performance_results" in files:
+                column = pq.read_table(files["performance_results"], columns=["test_case"])
+                seen.update(column.column("test_case").to_pylist())
+    return seen
+
+
+def test_no_acknowledged_write_is_lost_around_restores(tmp_path: Path) -> None:
+    import threading
+
+    from benchsync.daemon.control import ControlAPIError
+
+    home = tmp_path / "a"
+    with running(NodeProcess(home, free_port(), NETWORK,
+                             extra_args=["--snapshot-after-writes", "0"])) as node:  # fmt: skip
+        node.client.post("/v1/record/perf", {"records": [PERF | {"test_case": "base"}] * 5})
+        base = node.client.post("/v1/snapshot", {})
+        acknowledged: list[str] = []
+        refused: list[str] = []
+        stop = threading.Event()
+        lock = threading.Lock()
+
+        def writer(w: int) -> None:
+            client = node.client  # one connection per thread
+            i = 0
+            while not stop.is_set():
+                name = f"w{w}-{i}"
+                i += 1
+                try:
+                    client.post("/v1/record/perf", PERF | {"test_case": name})
+                except ControlAPIError as e:  # refused is allowed; acknowledged-then-lost is not
+                    with lock:
+                        refused.append(f"{name}: {e.message}")
+                    continue
+                with lock:
+                    acknowledged.append(name)
+
+        threads = [threading.Thread(target=writer, args=(w,)) for w in range(WRITERS)]
+        for t in threads:
+            t.start()
+        try:
+            for _ in range(RESTORES):
+                before = len(acknowledged)
+                wait_for("writes before a restore",
+                         lambda before=before: len(acknowledged) >= before + 20)  # fmt: skip
+                node.client.post("/v1/restore", {"cid": base["cid"]})
+            after = len(acknowledged)
+            wait_for("writes after the last restore", lambda: len(acknowledged) >= after + 20)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(60)
+        node.client.post("/v1/snapshot", {})  # the writes after the last restore
+        history = node.client.get("/v1/history")["versions"]
+    assert not refused, refused[:5]  # writes wait for the swap; none is turned away
+    assert len(acknowledged) > RESTORES * 20
+    in_history = _history_test_cases(home, node.peer_id, tmp_path / "versions")
+    lost = [name for name in acknowledged if name not in in_history]
+    assert not lost, f"{len(lost)} of {len(acknowledged)} acknowledged writes lost: {lost[:10]}"
+    assert len(history) >= 2 * RESTORES + 1  # a snapshot of the live state before each restore
