@@ -222,13 +222,14 @@ def test_no_acknowledged_write_is_lost_around_restores(tmp_path: Path) -> None:
         for t in threads:
             t.start()
         try:
+            def more_writes(n: int = 20) -> None:
+                target = len(acknowledged) + n
+                wait_for(f"{n} more acknowledged writes", lambda: len(acknowledged) >= target)
+
             for _ in range(RESTORES):
-                before = len(acknowledged)
-                wait_for("writes before a restore",
-                         lambda before=before: len(acknowledged) >= before + 20)  # fmt: skip
+                more_writes()  # fresh, unsnapshotted writes when the restore starts
                 node.client.post("/v1/restore", {"cid": base["cid"]})
-            after = len(acknowledged)
-            wait_for("writes after the last restore", lambda: len(acknowledged) >= after + 20)
+            more_writes()
         finally:
             stop.set()
             for t in threads:
