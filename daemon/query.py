@@ -4,13 +4,18 @@ This module owns the network side of cross-node SQL (the planning and merging
 live in `benchsync.storage.distquery`, the wire messages in
 `benchsync.protocol.query`):
 
-- `LocalQueryService` runs SQL on the node's OWN dataset in `QuerySandbox`es
-  (never on replicas: a replicated row would be counted twice). It re-reads
-  the node's tables lazily, only when `BenchmarkDB.on_write` reported a change
-  since the last load, and runs every DuckDB call in a worker thread.
-- `QueryServer` answers query streams: network name, limits, a per-peer and a
-  global concurrency limit, typed errors. The access policy (trusted peers,
-  bans) is applied by `P2PNode.add_stream_handler` before it runs.
+- `LocalQueryService` runs SQL on the node's data in the `local` and
+  `replicas` scopes, for the node itself or for a peer, in sandbox worker
+  processes (`benchsync.daemon.query_pool`: OS memory limit, deadline,
+  killed when the caller goes away, per-peer fairness). A peer's query and
+  the local part of a network query see the node's OWN dataset only (never
+  replicas: a replicated row would be counted twice). It re-reads the node's
+  tables lazily, only when `BenchmarkDB.on_write` reported a change since the
+  last load. Every path that runs user SQL passes `distquery.check` (the
+  sandbox's one read-only gate) and runs in the one sandbox.
+- `QueryServer` answers query streams: network name, limits, a per-peer
+  stream limit, typed errors. The access policy (trusted peers, bans) is
+  applied by `P2PNode.add_stream_handler` before it runs.
 - `QueryService` wires both into a `P2PNode` (`register()`) and is the
   coordinator: `execute_distributed_query` plans the query, asks every peer of
   the network concurrently under one deadline, runs the local part itself,
@@ -33,7 +38,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeAlias
 
@@ -45,6 +50,7 @@ from multiformats import varint
 from benchsync.daemon.answers import table_json
 from benchsync.daemon.host import StreamReader, remote_peer
 from benchsync.daemon.network import P2PNode
+from benchsync.daemon.query_pool import SandboxPool
 from benchsync.protocol.frames import (
     LocalProtocolError,
     ProtocolError,
@@ -55,6 +61,7 @@ from benchsync.protocol.frames import (
     decode_json,
     encode_json_frame,
 )
+from benchsync.protocol.planner import PARTIALS_TABLE
 from benchsync.protocol.query import (
     MAX_HEADER_BYTES,
     MAX_RESULT_BYTES,
@@ -65,18 +72,21 @@ from benchsync.protocol.query import (
 )
 from benchsync.storage import distquery as dq
 from benchsync.storage.db import BenchmarkDB
+from benchsync.storage.replicas import ReplicaStore
 from benchsync.storage.sandbox import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_ROWS,
     DEFAULT_MEMORY_LIMIT,
+    DEFAULT_THREADS,
     InvalidSQL,
     QueryError,
     QueryRefused,
-    QuerySandbox,
     QueryTimeout,
     ResultTooLarge,
 )
 from benchsync.storage.schema import TABLES
+from benchsync.storage.scopes import ReplicaTables, ScopeInput
+from benchsync.storage.sqlnames import ident
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +99,11 @@ WRITE_TIMEOUT = 30.0  # seconds to write one answer (64 MiB at ~100 MiB/s takes 
 WRITE_CHUNK = 1024 * 1024  # bytes per stream write of a large answer
 DEFAULT_QUERY_TIMEOUT = 10.0  # seconds: a distributed query's default deadline
 MAX_SERVED_TIMEOUT = 60.0  # seconds: the longest time limit this node grants a peer
-MAX_CONCURRENT_QUERIES = 2  # sandboxes (worker threads) running queries at once
+MAX_CONCURRENT_QUERIES = 2  # peers' queries running at once (one sandbox worker each)
 MAX_QUERIES_PER_PEER = 2  # query streams one peer may have open to us at once
+MAX_RUNNING_PER_PEER = 1  # of one peer's queries, running at once (the others wait their turn)
+MAX_LOCAL_QUERIES = 2  # the node's own queries running at once, in slots no peer can take
+PRESTARTED_WORKERS = 2  # sandbox worker processes started with the query service
 # Part of the remaining time kept back when asking a peer, so that its own
 # "timeout" answer reaches us before our deadline does.
 DEADLINE_MARGIN = 0.5  # seconds, at most
@@ -142,44 +155,54 @@ class ServerLimits:
     max_timeout_s: float = MAX_SERVED_TIMEOUT  # seconds
     max_rows: int = DEFAULT_MAX_ROWS  # rows in one answer
     max_bytes: int = DEFAULT_MAX_BYTES  # bytes of Arrow data in one answer
-    memory_limit: str = DEFAULT_MEMORY_LIMIT  # DuckDB size string, per sandbox
-    max_concurrent: int = MAX_CONCURRENT_QUERIES  # queries running at once
+    memory_limit: str | int = DEFAULT_MEMORY_LIMIT  # DuckDB size string or bytes, per sandbox
+    max_concurrent: int = MAX_CONCURRENT_QUERIES  # peers' queries running at once
     max_per_peer: int = MAX_QUERIES_PER_PEER  # streams one peer may have open
+    max_running_per_peer: int = MAX_RUNNING_PER_PEER  # of those, queries running at once
+    local_slots: int = MAX_LOCAL_QUERIES  # the node's own queries running at once
+    threads: int = DEFAULT_THREADS  # DuckDB threads per sandbox
 
 
 DatabaseSource: TypeAlias = BenchmarkDB | Callable[[], BenchmarkDB]
-
-
-@dataclass
-class _Slot:
-    sandbox: QuerySandbox
-    generation: int = -1  # the data generation loaded into it; -1: nothing yet
+Scope = Literal["local", "replicas"]
 
 
 class LocalQueryService:
-    """Runs read-only SQL on the node's own tables, in sandboxes, off the trio thread.
+    """Runs read-only SQL on the node's data in sandbox worker processes (`SandboxPool`).
 
     `db` is the node's BenchmarkDB, or a callable returning the current one
-    (a restore may replace the database object). The node's tables are read
-    (as Arrow, shared zero-copy by every sandbox) only when the database
-    changed since the last read: its `on_write` bumps a generation counter,
-    and a different database object counts as a change. Call `invalidate()`
-    after changing the data by other means; `close()` when done.
+    (a restore may replace the database object); `replicas` (optional) is
+    the node's replica store and `dataset` its own dataset ID, for the
+    `replicas` scope. The node's tables are read (as Arrow, in a thread) only
+    when the database changed since the last read: its `on_write` bumps a
+    generation counter, and a different database object counts as a change.
+    A worker that already holds the current generation is not sent it again.
+    Call `invalidate()` after changing the data by other means; `close()` when done.
     """
 
-    def __init__(self, db: DatabaseSource, *, limits: ServerLimits | None = None) -> None:
+    def __init__(
+        self,
+        db: DatabaseSource,
+        *,
+        limits: ServerLimits | None = None,
+        replicas: ReplicaStore | None = None,
+        dataset: str | None = None,
+    ) -> None:
         self._source = db
         self.limits = limits or ServerLimits()
-        self._lock = threading.Lock()  # guards the counters and the pool (worker threads)
+        self.replicas = replicas
+        self.dataset = dataset
+        self._lock = threading.Lock()  # guards the counters (on_write runs in writer threads)
         self._load_lock = threading.Lock()  # one thread re-reads the tables at a time
         self._generation = 0
         self._watched: BenchmarkDB | None = None  # the database whose on_write we listen to
         self._tables: tuple[int, dict[str, pa.Table]] | None = None
-        self._free: list[_Slot] = []
-        self._slots: list[_Slot] = []
-        self._closed = False
         self.loads = 0  # times the tables were read from the database (tests, metrics)
-        self.limiter = trio.CapacityLimiter(self.limits.max_concurrent)
+        self.pool = SandboxPool(
+            memory_limit=self.limits.memory_limit, threads=self.limits.threads,
+            local_slots=self.limits.local_slots, peer_slots=self.limits.max_concurrent,
+            per_peer=self.limits.max_running_per_peer,
+        )  # fmt: skip
         if isinstance(db, BenchmarkDB):
             self._database()  # listen from now on
 
@@ -217,12 +240,10 @@ class LocalQueryService:
     def close(self) -> None:
         with self._lock:
             self._unwatch()
-            self._closed = True
-            slots, self._slots, self._free = self._slots, [], []
-        for slot in slots:
-            slot.sandbox.close()
+        self.pool.close()
 
     def _current_tables(self) -> tuple[int, dict[str, pa.Table]]:
+        """The own tables and their generation (blocking: for worker threads)."""
         with self._load_lock:
             db = self._database()
             with self._lock:
@@ -230,78 +251,36 @@ class LocalQueryService:
             if self._tables is None or self._tables[0] != generation:
                 # Read the generation first: a write landing during the read bumps
                 # it again, so the next query reloads instead of missing it.
-                tables = {t: db.query(f"SELECT * FROM {t}") for t in TABLES}
+                tables = {t: db.query(f"SELECT * FROM {ident(t)}") for t in TABLES}
                 self._tables = (generation, tables)
                 self.loads += 1
             return self._tables
 
-    def _take(self) -> _Slot:
-        with self._lock:
-            if self._closed:
-                raise QueryError("the query service is closed")
-            if self._free:
-                return self._free.pop()
-        slot = _Slot(QuerySandbox(memory_limit=self.limits.memory_limit))
-        with self._lock:
-            self._slots.append(slot)
-        return slot
+    def _scope(self, scope: Scope) -> tuple[str, Callable[[], Awaitable[ScopeInput]]]:
+        """The key naming the scope's current data, and how to produce that data.
 
-    def _discard(self, slot: _Slot) -> None:
-        with self._lock:
-            if slot in self._slots:
-                self._slots.remove(slot)
-        slot.sandbox.close()
-
-    def _give(self, slot: _Slot) -> None:
-        with self._lock:
-            if not self._closed:
-                self._free.append(slot)
-                return
-        slot.sandbox.close()
-
-    def run_sync(
-        self,
-        sql: str,
-        params: Sequence[Any] | Mapping[str, Any] | None = None,
-        *,
-        deadline: float,
-        timeout_s: float,
-        max_rows: int,
-        max_bytes: int,
-    ) -> pa.Table:
-        """Blocking: run `sql` on the own dataset before `deadline` (time.monotonic()).
-
-        `timeout_s` is the whole time limit the deadline came from (for messages).
-
-        For worker threads only. Raises the sandbox's QueryError subclasses.
+        Blocking (the database and replica pointers are looked at): for worker threads.
         """
-        slot = self._take()
-        healthy = False
-        try:
-            generation, tables = self._current_tables()
-            if slot.generation != generation:
-                slot.sandbox.load(tables)
-                slot.generation = generation
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                healthy = True
-                raise QueryTimeout(timeout_s)
-            try:
-                answer = slot.sandbox.execute(
-                    sql, params, timeout_s=remaining, max_rows=max_rows, max_bytes=max_bytes
-                )
-            except (InvalidSQL, QueryRefused):
-                healthy = True  # refused before running: the sandbox is untouched
-                raise
-            healthy = True
-            return answer
-        finally:
-            if healthy:
-                self._give(slot)
-            else:
-                # A query stopped mid-way (limit, interrupt, DuckDB error) can leave
-                # its connection with an undrained result: start afresh instead.
-                self._discard(slot)
+        self._database()  # a replaced database object is a new generation
+        with self._lock:
+            generation = self._generation
+        if scope == "local":
+            key = f"local:{generation}"
+            replicas: list[ReplicaTables] = []
+        else:
+            if self.replicas is None or self.dataset is None:
+                raise QueryRefused("this node keeps no replicas; use the local scope")
+            replicas = [ReplicaTables(r.dataset, r.tables) for r in self.replicas.all()]
+            key = f"replicas:{generation}:" + ",".join(
+                f"{r.dataset}={sorted(map(str, r.tables.values()))}" for r in replicas)  # fmt: skip
+
+        async def produce() -> ScopeInput:
+            _, own = await trio.to_thread.run_sync(self._current_tables)
+            if scope == "local":
+                return ScopeInput(own)
+            return ScopeInput(own, origin=self.dataset, replicas=replicas)
+
+        return key, produce
 
     async def execute(
         self,
@@ -311,31 +290,38 @@ class LocalQueryService:
         timeout_s: float,
         max_rows: int = DEFAULT_MAX_ROWS,
         max_bytes: int = DEFAULT_MAX_BYTES,
+        scope: Scope = "local",
+        requester: str | None = None,
     ) -> pa.Table:
-        """Run `sql` on the own dataset in a worker thread; returns the answer.
+        """Run `sql` over `scope` in a sandbox worker for `requester`; returns the answer.
 
-        The limits are clamped to this node's `ServerLimits`; the time limit
-        covers waiting for a free sandbox, reloading and running. Raises
-        QueryRefused, InvalidSQL, QueryTimeout, ResultTooLarge or QueryError.
+        `requester` is the asking peer's ID, or None for the node itself (its
+        own slots: peers never starve it). The limits are clamped to this
+        node's `ServerLimits`; the time limit covers waiting for a slot,
+        reloading and running. Raises QueryRefused, InvalidSQL, QueryTimeout,
+        ResultTooLarge or QueryError; when cancelled, the worker is killed.
         """
         timeout_s = min(timeout_s, self.limits.max_timeout_s)
         max_rows = min(max_rows, self.limits.max_rows)
         max_bytes = min(max_bytes, self.limits.max_bytes)
-        deadline = time.monotonic() + timeout_s
-        with trio.move_on_after(timeout_s) as waiting:
-            await self.limiter.acquire()
-        if waiting.cancelled_caught:
-            raise QueryTimeout(timeout_s)
-        try:
-            # Not cancellable: the sandbox's own timer interrupts DuckDB at the deadline.
-            return await trio.to_thread.run_sync(
-                lambda: self.run_sync(
-                    sql, params, deadline=deadline, timeout_s=timeout_s,
-                    max_rows=max_rows, max_bytes=max_bytes,
-                )
-            )
-        finally:
-            self.limiter.release()
+        deadline = trio.current_time() + timeout_s
+        await trio.to_thread.run_sync(dq.check, sql)  # refuse before taking a worker
+        key, produce = await trio.to_thread.run_sync(self._scope, scope)
+        return await self.pool.run(requester, sql, params, scope_key=key, scope=produce,
+                                   deadline=deadline, timeout_s=timeout_s,
+                                   max_rows=max_rows, max_bytes=max_bytes)  # fmt: skip
+
+    async def merge(self, plan: dq.QueryPlan, partials: Sequence[pa.Table], *,
+                    timeout_s: float, max_rows: int, max_bytes: int) -> pa.Table:  # fmt: skip
+        """Merge the nodes' partial answers in a sandbox worker (the merge SQL holds
+        the caller's expressions); returns the final answer. Raises PlanError,
+        QueryError subclasses."""
+        assert plan.merge_sql is not None
+        union = await trio.to_thread.run_sync(dq.merge_input, plan, partials)
+        scope = ScopeInput({PARTIALS_TABLE: union})
+        return await self.pool.run(None, plan.merge_sql, None, scope_key=None, scope=scope,
+                                   deadline=trio.current_time() + timeout_s, timeout_s=timeout_s,
+                                   max_rows=max_rows, max_bytes=max_bytes)  # fmt: skip
 
 
 # --- the wire ----------------------------------------------------------------------------------
@@ -425,13 +411,13 @@ class QueryServer:
             return
         self.active[peer] = self.active.get(peer, 0) + 1
         try:
-            await self._serve(stream)
+            await self._serve(stream, peer)
         finally:
             self.active[peer] -= 1
             if not self.active[peer]:
                 del self.active[peer]
 
-    async def _serve(self, stream: INetStream) -> None:
+    async def _serve(self, stream: INetStream, peer: str) -> None:
         reader = StreamReader(stream, max_frame=MAX_HELLO_FRAME)
         with trio.fail_after(REQUEST_TIMEOUT):
             hello_body = await reader.frame(max_frame=MAX_HELLO_FRAME)
@@ -449,16 +435,16 @@ class QueryServer:
             response = QueryResponse.error("refused", f"malformed query request: {e}")
             await self._reply(stream, response, MAX_RESPONSE_OVERHEAD)
             return
-        response = await self.answer(request)
+        response = await self.answer(request, peer)
         await self._reply(stream, response, response_frame_limit(request.max_bytes))
 
-    async def answer(self, request: QueryRequest) -> QueryResponse:
-        """The response to `request` from the own dataset (never raises for bad SQL)."""
+    async def answer(self, request: QueryRequest, peer: str) -> QueryResponse:
+        """The response to `peer`'s `request` from the own dataset (never raises for bad SQL)."""
         max_bytes = min(request.max_bytes, self.limits.max_bytes)
         try:
             table = await self.local.execute(
                 request.sql, request.params or None, timeout_s=request.timeout_s,
-                max_rows=request.max_rows, max_bytes=max_bytes,
+                max_rows=request.max_rows, max_bytes=max_bytes, requester=peer,
             )  # fmt: skip
             ipc = await trio.to_thread.run_sync(dq.to_ipc, table)
         except QueryError as e:
@@ -545,10 +531,13 @@ class QueryService:
         timeout_s: float = DEFAULT_QUERY_TIMEOUT,
         max_rows: int = DEFAULT_MAX_ROWS,
         max_bytes: int = DEFAULT_MAX_BYTES,
-        memory_limit: str = DEFAULT_MEMORY_LIMIT,
+        memory_limit: str | int = DEFAULT_MEMORY_LIMIT,
         limits: ServerLimits | None = None,
+        replicas: ReplicaStore | None = None,
+        dataset: str | None = None,
     ) -> None:
-        """`db` is the node's BenchmarkDB or a callable returning the current one.
+        """`db` is the node's BenchmarkDB or a callable returning the current one;
+        `replicas` and `dataset` (the own dataset ID) serve the `replicas` scope.
 
         `timeout_s`, `max_rows` and `max_bytes` are the defaults of `execute`
         and (with `memory_limit`) what this node grants to peers' queries,
@@ -563,7 +552,7 @@ class QueryService:
             max_timeout_s=max(timeout_s, MAX_SERVED_TIMEOUT), max_rows=max_rows,
             max_bytes=max_bytes, memory_limit=memory_limit,
         )  # fmt: skip
-        self.local = LocalQueryService(db, limits=limits)
+        self.local = LocalQueryService(db, limits=limits, replicas=replicas, dataset=dataset)
         self.server = QueryServer(self.local, network=self.network)
 
     def database_replaced(self) -> None:
@@ -573,9 +562,29 @@ class QueryService:
     def register(self) -> None:
         """Serve `/benchsync/query/1.0.0` on the node (behind its access policy)."""
         self.p2p.add_stream_handler(QUERY_PROTOCOL_ID, self.server.handle)
+        self.local.pool.prestart(PRESTARTED_WORKERS)
 
     def close(self) -> None:
         self.local.close()
+
+    async def query(
+        self,
+        sql: str,
+        params: Sequence[Any] | Mapping[str, Any] | None = None,
+        *,
+        scope: Scope = "local",
+        timeout_s: float | None = None,
+    ) -> pa.Table:
+        """The node's own query in the `local` or `replicas` scope (no network).
+
+        Same gate, sandbox and limits as a peer's query, in the node's own
+        slots; cancelling it (the client went away, shutdown) kills its worker.
+        Raises QueryRefused, InvalidSQL, QueryTimeout, ResultTooLarge, QueryError.
+        """
+        return await self.local.execute(
+            sql, params, scope=scope, timeout_s=self.timeout_s if timeout_s is None else timeout_s,
+            max_rows=self.max_rows, max_bytes=self.max_bytes,
+        )  # fmt: skip
 
     def default_peers(self) -> list[str]:
         """Every peer of the network we would ask: connected peers plus peers
@@ -674,9 +683,8 @@ class QueryService:
                                                  for p in ordered), ordered)  # fmt: skip
         # Local first, then by peer ID: the merge input order is deterministic.
         inputs = [partials[p.peer_id] for p in ordered if p.peer_id in partials]
-        merge_limits = dq.QueryLimits(timeout_s=max(1.0, deadline - trio.current_time()),
-                                      max_rows=max_rows, max_bytes=max_bytes)  # fmt: skip
-        table = await trio.to_thread.run_sync(dq.merge, plan, inputs, merge_limits)
+        table = await self.local.merge(plan, inputs, max_rows=max_rows, max_bytes=max_bytes,
+                                       timeout_s=max(1.0, deadline - trio.current_time()))
         return DistributedResult(table, ordered, plan.strategy, plan.reason,
                                  elapsed_s=time.monotonic() - started)  # fmt: skip
 

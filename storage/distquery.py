@@ -23,7 +23,6 @@ from typing import Any
 
 import duckdb
 import pyarrow as pa
-import pyarrow.ipc  # noqa: F401  (registers pa.ipc)
 
 from benchsync.protocol.planner import (
     DEFAULT_AGGREGATES,
@@ -38,8 +37,13 @@ from benchsync.storage.sandbox import (
     DEFAULT_MAX_ROWS,
     DEFAULT_TIMEOUT,
     QuerySandbox,
+    gate,
     parse_select,
 )
+from benchsync.storage.sandbox_worker import from_ipc, to_ipc
+
+__all__ = ["QueryLimits", "check", "execute_over_nodes", "from_ipc", "merge", "merge_input",
+           "parse", "plan", "render", "run_node_part", "to_ipc"]  # fmt: skip
 
 MERGE_MEMORY_LIMIT = "1GB"  # DuckDB size string for the coordinator's merge sandbox
 
@@ -75,6 +79,16 @@ def parse(sql: str) -> dict[str, Any]:
     """
     with _parser_lock:
         return parse_select(_parse_conn(), sql)
+
+
+def check(sql: str) -> dict[str, Any]:
+    """The sandbox's read-only gate (`sandbox.gate`), run on the parser connection.
+
+    Returns the AST; raises InvalidSQL or QueryRefused. Cheap: callers use it
+    to refuse a query before handing it to a sandbox (which checks again).
+    """
+    with _parser_lock:
+        return gate(_parse_conn(), sql)
 
 
 def render(ast: Mapping[str, Any]) -> str:
@@ -153,14 +167,18 @@ def merge(plan: QueryPlan, partials: Sequence[pa.Table],
     """
     limits = limits or QueryLimits()
     assert plan.merge_sql is not None, "plan() renders merge_sql; use it, not plan_query()"
-    union = _union(plan, partials)
+    union = merge_input(plan, partials)
     with QuerySandbox(memory_limit=MERGE_MEMORY_LIMIT) as sandbox:
         sandbox.load({PARTIALS_TABLE: union})
         return sandbox.execute(plan.merge_sql, timeout_s=limits.timeout_s,
                                max_rows=limits.max_rows, max_bytes=limits.max_bytes)  # fmt: skip
 
 
-def _union(plan: QueryPlan, partials: Sequence[pa.Table]) -> pa.Table:
+def merge_input(plan: QueryPlan, partials: Sequence[pa.Table]) -> pa.Table:
+    """The one table (`partials`) the merge runs over: the union of the nodes' answers.
+
+    Raises PlanError when a partial does not have the planned columns.
+    """
     if not partials:
         raise PlanError("no partial answers to merge; at least one node must answer")
     for i, t in enumerate(partials):
@@ -191,16 +209,3 @@ def execute_over_nodes(
             sandbox.load(tables)
             partials.append(run_node_part(sandbox, p, limits))
     return merge(p, partials, limits)
-
-
-def to_ipc(table: pa.Table) -> bytes:
-    """Serialize an answer as an Arrow IPC stream (the body of an "ok" QueryResponse)."""
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
-    return bytes(sink.getvalue().to_pybytes())
-
-
-def from_ipc(data: bytes) -> pa.Table:
-    """Read an Arrow IPC stream; raises pyarrow.ArrowInvalid on malformed bytes."""
-    return pa.ipc.open_stream(pa.py_buffer(data)).read_all()

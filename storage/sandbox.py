@@ -9,13 +9,25 @@ Parquet export. The caller hands the node's tables in as Arrow data
 and still scans with external access disabled.
 
 The instance is locked down at creation: no file system access
-(`enable_external_access=false`), no extension autoload/autoinstall, a memory
-limit and a thread count, then `lock_configuration=true` so no query can
-change any of it. Each query is parsed first (DuckDB's own parser,
-`json_serialize_sql`, serializes only SELECT statements): anything that is
-not exactly one SELECT/WITH query is refused before it runs. A timer
+(`enable_external_access=false`, and the local file system disabled outright),
+no extension autoload/autoinstall, no spilling (`temp_directory=''`: nothing
+is ever written or read under the working directory's `.tmp/`), a private
+empty directory for DuckDB's home, secret and extension directories (so
+nothing about the node's machine shows), a memory limit and a thread count,
+then `lock_configuration=true` so no query can change any of it.
+
+`gate()` is the one read-only gate every path that runs user SQL goes
+through (local, replicas and network scopes, the merge): DuckDB's own parser
+(`json_serialize_sql` serializes only SELECT statements), exactly one
+statement, and no system functions (`duckdb_settings()`, `current_setting`,
+`pragma_*`, ...) that would describe the node rather than its data. A timer
 interrupts a query that exceeds its time limit, and the answer is streamed in
 batches so that a row or byte limit stops it early.
+
+DuckDB's `memory_limit` is its own accounting, and some operators (a huge
+`range()` list, `repeat()`) allocate around it. The OS bound that holds
+whatever DuckDB does is `RLIMIT_AS` on a worker process
+(`benchsync.storage.sandbox_worker`), which the daemon starts and sizes.
 
 Thread safety: one sandbox runs one query at a time (an internal lock
 serializes `execute` and `load`); use one sandbox per worker thread for
@@ -25,6 +37,7 @@ parallelism.
 from __future__ import annotations
 
 import json
+import tempfile
 import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -41,6 +54,17 @@ DEFAULT_MAX_ROWS = 1_000_000  # rows in one answer
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024  # bytes of Arrow data in one answer
 BATCH_ROWS = 64 * 1024  # rows fetched per Arrow batch while checking the limits
 MAX_SQL_CHARS = 64 * 1024  # characters of SQL text accepted
+# Functions that describe the node (settings, paths, secrets, extensions, catalog
+# internals) rather than the tables handed in; refused by the gate.
+SYSTEM_FUNCTION_PREFIXES = ("duckdb_", "pragma_", "pg_")  # pg_catalog.pg_settings, ...
+SYSTEM_FUNCTIONS = frozenset({"current_setting", "which_secret", "getvariable", "getenv"})
+
+# One wording per error, whatever path ran the query.
+FORBIDDEN_ACCESS = (
+    "the query sandbox has no file, network, extension or settings access; "
+    "query the benchmark tables only"
+)
+READ_ONLY = "only read-only SELECT/WITH queries are served; the statement was refused"
 
 ErrorKind = str  # one of protocol.query.ERROR_KINDS
 
@@ -97,6 +121,8 @@ class QuerySandbox:
     def __init__(self, *, memory_limit: str = DEFAULT_MEMORY_LIMIT,
                  threads: int = DEFAULT_THREADS) -> None:  # fmt: skip
         self._lock = threading.Lock()
+        # Empty and private: DuckDB's settings name these paths, so they must say nothing.
+        self._private = tempfile.TemporaryDirectory(prefix="benchsync-sandbox-")
         self._conn = duckdb.connect(
             ":memory:",
             config={
@@ -106,15 +132,22 @@ class QuerySandbox:
                 "allow_community_extensions": False,
                 "memory_limit": memory_limit,
                 "threads": threads,
-                "lock_configuration": True,
+                "temp_directory": "",  # no spilling: no file is ever written or read
+                "home_directory": self._private.name,
+                "secret_directory": self._private.name,
+                "extension_directory": self._private.name,
             },
         )
+        # Only settable once the database runs; then nothing may change any more.
+        self._conn.execute("SET disabled_filesystems = 'LocalFileSystem'")
+        self._conn.execute("SET lock_configuration = true")
         self._tables: dict[str, pa.Table] = {}
         self.memory_limit = memory_limit
 
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+        self._private.cleanup()
 
     def __enter__(self) -> QuerySandbox:
         return self
@@ -153,11 +186,7 @@ class QuerySandbox:
             return self._check(sql)
 
     def _check(self, sql: str) -> dict[str, Any]:
-        ast = parse_select(self._conn, sql)
-        statements = ast.get("statements", [])
-        if len(statements) != 1:
-            raise QueryRefused(f"exactly one statement per query, got {len(statements)}")
-        return ast
+        return gate(self._conn, sql)
 
     def execute(
         self,
@@ -213,8 +242,8 @@ class QuerySandbox:
             return pa.Table.from_batches(batches, schema=reader.schema)
         except duckdb.InterruptException:
             raise QueryTimeout(timeout_s) from None
-        except duckdb.PermissionException as e:
-            raise QueryRefused(f"forbidden in the query sandbox: {_first_line(e)}") from None
+        except duckdb.PermissionException:
+            raise QueryRefused(FORBIDDEN_ACCESS) from None
         except duckdb.OutOfMemoryException:
             raise ResultTooLarge("query memory", limit=self.memory_limit, got="more") from None
         except (duckdb.ParserException, duckdb.BinderException, duckdb.CatalogException,
@@ -223,7 +252,7 @@ class QuerySandbox:
             if timed_out:
                 raise QueryTimeout(timeout_s) from None
             if "configuration has been locked" in str(e):
-                raise QueryRefused(f"settings cannot be changed: {_first_line(e)}") from None
+                raise QueryRefused(FORBIDDEN_ACCESS) from None
             raise InvalidSQL(_first_line(e)) from None
         except duckdb.Error as e:
             if timed_out:
@@ -249,11 +278,42 @@ def parse_select(conn: duckdb.DuckDBPyConnection, sql: str) -> dict[str, Any]:
     if ast.get("error"):
         message = str(ast.get("error_message", "parse error"))
         if "Only SELECT statements" in message:
-            raise QueryRefused(
-                "only read-only SELECT/WITH queries are served; the statement was refused"
-            )
+            raise QueryRefused(READ_ONLY)
         raise InvalidSQL(f"SQL does not parse: {message}")
     return ast
+
+
+def gate(conn: duckdb.DuckDBPyConnection, sql: str) -> dict[str, Any]:
+    """The read-only gate: returns the AST of `sql` if it may run in a sandbox.
+
+    `sql` must be exactly one SELECT/WITH query calling no system function.
+    Raises InvalidSQL (does not parse) or QueryRefused (anything else).
+    """
+    ast = parse_select(conn, sql)
+    statements = ast.get("statements", [])
+    if len(statements) != 1:
+        raise QueryRefused(f"exactly one statement per query, got {len(statements)}")
+    for name in _names(ast):
+        lowered = name.lower()
+        if lowered in SYSTEM_FUNCTIONS or lowered.startswith(SYSTEM_FUNCTION_PREFIXES):
+            raise QueryRefused(FORBIDDEN_ACCESS)
+    return ast
+
+
+def _names(node: Any) -> list[str]:
+    """Every function and table name an AST mentions (table functions included)."""
+    out: list[str] = []
+    stack = [node]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            for key in ("function_name", "table_name", "schema_name"):
+                if isinstance(item.get(key), str):
+                    out.append(item[key])
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return out
 
 
 def _first_line(e: BaseException) -> str:

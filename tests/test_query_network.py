@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pyarrow as pa
 import pytest
 import trio
@@ -203,7 +204,8 @@ HOSTILE = [
     ("INSERT INTO models (model_id, model_name) VALUES (99, 'evil')", {"refused"}),
     ("SELECT * FROM read_csv('/etc/passwd')", {"refused"}),
     ("SELECT * FROM read_parquet('{out}/*.parquet')", {"refused"}),
-    ("SELECT count(*) FROM range(100000000) a, range(100000000) b", {"timeout"}),
+    # 100M rows materialized: over the memory limit (no spilling), or slower than 1 s.
+    ("SELECT count(*) FROM range(100000000) a, range(100000000) b", {"timeout", "too_large"}),
     ("SELECT * FROM range(5000000)", {"too_large"}),
     ("SELECT no_such_column FROM performance_results", {"invalid_sql"}),
 ]
@@ -414,7 +416,7 @@ async def test_server_limits_memory_and_streams_per_peer(tmp_path: Path) -> None
     a, u = QNode(tmp_path, "a", limits=limits), QNode(tmp_path, "u", serve=False)
     a.db.ingest_records("perf", records(random.Random(5), 80))
     hog = "SELECT max(l) FROM (SELECT list(i) AS l FROM range(30000000) t(i))"
-    slow = "SELECT count(*) FROM range(100000000) a, range(100000000) b"
+    slow = "SELECT count(*) FROM range(1000000000000) a, range(10) b"  # slow, little memory
     with trio.fail_after(TIMEOUT):
         async with running(a, u):
             await u.p2p.connect(a.p2p.addrs[0])
@@ -441,3 +443,60 @@ async def test_server_limits_memory_and_streams_per_peer(tmp_path: Path) -> None
             assert not a.service.server.active  # every slot was given back
             ok = await ask_raw(u, a, QueryRequest(sql="SELECT count(*) AS n FROM models"))
             assert ok.status == "ok"
+
+
+async def test_peer_memory_hogs_are_refused_and_the_node_does_not_grow(tmp_path: Path) -> None:
+    """Finding 4: DuckDB's own accounting let `list_sum(range(...))` take a node to
+    16 GiB and answer ok. The worker's OS limit refuses it; the node's RSS stays."""
+    limits = ServerLimits(memory_limit="256MiB")
+    a, u = QNode(tmp_path, "a", limits=limits), QNode(tmp_path, "u", serve=False)
+    a.db.ingest_records("perf", records(random.Random(12), 20))
+    me = psutil.Process()
+    hogs = ["SELECT list_sum(range(0, 100000000)) AS s",  # 800 MB, outside DuckDB's limit
+            "SELECT length(repeat('x', 1000000000)) AS n"]  # 1 GB  # fmt: skip
+    with trio.fail_after(TIMEOUT * 2):
+        async with running(a, u):
+            await u.p2p.connect(a.p2p.addrs[0])
+            ok = await ask_raw(u, a, QueryRequest(sql="SELECT count(*) AS n FROM models"))
+            assert ok.status == "ok"
+            before = me.memory_info().rss
+            for sql in hogs:
+                response = await ask_raw(u, a, QueryRequest(sql=sql, timeout_s=20))
+                assert response.status == "too_large" and "memory" in response.message, sql
+            assert me.memory_info().rss - before < 150 * 2**20
+            again = await ask_raw(u, a, QueryRequest(sql="SELECT count(*) AS n FROM models"))
+            assert again.status == "ok" and a.p2p.running
+
+
+async def test_one_peer_cannot_take_every_slot(tmp_path: Path) -> None:
+    """Finding 10: two long queries from one peer filled both slots and everyone
+    else timed out. One peer runs one query at a time; others and the node go on."""
+    limits = ServerLimits(max_concurrent=2, max_per_peer=2, max_running_per_peer=1)
+    a = QNode(tmp_path, "a", limits=limits)
+    hog, other = QNode(tmp_path, "hog", serve=False), QNode(tmp_path, "other", serve=False)
+    a.db.ingest_records("perf", records(random.Random(13), 10))
+    slow = "SELECT count(*) FROM range(1000000000000) a, range(10) b"
+    hog_answers: list[str] = []
+    with trio.fail_after(TIMEOUT * 2):
+        async with running(a, hog, other) as nursery:
+            for n in (hog, other):
+                await n.p2p.connect(a.p2p.addrs[0])
+
+            async def hog_asks() -> None:
+                r = await ask_raw(hog, a, QueryRequest(sql=slow, timeout_s=40))
+                hog_answers.append(r.status)
+
+            nursery.start_soon(hog_asks)
+            nursery.start_soon(hog_asks)
+            pool = a.service.local.pool
+            # Both of hog's queries arrived: one runs, one waits for hog's own turn.
+            while not (pool.peers.running.get(hog.peer_id) == 1 and pool.peers.waiting == 1):
+                await trio.sleep(0.01)
+            t0 = trio.current_time()
+            answer = await ask_raw(other, a, QueryRequest(sql="SELECT 1 AS x", timeout_s=10))
+            assert answer.status == "ok", answer
+            # The node's own queries have their own slots.
+            mine = await a.service.local.execute("SELECT count(*) AS n FROM models", timeout_s=10)
+            assert mine["n"][0].as_py() > 0
+            assert trio.current_time() - t0 < 20  # not held up by hog's 40 s queries
+            assert hog_answers == []  # hog's queries are still running/waiting

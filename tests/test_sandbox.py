@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -57,6 +58,18 @@ def assert_still_serving(sb: QuerySandbox) -> None:
     "SELECT * FROM query('DROP TABLE performance_results')",
     "CALL pragma_version()",
     "EXPORT DATABASE '/tmp/out'",
+    "SELECT * FROM read_blob('/etc/hostname')",
+    "SELECT * FROM glob('/etc/*')",
+    "SELECT * FROM read_csv('http://127.0.0.1:9/x.csv')",
+    "SELECT * FROM duckdb_settings()",
+    "SELECT * FROM duckdb_settings",
+    "SELECT name, value FROM pg_catalog.pg_settings",
+    "SELECT current_setting('temp_directory')",
+    "SELECT * FROM duckdb_extensions()",
+    "SELECT * FROM duckdb_secrets()",
+    "SELECT * FROM system.main.duckdb_settings()",
+    "WITH s AS (SELECT * FROM duckdb_settings()) SELECT * FROM s",
+    "SELECT (SELECT max(value) FROM pg_settings) AS v",
 ])  # fmt: skip
 def test_hostile_statement_is_refused_and_sandbox_keeps_serving(
     sandbox: QuerySandbox, sql: str
@@ -68,8 +81,36 @@ def test_hostile_statement_is_refused_and_sandbox_keeps_serving(
 
 
 def test_file_access_is_refused_not_just_missing(sandbox: QuerySandbox) -> None:
-    with pytest.raises(QueryRefused, match="file system operations are disabled"):
+    with pytest.raises(QueryRefused, match="no file, network, extension or settings access"):
         sandbox.execute("SELECT * FROM read_csv('/etc/passwd')")
+
+
+def test_nothing_under_the_working_directory_is_readable_or_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DuckDB's default temp directory is `<cwd>/.tmp/`: the sandbox must neither read
+    it nor name the working directory or the user's home in anything it answers."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".tmp").mkdir()
+    (tmp_path / ".tmp" / "secret.csv").write_text("a\n1\n")
+    with QuerySandbox(memory_limit="64MB") as sb:
+        sb.load({"t": pa.table({"x": [str(tmp_path), "/root"]})})
+        for sql in ("SELECT * FROM read_csv('.tmp/secret.csv')",
+                    f"SELECT * FROM read_csv('{tmp_path}/.tmp/secret.csv')",
+                    "SELECT * FROM read_text('.tmp/*')"):  # fmt: skip
+            with pytest.raises(QueryRefused):
+                sb.execute(sql)
+        # What DuckDB itself says about its directories names neither place (its
+        # `allowed_paths` names the working directory: the worker process runs in
+        # an empty one, see test_sandbox_limits.py).
+        for name in ("temp_directory", "home_directory", "secret_directory",
+                     "extension_directory"):  # fmt: skip
+            value = str(sb._conn.execute("SELECT current_setting(?)", [name]).fetchone())
+            assert str(tmp_path) not in value and "/root" not in value, (name, value)
+        # A query that would spill fails instead of writing under the working directory.
+        with pytest.raises((ResultTooLarge, QueryTimeout)):
+            sb.execute("SELECT x FROM range(20000000) t(x) ORDER BY x DESC", timeout_s=20)
+    assert sorted(p.name for p in (tmp_path / ".tmp").iterdir()) == ["secret.csv"]
 
 
 def test_writes_are_refused(sandbox: QuerySandbox) -> None:
