@@ -15,8 +15,10 @@ lock serialises the operations that replace the database file or the head
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,7 +50,7 @@ from benchsync.storage.db import BenchmarkDB
 from benchsync.storage.errors import InvalidRecord, NotFound, StorageError
 from benchsync.storage.migrate import migrate_files
 from benchsync.storage.sandbox import QueryError
-from benchsync.storage.snapshot import Version, read_version
+from benchsync.storage.snapshot import DiskFull, Version, read_version
 
 if TYPE_CHECKING:
     from trio_typing import TaskStatus
@@ -56,6 +58,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 POLICY_TICK = 0.5  # seconds between checks of the snapshot policy
+DISK_FULL_RETRY = 60.0  # seconds: a snapshot paused by a full disk is retried at least this often
+DISK_FREED_BYTES = 1024 * 1024  # bytes freed since the failure that make a paused snapshot retry
 RECORD_KINDS = ("perf", "compat", "test")
 MAX_RECORDS_PER_REQUEST = 100_000
 VERSION = "0.1.0"
@@ -88,6 +92,21 @@ class _WriteCounter:
         with self.lock:
             n, self.rows = self.rows, 0
             return n
+
+
+@dataclass
+class SnapshotPause:
+    """Why scheduled snapshots are paused (a full disk), and what a retry waits for."""
+
+    reason: str  # "disk_full"
+    message: str
+    since: float  # seconds since the epoch
+    free_bytes: int  # free space measured after the last failure
+    retried_at: float  # monotonic time of the last attempt
+
+
+def _free_bytes(path: Path) -> int:
+    return shutil.disk_usage(path).free
 
 
 class Node:
@@ -138,11 +157,14 @@ class Node:
             max_rows=config.query_max_rows,
             max_bytes=config.query_max_bytes,
             memory_limit=f"{max(16, config.query_memory_limit // 2**20)}MiB",
+            replicas=self.dataset.replicas,
+            dataset=self.peer_id,
         )
         self._writes = _WriteCounter()
         self.dataset.on_write.append(self._writes.add)
         self.dataset.on_write.append(self.metrics.writes.inc)
         self._head_lock = trio.Lock()  # snapshot and restore replace the head / the DB file
+        self.snapshot_pause: SnapshotPause | None = None  # set while a full disk pauses snapshots
         self._last_snapshot = time.monotonic()
         self.endpoints: ControlEndpoints | None = None
         self._metric_marks: dict[str, int] = {}
@@ -191,37 +213,76 @@ class Node:
 
     def _status_line(self) -> str:
         head = self.dataset.snapshots.head()
+        paused = " snapshots=paused(disk full)" if self.snapshot_pause is not None else ""
         return (
             f"peers={len(self.p2p.connected_peers())} "
             f"head={head.seq if head else '-'} replicas={len(self.dataset.replicas.all())}"
+            f"{paused}"
         )
 
     # --- snapshots ------------------------------------------------------------------------------
 
     async def _snapshot_policy(self) -> None:
-        """Snapshot after N written rows and/or every T seconds when something changed."""
+        """Snapshot after N written rows and/or every T seconds when something changed.
+
+        A full disk pauses the policy (status shows why) instead of failing the
+        node: the unsnapshotted rows stay pending, and the snapshot is retried
+        as soon as space was freed (or every DISK_FULL_RETRY seconds).
+        """
         after = self.config.snapshot_after_writes
         every = self.config.snapshot_interval
         pending = 0
         while True:
             await trio.sleep(POLICY_TICK)
             pending += self._writes.take()
+            if self.snapshot_pause is not None:
+                if pending and await self._space_returned():
+                    await self._scheduled_snapshot()
+                    if self.snapshot_pause is None:
+                        pending = 0
+                continue
             due_by_count = after > 0 and pending >= after
             due_by_time = every > 0 and time.monotonic() - self._last_snapshot >= every
             if pending and (due_by_count or due_by_time):
-                pending = 0
-                try:
-                    await self.snapshot()
-                except StorageError as e:
-                    log.error("scheduled snapshot failed: %s", e)
-                self.notifier.status(self._status_line())
+                await self._scheduled_snapshot()
+                if self.snapshot_pause is None:  # paused: the rows stay pending for the retry
+                    pending = 0
+
+    async def _scheduled_snapshot(self) -> None:
+        try:
+            await self.snapshot()
+        except DiskFull:
+            pass  # snapshot() paused the policy and logged it
+        except StorageError as e:
+            log.error("scheduled snapshot failed: %s", e)
+        self.notifier.status(self._status_line())
+
+    async def _space_returned(self) -> bool:
+        """While paused by a full disk: is it time to retry?"""
+        pause = self.snapshot_pause
+        assert pause is not None
+        if time.monotonic() - pause.retried_at >= DISK_FULL_RETRY:
+            return True
+        free = await trio.to_thread.run_sync(_free_bytes, self.home)
+        return free >= pause.free_bytes + DISK_FREED_BYTES
 
     async def snapshot(self) -> tuple[Version, bool]:
-        """Take a snapshot now; announce it if it is new. Returns (head, created)."""
+        """Take a snapshot now; announce it if it is new. Returns (head, created).
+
+        Raises DiskFull (and pauses the snapshot policy until space returns) or
+        SnapshotError; the database and history are unchanged then.
+        """
         async with self._head_lock:
             started = time.monotonic()
-            result = await trio.to_thread.run_sync(self.dataset.snapshot)
+            try:
+                result = await trio.to_thread.run_sync(self.dataset.snapshot)
+            except DiskFull as e:
+                await self._pause_snapshots(e)
+                raise
             self._last_snapshot = time.monotonic()
+        if self.snapshot_pause is not None:
+            log.info("snapshots resumed: there is disk space again")
+            self.snapshot_pause = None
         if result.created:
             self.metrics.snapshots.inc()
             self.metrics.snapshot_seconds.observe(time.monotonic() - started)
@@ -232,6 +293,30 @@ class Node:
             )  # fmt: skip
             await self._announce(result.version)
         return result.version, result.created
+
+    async def _pause_snapshots(self, e: DiskFull) -> None:
+        free = await trio.to_thread.run_sync(_free_bytes, self.home)
+        if self.snapshot_pause is None:
+            log.error("snapshots paused, the node keeps serving: %s", e)
+            self.snapshot_pause = SnapshotPause(
+                reason="disk_full", message=str(e), since=time.time(),
+                free_bytes=free, retried_at=time.monotonic(),
+            )  # fmt: skip
+        else:  # a failed retry: wait for more space than now
+            self.snapshot_pause.message = str(e)
+            self.snapshot_pause.free_bytes = free
+            self.snapshot_pause.retried_at = time.monotonic()
+
+    def snapshot_status(self) -> dict[str, Any]:
+        """`status`'s "snapshots": "ok", or "paused" with why, since when and what waits."""
+        pause = self.snapshot_pause
+        if pause is None:
+            return {"state": "ok"}
+        return {
+            "state": "paused", "reason": pause.reason, "error": pause.message,
+            "since": pause.since, "free_bytes": pause.free_bytes,
+            "hint": "free disk space (e.g. `benchsync gc`); snapshots resume by themselves",
+        }  # fmt: skip
 
     async def restore(self, cid: str) -> Version:
         async with self._head_lock:
@@ -284,6 +369,7 @@ class Node:
             "tables_cid": head.tables_cid if head else None,
             "uptime_seconds": round(time.time() - self.started_at, 3),
             "rows": rows,
+            "snapshots": self.snapshot_status(),
             "trusted_peers": list(self.config.trusted_peers),
             "peers": self.peers(),
             "replicas": replicas,
@@ -417,9 +503,8 @@ class Node:
                         timeout_s=body.get("timeout"),
                     )  # fmt: skip
                     return 200, result.to_json()
-                table = await trio.to_thread.run_sync(
-                    lambda: self.dataset.query(body["sql"], params, scope=scope)
-                )
+                # The same gate, sandbox worker and limits as a peer's query.
+                table = await self.queries.query(body["sql"], params, scope=scope)
                 return 200, {"scope": scope, **table_json(table)}
             except QueryError as e:  # refused, invalid SQL, limits
                 t.outcome = e.kind if e.kind in ("refused", "timeout", "too_large") else "error"
@@ -443,6 +528,11 @@ class Node:
     async def _api_snapshot(self, request: Request) -> tuple[int, Any]:
         try:
             version, created = await self.snapshot()
+        except DiskFull as e:
+            raise ApiError(
+                507, "disk_full", str(e),
+                "free disk space (e.g. `benchsync gc`); the database and history are unchanged",
+            ) from e  # fmt: skip
         except StorageError as e:
             raise ApiError(
                 500, "snapshot_failed", str(e), "the database and history are unchanged"

@@ -33,7 +33,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, TypeVar
@@ -48,7 +48,9 @@ from benchsync.storage.db import DB_FILENAME, BenchmarkDB, DatabaseClosed
 from benchsync.storage.errors import NotFound, StorageError
 from benchsync.storage.homelock import HomeLock
 from benchsync.storage.replicas import ReplicaStore, check_parquet_schema
-from benchsync.storage.sandbox import QueryRefused
+from benchsync.storage.sandbox import DEFAULT_TIMEOUT, QuerySandbox
+from benchsync.storage.schema import TABLES
+from benchsync.storage.scopes import ReplicaTables, ScopeInput, scope_tables
 from benchsync.storage.snapshot import (
     BadSnapshot,
     DiskFull,
@@ -249,8 +251,8 @@ class LocalDataset:
         try:
             with db.reader() as conn:
                 result = self.snapshots.snapshot(conn, tmp_dir=self.tmp)
-            if result.created:
-                write_sidecar(self.db_path, result.version)
+            # Also when nothing changed: an earlier snapshot may have failed to write it.
+            write_sidecar(self.db_path, result.version)
         except duckdb.Error as e:  # the Parquet export (COPY) writes through DuckDB
             if _no_space(e):
                 raise DiskFull(
@@ -498,37 +500,37 @@ class LocalDataset:
         return self.blocks.gc(keep)
 
     # queries ----------------------------------------------------------------------
-    @contextlib.contextmanager
-    def query_connection(self, scope: str = "local") -> Iterator[Any]:
-        """A read cursor; in scope `replicas` table names are union views with `origin`."""
+    def query_inputs(self, scope: str = "local") -> ScopeInput:
+        """The data a query in `scope` sees, to hand to a sandbox (which reads no files).
+
+        The own tables as Arrow; in scope `replicas` also the own dataset ID
+        (the `origin` of own rows) and every installed replica's Parquet files.
+        Raises ValueError for an unknown scope.
+        """
         if scope not in SCOPES:
             raise ValueError(f"unknown scope {scope!r}; expected one of {', '.join(SCOPES)}")
-        with self.db.reader() as conn:
-            if scope == "replicas":
-                catalog = conn.execute("SELECT current_database()").fetchone()[0]
-                own = [
-                    r[0]
-                    for r in conn.execute(
-                        "SELECT table_name FROM information_schema.tables "
-                        "WHERE table_schema='main' AND table_catalog=current_database()"
-                    ).fetchall()
-                ]
-                for stmt in self.replicas.union_view_sql(catalog, self.dataset, own):
-                    conn.execute(stmt)
-            yield conn
+        own = {t: self.db.query(f"SELECT * FROM {ident(t)}") for t in TABLES}
+        if scope == "local":
+            return ScopeInput(own)
+        replicas = [ReplicaTables(r.dataset, r.tables) for r in self.replicas.all()]
+        return ScopeInput(own, origin=self.dataset, replicas=replicas)
 
-    def query(self, sql: str, params: list[Any] | None = None, scope: str = "local") -> pa.Table:
-        """Run one read-only SELECT in the local or replicas scope.
+    def query(self, sql: str, params: list[Any] | None = None, scope: str = "local", *,
+              timeout_s: float = DEFAULT_TIMEOUT) -> pa.Table:  # fmt: skip
+        """Run one read-only SELECT in the local or replicas scope; returns the answer.
 
-        Raises QueryRefused for anything but a single SELECT/WITH statement
-        (checked with DuckDB's own parser), InvalidSQL if it does not parse.
+        The query passes the one read-only gate and runs in a `QuerySandbox`
+        over `query_inputs(scope)`, never on the database itself: no files, no
+        settings, no extensions, a time limit. In this process, so memory is
+        bounded by DuckDB's own accounting only; the daemon runs the same
+        sandbox in a worker process under an OS limit. Raises QueryRefused,
+        InvalidSQL, QueryTimeout or ResultTooLarge (QueryError).
         """
-        statements = distquery.parse(sql).get("statements", [])
-        if len(statements) != 1:
-            raise QueryRefused(f"exactly one statement per query, got {len(statements)}")
-        with self.query_connection(scope) as conn:
-            rel = conn.sql(sql, params=params or None)
-            return rel.to_arrow_table() if rel is not None else pa.table({})
+        distquery.check(sql)
+        tables = scope_tables(self.query_inputs(scope))
+        with QuerySandbox() as sandbox:
+            sandbox.load(tables)
+            return sandbox.execute(sql, params or None, timeout_s=timeout_s)
 
     def install_replica(self, root: str) -> Any:
         """Install a complete, verified peer snapshot from the blockstore as a replica."""

@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from benchsync.daemon.control import ControlAPIError, ControlClient
 from benchsync.daemon.demo import NodeProcess, free_port
 
 pytestmark = pytest.mark.slow
@@ -191,8 +192,6 @@ def _history_test_cases(home: Path, dataset: str, work: Path) -> set[str]:
 def test_no_acknowledged_write_is_lost_around_restores(tmp_path: Path) -> None:
     import threading
 
-    from benchsync.daemon.control import ControlAPIError
-
     home = tmp_path / "a"
     with running(NodeProcess(home, free_port(), NETWORK,
                              extra_args=["--snapshot-after-writes", "0"])) as node:  # fmt: skip
@@ -242,3 +241,109 @@ def test_no_acknowledged_write_is_lost_around_restores(tmp_path: Path) -> None:
     lost = [name for name in acknowledged if name not in in_history]
     assert not lost, f"{len(lost)} of {len(acknowledged)} acknowledged writes lost: {lost[:10]}"
     assert len(history) >= 2 * RESTORES + 1  # a snapshot of the live state before each restore
+
+
+# --- finding 5: a full disk pauses snapshots, the node keeps serving ------------------------
+
+TMPFS_SIZE = 48 * 2**20  # bytes: the node's whole home lives on a tmpfs this small
+ROW_PAD = 1500  # bytes of incompressible metrics per row, so sizes are predictable
+BATCH = 400  # records per request (under the control API's body limit)
+BIG_ROWS = 4000  # rows snapshotted before the disk fills (~6 MB)
+LATE_ROWS = 800  # rows written once the disk is almost full (~1.2 MB: their WAL fits)
+LEFT_FREE = 3 * 2**20  # bytes left free: the late rows fit, the next snapshot's export does not
+
+
+def _padded(prefix: str, n: int) -> list[dict[str, Any]]:
+    import base64
+
+    return [PERF | {"test_case": f"{prefix}-{i}",
+                    "metrics": {"pad": base64.b64encode(os.urandom(ROW_PAD * 3 // 4)).decode()}}
+            for i in range(n)]  # fmt: skip
+
+
+def _can_mount_tmpfs(where: Path) -> bool:
+    if os.geteuid() != 0:
+        return False
+    r = subprocess.run(["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o size=1m tmpfs {where}"],
+                       capture_output=True)  # fmt: skip
+    return r.returncode == 0
+
+
+def test_full_disk_pauses_snapshots_and_they_resume(tmp_path: Path) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if not _can_mount_tmpfs(mnt):
+        pytest.skip("needs root and `unshare -m` to mount a private tmpfs")
+    sock = tmp_path / "control.sock"  # outside the tmpfs: the test reaches it directly
+    home = mnt / "home"
+    # The tmpfs exists only in the node's private mount namespace: it disappears with the
+    # node, whatever happens to the test. The test sees it through /proc/<pid>/root.
+    script = (f"mount -t tmpfs -o size={TMPFS_SIZE} tmpfs {mnt} && exec {sys.executable} -m "
+              f"benchsync.daemon.cli up --home {home} --network {NETWORK} "
+              f"--listen /ip4/127.0.0.1/tcp/0 --control-socket {sock} "
+              f"--snapshot-after-writes {BATCH} --snapshot-interval 0")  # fmt: skip
+    log_path = tmp_path / "node.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(["unshare", "-m", "sh", "-c", script], stdout=subprocess.PIPE,
+                                stderr=log, stdin=subprocess.DEVNULL, text=True,
+                                env=_env())  # fmt: skip
+    client = ControlClient(socket_path=sock, timeout=60.0)
+    try:
+        wait_for("the node to listen", lambda: client.available() or proc.poll() is not None)
+        assert proc.poll() is None, log_path.read_text()
+        seen_home = Path(f"/proc/{proc.pid}/root") / home.relative_to("/")
+
+        def status() -> dict[str, Any]:
+            return dict(client.get("/v1/status"))
+
+        def head_rows() -> int:
+            versions = client.get("/v1/history?limit=1")["versions"]
+            return int(versions[0]["rows"]["performance_results"]) if versions else 0
+
+        for i in range(0, BIG_ROWS, BATCH):
+            client.post("/v1/record/perf", {"records": _padded(f"big{i}", BATCH)})
+        wait_for("the scheduled snapshot of the first rows", lambda: head_rows() == BIG_ROWS)
+        # Fill the disk, leaving room for the late rows' log but not for another export.
+        fill = seen_home / "fill"
+        free = os.statvfs(seen_home).f_bavail * os.statvfs(seen_home).f_frsize
+        fd = os.open(fill, os.O_CREAT | os.O_WRONLY, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, free - LEFT_FREE)
+        finally:
+            os.close(fd)
+        head_before = status()["head"]
+        for i in range(0, LATE_ROWS, BATCH):
+            client.post("/v1/record/perf", {"records": _padded(f"late{i}", BATCH)})
+        paused = wait_for("snapshots to pause on the full disk",
+                          lambda: (s := status())["snapshots"]["state"] == "paused"
+                          and s)  # fmt: skip
+        assert paused["snapshots"]["reason"] == "disk_full", paused["snapshots"]
+        assert "disk full" in paused["snapshots"]["error"]
+        assert paused["head"] == head_before
+        # Still up and serving: status, queries; the CLI says why snapshots wait.
+        assert proc.poll() is None
+        rows = client.post("/v1/query", {"sql": "SELECT count(*) FROM performance_results"})
+        assert rows["rows"] == [[BIG_ROWS + LATE_ROWS]]
+        with pytest.raises(ControlAPIError) as info:
+            client.post("/v1/snapshot", {})
+        assert info.value.code == "disk_full"
+        assert not list((seen_home / "tmp").glob("snapshot-*"))  # failed exports cleaned up
+        # Space returns: the paused snapshot is retried by itself and takes the late rows.
+        fill.unlink()
+        resumed = wait_for("snapshots to resume",
+                           lambda: (s := status())["snapshots"]["state"] == "ok"
+                           and s["head"] != head_before and s)  # fmt: skip
+        assert resumed["head_seq"] == paused["head_seq"] + 1
+        assert head_rows() == BIG_ROWS + LATE_ROWS
+        assert proc.poll() is None
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        assert proc.stdout is not None
+        proc.stdout.close()
+    assert "Traceback" not in log_path.read_text()
