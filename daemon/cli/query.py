@@ -1,8 +1,11 @@
 """`benchsync query SQL`: run read-only SQL and print the answer as a table, JSON or CSV.
 
-Scope `local` opens the node's own database read-only. Scopes `replicas` and
-`network` need a running node and are wired by the daemon later; for now they
-fail with a hint. `format_arrow` is the one place an Arrow answer becomes text.
+With a node running, every scope goes through it (its sandbox workers and
+limits). Offline, scopes `local` and `replicas` open the data directory
+read-only and run the query through `LocalDataset.query`: the same read-only
+gate and sandbox (no files, no settings, no extensions, a time limit), never
+the database itself. Scope `network` needs a running node. `format_arrow` is
+the one place an Arrow answer becomes text.
 """
 
 from __future__ import annotations
@@ -20,12 +23,16 @@ import pyarrow as pa
 from benchsync.daemon.answers import json_value
 from benchsync.daemon.cli.common import CLIError, call_node, data_dir, node_client
 from benchsync.daemon.control import ControlClient
-from benchsync.storage.db import DB_FILENAME, BenchmarkDB, DatabaseLocked
+from benchsync.storage.db import DB_FILENAME, DatabaseLocked
 from benchsync.storage.errors import StorageError
+from benchsync.storage.sandbox import QueryError
 
 SCOPES = ("local", "replicas", "network")
 FORMATS = ("table", "json", "csv")
 MAX_CELL_WIDTH = 60  # characters of one cell in --format table before it is cut
+QUERY_HINT = ("one read-only SELECT over the tables models, hardware_platforms, test_runs, "
+              "performance_results, hardware_compatibility, integration_test_results, "
+              "integration_test_assertions; no files or settings")  # fmt: skip
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -82,25 +89,11 @@ def run(args: argparse.Namespace) -> int:
     if args.scope == "network":
         raise CLIError("--scope network needs a running node",
                        "start one with `benchsync up`, or use --scope local|replicas")
-    if args.scope == "replicas":
-        return _query_replicas_offline(args)
     path = data_dir(args.home) / DB_FILENAME
     if not path.exists():
         raise CLIError(f"no database at {path}",
                        "record results first (`benchsync record perf ...`) or pass --home")
-    try:
-        with BenchmarkDB(path, read_only=True) as db:
-            answer = db.query(args.sql)
-    except DatabaseLocked as e:
-        raise CLIError(str(e), "stop the running node, or query through it with "
-                       "--scope replicas|network") from None
-    except duckdb.Error as e:
-        raise CLIError(f"query failed: {e}".strip(),
-                       "check the SQL; tables: models, hardware_platforms, test_runs, "
-                       "performance_results, hardware_compatibility, integration_test_results, "
-                       "integration_test_assertions (the database is opened read-only)") from None
-    except StorageError as e:
-        raise CLIError(str(e), f"check {path}") from None
+    answer = _query_offline(args)
     print(format_arrow(answer, args.format))
     return 0
 
@@ -140,13 +133,16 @@ def _table_from_json(answer: dict[str, Any]) -> pa.Table:
     return pa.table({c: [r[i] for r in rows] for i, c in enumerate(columns)})
 
 
-def _query_replicas_offline(args: argparse.Namespace) -> int:
+def _query_offline(args: argparse.Namespace) -> pa.Table:
     from benchsync.daemon.cli.common import open_dataset
 
     with open_dataset(args) as ds:
+        ds.read_only = True  # before the database first opens: a query never writes
         try:
-            answer = ds.query(args.sql, scope="replicas")
+            return ds.query(args.sql, scope=args.scope)
+        except DatabaseLocked as e:
+            raise CLIError(str(e), "stop the running node, or query through it") from None
+        except QueryError as e:
+            raise CLIError(f"query {e.kind}: {e}", QUERY_HINT) from None
         except (duckdb.Error, StorageError) as e:
-            raise CLIError(f"query failed: {e}".strip(), "check the SQL") from None
-    print(format_arrow(answer, args.format))
-    return 0
+            raise CLIError(f"query failed: {e}".strip(), f"check {ds.db_path}") from None
