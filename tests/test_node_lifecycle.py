@@ -347,3 +347,54 @@ def test_full_disk_pauses_snapshots_and_they_resume(tmp_path: Path) -> None:
         assert proc.stdout is not None
         proc.stdout.close()
     assert "Traceback" not in log_path.read_text()
+
+
+# --- finding 14: crash leftovers and permissions ---------------------------------------------
+
+LEFTOVERS = ("tmp/snapshot-k1lled/performance_results.parquet", "tmp/restore-k1lled/tables/x",
+             ".restore-4242.duckdb", ".restore-4242.duckdb.wal")  # fmt: skip
+
+
+def _plant(home: Path, names: tuple[str, ...]) -> list[Path]:
+    paths = [home / name for name in names]
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"left by a crash")
+    return paths
+
+
+def test_crash_leftovers_are_removed_when_the_home_is_free(tmp_path: Path) -> None:
+    home = tmp_path / "a"
+    with running(OffSocketNode(home, free_port(), NETWORK)) as a:
+        a.client.post("/v1/record/perf", PERF)
+        a.client.post("/v1/snapshot", {})
+        # A running node's scratch files are not leftovers: a command that does not
+        # take the home (history) must not touch them.
+        live = _plant(home, ("tmp/snapshot-live/models.parquet",))
+        r = run_cli("log", "--home", str(home))
+        assert r.returncode == 0, r.stderr
+        assert all(p.exists() for p in live)
+        assert a.proc is not None
+        a.proc.send_signal(signal.SIGKILL)  # a crash: nothing of its own is cleaned up
+        a.proc.wait(30)
+    planted = _plant(home, LEFTOVERS)
+    with running(OffSocketNode(home, free_port(), NETWORK)) as again:
+        assert not [p for p in planted + live if p.exists()]
+        assert (home / "tmp").is_dir()
+        assert again.status()["rows"]["performance_results"] == 1
+
+
+def test_home_and_the_files_a_node_creates_are_private(tmp_path: Path) -> None:
+    home = tmp_path / "a"
+    home.mkdir()
+    home.chmod(0o755)
+    with running(NodeProcess(home, free_port(), NETWORK)) as a:
+        a.client.post("/v1/record/perf", PERF)
+        a.client.post("/v1/snapshot", {})
+        assert home.stat().st_mode & 0o777 == 0o700
+        blocks = [p for p in (home / "blocks").rglob("*") if p.is_file()]
+        made = [home / "benchsync.duckdb", *blocks]
+        assert len(made) > 2
+        exposed = [(str(p), oct(p.stat().st_mode & 0o777)) for p in made
+                   if p.stat().st_mode & 0o077]  # fmt: skip
+        assert not exposed, exposed

@@ -1,10 +1,13 @@
-"""`benchsync init`: create the data directory."""
+"""`benchsync init`: create the data directory (mode 0700: it holds the node's key and data)."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from benchsync.daemon.cli.common import data_dir
+from benchsync.daemon.cli.common import CLIError, data_dir
+
+DATA_DIR_MODE = 0o700  # the identity key, the database and the blocks are the node's alone
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -13,8 +16,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def make_private_home(home: Path) -> None:
+    """Create the data directory if needed and make it 0700 (an existing one, too).
+
+    Raises CLIError when it cannot be created or its mode cannot be set.
+    """
+    path = Path(home)
+    try:
+        path.mkdir(mode=DATA_DIR_MODE, parents=True, exist_ok=True)
+        path.chmod(DATA_DIR_MODE)
+    except OSError as e:
+        raise CLIError(
+            f"cannot make the data directory {path} private: {e.strerror or e}",
+            "run as the directory's owner, or choose another one with --home",
+        ) from e
+
+
 def run(args: argparse.Namespace) -> int:
     home = data_dir(args.home)
-    home.mkdir(parents=True, exist_ok=True)
+    make_private_home(home)
     print(home)
     return 0

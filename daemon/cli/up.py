@@ -25,6 +25,7 @@ import trio
 
 from benchsync.daemon import config as config_mod
 from benchsync.daemon.cli.common import CLIError, add_home_argument, data_dir
+from benchsync.daemon.cli.init import make_private_home
 
 if TYPE_CHECKING:
     from trio_typing import TaskStatus
@@ -67,9 +68,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+NODE_UMASK = 0o077  # files the node creates (database, blocks, keys) are its own alone
+
+
 def run(args: argparse.Namespace) -> int:
     home = data_dir(args.home)
-    home.mkdir(parents=True, exist_ok=True)
+    make_private_home(home)
+    os.umask(NODE_UMASK)
     try:
         config = config_mod.config_from_args(home, args)
     except config_mod.ConfigError as e:
