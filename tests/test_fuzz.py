@@ -71,9 +71,9 @@ from benchsync.storage.dataset import LocalDataset
 from benchsync.storage.errors import StorageError
 from benchsync.storage.snapshot import BadSnapshot, Manifest
 
-QUICK_CASES = 2_000  # inputs per decoder in the default run
+QUICK_CASES = 1_500  # inputs per decoder in the default run (~40 s in all on 2 loaded cores)
 FULL_CASES = 10_000  # inputs per decoder under `-m fuzz`
-E2E_QUICK_CASES = 40  # mutated CARs imported (and restored) in the default run
+E2E_QUICK_CASES = 100  # mutated CARs imported (and restored) in the default run
 E2E_FULL_CASES = 1_500  # ... under `-m fuzz`: each costs a fresh data directory and DuckDB
 MAX_CAT_BYTES = 16 * 1024 * 1024  # bytes; the fixtures expand to ~10 KB, so this is a bomb
 
