@@ -81,6 +81,18 @@ def scope_tables(scope: ScopeInput) -> dict[str, pa.Table]:
 
 
 def _with_origin(table: pa.Table, origin: str) -> pa.Table:
+    table = _plain(table)
     if ORIGIN_COLUMN in table.column_names:
         table = table.drop_columns([ORIGIN_COLUMN])
     return table.add_column(0, ORIGIN_COLUMN, pa.repeat(origin, table.num_rows))
+
+
+def _plain(table: pa.Table) -> pa.Table:
+    """Extension columns as their storage type: DuckDB hands JSON over as
+    `arrow.json`, Parquet reads it back as string, and the union needs one type."""
+    for i, f in enumerate(table.schema):
+        if isinstance(f.type, pa.BaseExtensionType):
+            column = table.column(i)
+            plain = pa.chunked_array([c.storage for c in column.chunks], type=f.type.storage_type)
+            table = table.set_column(i, pa.field(f.name, f.type.storage_type), plain)
+    return table
