@@ -132,7 +132,7 @@ async def test_bad_requests_get_one_error_shape(tmp_path: Path) -> None:
              422, "invalid_record"),
             ("POST", "/v1/record/bogus", {}, 404, "unknown_kind"),
             ("POST", "/v1/query", {"sql": "DROP TABLE models"}, 400, "refused"),
-            ("POST", "/v1/query", {"sql": "SELECT * FROM nowhere"}, 400, "query_failed"),
+            ("POST", "/v1/query", {"sql": "SELECT * FROM nowhere"}, 400, "invalid_sql"),
             ("POST", "/v1/query", {"sql": "SELECT 1", "scope": "moon"}, 400, "bad_scope"),
             ("POST", "/v1/restore", {"cid": "bafynothing"}, 404, "not_found"),
         ]  # fmt: skip
