@@ -28,6 +28,11 @@ Choices, and why:
   Either matching a recorded source means "already migrated"; the content digest
   survives the file being rewritten, the byte digest survives a DuckDB upgrade
   that changes `hash()`.
+- A file is validated (a DuckDB database with the schema's tables) before
+  anything is written, and its backup goes into the data directory
+  (`<home>/backups/`) unless the caller asks for it beside the file: a node
+  migrating paths named over its control API never writes beside them (the
+  CLI, the user's own process, backs up beside the files its user named).
 - Tables the schema does not know are carried over with all their columns; in
   them, `model_id`, `hardware_id` and `run_id` (when not the table's own key)
   are remapped like everywhere else, so that carried views keep joining
@@ -41,13 +46,14 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import duckdb
 
@@ -57,6 +63,7 @@ from benchsync.storage.errors import StorageError
 from benchsync.storage.snapshot import SnapshotStore
 
 BACKUP_SUFFIX = ".pre-benchsync-backup"
+BACKUP_DIR = "backups"  # under the data directory: where backups go unless asked beside the file
 SOURCES_TABLE = "migration_sources"
 ROWS_TABLE = "migrated_rows"
 ATTACH_ALIAS = "benchsync_legacy"
@@ -113,6 +120,7 @@ _PROVENANCE_DDL = (
 )
 
 Progress = Callable[[str], None]
+_T = TypeVar("_T")
 
 
 # ---- errors: who is at fault, what to try ------------------------------------------------------
@@ -314,12 +322,22 @@ def _classify_open_error(path: Path, e: duckdb.Error) -> MigrationError:
     )
 
 
+def _check_regular_file(path: Path) -> None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise LegacyFileMissing(path, "no such file; check the path given to --db") from None
+    except (OSError, ValueError) as e:  # permissions, a NUL byte, a name too long, ...
+        raise LegacyFileMissing(
+            path, f"cannot read it ({e}); check the path given to --db"
+        ) from None
+    if not stat.S_ISREG(st.st_mode):
+        raise LegacyFileMissing(path, "not a regular file; --db takes a .duckdb file")
+
+
 def open_legacy(path: Path) -> duckdb.DuckDBPyConnection:
     """Open a legacy file read-only; raises a `MigrationError` subclass saying what is wrong."""
-    if not path.exists():
-        raise LegacyFileMissing(path, "no such file; check the path given to --db")
-    if not path.is_file():
-        raise LegacyFileMissing(path, "not a regular file; --db takes a .duckdb file")
+    _check_regular_file(path)
     try:
         return duckdb.connect(str(path), read_only=True)
     except duckdb.Error as e:
@@ -334,11 +352,26 @@ def inspect_legacy(path: Path) -> LegacyFile:
     benchmark database (none of the schema's tables, or one lacking its id or
     reference columns).
     """
-    path = Path(path)
+    return _read_legacy(Path(path), _inspect)
+
+
+def validate_legacy(path: Path) -> None:
+    """Check, reading only, that `path` is a benchmark database of the original schema.
+
+    Cheaper than `inspect_legacy` (no digests); raises the same errors.
+    """
+    _read_legacy(Path(path), lambda conn, p: _schema_columns(conn, p, _table_names(conn, p)))
+
+
+def _read_legacy(
+    path: Path, read: Callable[[duckdb.DuckDBPyConnection, Path], _T]
+) -> _T:
+    """`read(conn, path)` on a read-only connection to the file; DuckDB errors while
+    reading become `CorruptLegacyFile`."""
     conn = open_legacy(path)
     try:
         try:
-            return _inspect(conn, path)
+            return read(conn, path)
         except duckdb.Error as e:
             raise CorruptLegacyFile(
                 path, f"reading it failed ({e}); restore it from a backup and retry"
@@ -347,7 +380,8 @@ def inspect_legacy(path: Path) -> LegacyFile:
         conn.close()
 
 
-def _inspect(conn: duckdb.DuckDBPyConnection, path: Path) -> LegacyFile:
+def _table_names(conn: duckdb.DuckDBPyConnection, path: Path) -> list[str]:
+    """The file's tables; `UnknownSchema` when none is one of the schema's."""
     names = [
         r[0]
         for r in conn.execute(
@@ -355,22 +389,22 @@ def _inspect(conn: duckdb.DuckDBPyConnection, path: Path) -> LegacyFile:
             "AND schema_name = 'main' ORDER BY table_name"
         ).fetchall()
     ]
-    known = [t for t in schema.TABLES if t in names]
-    if not known:
+    if not any(t in names for t in schema.TABLES):
         listed = ", ".join(names) if names else "no tables at all"
         raise UnknownSchema(
             path,
             f"a DuckDB database, but not a benchmark database (it has "
             f"{listed}; expected {', '.join(schema.TABLES)})",
         )
-    pks: dict[str, str] = {}
-    for table, cols in conn.execute(
-        "SELECT table_name, constraint_column_names FROM duckdb_constraints() "
-        "WHERE database_name = current_database() AND constraint_type = 'PRIMARY KEY'"
-    ).fetchall():
-        if len(cols) == 1:
-            pks[table] = cols[0]
-    tables: dict[str, LegacyTable] = {}
+    return names
+
+
+def _schema_columns(
+    conn: duckdb.DuckDBPyConnection, path: Path, names: list[str]
+) -> dict[str, tuple[tuple[str, str], ...]]:
+    """Each table's (column, type) pairs; `UnknownSchema` when a schema table lacks
+    its key, reference or merge columns."""
+    out = {}
     for name in names:
         columns = tuple(
             (str(c), str(t))
@@ -394,6 +428,22 @@ def _inspect(conn: duckdb.DuckDBPyConnection, path: Path) -> LegacyFile:
                     f"table {name} lacks column(s) {', '.join(missing)}: not "
                     "the benchmark database schema, so its rows cannot be mapped",
                 )
+        out[name] = columns
+    return out
+
+
+def _inspect(conn: duckdb.DuckDBPyConnection, path: Path) -> LegacyFile:
+    names = _table_names(conn, path)
+    all_columns = _schema_columns(conn, path, names)
+    pks: dict[str, str] = {}
+    for table, cols in conn.execute(
+        "SELECT table_name, constraint_column_names FROM duckdb_constraints() "
+        "WHERE database_name = current_database() AND constraint_type = 'PRIMARY KEY'"
+    ).fetchall():
+        if len(cols) == 1:
+            pks[table] = cols[0]
+    tables: dict[str, LegacyTable] = {}
+    for name, columns in all_columns.items():
         rows, checksum = conn.execute(
             f"SELECT count(*), coalesce(sum(hash(t)::HUGEINT), 0) FROM {_q(name)} t"
         ).fetchall()[0]
@@ -422,13 +472,20 @@ def _inspect(conn: duckdb.DuckDBPyConnection, path: Path) -> LegacyFile:
 # ---- backup ---------------------------------------------------------------------------------
 
 
-def backup_file(path: Path) -> Path:
-    """Copy `path` to `path.pre-benchsync-backup` (and its .wal); returns the backup's path.
+def backup_file(path: Path, directory: Path | None = None) -> Path:
+    """Copy `path` (and its .wal) to `<directory>/<name>.pre-benchsync-backup`,
+    `directory` defaulting to the file's own; returns the backup's path.
 
     An identical existing backup is reused; a different one is kept and the new
     copy gets a numbered name (`.1`, `.2`, ...), so no backup is ever overwritten.
+    Callers validate the file first (`validate_legacy`): only a benchmark
+    database is ever copied.
     """
-    base = path.with_name(path.name + BACKUP_SUFFIX)
+    if directory is None:
+        directory = path.parent
+    else:
+        directory.mkdir(parents=True, exist_ok=True)
+    base = directory / (path.name + BACKUP_SUFFIX)
     dest = base
     n = 0
     while dest.exists():
@@ -831,6 +888,7 @@ def migrate_file(
     path: str | Path,
     *,
     backup: bool = True,
+    backup_beside: bool = False,
     verify: bool = True,
     snapshot: bool = True,
     progress: Progress | None = None,
@@ -843,8 +901,9 @@ def migrate_file(
     database is unchanged).
     """
     return migrate_files(
-        dataset, [path], backup=backup, verify=verify, snapshot=snapshot, progress=progress
-    )[0]
+        dataset, [path], backup=backup, backup_beside=backup_beside, verify=verify,
+        snapshot=snapshot, progress=progress,
+    )[0]  # fmt: skip
 
 
 def migrate_files(
@@ -852,22 +911,28 @@ def migrate_files(
     paths: Sequence[str | Path],
     *,
     backup: bool = True,
+    backup_beside: bool = False,
     verify: bool = True,
     snapshot: bool = True,
     progress: Progress | None = None,
 ) -> list[MigrationResult]:
     """Migrate each file in its own transaction; one result per file, in order.
 
-    A failing file is rolled back and reported; the others go on. When
-    `snapshot`, one snapshot is taken after the batch and its CID is set on every
-    result that did not fail.
+    Each file is validated before anything is written; with `backup`, a valid
+    file is then copied into `<home>/backups/` (beside the file itself only with
+    `backup_beside`, for callers whose user named the file). A failing file is
+    rolled back and reported; the others go on. When `snapshot`, one snapshot
+    is taken after the batch and its CID is set on every result that did not fail.
     """
     say = progress or _quiet
+    backup_dir = None if backup_beside else dataset.home / BACKUP_DIR
     results = []
     for i, p in enumerate(paths, 1):
         path = Path(p)
         say(f"[{i}/{len(paths)}] {path}")
-        results.append(_migrate_one(dataset, path, backup, verify, _prefixed(say, path.name)))
+        results.append(
+            _migrate_one(dataset, path, backup, backup_dir, verify, _prefixed(say, path.name))
+        )
     if snapshot and any(r.ok for r in results):
         say("snapshotting the dataset")
         cid = dataset.snapshot().version.cid
@@ -885,16 +950,21 @@ def _failed(result: MigrationResult, e: Exception) -> MigrationResult:
 
 
 def _migrate_one(
-    dataset: LocalDataset, path: Path, backup: bool, verify: bool, say: Progress
+    dataset: LocalDataset,
+    path: Path,
+    backup: bool,
+    backup_dir: Path | None,
+    verify: bool,
+    say: Progress,
 ) -> MigrationResult:
     started = time.perf_counter()
     result = MigrationResult(path=path, status="failed")
     try:
         try:
-            if backup and path.is_file():
-                result.backup = backup_file(path)
+            legacy = inspect_legacy(path)  # validates before anything is written
+            if backup:
+                result.backup = backup_file(path, backup_dir)
                 say(f"backed up to {result.backup}")
-            legacy = inspect_legacy(path)
             result.source, result.file_sha256 = legacy.source, legacy.file_sha256
             say(f"{len(legacy.tables)} tables, {sum(t.rows for t in legacy.tables.values())} rows")
 

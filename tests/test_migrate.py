@@ -6,16 +6,23 @@ import json
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import pytest
+import trio
 from multiformats import CID
 
 from benchsync.daemon.cli import main
+from benchsync.daemon.config import load_config
+from benchsync.daemon.control import ControlClient
+from benchsync.daemon.node import Node
 from benchsync.storage.dataset import LocalDataset, sidecar_path
 from benchsync.storage.migrate import (
+    BACKUP_DIR,
     BACKUP_SUFFIX,
     ROWS_TABLE,
     migrate_file,
@@ -28,6 +35,15 @@ sys.path.insert(0, str(Path(__file__).parent))
 from legacy_fixtures import LegacyContents, build_legacy_db  # noqa: E402
 
 LOCK_HOLDER_TIMEOUT = 20.0  # seconds to wait for the helper process holding a lock
+NODE_TIMEOUT = 60.0  # seconds to start a node on a loaded machine
+
+
+def make_node(home: Path) -> Node:
+    config = load_config(home, env={}, overrides={
+        "network": "migrate-test", "listen": ["/ip4/127.0.0.1/tcp/0"], "bootstrap": [],
+        "snapshot_interval": 0, "snapshot_after_writes": 0,
+    })  # fmt: skip
+    return Node(config)
 
 
 @pytest.fixture
@@ -54,12 +70,12 @@ def schema_rows(c: LegacyContents) -> int:
 
 def assert_ids_unique(ds: LocalDataset) -> None:
     for table, pk in PRIMARY_KEYS.items():
-        dup = ds.query(f"SELECT count(*) - count(DISTINCT {pk}) AS d FROM {table}")
+        dup = ds.db.query(f"SELECT count(*) - count(DISTINCT {pk}) AS d FROM {table}")
         assert dup.column("d")[0].as_py() == 0, table
 
 
 def perf_counts(ds: LocalDataset) -> dict[str, int]:
-    rows = ds.query(
+    rows = ds.db.query(
         "SELECT m.model_name, count(*) AS n FROM performance_results "
         "JOIN models m USING (model_id) GROUP BY 1"
     ).to_pylist()
@@ -79,9 +95,12 @@ def test_single_file_keeps_every_row_and_column(ds: LocalDataset, lab_a: LegacyC
     head = ds.head()
     assert head is not None and result.cid == head.cid
     assert head.manifest.tables["performance_results"].rows == lab_a.rows["performance_results"]
-    # The backup is a byte-identical copy.
-    assert result.backup == lab_a.path.with_name(lab_a.path.name + BACKUP_SUFFIX)
+    # The backup is a byte-identical copy, in the data directory (not beside the file).
+    assert result.backup == ds.home / BACKUP_DIR / (lab_a.path.name + BACKUP_SUFFIX)
     assert result.backup.read_bytes() == lab_a.path.read_bytes()
+    assert sorted(p.name for p in lab_a.path.parent.iterdir() if p.is_file()) == [
+        lab_a.path.name
+    ]
     # Every column of every performance result, joined back through the provenance table.
     src = duckdb.connect(str(lab_a.path), read_only=True)
     try:
@@ -93,7 +112,7 @@ def test_single_file_keeps_every_row_and_column(ds: LocalDataset, lab_a: LegacyC
         cols = [d[0] for d in src.description]
     finally:
         src.close()
-    node = ds.query(f"""
+    node = ds.db.query(f"""
         SELECT p.*, m.model_name, h.device_name, r.source_id FROM performance_results p
         JOIN {ROWS_TABLE} r ON r.table_name = 'performance_results' AND r.new_id = p.result_id
         JOIN models m USING (model_id) JOIN hardware_platforms h USING (hardware_id)
@@ -136,7 +155,7 @@ def test_batch_remaps_ids_and_merges_models(
     assert [r.status for r in results] == ["migrated", "migrated"]
     assert results[0].cid == results[1].cid == ds.head().cid
     assert_ids_unique(ds)
-    names = ds.query("SELECT model_name, count(*) AS n FROM models GROUP BY 1").to_pylist()
+    names = ds.db.query("SELECT model_name, count(*) AS n FROM models GROUP BY 1").to_pylist()
     assert all(r["n"] == 1 for r in names)
     assert {r["model_name"] for r in names} == set(lab_a.model_names) | set(lab_b.model_names)
     expected = dict.fromkeys(set(lab_a.perf_by_model) | set(lab_b.perf_by_model), 0)
@@ -172,7 +191,7 @@ def test_remigration_imports_nothing(
     assert ds.db.table_counts() == counts
     assert again[0].cid == first.cid  # nothing changed, so no new version
     assert len(ds.history()) == 1
-    sources = ds.query("SELECT count(*) AS n FROM migration_sources").column("n")[0].as_py()
+    sources = ds.db.query("SELECT count(*) AS n FROM migration_sources").column("n")[0].as_py()
     assert sources == 1
 
 
@@ -181,7 +200,7 @@ def test_original_quirks_are_imported_faithfully(ds: LocalDataset, lab_b: Legacy
     assert result.status == "migrated", result.error
 
     # Assertion ids restarted per result: each keeps its original id and parent in provenance.
-    prov = ds.query(
+    prov = ds.db.query(
         f"SELECT source_id, source_parent_id FROM {ROWS_TABLE} "
         "WHERE table_name = 'integration_test_assertions'"
     ).to_pylist()
@@ -189,12 +208,12 @@ def test_original_quirks_are_imported_faithfully(ds: LocalDataset, lab_b: Legacy
     assert len({(p["source_id"], p["source_parent_id"]) for p in prov}) == len(prov)
     assert len({p["source_id"] for p in prov}) < len(prov)
     # NULL run ids stay NULL, never pointed at some other run.
-    nulls = ds.query("SELECT count(*) AS n FROM performance_results WHERE run_id IS NULL")
+    nulls = ds.db.query("SELECT count(*) AS n FROM performance_results WHERE run_id IS NULL")
     assert nulls.column("n")[0].as_py() == 12  # every 4th of 48
     # JSON stored as text: a Python-repr dict is kept verbatim as a JSON string.
-    metrics = ds.query("SELECT metrics FROM performance_results LIMIT 1").column(0)[0].as_py()
+    metrics = ds.db.query("SELECT metrics FROM performance_results LIMIT 1").column(0)[0].as_py()
     assert json.loads(metrics).startswith("{'p50_ms'")
-    meta = ds.query("SELECT metadata FROM models LIMIT 1").column(0)[0].as_py()
+    meta = ds.db.query("SELECT metadata FROM models LIMIT 1").column(0)[0].as_py()
     assert json.loads(meta)["hub"] == "huggingface"
     # FLOAT values are bit-identical (no round trip through another type).
     src = duckdb.connect(str(lab_b.path), read_only=True)
@@ -208,7 +227,7 @@ def test_original_quirks_are_imported_faithfully(ds: LocalDataset, lab_b: Legacy
     finally:
         src.close()
     node = sorted(
-        ds.query("SELECT throughput_items_per_second FROM performance_results")
+        ds.db.query("SELECT throughput_items_per_second FROM performance_results")
         .column(0)
         .to_pylist()
     )
@@ -222,10 +241,10 @@ def test_unknown_tables_and_views_are_carried(
     assert all(r.ok for r in results)
     assert results[0].views == ["cross_platform_performance", "latest_performance_metrics"]
 
-    web = ds.query("SELECT count(*) AS n FROM web_platform_results").column("n")[0].as_py()
+    web = ds.db.query("SELECT count(*) AS n FROM web_platform_results").column("n")[0].as_py()
     assert web == lab_a.rows["web_platform_results"] + lab_b.rows["web_platform_results"]
     # The carried view joins remapped ids: lab A's (bert, cpu) and lab B's (t5, cpu) rows.
-    cross = ds.query(
+    cross = ds.db.query(
         "SELECT model_name, hardware_type FROM cross_platform_performance "
         "WHERE hardware_type = 'cpu' ORDER BY 1"
     ).to_pylist()
@@ -233,7 +252,7 @@ def test_unknown_tables_and_views_are_carried(
         {"model_name": "bert-base-uncased", "hardware_type": "cpu"},
         {"model_name": "t5-small", "hardware_type": "cpu"},
     ]
-    latest = ds.query("SELECT count(*) AS n FROM latest_performance_metrics")
+    latest = ds.db.query("SELECT count(*) AS n FROM latest_performance_metrics")
     assert latest.column("n")[0].as_py() > 0
     # The snapshot carries the extra table too.
     assert "web_platform_results" in ds.head().manifest.tables
@@ -329,7 +348,7 @@ def test_bad_file_fails_alone(
     after = ds.db.table_counts()
     assert {t: after[t] - before[t] for t in TABLES} == {t: lab_a.rows[t] for t in TABLES}
     tables = {
-        r["table_name"] for r in ds.query("SELECT table_name FROM duckdb_tables()").to_pylist()
+        r["table_name"] for r in ds.db.query("SELECT table_name FROM duckdb_tables()").to_pylist()
     }
     assert "invoices" not in tables
 
@@ -439,3 +458,96 @@ def test_cli_refuses_while_a_node_holds_the_database(
     assert rc != 0
     assert "in use by another process" in err
     assert "Try: if a node runs there" in err
+
+
+# ---- never write beside what is not ours (issue 17, finding 12) ------------------------------
+
+PASSWD = "root:x:0:0:root:/root:/bin/bash\n"
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    ("make", "error_type"),
+    [
+        (lambda p: p.write_text(PASSWD), "NotADuckDBFile"),
+        (_other_schema, "UnknownSchema"),
+        (lambda p: p.write_bytes(b""), "NotADuckDBFile"),
+    ],
+    ids=["passwd", "other-schema", "empty"],
+)
+def test_an_invalid_file_is_rejected_before_anything_is_written(
+    ds: LocalDataset, tmp_path: Path, make: Any, error_type: str
+) -> None:
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    target = etc / "passwd"
+    make(target)
+    before = _files(etc)
+    for backup_beside in (False, True):
+        [result] = migrate_files(ds, [target], backup_beside=backup_beside)
+        assert result.status == "failed" and result.error_type == error_type, result.error
+        assert result.backup is None
+        assert _files(etc) == before  # nothing beside it, and it is unchanged
+    assert not (ds.home / BACKUP_DIR).exists()
+
+
+def test_unusable_paths_are_failed_results(ds: LocalDataset, tmp_path: Path) -> None:
+    (tmp_path / "dir.duckdb").mkdir()
+    results = migrate_files(
+        ds, [tmp_path / "dir.duckdb", "bad\0name.duckdb", tmp_path / ("x" * 300)]
+    )
+    assert [r.error_type for r in results] == ["LegacyFileMissing"] * 3
+
+
+def test_backup_beside_is_only_on_request(ds: LocalDataset, lab_a: LegacyContents) -> None:
+    result = migrate_file(ds, lab_a.path, backup_beside=True)
+    assert result.backup == lab_a.path.with_name(lab_a.path.name + BACKUP_SUFFIX)
+    assert result.backup.read_bytes() == lab_a.path.read_bytes()
+
+
+async def test_node_migrate_route_never_writes_beside_the_paths(
+    tmp_path: Path, lab_a: LegacyContents, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The control API route, on a real node over its real socket: the attack run's
+    `{"paths": ["/etc/passwd"]}` (here a copy in tmp_path) leaves its directory alone;
+    a valid file is backed up into the node's home; the CLI backs up beside the files
+    its user named, in its own process."""
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    (etc / "passwd").write_text(PASSWD)
+    home = Path(tempfile.mkdtemp(prefix="bsm-", dir="/tmp"))  # a socket path under 107 bytes
+    try:
+        node = make_node(home)
+        async with trio.open_nursery() as nursery:
+            with trio.fail_after(NODE_TIMEOUT):
+                ep = await nursery.start(node.run)
+            client = ControlClient(socket_path=ep.socket_path)
+            answer = await trio.to_thread.run_sync(
+                client.post, "/v1/migrate", {"paths": [str(etc / "passwd"), str(lab_a.path)]}
+            )
+            bad, good = answer["results"]
+            assert bad["status"] == "failed" and bad["error_type"] == "NotADuckDBFile"
+            assert bad["backup"] is None
+            assert _files(etc) == {"passwd": PASSWD.encode()}
+            assert good["status"] == "migrated"
+            assert Path(good["backup"]) == home / BACKUP_DIR / (lab_a.path.name + BACKUP_SUFFIX)
+            assert _files(lab_a.path.parent) == {lab_a.path.name: lab_a.path.read_bytes()}
+
+            lab_b = build_legacy_db(tmp_path / "lab_b.duckdb", seed=1, quirks=True)
+            rc = await trio.to_thread.run_sync(
+                main, ["migrate", "--home", str(home), "--json", "--db", str(lab_b.path),
+                       "--db", str(etc / "passwd")],
+            )  # fmt: skip
+            out, _ = capsys.readouterr()
+            assert rc == 2  # one file failed
+            good_b, bad_b = json.loads(out)["results"]
+            beside = lab_b.path.with_name(lab_b.path.name + BACKUP_SUFFIX)
+            assert good_b["status"] == "migrated" and good_b["backup"] == str(beside)
+            assert beside.read_bytes() == lab_b.path.read_bytes()
+            assert bad_b["status"] == "failed" and _files(etc) == {"passwd": PASSWD.encode()}
+            nursery.cancel_scope.cancel()
+    finally:
+        shutil.rmtree(home, ignore_errors=True)

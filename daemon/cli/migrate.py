@@ -24,7 +24,13 @@ from benchsync.daemon.cli.common import (
     open_dataset,
 )
 from benchsync.storage.db import DatabaseLocked
-from benchsync.storage.migrate import migrate_files, snapshot_legacy
+from benchsync.storage.migrate import (
+    MigrationError,
+    backup_file,
+    migrate_files,
+    snapshot_legacy,
+    validate_legacy,
+)
 
 EXIT_SOME_FAILED = 2  # at least one file failed; the rest were migrated
 
@@ -103,10 +109,15 @@ def run(args: argparse.Namespace) -> int:
     client = None if args.snapshot_only else node_client(args)
     if client is not None:
         # The running node owns the database: it migrates (and announces the new head).
+        # Backups beside the files are ours to write (our user named them), not the node's.
         say(f"migrating {len(args.db)} file(s) through the running node")
-        body = {"paths": [str(Path(p).resolve()) for p in args.db],
-                "backup": not args.no_backup, "verify": not args.no_verify}  # fmt: skip
+        paths = [str(Path(p).resolve()) for p in args.db]
+        backups = {} if args.no_backup else _backup_beside(paths, say)
+        body = {"paths": paths, "backup": False, "verify": not args.no_verify}
         results = call_node(client, "POST", "/v1/migrate", body)["results"]
+        for r in results:
+            if r["ok"] and r["path"] in backups:
+                r["backup"] = backups[r["path"]]
     else:
         with open_dataset(args) as ds:
             if not args.snapshot_only:
@@ -125,6 +136,7 @@ def run(args: argparse.Namespace) -> int:
                     ds,
                     [Path(p) for p in args.db],
                     backup=not args.no_backup,
+                    backup_beside=True,  # the user named these files
                     verify=not args.no_verify,
                     progress=say,
                 )
@@ -145,6 +157,20 @@ def run(args: argparse.Namespace) -> int:
         )
         return EXIT_SOME_FAILED
     return 0
+
+
+def _backup_beside(paths: list[str], say: Callable[[str], None]) -> dict[str, str]:
+    """Back up each valid legacy file beside itself; {path: backup}. An invalid file is
+    left alone: the node reports what is wrong with it."""
+    backups = {}
+    for p in paths:
+        try:
+            validate_legacy(Path(p))
+            backups[p] = str(backup_file(Path(p)))
+        except MigrationError:
+            continue
+        say(f"  {Path(p).name}: backed up to {backups[p]}")
+    return backups
 
 
 def _print_summary(results: list[dict[str, Any]]) -> None:
