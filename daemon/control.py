@@ -46,6 +46,7 @@ MAX_HEADER_BYTES = 16 * 1024  # bytes; request line plus headers
 IDLE_TIMEOUT = 10.0  # seconds a connection may wait before (or between) requests
 HEADER_TIMEOUT = 10.0  # seconds from a request's first byte to the end of its head
 BODY_TIMEOUT = 30.0  # seconds to receive a body once its head is in
+SEND_TIMEOUT = 30.0  # seconds for a client to take one piece of our answer
 # Each listener has its own connection limit, so that a flood of (unauthenticated)
 # TCP connections never delays the local user on the Unix socket.
 MAX_UNIX_CONNECTIONS = 64  # served at once on the Unix socket; more wait for a free slot
@@ -298,6 +299,7 @@ class ControlServer:
     idle_timeout: float = IDLE_TIMEOUT
     header_timeout: float = HEADER_TIMEOUT
     body_timeout: float = BODY_TIMEOUT
+    send_timeout: float = SEND_TIMEOUT
     max_unix_connections: int = MAX_UNIX_CONNECTIONS
     max_tcp_connections: int = MAX_TCP_CONNECTIONS
 
@@ -414,7 +416,8 @@ class _Connection:
     Reading a request has three deadlines: `idle_timeout` until its first byte
     (an idle connection is then closed without an answer), `header_timeout`
     from there to the end of its head, `body_timeout` for the body (408 when
-    either passes).
+    either passes). A client that takes no part of our answer for
+    `send_timeout` is disconnected.
     """
 
     def __init__(self, server: ControlServer, stream: trio.abc.Stream, transport: str) -> None:
@@ -572,7 +575,11 @@ class _Connection:
     async def _send(self, event: Any) -> None:
         data = self.conn.send(event)
         if data:
-            await self.stream.send_all(data)
+            # A client that does not read its answer must not hold its slot forever.
+            with trio.move_on_after(self.server.send_timeout) as scope:
+                await self.stream.send_all(data)
+            if scope.cancelled_caught:
+                raise trio.BrokenResourceError("the client does not read its answer")
 
 
 def _too_large(limit: int, got: int) -> ApiError:

@@ -10,13 +10,14 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 import trio.testing
-from test_control import TOKEN, serving, sock_dir
+from test_control import TOKEN, make_router, serving, sock_dir
 
-from benchsync.daemon.control import ApiError, ControlClient, Request
+from benchsync.daemon.control import ApiError, ControlClient, Request, Text
 
 __all__ = ["sock_dir"]  # the fixture, shared with test_control
 
@@ -24,6 +25,7 @@ IDLE_ATTACKERS = 200  # the attack run's number of idle TCP connections
 # A Unix-socket call must answer within this while the TCP listener is flooded. The
 # old shared limiter made it wait for the flood's request timeouts (10 s, 28 s seen).
 UNIX_DEADLINE = 5.0  # seconds
+BIG_ANSWER = 64 * 1024 * 1024  # bytes; far more than the socket buffers hold
 
 
 async def receive_all(stream: trio.abc.Stream) -> bytes:
@@ -74,18 +76,44 @@ async def test_tcp_connections_over_the_limit_are_refused_at_once(sock_dir: Path
             for s in idle:
                 await s.aclose()
         # Once the idle ones are gone, an authenticated client is served again.
-        url = f"http://{ep.tcp_address[0]}:{ep.tcp_address[1]}"
-        client = ControlClient(url=url, token=TOKEN, timeout=UNIX_DEADLINE)
+        await served_soon(ep.tcp_address)
 
-        async def served() -> bool:
-            try:
-                return bool((await trio.to_thread.run_sync(client.get, "/v1/status"))["ok"])
-            except Exception:
-                return False
 
-        with trio.fail_after(UNIX_DEADLINE * 2):
-            while not await served():
-                await trio.sleep(0.05)
+async def served_soon(address: tuple[str, int]) -> None:
+    """Wait until an authenticated TCP client gets its answer (503s while the slots free)."""
+    client = ControlClient(url=f"http://{address[0]}:{address[1]}", token=TOKEN,
+                           timeout=UNIX_DEADLINE)  # fmt: skip
+
+    async def served() -> bool:
+        try:
+            return bool((await trio.to_thread.run_sync(client.get, "/v1/status"))["ok"])
+        except Exception:
+            return False
+
+    with trio.fail_after(UNIX_DEADLINE * 2):
+        while not await served():
+            await trio.sleep(0.05)
+
+
+async def test_a_client_that_does_not_read_its_answer_loses_its_slot(sock_dir: Path) -> None:
+    router = make_router()
+
+    async def big(request: Request) -> tuple[int, Any]:
+        return 200, Text(b"x" * BIG_ANSWER)
+
+    router.add("GET", "/v1/big", big)
+    async with serving(
+        sock_dir, router=router, tcp=("127.0.0.1", 0), token=TOKEN, max_tcp_connections=1,
+        send_timeout=0.5,
+    ) as ep:  # fmt: skip
+        assert ep.tcp_address is not None
+        stuck = await trio.open_tcp_stream(*ep.tcp_address)
+        async with stuck:
+            await stuck.send_all(
+                b"GET /v1/big HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n\r\n"
+                % TOKEN.encode()
+            )
+            await served_soon(ep.tcp_address)  # while `stuck` never reads
 
 
 async def test_tcp_token_is_checked_before_the_body_is_read(sock_dir: Path) -> None:
@@ -182,3 +210,38 @@ def test_query_int_names_the_parameter() -> None:
         request.query_int("limit")
     assert info.value.status == 400 and "limit" in info.value.message
     assert Request("GET", "/", {}, {}, b"").query_int("limit", default=7) == 7
+
+
+async def test_real_node_answers_bad_input_with_400s(sock_dir: Path) -> None:
+    """The attack run's two 500s, on a real node's routes: `history?limit=abc` and a
+    100,000-deep JSON body."""
+    from benchsync.daemon.config import load_config
+    from benchsync.daemon.node import Node
+
+    config = load_config(sock_dir / "home", env={}, overrides={
+        "network": "hostile-control", "listen": ["/ip4/127.0.0.1/tcp/0"], "bootstrap": [],
+        "snapshot_interval": 0, "snapshot_after_writes": 0, "control_socket": sock_dir / "n.sock",
+    })  # fmt: skip
+    node = Node(config)
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(60):
+            ep = await nursery.start(node.run)
+        client = ControlClient(socket_path=ep.socket_path)
+        status, _, body = await trio.to_thread.run_sync(
+            client.request, "GET", "/v1/history?limit=abc"
+        )
+        assert status == 400 and json.loads(body)["error"]["code"] == "bad_query"
+        deep = b"[" * 100_000 + b"]" * 100_000
+        stream = await trio.open_unix_socket(os.fspath(ep.socket_path))
+        async with stream:
+            await stream.send_all(
+                b"POST /v1/query HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                b"Content-Length: %d\r\n\r\n" % len(deep) + deep
+            )
+            reply = await receive_all(stream)
+        assert reply.startswith(b"HTTP/1.1 400 "), reply[:300]
+        assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "bad_json"
+        assert (await trio.to_thread.run_sync(client.get, "/v1/history?limit=1")) == {
+            "versions": []
+        }
+        nursery.cancel_scope.cancel()
