@@ -35,6 +35,20 @@ async def receive_all(stream: trio.abc.Stream) -> bytes:
     return out
 
 
+async def post_raw(socket_path: Path, path: str, body: bytes) -> tuple[int, Any]:
+    """POST raw bytes on the Unix socket; (status, the decoded "error" or whole body)."""
+    stream = await trio.open_unix_socket(os.fspath(socket_path))
+    async with stream:
+        await stream.send_all(
+            b"POST %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            b"Content-Length: %d\r\n\r\n" % (path.encode(), len(body)) + body
+        )
+        reply = await receive_all(stream)
+    head, _, payload = reply.partition(b"\r\n\r\n")
+    decoded = json.loads(payload)
+    return int(head.split()[1]), decoded.get("error", decoded)
+
+
 async def test_idle_tcp_connections_do_not_block_the_unix_socket(sock_dir: Path) -> None:
     async with serving(sock_dir, tcp=("127.0.0.1", 0), token=TOKEN) as ep:
         assert ep.tcp_address is not None
@@ -190,16 +204,9 @@ async def test_deeply_nested_json_is_a_400(sock_dir: Path) -> None:
     async with serving(sock_dir) as ep:
         client = ControlClient(socket_path=ep.socket_path)
         for deep in (b"[" * 100_000 + b"]" * 100_000, b'{"a":' * 100_000 + b"1" + b"}" * 100_000):
-            stream = await trio.open_unix_socket(os.fspath(ep.socket_path))
-            async with stream:
-                await stream.send_all(
-                    b"POST /v1/echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
-                    b"Content-Length: %d\r\n\r\n" % len(deep) + deep
-                )
-                reply = await receive_all(stream)
-            assert reply.startswith(b"HTTP/1.1 400 "), reply[:200]
-            error = json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]
-            assert error["code"] == "bad_json" and "nested" in error["message"]
+            status, error = await post_raw(ep.socket_path, "/v1/echo", deep)
+            assert status == 400 and error["code"] == "bad_json", error
+            assert "nested" in error["message"]
         # The server is unharmed.
         assert (await trio.to_thread.run_sync(client.get, "/v1/status"))["ok"] is True
 
@@ -232,15 +239,8 @@ async def test_real_node_answers_bad_input_with_400s(sock_dir: Path) -> None:
         )
         assert status == 400 and json.loads(body)["error"]["code"] == "bad_query"
         deep = b"[" * 100_000 + b"]" * 100_000
-        stream = await trio.open_unix_socket(os.fspath(ep.socket_path))
-        async with stream:
-            await stream.send_all(
-                b"POST /v1/query HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
-                b"Content-Length: %d\r\n\r\n" % len(deep) + deep
-            )
-            reply = await receive_all(stream)
-        assert reply.startswith(b"HTTP/1.1 400 "), reply[:300]
-        assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "bad_json"
+        status, error = await post_raw(ep.socket_path, "/v1/query", deep)
+        assert status == 400 and error["code"] == "bad_json", error
         assert (await trio.to_thread.run_sync(client.get, "/v1/history?limit=1")) == {
             "versions": []
         }
