@@ -9,9 +9,16 @@ the synchronous `ControlClient` the CLI uses.
 A handler is `async def handler(request: Request) -> tuple[int, object]`; the
 object is sent as JSON, or as is when it is a `Text` (Prometheus exposition).
 A handler signals a client mistake with `ApiError(status, code, message,
-hint)`; any other exception is logged and becomes a 500 for that request only.
-Every error, including 400 (bad JSON), 401, 404, 405, 408, 413 and 500, has
-the body `{"error": {"code": ..., "message": ..., "hint": ...}}`.
+hint)` (`Request.json` and `Request.query_int` raise the 400s for a bad body
+or query parameter); any other exception is logged and becomes a 500 for that
+request only. Every error, including 400 (bad JSON, too deeply nested JSON, a
+bad query parameter), 401, 404, 405, 408, 413, 500 and 503 (TCP listener
+full), has the body `{"error": {"code": ..., "message": ..., "hint": ...}}`.
+
+The TCP listener is reachable by anyone who can connect, so it costs them
+little: it has its own connection limit (the Unix socket's users never wait
+behind it), checks the token before reading a body, and every connection has
+idle, head, body and send deadlines.
 
 This module knows no routes of its own; the node registers them.
 """
