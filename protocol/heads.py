@@ -145,7 +145,7 @@ def decode_head(data: bytes) -> Head:
         raise InvalidHead(f"message of {len(data)} bytes exceeds {MAX_HEAD_MESSAGE}")
     try:
         obj = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, huge ints, deep nesting
         raise InvalidHead(f"not UTF-8 JSON: {e}") from None
     return Head.from_json(obj)
 

@@ -107,6 +107,11 @@ class TableInfo:
         return {"rows": self.rows, "bytes": self.bytes, "cid": self.cid}
 
 
+# What parsing a hostile manifest can raise: wrong types and keys, OverflowError for
+# 1e999 or a 400-digit number, RecursionError for JSON nested too deep.
+_MALFORMED = (ValueError, KeyError, TypeError, AttributeError, ArithmeticError, RecursionError)
+
+
 @dataclass(frozen=True)
 class Manifest:
     dataset: str
@@ -163,7 +168,7 @@ class Manifest:
             raise
         except UnsafeName as e:
             raise BadSnapshot(f"manifest.json: {e}") from e
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
+        except _MALFORMED as e:
             raise BadSnapshot(f"malformed manifest.json: {e}") from e
 
     @property
