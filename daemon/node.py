@@ -147,6 +147,7 @@ class Node:
                 max_fetches_per_peer=config.max_concurrent_fetches_per_peer,
             ),
             reannounce_interval=config.reannounce_interval,
+            max_followed=config.max_followed_datasets,
             on_complete=self._install_replica,
         )
         self.queries = QueryService(
