@@ -17,7 +17,16 @@ import trio
 import trio.testing
 from test_control import TOKEN, make_router, serving, sock_dir
 
-from benchsync.daemon.control import ApiError, ControlClient, Request, Text
+from benchsync.daemon.control import (
+    MAX_UNIX_PATH,
+    ApiError,
+    ControlClient,
+    ControlServer,
+    ControlSocketError,
+    ControlTCPError,
+    Request,
+    Text,
+)
 
 __all__ = ["sock_dir"]  # the fixture, shared with test_control
 
@@ -245,3 +254,28 @@ async def test_real_node_answers_bad_input_with_400s(sock_dir: Path) -> None:
             "versions": []
         }
         nursery.cancel_scope.cancel()
+
+
+async def test_control_tcp_port_in_use_is_a_typed_error(sock_dir: Path) -> None:
+    taken = trio.socket.socket()
+    await taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    try:
+        server = ControlServer(make_router(), sock_dir / "c.sock", tcp=("127.0.0.1", port),
+                               token=TOKEN)  # fmt: skip
+        with pytest.raises(ControlTCPError) as info:
+            await server.run()
+    finally:
+        taken.close()
+    assert info.value.address == ("127.0.0.1", port)
+    assert "in use" in info.value.message and "control_tcp" in info.value.hint
+    assert not (sock_dir / "c.sock").exists()  # nothing left behind
+
+
+async def test_socket_path_over_the_limit_is_a_typed_error(sock_dir: Path) -> None:
+    path = sock_dir / ("s" * MAX_UNIX_PATH)
+    with pytest.raises(ControlSocketError) as info:
+        await ControlServer(make_router(), path).run()
+    assert f"longer than {MAX_UNIX_PATH} bytes" in info.value.message
+    assert "control_socket" in info.value.hint
