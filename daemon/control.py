@@ -100,31 +100,27 @@ class ApiError(Exception):
         return {"error": {"code": self.code, "message": self.message, "hint": self.hint}}
 
 
-class ControlListenError(OSError):
-    """A control listener cannot be opened (our environment's fault, not a client's).
+class ControlSocketError(OSError):
+    """The control API cannot listen: its Unix socket, or (`ControlTCPError`) its TCP
+    address (our environment's fault, not a client's).
 
-    `message` says what happened (naming the address) and `hint` what to try.
+    `message` says what happened, naming the socket or setting, and `hint` what to try.
     """
 
-    def __init__(self, where: str, message: str, hint: str) -> None:
+    def __init__(self, path: Path, message: str, hint: str, *, where: str | None = None) -> None:
+        where = where or f"control socket {path}"
         super().__init__(f"{where}: {message}")
+        self.path = path
         self.message = f"{where}: {message}"
         self.hint = hint
 
 
-class ControlSocketError(ControlListenError):
-    """The control socket cannot be created."""
+class ControlTCPError(ControlSocketError):
+    """The control API's TCP address (setting `control_tcp`) cannot be listened on,
+    e.g. the port is in use."""
 
-    def __init__(self, path: Path, message: str, hint: str) -> None:
-        super().__init__(f"control socket {path}", message, hint)
-        self.path = path
-
-
-class ControlTCPError(ControlListenError):
-    """The control API's TCP address cannot be listened on (e.g. the port is in use)."""
-
-    def __init__(self, address: tuple[str, int], message: str, hint: str) -> None:
-        super().__init__(f"control TCP address {address[0]}:{address[1]}", message, hint)
+    def __init__(self, path: Path, address: tuple[str, int], message: str, hint: str) -> None:
+        super().__init__(path, message, hint, where=f"control_tcp {address[0]}:{address[1]}")
         self.address = address
 
 
@@ -338,7 +334,9 @@ class ControlServer:
         unix_listener = await _open_unix_listener(self.socket_path)
         ino = os.stat(self.socket_path).st_ino
         try:
-            tcp_listeners = await _open_tcp_listeners(self.tcp) if self.tcp is not None else []
+            tcp_listeners = (
+                await _open_tcp_listeners(self.socket_path, self.tcp) if self.tcp else []
+            )
             async with trio.open_nursery() as nursery:
                 await nursery.start(
                     trio.serve_listeners, partial(self._serve, transport="unix"), [unix_listener]
@@ -613,7 +611,9 @@ async def _refuse_busy(stream: trio.abc.Stream, limit: int) -> None:
         await stream.send_all(head.encode("ascii") + payload)
 
 
-async def _open_tcp_listeners(address: tuple[str, int]) -> list[trio.SocketListener]:
+async def _open_tcp_listeners(
+    socket_path: Path, address: tuple[str, int]
+) -> list[trio.SocketListener]:
     """Listen on the control API's TCP address; `ControlTCPError` when it cannot."""
     host, port = address
     try:
@@ -628,7 +628,7 @@ async def _open_tcp_listeners(address: tuple[str, int]) -> list[trio.SocketListe
             reason, hint = f"cannot listen: {e.strerror or e}", (
                 "set control_tcp (BENCHSYNC_CONTROL_TCP) to an address of this machine"
             )
-        raise ControlTCPError(address, reason, hint) from e
+        raise ControlTCPError(socket_path, address, reason, hint) from e
 
 
 async def _open_unix_listener(path: Path) -> trio.SocketListener:

@@ -29,16 +29,21 @@ def cli(home: Path, *args: str, wrap: list[str] | None = None) -> subprocess.Com
     )  # fmt: skip
 
 
-def assert_user_error(r: subprocess.CompletedProcess[str], *words: str) -> None:
-    """Exit 1 with the documented two lines, and no traceback."""
+def assert_user_error(
+    r: subprocess.CompletedProcess[str], *words: str, hint: str = ""
+) -> None:
+    """Exit 1 with the documented two lines (the Error line holding `words`, the Try
+    line `hint`), and no traceback."""
     assert r.returncode == 1, (r.returncode, r.stderr)
     assert "Traceback" not in r.stderr, r.stderr
     lines = r.stderr.splitlines()
     errors = [i for i, line in enumerate(lines) if line.startswith("Error: ")]
     assert errors, r.stderr
-    assert lines[errors[-1] + 1].startswith("Try: "), r.stderr
+    error, try_line = lines[errors[-1]], lines[errors[-1] + 1]
+    assert try_line.startswith("Try: "), r.stderr
     for word in words:
-        assert word.lower() in r.stderr.lower(), r.stderr
+        assert word.lower() in error.lower(), r.stderr
+    assert hint.lower() in try_line.lower(), r.stderr
 
 
 def up_args() -> list[str]:
@@ -50,7 +55,7 @@ def test_up_with_a_socket_path_over_the_limit(tmp_path: Path) -> None:
     path = long_dir / "control.sock"
     assert len(os.fsencode(path)) > MAX_UNIX_PATH
     r = cli(tmp_path / "home", *up_args(), "--control-socket", str(path))
-    assert_user_error(r, "longer than 107 bytes")
+    assert_user_error(r, "control socket", "longer than 107 bytes", hint="setting")
 
 
 def test_up_with_the_control_tcp_port_in_use(tmp_path: Path) -> None:
@@ -65,7 +70,7 @@ def test_up_with_the_control_tcp_port_in_use(tmp_path: Path) -> None:
         )  # fmt: skip
     finally:
         taken.close()
-    assert_user_error(r, f"127.0.0.1:{port}", "in use", "control_tcp")
+    assert_user_error(r, f"control_tcp 127.0.0.1:{port}", "in use", hint="setting")
 
 
 # --- a read-only home ---------------------------------------------------------------------
@@ -140,4 +145,4 @@ def test_read_only_home(tmp_path: Path, read_only: object, command: str) -> None
         target = parent / "home"
     wrap = read_only(target.parent if command == "init" else target)  # type: ignore[operator]
     r = cli(target, *args, wrap=wrap)
-    assert_user_error(r, "read-only" if os.geteuid() == 0 else "permission denied")
+    assert_user_error(r, "read-only file system" if os.geteuid() == 0 else "permission denied")

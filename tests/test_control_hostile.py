@@ -269,7 +269,8 @@ async def test_control_tcp_port_in_use_is_a_typed_error(sock_dir: Path) -> None:
     finally:
         taken.close()
     assert info.value.address == ("127.0.0.1", port)
-    assert "in use" in info.value.message and "control_tcp" in info.value.hint
+    assert info.value.message == f"control_tcp 127.0.0.1:{port}: the port is in use"
+    assert "control_tcp" in info.value.hint
     assert not (sock_dir / "c.sock").exists()  # nothing left behind
 
 

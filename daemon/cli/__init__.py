@@ -85,7 +85,7 @@ def user_error(e: Exception) -> CLIError | None:
     unwritable data directory, a listener that cannot be opened), else None."""
     from benchsync.daemon.cli.common import CLIError, os_error
     from benchsync.daemon.config import ConfigError
-    from benchsync.daemon.control import ControlListenError
+    from benchsync.daemon.control import ControlSocketError
     from benchsync.storage.db import DatabaseLocked
     from benchsync.storage.errors import StorageError
 
@@ -98,7 +98,7 @@ def user_error(e: Exception) -> CLIError | None:
         return CLIError(str(e), "run with the same arguments again after fixing the cause above")
     if isinstance(e, ConfigError):
         return CLIError(e.message, e.hint)
-    if isinstance(e, ControlListenError):
+    if isinstance(e, ControlSocketError):
         return CLIError(e.message, e.hint)
     if isinstance(e, OSError):
         return os_error(e)
