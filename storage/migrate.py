@@ -61,6 +61,7 @@ from benchsync.storage import schema
 from benchsync.storage.dataset import LocalDataset, write_sidecar
 from benchsync.storage.errors import StorageError
 from benchsync.storage.snapshot import SnapshotStore
+from benchsync.storage.sqlnames import ident, literal
 
 BACKUP_SUFFIX = ".pre-benchsync-backup"
 BACKUP_DIR = "backups"  # under the data directory: where backups go unless asked beside the file
@@ -269,14 +270,6 @@ class LegacyFile:
         return sorted(t for t in self.tables if t not in schema.TABLES and t not in NOT_CARRIED)
 
 
-def _q(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
-def _lit(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
-
-
 def file_sha256(path: Path) -> str:
     """SHA-256 of the file's bytes (and of its write-ahead log, if one is beside it)."""
     h = hashlib.sha256()
@@ -445,7 +438,7 @@ def _inspect(conn: duckdb.DuckDBPyConnection, path: Path) -> LegacyFile:
     tables: dict[str, LegacyTable] = {}
     for name, columns in all_columns.items():
         rows, checksum = conn.execute(
-            f"SELECT count(*), coalesce(sum(hash(t)::HUGEINT), 0) FROM {_q(name)} t"
+            f"SELECT count(*), coalesce(sum(hash(t)::HUGEINT), 0) FROM {ident(name)} t"
         ).fetchall()[0]
         pk = schema.PRIMARY_KEYS.get(name, pks.get(name))
         tables[name] = LegacyTable(name, columns, int(rows), int(checksum), pk)
@@ -534,8 +527,8 @@ def _convert(expr: str, src_type: str, dst_type: str) -> str:
 
 def _id_map(source: str, table: str) -> str:
     return (
-        f"(SELECT source_id, new_id FROM {ROWS_TABLE} WHERE source = {_lit(source)} "
-        f"AND source_table = {_lit(table)})"
+        f"(SELECT source_id, new_id FROM {ROWS_TABLE} WHERE source = {literal(source)} "
+        f"AND source_table = {literal(table)})"
     )
 
 
@@ -561,14 +554,15 @@ class _Importer:
         return _scalar(self.conn, statement)
 
     def ltable(self, table: str) -> str:
-        return f"{ATTACH_ALIAS}.main.{_q(table)}"
+        return f"{ATTACH_ALIAS}.main.{ident(table)}"
 
     # -- checks of the file's own consistency --
     def check_ids(self, table: str) -> None:
+        # sql: ltable() quotes with ident(); the rest is ident()/literal() or a constant.
         pk = schema.PRIMARY_KEYS[table]
         rows = self.conn.execute(
-            f"SELECT {_q(pk)}, count(*) FROM {self.ltable(table)} GROUP BY 1 "
-            f"HAVING count(*) > 1 OR {_q(pk)} IS NULL ORDER BY 1 LIMIT {MAX_EXAMPLES}"
+            f"SELECT {ident(pk)}, count(*) FROM {self.ltable(table)} GROUP BY 1 "
+            f"HAVING count(*) > 1 OR {ident(pk)} IS NULL ORDER BY 1 LIMIT {MAX_EXAMPLES}"
         ).fetchall()
         if rows:
             shown = ", ".join(f"{pk}={r[0]} ({r[1]} rows)" for r in rows)
@@ -579,12 +573,14 @@ class _Importer:
             )
 
     def check_references(self, table: str, refs: dict[str, str]) -> None:
+        # sql: ltable() quotes with ident(); the rest is ident()/literal() or a constant.
         for col, target in refs.items():
             tpk = schema.PRIMARY_KEYS[target]
             rows = self.conn.execute(
-                f"SELECT DISTINCT s.{_q(col)} FROM {self.ltable(table)} s WHERE s.{_q(col)} IS NOT "
-                f"NULL AND NOT EXISTS (SELECT 1 FROM {self.ltable(target)} r WHERE r.{_q(tpk)} = "
-                f"s.{_q(col)}) ORDER BY 1 LIMIT {MAX_EXAMPLES}"
+                f"SELECT DISTINCT s.{ident(col)} FROM {self.ltable(table)} s "
+                f"WHERE s.{ident(col)} IS NOT NULL AND NOT EXISTS "
+                f"(SELECT 1 FROM {self.ltable(target)} r WHERE r.{ident(tpk)} = s.{ident(col)}) "
+                f"ORDER BY 1 LIMIT {MAX_EXAMPLES}"
             ).fetchall()
             if rows:
                 shown = ", ".join(str(r[0]) for r in rows)
@@ -599,9 +595,11 @@ class _Importer:
     def prepare_columns(self, table: str, ltab: LegacyTable) -> dict[str, str]:
         """Node column types, after adding any column the file has and the node lacks."""
         types = _column_types(self.conn, table)
+        # sql: `typ` is a type name DuckDB itself printed for the file's column (a type, not
+        # text a user typed); names are quoted with ident().
         for col, typ in ltab.columns:
             if col not in types:
-                self.conn.execute(f"ALTER TABLE {_q(table)} ADD COLUMN {_q(col)} {typ}")
+                self.conn.execute(f"ALTER TABLE {ident(table)} ADD COLUMN {ident(col)} {typ}")
                 types[col] = typ
                 self.warnings.append(
                     f"added column {table}.{col} ({typ}), which the file has "
@@ -624,71 +622,78 @@ class _Importer:
                 alias = f"m{i}"
                 joins.append(
                     f"LEFT JOIN {_id_map(self.src, refs[col])} {alias} "
-                    f"ON {alias}.source_id = s.{_q(col)}"
+                    f"ON {alias}.source_id = s.{ident(col)}"
                 )
                 exprs.append(_convert(f"{alias}.new_id", "BIGINT", types[col]))
             else:
-                exprs.append(_convert(f"s.{_q(col)}", src_types[col], types[col]))
+                exprs.append(_convert(f"s.{ident(col)}", src_types[col], types[col]))
         return cols, exprs, " ".join(joins)
 
     # -- tables of the schema --
     def import_merged(self, table: str) -> TableReport:
+        # sql: every fragment below (ltable, key/column lists, exprs, joins) is composed of
+        # ident()/literal() of schema or file names, and numbers DuckDB computed.
         ltab = self.legacy.tables[table]
         pk = schema.PRIMARY_KEYS[table]
         keys = MERGE_KEYS[table]
         types = self.prepare_columns(table, ltab)
-        key_cols = ", ".join(_q(k) for k in keys)
+        key_cols = ", ".join(ident(k) for k in keys)
         match = lambda a, b: " AND ".join(  # noqa: E731
-            f"{a}.{_q(k)} IS NOT DISTINCT FROM {b}.{_q(k)}" for k in keys
+            f"{a}.{ident(k)} IS NOT DISTINCT FROM {b}.{ident(k)}" for k in keys
         )
-        base = self.sql(f"SELECT coalesce(max({_q(pk)}), 0) + 1 FROM {_q(table)}")
+        base = self.sql(f"SELECT coalesce(max({ident(pk)}), 0) + 1 FROM {ident(table)}")
         self.conn.execute(f"""
             INSERT INTO {ROWS_TABLE}
-            WITH s AS (SELECT {_q(pk)} AS sid, {key_cols}, rowid AS rid,
-                              row_number() OVER (PARTITION BY {key_cols} ORDER BY {_q(pk)}, rowid)
-                              AS dup
+            WITH s AS (SELECT {ident(pk)} AS sid, {key_cols}, rowid AS rid,
+                              row_number() OVER (PARTITION BY {key_cols}
+                                                 ORDER BY {ident(pk)}, rowid) AS dup
                        FROM {self.ltable(table)}),
-                 ex AS (SELECT {key_cols}, min({_q(pk)}) AS id FROM {_q(table)} GROUP BY ALL),
+                 ex AS (SELECT {key_cols}, min({ident(pk)}) AS id FROM {ident(table)} GROUP BY ALL),
                  fresh AS (SELECT s.*, {base} + row_number() OVER (ORDER BY sid, rid) - 1 AS new_id
                            FROM s WHERE dup = 1
                            AND NOT EXISTS (SELECT 1 FROM ex WHERE {match("ex", "s")}))
-            SELECT {_lit(self.src)}, {_lit(table)}, s.sid, NULL, {_lit(table)},
+            SELECT {literal(self.src)}, {literal(table)}, s.sid, NULL, {literal(table)},
                    coalesce(ex.id, f.new_id), NOT (s.dup = 1 AND ex.id IS NULL)
             FROM s LEFT JOIN ex ON {match("ex", "s")} LEFT JOIN fresh f ON {match("f", "s")}""")
         cols, exprs, _ = self.value_exprs(ltab, types, [pk], {})
         new_rows = self.sql(f"""
-            INSERT INTO {_q(table)} ({_q(pk)}, {", ".join(map(_q, cols))})
+            INSERT INTO {ident(table)} ({ident(pk)}, {", ".join(map(ident, cols))})
             SELECT p.new_id, {", ".join(exprs)} FROM {self.ltable(table)} s
-            JOIN {ROWS_TABLE} p ON p.source = {_lit(self.src)} AND p.source_table = {_lit(table)}
-                 AND p.source_id = s.{_q(pk)} AND NOT p.merged
+            JOIN {ROWS_TABLE} p ON p.source = {literal(self.src)}
+                 AND p.source_table = {literal(table)} AND p.source_id = s.{ident(pk)}
+                 AND NOT p.merged
             ORDER BY p.new_id""")
         report = TableReport(table, ltab.rows, new_rows)
         if self.verify:
             # Merged rows are checked on their key (the node's row keeps its own other values);
             # rows this file added are checked on every column.
-            key_src = ", ".join(f"s.{_q(k)}" for k in keys)
-            key_node = ", ".join(f"n.{_q(k)}" for k in keys)
+            key_src = ", ".join(f"s.{ident(k)}" for k in keys)
+            key_node = ", ".join(f"n.{ident(k)}" for k in keys)
             src = self.conn.execute(f"""
-                SELECT count(*), coalesce(sum(hash(s.{_q(pk)}, {key_src})::HUGEINT), 0)
-                     + coalesce(sum(hash(s.{_q(pk)}, {", ".join(exprs)})::HUGEINT)
+                SELECT count(*), coalesce(sum(hash(s.{ident(pk)}, {key_src})::HUGEINT), 0)
+                     + coalesce(sum(hash(s.{ident(pk)}, {", ".join(exprs)})::HUGEINT)
                                 FILTER (WHERE NOT p.merged), 0)
-                FROM {self.ltable(table)} s JOIN {ROWS_TABLE} p ON p.source = {_lit(self.src)}
-                     AND p.source_table = {_lit(table)} AND p.source_id = s.{_q(pk)}""").fetchall()[
+                FROM {self.ltable(table)} s JOIN {ROWS_TABLE} p
+                     ON p.source = {literal(self.src)} AND p.source_table = {literal(table)}
+                     AND p.source_id = s.{ident(pk)}""").fetchall()[
                 0
             ]
-            node_vals = ", ".join(f"n.{_q(c)}" for c in cols)
+            node_vals = ", ".join(f"n.{ident(c)}" for c in cols)
             node = self.conn.execute(f"""
                 SELECT count(*), coalesce(sum(hash(p.source_id, {key_node})::HUGEINT), 0)
                      + coalesce(sum(hash(p.source_id, {node_vals})::HUGEINT)
                                 FILTER (WHERE NOT p.merged), 0)
-                FROM {ROWS_TABLE} p JOIN {_q(table)} n ON n.{_q(pk)} = p.new_id
-                WHERE p.source = {_lit(self.src)} AND p.source_table = {_lit(table)}""").fetchall()[
+                FROM {ROWS_TABLE} p JOIN {ident(table)} n ON n.{ident(pk)} = p.new_id
+                WHERE p.source = {literal(self.src)}
+                      AND p.source_table = {literal(table)}""").fetchall()[
                 0
             ]
             report.verified = self.compare(table, ltab.rows, src, node)
         return report
 
     def import_plain(self, table: str) -> TableReport:
+        # sql: every fragment below (ltable, key/column lists, exprs, joins) is composed of
+        # ident()/literal() of schema or file names, and numbers DuckDB computed.
         ltab = self.legacy.tables[table]
         pk = schema.PRIMARY_KEYS[table]
         parent = PARENT_COLUMNS.get(table)
@@ -697,7 +702,7 @@ class _Importer:
             c for c, t in FOREIGN_KEYS.get(table, {}).items() if t not in self.legacy.tables
         ]
         for col in missing_targets:
-            n = self.sql(f"SELECT count({_q(col)}) FROM {self.ltable(table)}")
+            n = self.sql(f"SELECT count({ident(col)}) FROM {self.ltable(table)}")
             if n:
                 raise InconsistentLegacyData(
                     self.legacy.path,
@@ -706,19 +711,21 @@ class _Importer:
                 )
         self.check_references(table, refs)
         types = self.prepare_columns(table, ltab)
-        base = self.sql(f"SELECT coalesce(max({_q(pk)}), 0) + 1 FROM {_q(table)}")
-        order = ", ".join(([f"s.{_q(parent)}"] if parent else []) + [f"s.{_q(pk)}", "s.rowid"])
+        base = self.sql(f"SELECT coalesce(max({ident(pk)}), 0) + 1 FROM {ident(table)}")
+        order = ", ".join(
+            ([f"s.{ident(parent)}"] if parent else []) + [f"s.{ident(pk)}", "s.rowid"]
+        )
         new_id = f"{base} + row_number() OVER (ORDER BY {order}) - 1"
-        parent_expr = f"s.{_q(parent)}" if parent else "NULL"
+        parent_expr = f"s.{ident(parent)}" if parent else "NULL"
         # The same deterministic numbering in both statements pairs each row with its provenance.
         self.conn.execute(f"""
             INSERT INTO {ROWS_TABLE}
-            SELECT {_lit(self.src)}, {_lit(table)}, s.{_q(pk)}, {parent_expr}, {_lit(table)},
-                   {new_id}, false
+            SELECT {literal(self.src)}, {literal(table)}, s.{ident(pk)}, {parent_expr},
+                   {literal(table)}, {new_id}, false
             FROM {self.ltable(table)} s""")
         cols, exprs, joins = self.value_exprs(ltab, types, [pk], refs)
         new_rows = self.sql(f"""
-            INSERT INTO {_q(table)} ({_q(pk)}, {", ".join(map(_q, cols))})
+            INSERT INTO {ident(table)} ({ident(pk)}, {", ".join(map(ident, cols))})
             SELECT {_convert(new_id, "BIGINT", types[pk])}, {", ".join(exprs)}
             FROM {self.ltable(table)} s {joins}""")
         report = TableReport(table, ltab.rows, new_rows)
@@ -726,15 +733,16 @@ class _Importer:
             # Compared in the file's id space for the row itself (via provenance) and in the
             # node's for references: a lost, duplicated or colliding row changes count or sum.
             src = self.conn.execute(f"""
-                SELECT count(*), coalesce(sum(hash(s.{_q(pk)}, {parent_expr}, {", ".join(exprs)})
+                SELECT count(*), coalesce(sum(hash(s.{ident(pk)}, {parent_expr}, {", ".join(exprs)})
                                               ::HUGEINT), 0)
                 FROM {self.ltable(table)} s {joins}""").fetchall()[0]
-            node_vals = ", ".join(f"n.{_q(c)}" for c in cols)
+            node_vals = ", ".join(f"n.{ident(c)}" for c in cols)
             node = self.conn.execute(f"""
                 SELECT count(*), coalesce(sum(hash(p.source_id, p.source_parent_id, {node_vals})
                                               ::HUGEINT), 0)
-                FROM {ROWS_TABLE} p JOIN {_q(table)} n ON n.{_q(pk)} = p.new_id
-                WHERE p.source = {_lit(self.src)} AND p.source_table = {_lit(table)}""").fetchall()[
+                FROM {ROWS_TABLE} p JOIN {ident(table)} n ON n.{ident(pk)} = p.new_id
+                WHERE p.source = {literal(self.src)}
+                      AND p.source_table = {literal(table)}""").fetchall()[
                 0
             ]
             report.verified = self.compare(table, ltab.rows, src, node)
@@ -742,15 +750,17 @@ class _Importer:
 
     # -- tables the schema does not know --
     def import_carried(self, table: str) -> TableReport:
+        # sql: every fragment below (ltable, key/column lists, exprs, joins) is composed of
+        # ident()/literal() of schema or file names, and numbers DuckDB computed.
         ltab = self.legacy.tables[table]
         exists = self.sql(
             "SELECT count(*) FROM duckdb_tables() WHERE database_name = current_database() "
-            f"AND schema_name = 'main' AND table_name = {_lit(table)}"
+            f"AND schema_name = 'main' AND table_name = {literal(table)}"
         )
         if not exists:
             # No constraints: rows of several files share this table and their own ids may repeat.
             self.conn.execute(
-                f"CREATE TABLE {_q(table)} AS SELECT * FROM {self.ltable(table)} LIMIT 0"
+                f"CREATE TABLE {ident(table)} AS SELECT * FROM {self.ltable(table)} LIMIT 0"
             )
         refs = {
             c: t
@@ -761,12 +771,12 @@ class _Importer:
         types = self.prepare_columns(table, ltab)
         cols, exprs, joins = self.value_exprs(ltab, types, [], refs)
         node_hash = (
-            f"SELECT count(*), coalesce(sum(hash({', '.join(_q(c) for c in cols)})"
-            f"::HUGEINT), 0) FROM {_q(table)}"
+            f"SELECT count(*), coalesce(sum(hash({', '.join(ident(c) for c in cols)})"
+            f"::HUGEINT), 0) FROM {ident(table)}"
         )
         before = self.conn.execute(node_hash).fetchall()[0] if self.verify else (0, 0)
         new_rows = self.sql(
-            f"INSERT INTO {_q(table)} ({', '.join(map(_q, cols))}) "
+            f"INSERT INTO {ident(table)} ({', '.join(map(ident, cols))}) "
             f"SELECT {', '.join(exprs)} FROM {self.ltable(table)} s {joins}"
         )
         report = TableReport(table, ltab.rows, new_rows, carried=True)
@@ -831,16 +841,16 @@ class _Importer:
         conn = self.conn
         sources_exist = self.sql(
             "SELECT count(*) FROM duckdb_tables() WHERE database_name = current_database() "
-            f"AND schema_name = 'main' AND table_name = {_lit(SOURCES_TABLE)}"
+            f"AND schema_name = 'main' AND table_name = {literal(SOURCES_TABLE)}"
         )
         if sources_exist and self.sql(
-            f"SELECT count(*) FROM {SOURCES_TABLE} WHERE source = {_lit(self.src)} "
-            f"OR file_sha256 = {_lit(self.legacy.file_sha256)}"
+            f"SELECT count(*) FROM {SOURCES_TABLE} WHERE source = {literal(self.src)} "
+            f"OR file_sha256 = {literal(self.legacy.file_sha256)}"
         ):
             return None
         for ddl in _PROVENANCE_DDL:
             conn.execute(ddl)
-        conn.execute(f"ATTACH {_lit(str(self.legacy.path))} AS {ATTACH_ALIAS} (READ_ONLY)")
+        conn.execute(f"ATTACH {literal(str(self.legacy.path))} AS {ATTACH_ALIAS} (READ_ONLY)")
         for table in self.legacy.known_tables:
             if table in REFERENCED_TABLES:
                 self.check_ids(table)
