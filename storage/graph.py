@@ -74,6 +74,7 @@ SELECT '{prefix}:' || r.{pk}, 'measured_on', 'hardware:' || h.hardware_type, 1
 FROM {table} r JOIN hardware_platforms h USING (hardware_id) WHERE r.{pk} = $id
 """
 
+# sql: prefix, table and pk come from the fixed _ROW_TABLES above, never from a caller.
 _RUN_EDGES = " UNION ALL ".join(
     f"SELECT '{prefix}:' || {pk} AS source, 'result_of' AS type, 'run:' || run_id AS target, "
     f"1 AS count FROM {table} WHERE run_id = $id"
@@ -127,6 +128,7 @@ def parse_node(node_id: str) -> tuple[str, str]:
 
 def _edges(cur: duckdb.DuckDBPyConnection, sql: str,
            params: dict[str, Any]) -> list[dict[str, Any]]:
+    # sql: `sql` is one of this module's fixed edge queries; values go in as `params`.
     rows = cur.execute(f"SELECT * FROM ({sql}) ORDER BY type, source, target", params).fetchall()
     return [{"source": s, "type": t, "target": d, "count": int(c)} for s, t, d, c in rows]
 
@@ -161,7 +163,7 @@ def relationships(cur: duckdb.DuckDBPyConnection, node_id: str) -> list[dict[str
         if not _exists(cur, "SELECT 1 FROM test_runs WHERE run_id = ?", [row_id]):
             raise NotFound(f"no test run with id {row_id}")
         return _edges(cur, _RUN_EDGES, {"id": row_id})
-    table, pk = _ROW_TABLES[kind]
+    table, pk = _ROW_TABLES[kind]  # sql: fixed names from _ROW_TABLES; the id is a parameter
     if not _exists(cur, f"SELECT 1 FROM {table} WHERE {pk} = ?", [row_id]):
         raise NotFound(f"no {kind} with id {row_id}")
     return _edges(cur, _ROW_EDGES.format(prefix=kind, table=table, pk=pk), {"id": row_id})
