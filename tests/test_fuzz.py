@@ -47,7 +47,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from fuzzing import FUZZ_SETTINGS
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from multiformats import CID
 
@@ -81,13 +82,6 @@ FIXTURES = Path(__file__).parent / "fixtures"
 NETWORK = "fuzzlab"
 DATASET = "12D3KooWFuzzFixtureAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
 
-FUZZ_SETTINGS = settings(
-    derandomize=True,  # a fixed seed: the same inputs on every run, a failure reproduces
-    database=None,
-    deadline=None,
-    print_blob=True,
-    suppress_health_check=list(HealthCheck),
-)
 
 TYPED: dict[str, tuple[type[BaseException], ...]] = {
     "car": (car.CarError,),
@@ -723,10 +717,6 @@ def fuzz(
     return outcomes
 
 
-def _full_run_selected(request: pytest.FixtureRequest) -> bool:
-    return "fuzz" in (request.config.getoption("markexpr") or "")
-
-
 CASES = [
     pytest.param(QUICK_CASES, id="quick"),
     pytest.param(FULL_CASES, id="full", marks=pytest.mark.fuzz),
@@ -736,10 +726,8 @@ CASES = [
 @pytest.mark.parametrize("cases", CASES)
 @pytest.mark.parametrize("name", sorted(TARGETS))
 def test_decoder_raises_only_typed_errors(
-    name: str, cases: int, request: pytest.FixtureRequest
+    name: str, cases: int
 ) -> None:
-    if cases == FULL_CASES and not _full_run_selected(request):
-        pytest.skip("the full fuzz count runs with `-m fuzz`")
     target = TARGETS[name]
     outcomes = fuzz(target.strategy(), target.run, TYPED[name], cases)
     # Hypothesis stops early only when the input space is exhausted; ours is not.
@@ -777,10 +765,8 @@ def _import_then_restore(base: Path, data: bytes) -> str:
     ],
 )
 def test_import_and_restore_of_hostile_cars_raise_only_storage_errors(
-    cases: int, tmp_path: Path, request: pytest.FixtureRequest
+    cases: int, tmp_path: Path
 ) -> None:
-    if cases == E2E_FULL_CASES and not _full_run_selected(request):
-        pytest.skip("the full fuzz count runs with `-m fuzz`")
     outcomes = fuzz(
         hostile_car([SNAPSHOT_CAR]),
         lambda data: _import_then_restore(tmp_path, data),

@@ -30,7 +30,8 @@ from typing import Any
 import h11
 import pytest
 import trio
-from hypothesis import HealthCheck, given, settings
+from fuzzing import FUZZ_SETTINGS
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from benchsync.daemon.config import ConfigError, load_config
@@ -42,23 +43,11 @@ REQUEST_TIMEOUT = 60.0  # seconds for one answer on a loaded machine
 NODE_TIMEOUT = 60.0  # seconds to start the node
 RECEIVE_SIZE = 65536  # bytes per read
 
-FUZZ_SETTINGS = settings(
-    derandomize=True,  # a fixed seed: the same inputs on every run, a failure reproduces
-    database=None,
-    deadline=None,
-    print_blob=True,
-    suppress_health_check=list(HealthCheck),
-)
 
 CASES = [
     pytest.param(QUICK_CASES, id="quick"),
     pytest.param(FULL_CASES, id="full", marks=pytest.mark.fuzz),
 ]
-
-
-def _full_run_selected(request: pytest.FixtureRequest, cases: int) -> None:
-    if cases == FULL_CASES and "fuzz" not in (request.config.getoption("markexpr") or ""):
-        pytest.skip("the full fuzz count runs with `-m fuzz`")
 
 
 # --- hostile requests ------------------------------------------------------------------------
@@ -230,9 +219,8 @@ def fuzz_dir() -> Iterator[Path]:
 
 @pytest.mark.parametrize("cases", CASES)
 async def test_control_api_answers_every_request_with_success_or_an_envelope(
-    fuzz_dir: Path, cases: int, request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture
+    fuzz_dir: Path, cases: int, caplog: pytest.LogCaptureFixture
 ) -> None:
-    _full_run_selected(request, cases)
     config = load_config(fuzz_dir / "home", env={}, overrides={
         "network": "fuzz-control", "listen": ["/ip4/127.0.0.1/tcp/0"], "bootstrap": [],
         "snapshot_interval": 0, "snapshot_after_writes": 0, "metrics": True,
@@ -336,9 +324,8 @@ def _fuzz_config(run: Callable[[Any], str], strategy: st.SearchStrategy[Any],
 
 @pytest.mark.parametrize("cases", CASES)
 def test_config_parser_raises_only_config_errors(
-    tmp_path: Path, cases: int, request: pytest.FixtureRequest
+    tmp_path: Path, cases: int
 ) -> None:
-    _full_run_selected(request, cases)
     tomllib.loads(GOOD_CONFIG)  # the seed itself is valid TOML
     assert _load(tmp_path, GOOD_CONFIG, {}) == "ok"
     outcomes = _fuzz_config(lambda text: _load(tmp_path, text, {}), config_files(), cases)
@@ -351,9 +338,8 @@ ENV_NAMES = [f"BENCHSYNC_{n.upper()}" for n in SETTING_NAMES] + ["BENCHSYNC_NO_S
 
 @pytest.mark.parametrize("cases", CASES)
 def test_config_environment_raises_only_config_errors(
-    tmp_path: Path, cases: int, request: pytest.FixtureRequest
+    tmp_path: Path, cases: int
 ) -> None:
-    _full_run_selected(request, cases)
     envs = st.dictionaries(
         st.sampled_from(ENV_NAMES),
         st.text(max_size=20)
