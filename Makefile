@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test fuzz lint bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "benchsync needs Python >= 3.11"'
@@ -18,6 +18,10 @@ demo: $(BIN)/.installed
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q
+
+# Full-count fuzzing (>= 10,000 inputs per decoder); the default test run fuzzes fewer.
+fuzz: $(BIN)/.installed
+	$(BIN)/python -m pytest -q -m fuzz
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check storage protocol daemon tests bench
