@@ -336,9 +336,17 @@ class Setting:
 SETTINGS: tuple[Setting, ...] = (
     Setting("network", _str_kind("name", "a network name", _check_network), "lab",
             "Name of the lab network; only nodes with the same name sync.", "NAME"),
-    Setting("listen", MULTIADDRS, ("/ip4/127.0.0.1/tcp/0",),
-            "Multiaddrs to listen on (libp2p over TCP). Use /ip4/0.0.0.0/tcp/4001 to "
-            "accept peers from other machines.", "MULTIADDR"),
+    Setting("listen", MULTIADDRS, ("/ip4/0.0.0.0/tcp/4816", "/ip6/::/tcp/4816"),
+            "Multiaddrs to listen on (libp2p over TCP). The default is every interface, "
+            "IPv4 and IPv6, on port 4816 (ours, unassigned by IANA; not Kubo's 4001), "
+            "so bootstrap addresses stay valid across restarts; the IPv6 half is skipped "
+            "on a machine without IPv6. Any other address that cannot be bound stops the "
+            "node. Use /ip4/127.0.0.1/tcp/0 for a private node on a free port.",
+            "MULTIADDR"),
+    Setting("announce", MULTIADDRS, (),
+            "Extra addresses to show in `status` and tell peers, e.g. a NAT's public "
+            "address or a DNS name (/dns4/lab1.example.org/tcp/4816); interface "
+            "addresses of a wildcard listener are shown without it.", "MULTIADDR"),
     Setting("bootstrap", BOOTSTRAP_ADDRS, (),
             "Peers to connect to at start-up, as full multiaddrs with /p2p/<peer-id>.",
             "MULTIADDR"),
@@ -400,6 +408,7 @@ class Config:
     home: Path
     network: str
     listen: tuple[str, ...]
+    announce: tuple[str, ...]
     bootstrap: tuple[str, ...]
     trusted_peers: tuple[str, ...]
     mdns: bool

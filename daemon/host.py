@@ -14,17 +14,39 @@ used port silently shares it and the kernel splits the connections between
 the two. Our listener binds exclusively, and `check_listening` turns an
 address that could not be bound into an error before the node reports ready
 (py-libp2p itself only logs it).
+
+Default listening (`NODE_LISTEN`, the `listen` setting's default): every
+interface, IPv4 and IPv6, on `DEFAULT_PORT`, so a node is reachable from the
+other machines of a lab and its bootstrap address stays the same across
+restarts. The port is ours: 4816 lies in 4805-4826, a range IANA has not
+assigned, and no common software uses it (Kubo's 4001 is avoided on purpose:
+labs may run both). Only the default's IPv6 half is best effort: on a machine
+without IPv6 it is skipped with a warning; any other address that cannot be
+bound stops the node. A P2PNode built without `listen` (tests, examples)
+keeps `DEFAULT_LISTEN`, loopback on a free port.
+
+A wildcard listener (`0.0.0.0`, `::`) is no address another machine can dial.
+`dialable_addrs` (the host's address factory, so identify sends the same list)
+replaces it with this machine's interface addresses, routable ones first,
+loopback last, link-local only when nothing else exists, then adds the
+`announce` setting's addresses (a NAT's or DNS name's).
 """
 
 from __future__ import annotations
 
+import array
 import contextlib
+import errno
+import fcntl
+import ipaddress
 import logging
 import socket
+import struct
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
+import ifaddr
 import multiaddr
 import trio
 from libp2p import new_host
@@ -51,7 +73,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+DEFAULT_PORT = 4816  # TCP; unassigned by IANA (4805-4826), not Kubo's 4001: see the docstring
+# `benchsync up`'s default (the `listen` setting's, config.py keeps a literal copy).
+NODE_LISTEN = [f"/ip4/0.0.0.0/tcp/{DEFAULT_PORT}", f"/ip6/::/tcp/{DEFAULT_PORT}"]
+# A P2PNode built without `listen` (tests, examples, benchmarks): private, a free port.
 DEFAULT_LISTEN = ["/ip4/127.0.0.1/tcp/0"]
+# Of the default, what a machine without IPv6 may fail to bind without stopping the node.
+BEST_EFFORT_LISTEN = frozenset({f"/ip6/::/tcp/{DEFAULT_PORT}"})
+# Errors that mean "this machine has no IPv6", not "the port is taken".
+NO_IPV6_ERRNOS = frozenset({errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT, errno.EADDRNOTAVAIL})
 DIAL_TIMEOUT = 10.0  # seconds: a LAN peer that has not answered by then is down
 MAX_CONNECTIONS = 1024  # connections: far above a lab's node count
 LISTEN_BACKLOG = 128  # pending TCP connections per listening socket
@@ -91,16 +121,24 @@ def parse_peer_addr(addr: str) -> PeerInfo:
         ) from None
 
 
-def new_benchsync_host(key_pair: KeyPair, *, mdns: bool = False) -> IHost:
+def new_benchsync_host(
+    key_pair: KeyPair, *, mdns: bool = False, announce: Sequence[str] = ()
+) -> IHost:
     """Create (not start) a host that speaks only TCP + Noise + Yamux.
 
     mDNS fills the peerstore with peers of the local network (off by default:
     it binds every interface). Bootstrap peers are dialled by the node itself
     once its services run (`P2PNode`): py-libp2p's own bootstrapper dials
     while the host starts, before pubsub can take the connection.
+    `host.get_addrs()` gives `dialable_addrs` (with `announce` appended).
     """
+    extra = [parse_multiaddr(a, "announce") for a in announce]
     noise = NoiseTransport(key_pair, noise_privkey=create_new_x25519_key_pair().private_key)
     return new_host(
+        addrs_factory=lambda candidates: dialable_addrs(candidates, extra),
+        # Addresses peers observe are ephemeral ports or NAT guesses on a LAN;
+        # `announce` is the way to add an address we cannot see ourselves.
+        disable_identify_address_discovery=True,
         key_pair=key_pair,
         # Exactly one security transport and one muxer: nothing to downgrade to.
         sec_opt={TProtocol(NOISE_PROTOCOL_ID): noise},
@@ -131,6 +169,9 @@ class _ExclusiveTCPListener(TCPListener):
             await self._listen(maddr)
         except OpenConnectionError as e:
             self._errors[str(maddr)] = str(e)
+            cause = e.__cause__ or e.__context__
+            if isinstance(cause, OSError) and cause.errno is not None:
+                self._errors[_ERRNO_KEY + str(maddr)] = str(cause.errno)
             raise
 
     async def _listen(self, maddr: multiaddr.Multiaddr) -> None:
@@ -142,7 +183,10 @@ class _ExclusiveTCPListener(TCPListener):
             family, ip = socket.AF_INET6, str(maddr.value_for_protocol("ip6"))
         else:
             family, ip = socket.AF_INET, str(maddr.value_for_protocol("ip4"))
-        sock = trio.socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock = trio.socket.socket(family, socket.SOCK_STREAM)
+        except OSError as e:  # EAFNOSUPPORT: a kernel without IPv6
+            raise OpenConnectionError(f"cannot listen on {maddr}: {e.strerror or e}") from e
         try:
             # SO_REUSEADDR only lets a restarted node bind over its old TIME_WAIT
             # connections; it never shares a port with a live listener (Linux).
@@ -154,7 +198,7 @@ class _ExclusiveTCPListener(TCPListener):
         except OSError as e:
             sock.close()
             reason = e.strerror or str(e)
-            raise OpenConnectionError(f"cannot listen on {maddr}: {reason}") from None
+            raise OpenConnectionError(f"cannot listen on {maddr}: {reason}") from e
         listener = trio.SocketListener(sock)
 
         async def handle(stream: trio.SocketStream) -> None:
@@ -194,8 +238,21 @@ class ExclusiveTCP(TCP):
         return await self.dial(maddr)
 
 
-def check_listening(host: IHost, listen: Sequence[multiaddr.Multiaddr]) -> None:
-    """Raise ListenError unless `host` (running) listens on every address of `listen`."""
+_ERRNO_KEY = "errno:"  # listen_errors key prefix: the OS error number of a failed bind
+
+
+def check_listening(
+    host: IHost,
+    listen: Sequence[multiaddr.Multiaddr],
+    *,
+    best_effort: Iterable[str] = BEST_EFFORT_LISTEN,
+) -> None:
+    """Raise ListenError unless `host` (running) listens on every address of `listen`.
+
+    An address of `best_effort` (the default's IPv6 wildcard) that failed only
+    because the machine has no IPv6 is logged and skipped, unless nothing at
+    all could be bound.
+    """
     network = host.get_network()
     bound = getattr(network, "listeners", {})
     missing = [str(m) for m in listen if str(m) not in bound]
@@ -204,8 +261,144 @@ def check_listening(host: IHost, listen: Sequence[multiaddr.Multiaddr]) -> None:
     errors: dict[str, str] = {}
     for transport in network.transport_manager.get_transports():  # type: ignore[attr-defined]
         errors.update(getattr(transport, "listen_errors", {}))
+    optional = set(best_effort)
+    skipped = [
+        m for m in missing
+        if m in optional and errors.get(_ERRNO_KEY + m, "").isdigit()
+        and int(errors[_ERRNO_KEY + m]) in NO_IPV6_ERRNOS
+    ]  # fmt: skip
+    if len(skipped) < len(listen):
+        for m in skipped:
+            log.warning("not listening on %s (no IPv6 on this machine?): %s", m, errors[m])
+        missing = [m for m in missing if m not in skipped]
+    if not missing:
+        return
     reasons = "; ".join(errors.get(m, f"cannot listen on {m}") for m in missing)
     raise ListenError(reasons)
+
+
+# --- dialable addresses ------------------------------------------------------------------
+
+
+def dialable_addrs(
+    candidates: Sequence[multiaddr.Multiaddr], announce: Sequence[multiaddr.Multiaddr] = ()
+) -> list[multiaddr.Multiaddr]:
+    """The addresses other machines can dial: `candidates` (listen addresses) with each
+    wildcard replaced by this machine's interface addresses, then `announce`.
+
+    Never returns `0.0.0.0` or `::`. Order: routable addresses, then link-local ones
+    only when there is nothing routable, then loopback; duplicates dropped.
+    """
+    out: list[multiaddr.Multiaddr] = []
+    interfaces: tuple[list[str], list[str]] | None = None
+    for maddr in candidates:
+        ip4, ip6 = _ip_of(maddr, "ip4"), _ip_of(maddr, "ip6")
+        wildcard = ip4 == "0.0.0.0" or ip6 == "::"
+        if not wildcard:
+            out.append(maddr)
+            continue
+        if interfaces is None:
+            interfaces = interface_addrs()
+        v4, v6 = interfaces
+        rest = str(maddr).split("/", 3)[3]  # "tcp/4816" (and whatever follows)
+        for ip in v4 if ip4 is not None else v6:
+            proto = "ip4" if ip4 is not None else _ip6_proto(ip)
+            out.append(multiaddr.Multiaddr(f"/{proto}/{ip.split('%')[0]}/{rest}"))
+    out.extend(announce)
+    seen: set[str] = set()
+    unique = []
+    for a in out:
+        if str(a) not in seen:
+            seen.add(str(a))
+            unique.append(a)
+    return unique
+
+
+def _ip_of(maddr: multiaddr.Multiaddr, proto: str) -> str | None:
+    try:
+        value = maddr.value_for_protocol(proto)
+    except Exception:  # ProtocolLookupError: not this family
+        return None
+    return None if value is None else str(value)
+
+
+def _ip6_proto(ip: str) -> str:
+    """The multiaddr prefix of an IPv6 interface address (a zone for link-local)."""
+    if "%" in ip:
+        return f"ip6zone/{ip.split('%', 1)[1]}/ip6"
+    return "ip6"
+
+
+def interface_addrs() -> tuple[list[str], list[str]]:
+    """This machine's IPv4 and IPv6 interface addresses, in the order `dialable_addrs`
+    shows them. A link-local IPv6 address carries its zone (`fe80::1%eth0`)."""
+    try:
+        raw = _ifaddr_addrs()
+    except OSError as e:  # no netlink (a sandbox such as systemd's RestrictAddressFamilies)
+        log.debug("getifaddrs failed (%s); reading interfaces without netlink", e)
+        raw = _ioctl_ipv4_addrs() + _proc_ipv6_addrs()
+    v4 = _ordered([(ip, z) for ip, z in raw if ipaddress.ip_address(ip).version == 4])
+    v6 = _ordered([(ip, z) for ip, z in raw if ipaddress.ip_address(ip).version == 6])
+    return v4, v6
+
+
+def _ordered(addrs: list[tuple[str, str]]) -> list[str]:
+    routable, link_local, loopback = [], [], []
+    for ip, zone in addrs:
+        a = ipaddress.ip_address(ip)
+        if a.is_loopback:
+            loopback.append(ip)
+        elif a.is_link_local:
+            link_local.append(f"{ip}%{zone}" if a.version == 6 and zone else ip)
+        elif not a.is_unspecified and not a.is_multicast:
+            routable.append(ip)
+    shown = routable or link_local
+    return list(dict.fromkeys(shown + loopback))
+
+
+def _ifaddr_addrs() -> list[tuple[str, str]]:
+    """(address, interface) pairs from getifaddrs(3) (needs a netlink socket)."""
+    out = []
+    for adapter in ifaddr.get_adapters():
+        for ip in adapter.ips:
+            addr = ip.ip[0] if isinstance(ip.ip, tuple) else ip.ip
+            out.append((str(addr).split("%")[0], str(adapter.name)))
+    return out
+
+
+SIOCGIFCONF = 0x8912  # Linux ioctl: list the IPv4 addresses of the interfaces
+_IFREQ_SIZE = 40  # sizeof(struct ifreq) on 64-bit Linux
+
+
+def _ioctl_ipv4_addrs() -> list[tuple[str, str]]:
+    """IPv4 (address, interface) pairs via SIOCGIFCONF: no netlink needed. Linux only."""
+    size = 64 * _IFREQ_SIZE
+    buf = array.array("B", bytes(size))
+    ptr = buf.buffer_info()[0]
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            got = fcntl.ioctl(s.fileno(), SIOCGIFCONF, struct.pack("iL", size, ptr))
+    except OSError:
+        return []
+    length = struct.unpack("iL", got)[0]
+    data = buf.tobytes()[:length]
+    out = []
+    for off in range(0, length - _IFREQ_SIZE + 1, _IFREQ_SIZE):
+        name = data[off : off + 16].split(b"\0", 1)[0].decode(errors="replace")
+        out.append((socket.inet_ntoa(data[off + 20 : off + 24]), name))
+    return out
+
+
+def _proc_ipv6_addrs() -> list[tuple[str, str]]:
+    """IPv6 (address, interface) pairs from /proc/self/net/if_inet6. Linux only."""
+    out = []
+    with contextlib.suppress(OSError), open("/proc/self/net/if_inet6") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 6:
+                ip = ipaddress.IPv6Address(bytes.fromhex(fields[0]))
+                out.append((str(ip), fields[5]))
+    return out
 
 
 def remote_peer(stream: INetStream) -> ID:

@@ -126,6 +126,7 @@ class P2PNode:
         blockstore: Blockstore,
         listen: list[str] | None = None,
         bootstrap: list[str] | None = None,
+        announce: list[str] | None = None,
         trusted_peers: set[str] | None = None,
         mdns: bool = False,
         limits: FetchLimits | None = None,
@@ -140,7 +141,7 @@ class P2PNode:
         self.bootstrap = [parse_peer_addr(a) for a in (bootstrap or [])]
         self.blockstore = blockstore
         self.key_pair = load_or_create_identity(Path(home))
-        self.host = new_benchsync_host(self.key_pair, mdns=mdns)
+        self.host = new_benchsync_host(self.key_pair, mdns=mdns, announce=announce or ())
         self.policy = AccessPolicy(trusted_peers)
         self.limits = limits or FetchLimits()
         self.fetcher = Fetcher(
@@ -180,7 +181,8 @@ class P2PNode:
 
     @property
     def addrs(self) -> list[str]:
-        """Full multiaddrs of this node, each ending in /p2p/<peer id>."""
+        """Full multiaddrs of this node, each ending in /p2p/<peer id>: dialable ones
+        (a wildcard listener gives the interface addresses), then `announce`."""
         return [str(a) for a in self.host.get_addrs()]
 
     # --- service ----------------------------------------------------------------------

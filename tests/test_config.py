@@ -36,7 +36,7 @@ def write(home: Path, text: str) -> Path:
 def test_defaults_without_a_file(tmp_path: Path) -> None:
     c = load_config(tmp_path, env={})
     assert c.network == "lab"
-    assert c.listen == ("/ip4/127.0.0.1/tcp/0",)
+    assert c.listen == ("/ip4/0.0.0.0/tcp/4816", "/ip6/::/tcp/4816") and c.announce == ()
     assert c.trusted_peers == () and c.bootstrap == ()
     assert c.mdns is False and c.metrics is True
     assert c.reannounce_interval == 30.0
@@ -53,7 +53,7 @@ bootstrap = ["/ip4/10.0.0.2/tcp/4001/p2p/{ED25519_PEER}"]
 trusted_peers = ["{ED25519_PEER}", "{RSA_PEER}"]
 mdns = true
 snapshot_interval = 60
-max_block_bytes = "4MiB"
+max_block_bytes = "1MiB"
 query_memory_limit = "2GB"
 control_tcp = "127.0.0.1:7420"
 control_token = "{TOKEN}"
@@ -66,7 +66,7 @@ log_level = "DEBUG"
     assert c.trusted_peers == (ED25519_PEER, RSA_PEER)
     assert c.mdns is True
     assert c.snapshot_interval == 60.0
-    assert c.max_block_bytes == 4 * 1024 * 1024
+    assert c.max_block_bytes == 1024 * 1024
     assert c.query_memory_limit == 2_000_000_000
     assert c.control_tcp_address == ("127.0.0.1", 7420)
     assert c.log_level == "debug"
