@@ -30,14 +30,13 @@ from benchsync.daemon.fetch import BlockProvider, Fetcher, FetchLimits
 from benchsync.daemon.host import (
     DEFAULT_LISTEN,
     AccessPolicy,
-    StreamHandler,
     guard_handler,
     new_benchsync_host,
     parse_multiaddr,
     parse_peer_addr,
-    remote_peer,
 )
 from benchsync.daemon.identity import load_or_create_identity
+from benchsync.daemon.streams import StreamAdapter
 from benchsync.daemon.sync import (
     DEFAULT_MAX_FOLLOWED,
     RETRY_DELAY,
@@ -46,7 +45,6 @@ from benchsync.daemon.sync import (
     Syncer,
 )
 from benchsync.protocol.fetch import CAR_PROTOCOL_ID
-from benchsync.protocol.frames import encode_json_frame, refusal
 from benchsync.protocol.heads import Head, NewDatasetLimiter, check_network_name
 from benchsync.storage.blockstore import Blockstore
 
@@ -144,6 +142,8 @@ class P2PNode:
         self.host = new_benchsync_host(self.key_pair, mdns=mdns, announce=announce or ())
         self.policy = AccessPolicy(trusted_peers)
         self.limits = limits or FetchLimits()
+        # Every stream protocol is served and requested through this one adapter.
+        self.streams = StreamAdapter(self.host, network=self.network, policy=self.policy)
         self.fetcher = Fetcher(
             self.host, blockstore, network=self.network, policy=self.policy, limits=self.limits
         )
@@ -305,22 +305,14 @@ class P2PNode:
     def add_stream_handler(
         self, protocol_id: str, handler: Callable[[INetStream], Awaitable[None]]
     ) -> None:
-        """Serve `protocol_id` with `handler`, behind the access policy.
+        """Serve `protocol_id` with `handler` through the stream adapter (`self.streams`).
 
         An untrusted or banned peer gets a refusal frame (`{"status":
         "refused", "reason": ...}`) and its stream closed; an exception in
-        `handler` resets that stream only.
+        `handler` resets that stream only. Prefer `self.streams.serve` with a
+        session: it checks the network too.
         """
-
-        async def checked(stream: INetStream) -> None:
-            reason = self.policy.refusal(str(remote_peer(stream)))
-            if reason is not None:
-                await stream.write(encode_json_frame(refusal(reason)))
-                return
-            await handler(stream)
-
-        wrapped: StreamHandler = guard_handler(protocol_id, checked)
-        self.host.set_stream_handler(TProtocol(protocol_id), wrapped)
+        self.streams.serve_stream(protocol_id, handler)
 
     async def open_stream(self, peer_id: str, protocol_id: str) -> INetStream:
         """Open a stream to `peer_id` speaking `protocol_id` (dialing it if needed)."""

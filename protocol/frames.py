@@ -24,7 +24,12 @@ MAX_VARINT_BYTES = 10  # bytes: a uvarint for a 64-bit length never needs more
 
 
 class ProtocolError(Exception):
-    """Base of every wire-format error: a message or frame that breaks the protocol."""
+    """Base of every wire-format error: a message or frame that breaks the protocol.
+
+    Who is at fault is the type (h11): `LocalProtocolError` is ours,
+    `RemoteProtocolError` the peer's (the daemon bans for it and for nothing
+    else). `Interrupted` is an outcome, not an error of either side.
+    """
 
 
 class LocalProtocolError(ProtocolError):
@@ -51,13 +56,22 @@ class TruncatedFrame(RemoteProtocolError):
 class Refused(RemoteProtocolError):
     """A request was refused (wrong network, untrusted peer, busy, banned); `reason` says why.
 
-    Raised by the requester when the peer's answer is a refusal, and by
-    request parsers when we must refuse; either way the reason is sent or shown.
+    Raised to
+    the requester when the peer's answer is a refusal, and by checks (such as
+    `check_network`) when we must refuse; either way the reason is sent or shown.
     """
 
     def __init__(self, reason: str) -> None:
         super().__init__(f"refused: {reason}")
         self.reason = reason
+
+
+class Interrupted(Exception):
+    """The stream ended or stalled before the exchange was complete; nobody is blamed.
+
+    A peer killed mid-stream looks like a clean end of stream, so a short
+    answer is an interruption, not a protocol violation: try another peer.
+    """
 
 
 def refusal(reason: str) -> dict[str, Any]:
