@@ -3,19 +3,20 @@
 Owns one `CollectorRegistry` per node (never prometheus_client's global one,
 so that several nodes can run in one process, as the tests do), the metric
 names and label sets, and the text exposition served at `GET /metrics` of the
-control API (`metrics_handler`). Services receive the `Metrics` object and
-update its attributes; label values are checked against small fixed sets so
-that a bug cannot explode the number of time series.
+control API. Services receive the `Metrics` object and update its attributes;
+what the P2P services count themselves is read as a `NodeCounters` and folded
+in (`Metrics.fold`) when the metrics are rendered. Label values are checked
+against small fixed sets so that a bug cannot explode the number of time series.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 from prometheus_client import (
-    CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Gauge,
@@ -25,8 +26,6 @@ from prometheus_client import (
     generate_latest,
 )
 
-from benchsync.daemon.control import Handler, Request, Text
-
 NAMESPACE = "benchsync"
 QUERY_SCOPES = ("local", "replicas", "network")
 QUERY_OUTCOMES = ("ok", "error", "timeout", "refused", "too_large")
@@ -35,6 +34,23 @@ VERIFICATION_KINDS = ("block", "announcement", "snapshot")
 # Latencies from a cached local aggregate (ms) to a slow network fan-out (s).
 QUERY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)  # s
 SNAPSHOT_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0)  # seconds
+# What `render` produces: prometheus_client's text format 0.0.4.
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeCounters:
+    """What the P2P services count themselves, read at one moment: running totals
+    (since the node started) and the current peers and replica lags."""
+
+    peers: int
+    blocks_received: int
+    bytes_received: int
+    blocks_sent: int
+    bytes_sent: int
+    announcements_rejected: int
+    bans: int
+    replica_lag: Mapping[str, int]  # dataset -> versions behind its owner's announced head
 
 
 class Metrics:
@@ -104,6 +120,7 @@ class Metrics:
             self.fetch_blocks.labels(d)
         for k in VERIFICATION_KINDS:
             self.verification_failures.labels(k)
+        self._folded = NodeCounters(0, 0, 0, 0, 0, 0, 0, {})  # the totals last folded in
 
     # --- recording helpers (check label values) -----------------------------
 
@@ -152,6 +169,23 @@ class Metrics:
         finally:
             self.observe_query(scope, timer.outcome, time.perf_counter() - start)
 
+    def fold(self, now: NodeCounters) -> None:
+        """Set the gauges to `now`, and raise the counters by how much the services'
+        totals grew since the last fold (a total never shrinks while a node runs)."""
+        last, self._folded = self._folded, now
+        self.peers.set(now.peers)
+        for dataset, lag in now.replica_lag.items():
+            self.replica_lag.labels(dataset).set(lag)
+        def grown(field: str) -> int:
+            return max(0, getattr(now, field) - getattr(last, field))
+
+        self.fetch_blocks.labels("received").inc(grown("blocks_received"))
+        self.fetch_bytes.labels("received").inc(grown("bytes_received"))
+        self.fetch_blocks.labels("sent").inc(grown("blocks_sent"))
+        self.fetch_bytes.labels("sent").inc(grown("bytes_sent"))
+        self.verification_failures.labels("announcement").inc(grown("announcements_rejected"))
+        self.verification_failures.labels("block").inc(grown("bans"))
+
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric of this node."""
         return generate_latest(self.registry)
@@ -168,11 +202,3 @@ def _check(label: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"metric label {label}={value!r}; expected one of {allowed}")
 
-
-def metrics_handler(metrics: Metrics) -> Handler:
-    """A control API handler serving `metrics.render()`: `router.add("GET", "/metrics", ...)`."""
-
-    async def handle(request: Request) -> tuple[int, Text]:
-        return 200, Text(metrics.render(), CONTENT_TYPE_LATEST)
-
-    return handle

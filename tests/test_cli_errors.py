@@ -55,7 +55,9 @@ def test_up_with_a_socket_path_over_the_limit(tmp_path: Path) -> None:
     path = long_dir / "control.sock"
     assert len(os.fsencode(path)) > MAX_UNIX_PATH
     r = cli(tmp_path / "home", *up_args(), "--control-socket", str(path))
-    assert_user_error(r, "control socket", "longer than 107 bytes", hint="setting")
+    # The error's own hint names the setting to change.
+    assert_user_error(r, "control socket", "longer than 107 bytes",
+                      hint="set control_socket (BENCHSYNC_CONTROL_SOCKET) to a shorter path")
 
 
 def test_up_with_the_control_tcp_port_in_use(tmp_path: Path) -> None:
@@ -70,7 +72,7 @@ def test_up_with_the_control_tcp_port_in_use(tmp_path: Path) -> None:
         )  # fmt: skip
     finally:
         taken.close()
-    assert_user_error(r, f"control_tcp 127.0.0.1:{port}", "in use", hint="setting")
+    assert_user_error(r, f"control_tcp 127.0.0.1:{port}", "in use", hint="set control_tcp")
 
 
 # --- a read-only home ---------------------------------------------------------------------
@@ -145,4 +147,8 @@ def test_read_only_home(tmp_path: Path, read_only: object, command: str) -> None
         target = parent / "home"
     wrap = read_only(target.parent if command == "init" else target)  # type: ignore[operator]
     r = cli(target, *args, wrap=wrap)
-    assert_user_error(r, "read-only file system" if os.geteuid() == 0 else "permission denied")
+    root = os.geteuid() == 0
+    # `init` too gives the hint for the reason (it used to speak of ownership on a
+    # read-only file system).
+    hint = ("read-only" if root else "may write there") if command == "init" else ""
+    assert_user_error(r, "read-only file system" if root else "permission denied", hint=hint)

@@ -30,7 +30,7 @@ from benchsync.daemon.control import (
     Router,
     Text,
 )
-from benchsync.daemon.metrics import Metrics, metrics_handler
+from benchsync.daemon.metrics import CONTENT_TYPE, Metrics
 
 TOKEN = "s3cret-token-0123456789"
 TIMEOUT = 10  # seconds; every test is bounded by this
@@ -214,7 +214,11 @@ async def test_metrics_route_serves_prometheus_text(sock_dir: Path) -> None:
     metrics = Metrics()
     metrics.writes.inc(5)
     router = Router()
-    router.add("GET", "/metrics", metrics_handler(metrics))
+
+    async def handler(request: Request) -> tuple[int, Text]:
+        return 200, Text(metrics.render(), CONTENT_TYPE)
+
+    router.add("GET", "/metrics", handler)
     async with serving(sock_dir, router=router) as ep:
         client = ControlClient(socket_path=ep.socket_path)
         status, ctype, body = await call(client, "request", "GET", "/metrics")

@@ -80,30 +80,52 @@ def _leaves(group: BaseExceptionGroup) -> Iterator[BaseException]:
             yield e
 
 
-def user_error(e: Exception) -> CLIError | None:
-    """The `CLIError` for a failure that is not a bug (a bad setting, a busy or
-    unwritable data directory, a listener that cannot be opened), else None."""
+def user_error(e: BaseException) -> CLIError | None:
+    """The `CLIError` (what happened / what to try) for a failure that is not a bug:
+    a bad setting, a busy, damaged or unwritable data directory, a listener that
+    cannot be opened. None for anything else (a bug: let it be a traceback).
+
+    The one table of `Try:` hints for every command, `up` included. An error
+    that carries its own `hint` (ConfigError, ControlSocketError and its
+    subclasses) keeps it.
+    """
     from benchsync.daemon.cli.common import CLIError, os_error
     from benchsync.daemon.config import ConfigError
     from benchsync.daemon.control import ControlSocketError
-    from benchsync.storage.db import DatabaseLocked
+    from benchsync.daemon.host import HostConfigError, ListenError
+    from benchsync.daemon.identity import IdentityError
+    from benchsync.storage.db import DatabaseDamaged, DatabaseLocked
     from benchsync.storage.errors import StorageError
+    from benchsync.storage.homelock import HomeInUse
 
     if isinstance(e, CLIError):
         return e
+    if isinstance(e, ConfigError | ControlSocketError) and e.hint:
+        return CLIError(e.message, e.hint)
+    if isinstance(e, HomeInUse):
+        return CLIError(str(e), f"stop that node first (`benchsync status --home {e.home}` "
+                        "shows it), or give this one its own data directory with "
+                        "--home")  # fmt: skip
     if isinstance(e, DatabaseLocked):
         return CLIError(str(e), "a node runs on this data directory: stop it, or let the "
                         "command go through it (check `benchsync status`)")  # fmt: skip
+    if isinstance(e, DatabaseDamaged):
+        return CLIError(str(e), "move the database file aside (history and blocks stay), "
+                        "start the node again, then `benchsync restore <cid>` from "
+                        "`benchsync log`")  # fmt: skip
     if isinstance(e, StorageError):
         return CLIError(str(e), "run with the same arguments again after fixing the cause above")
-    if isinstance(e, ConfigError):
-        return CLIError(e.message, e.hint)
-    if isinstance(e, ControlSocketError):
-        return CLIError(e.message, e.hint)
+    if isinstance(e, ListenError):
+        return CLIError(str(e), "another process listens there: stop it, or choose another "
+                        "--listen address (port 0 picks a free one)")  # fmt: skip
+    if isinstance(e, HostConfigError):
+        return CLIError(str(e), "fix the setting named above (see `benchsync config docs`)")
+    if isinstance(e, IdentityError):
+        return CLIError(str(e), "do what the message says with the key file: it names this "
+                        "node's dataset, so fix or restore it rather than delete it")  # fmt: skip
     if isinstance(e, OSError):
         return os_error(e)
     return None
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -87,18 +87,16 @@ def parse_size(text: str) -> int:
 def open_dataset(args: argparse.Namespace) -> LocalDataset:
     """Open the data directory offline (no running node), creating it on first use.
 
-    The database itself opens on first use; a node holding it makes that raise
-    DatabaseLocked, which `main` turns into an error with a hint.
+    Raises IdentityError for an unusable key file and OSError when the directory
+    cannot be created. The database itself opens on first use; a node holding it
+    makes that raise DatabaseLocked. `main` turns each into an error with a hint.
     """
-    from benchsync.daemon.identity import IdentityError, load_or_create_identity, peer_id_of
+    from benchsync.daemon.identity import load_or_create_identity, peer_id_of
     from benchsync.storage.dataset import LocalDataset
 
     home = data_dir(getattr(args, "home", None))
     home.mkdir(parents=True, exist_ok=True)
-    try:
-        key_pair = load_or_create_identity(home)
-    except IdentityError as e:  # its message says what to do with the key file
-        raise CLIError(str(e), "the identity names this node's dataset; keep it safe") from e
+    key_pair = load_or_create_identity(home)  # IdentityError: `main` gives the hint
     return LocalDataset(home, peer_id_of(key_pair))
 
 

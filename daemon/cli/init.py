@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from benchsync.daemon.cli.common import CLIError, data_dir
+from benchsync.daemon.cli.common import CLIError, data_dir, os_error
 
 DATA_DIR_MODE = 0o700  # the identity key, the database and the blocks are the node's alone
 
@@ -19,7 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def make_private_home(home: Path) -> None:
     """Create the data directory if needed and make it 0700 (an existing one, too).
 
-    Raises CLIError when it cannot be created or its mode cannot be set.
+    Raises CLIError when it cannot be created or its mode cannot be set, with the
+    `Try:` hint of `os_error` for the reason (read-only file system, not the owner, ...).
     """
     path = Path(home)
     try:
@@ -27,8 +28,7 @@ def make_private_home(home: Path) -> None:
         path.chmod(DATA_DIR_MODE)
     except OSError as e:
         raise CLIError(
-            f"cannot make the data directory {path} private: {e.strerror or e}",
-            "run as the directory's owner, or choose another one with --home",
+            f"cannot make the data directory {path} private: {e.strerror or e}", os_error(e).hint
         ) from e
 
 

@@ -8,6 +8,12 @@ Signals: the first SIGTERM/SIGINT stops the node gracefully (no new work,
 in-flight writes finish, the host and the database close); a second one
 exits at once. Acknowledged writes are committed by DuckDB before they are
 acknowledged, so even `kill -9` loses none of them.
+
+A node that cannot start (home in use, damaged database, a listener that
+cannot be opened, a bad setting) exits 1 with `Error:` / `Try:` from the CLI's
+one table (`benchsync.daemon.cli.user_error`) and a log line, before it
+reports ready. The control API's routes (`benchsync.daemon.api`) are built
+here and handed to the node.
 """
 
 from __future__ import annotations
@@ -18,13 +24,13 @@ import os
 import signal
 import sys
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import trio
 
 from benchsync.daemon import config as config_mod
-from benchsync.daemon.cli.common import CLIError, add_home_argument, data_dir
+from benchsync.daemon.cli import user_error
+from benchsync.daemon.cli.common import CLIError, add_home_argument, data_dir, fail
 from benchsync.daemon.cli.init import make_private_home
 
 if TYPE_CHECKING:
@@ -39,6 +45,7 @@ JOURNAL_PRIORITY = {
     logging.DEBUG: 7,
 }
 FORCED_EXIT_CODE = 130
+NODE_UMASK = 0o077  # files the node creates (database, blocks, keys) are its own alone
 
 
 class _JournalFormatter(logging.Formatter):
@@ -68,8 +75,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-NODE_UMASK = 0o077  # files the node creates (database, blocks, keys) are its own alone
-
 
 def run(args: argparse.Namespace) -> int:
     home = data_dir(args.home)
@@ -83,32 +88,6 @@ def run(args: argparse.Namespace) -> int:
     return trio.run(serve, config)
 
 
-def start_error_hint(e: BaseException, home: Path) -> str | None:
-    """The `Try:` line for an error that stops a node before it is ready, or None when
-    `e` is not one (a bug: let it be a traceback)."""
-    from benchsync.daemon.control import ControlSocketError
-    from benchsync.daemon.host import HostConfigError, ListenError
-    from benchsync.daemon.identity import IdentityError
-    from benchsync.storage.db import DatabaseDamaged
-    from benchsync.storage.errors import StorageError
-    from benchsync.storage.homelock import HomeInUse
-
-    if isinstance(e, HomeInUse):
-        return (f"stop that node first (`benchsync status --home {home}` shows it), or give "
-                "this one its own data directory with --home")  # fmt: skip
-    if isinstance(e, DatabaseDamaged):
-        return ("move the database file aside (history and blocks stay), start the node "
-                "again, then `benchsync restore <cid>` from `benchsync log`")  # fmt: skip
-    if isinstance(e, ListenError):
-        return ("another process listens there: stop it, or choose another --listen "
-                "address (port 0 picks a free one)")  # fmt: skip
-    if isinstance(e, (ControlSocketError, HostConfigError, IdentityError)):
-        return "fix the setting named above (see `benchsync config docs`)"
-    if isinstance(e, (StorageError, OSError)):
-        return f"check that {home} is writable and has free space"
-    return None
-
-
 def _start_error(e: BaseException) -> BaseException:
     """The one error inside the exception groups trio's nurseries wrap it in."""
     while isinstance(e, BaseExceptionGroup) and len(e.exceptions) == 1:
@@ -116,19 +95,18 @@ def _start_error(e: BaseException) -> BaseException:
     return e
 
 
-def _refuse(e: BaseException, home: Path) -> int | None:
-    """Report a start-up failure as Error/Try; returns the exit status, None if not one."""
-    err = _start_error(e)
-    hint = start_error_hint(err, home)
-    if hint is None:
+def _refuse(e: BaseException) -> int | None:
+    """Report a start-up failure as Error/Try (the CLI's one table, `user_error`) and
+    in the log; returns the exit status, None if it is not one (a bug)."""
+    err = user_error(_start_error(e))
+    if err is None:
         return None
-    logging.getLogger("benchsync.up").error("cannot start: %s", err)
-    print(f"Error: {err}", file=sys.stderr)
-    print(f"Try: {hint}", file=sys.stderr)
-    return 1
+    logging.getLogger("benchsync.up").error("cannot start: %s", err.message)
+    return fail(err)
 
 
 async def serve(config: config_mod.Config) -> int:
+    from benchsync.daemon.api import control_router
     from benchsync.daemon.control import ControlEndpoints
     from benchsync.daemon.node import Node
 
@@ -136,15 +114,16 @@ async def serve(config: config_mod.Config) -> int:
     try:
         node = await trio.to_thread.run_sync(Node, config)
     except Exception as e:
-        code = _refuse(e, Path(config.home))
+        code = _refuse(e)
         if code is None:
             raise
         return code
+    router = control_router(node)
     node_scope = trio.CancelScope()
 
     async def run_node(task_status: TaskStatus[ControlEndpoints]) -> None:
         with node_scope:
-            await node.run(task_status=task_status)
+            await node.run(router, task_status=task_status)
         outer.cancel_scope.cancel()  # the node is down: stop watching signals
 
     async def watch_signals(signals: AsyncIterator[int]) -> None:
@@ -163,7 +142,7 @@ async def serve(config: config_mod.Config) -> int:
             try:
                 endpoints = await outer.start(run_node)
             except Exception as e:  # never ready: the node has closed its database and lock
-                code = _refuse(e, Path(config.home))
+                code = _refuse(e)
                 if code is None:
                     raise
                 outer.cancel_scope.cancel()
