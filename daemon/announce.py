@@ -36,6 +36,7 @@ from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
 from libp2p.pubsub.pb import rpc_pb2
 from libp2p.tools.anyio_service import background_trio_service
 
+from benchsync.daemon.config import SETTINGS_BY_NAME
 from benchsync.daemon.gossip import GuardedPubsub
 from benchsync.daemon.host import AccessPolicy, StreamReader, guard_handler, remote_peer
 from benchsync.protocol.frames import (
@@ -67,7 +68,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-REANNOUNCE_INTERVAL = 30.0  # seconds between re-announcements of an unchanged head
+REANNOUNCE_INTERVAL: float = SETTINGS_BY_NAME["reannounce_interval"].default  # seconds
 HEARTBEAT_INTERVAL = 1  # seconds (py-libp2p's default of 120 s makes a mesh form far too slowly)
 MESH_DEGREE = 6  # GossipSub D: peers in the mesh per topic (go-libp2p's default)
 MESH_DEGREE_LOW = 4  # D_lo: graft more below this

@@ -25,6 +25,9 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from benchsync.protocol.names import check_network_name
+from benchsync.storage.limits import MAX_BLOCK_SIZE
+
 CONFIG_FILE_NAME = "config.toml"
 CONTROL_SOCKET_NAME = "control.sock"
 ENV_PREFIX = "BENCHSYNC_"
@@ -44,7 +47,6 @@ _SIZE_UNITS = {
     "g": 1000**3, "gb": 1000**3, "gib": GiB,
 }  # fmt: skip
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
-_NETWORK_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 _TOML_POS_RE = re.compile(r"\(at line (\d+), column (\d+)\)")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -160,8 +162,9 @@ def _seconds_kind(lo: float, *, zero_disables: bool = False) -> Kind:
     return Kind("seconds", allowed, check, parse)
 
 
-def _size_kind(lo: int) -> Kind:
-    allowed = f'a size in bytes >= {lo}: an integer or a string like "64MiB" or "1GB"'
+def _size_kind(lo: int, hi: int | None = None) -> Kind:
+    bounds = f">= {lo}" if hi is None else f"from {lo} to {hi}"
+    allowed = f'a size in bytes {bounds}: an integer or a string like "64MiB" or "1GB"'
 
     def parse(s: str) -> int:
         m = _SIZE_RE.match(s)
@@ -169,7 +172,7 @@ def _size_kind(lo: int) -> Kind:
         if m is None or unit is None:
             raise ValueError(f"expected {allowed}")
         n = int(float(m.group(1)) * unit)
-        if n < lo:
+        if n < lo or (hi is not None and n > hi):
             raise ValueError(f"out of range, expected {allowed}")
         return n
 
@@ -269,12 +272,6 @@ def check_peer_id(s: str) -> str:
     return s
 
 
-def _check_network(s: str) -> str:
-    if not _NETWORK_RE.match(s):
-        raise ValueError("expected 1-63 of a-z 0-9 . _ - starting with a letter or digit")
-    return s
-
-
 def _check_host_port(s: str) -> str:
     host, sep, port = s.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= MAX_PORT:
@@ -334,7 +331,7 @@ class Setting:
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("network", _str_kind("name", "a network name", _check_network), "lab",
+    Setting("network", _str_kind("name", "a network name", check_network_name), "lab",
             "Name of the lab network; only nodes with the same name sync.", "NAME"),
     Setting("listen", MULTIADDRS, ("/ip4/0.0.0.0/tcp/4816", "/ip6/::/tcp/4816"),
             "Multiaddrs to listen on (libp2p over TCP). The default is every interface, "
@@ -362,7 +359,7 @@ SETTINGS: tuple[Setting, ...] = (
             "SECONDS"),
     Setting("reannounce_interval", _seconds_kind(0), 30.0,
             "Re-announce our head this often (gossip is lossy).", "SECONDS"),
-    Setting("max_block_bytes", _size_kind(1024), 2 * MiB,
+    Setting("max_block_bytes", _size_kind(1024, MAX_BLOCK_SIZE), MAX_BLOCK_SIZE,
             "Largest block accepted from a peer.", "SIZE"),
     Setting("max_response_bytes", _size_kind(1024), 1 * GiB,
             "Largest CAR stream accepted for one fetch.", "SIZE"),

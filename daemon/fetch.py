@@ -25,12 +25,11 @@ from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 from multiformats import CID
 
+from benchsync.daemon.config import SETTINGS_BY_NAME
 from benchsync.daemon.host import AccessPolicy, StreamReader, remote_peer
 from benchsync.protocol.fetch import (
     CAR_PROTOCOL_ID,
-    MAX_BLOCK,
     MAX_FETCH_FRAME,
-    MAX_RESPONSE,
     MAX_WANT,
     BlockSequence,
     FetchRequest,
@@ -55,7 +54,9 @@ from benchsync.storage.errors import StorageError
 
 log = logging.getLogger(__name__)
 
-MAX_FETCHES_PER_PEER = 4  # concurrent fetch streams one peer may have open to us
+MAX_FETCHES_PER_PEER: int = SETTINGS_BY_NAME["max_concurrent_fetches_per_peer"].default  # streams
+MAX_BLOCK: int = SETTINGS_BY_NAME["max_block_bytes"].default  # bytes
+MAX_RESPONSE: int = SETTINGS_BY_NAME["max_response_bytes"].default  # bytes
 REQUEST_TIMEOUT = 10.0  # seconds to open a stream and receive a request or status frame
 STALL_TIMEOUT = 10.0  # seconds without a byte before a transfer counts as broken
 IO_BATCH = 1024 * 1024  # bytes of blocks read or stored per worker-thread call

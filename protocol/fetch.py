@@ -48,10 +48,8 @@ from benchsync.storage.cid import cid_from_text, cid_text
 CAR_PROTOCOL_ID = "/benchsync/car/1.0.0"
 MAX_WANT = 1024  # CIDs per request: ~62 KiB of JSON, one 256 MiB response of full chunks
 MAX_FETCH_FRAME = 128 * 1024  # bytes: largest request or status frame
-MAX_BLOCK = 2 * 1024 * 1024  # bytes: largest block we accept (UnixFS chunks are 256 KiB)
 MAX_RESPONSE = 64 * 1024 * 1024  # bytes: largest sum of block bytes in one response
 MAX_REQUESTED_BYTES = 2**63 - 1  # bytes: largest `max_bytes` a request may name
-MAX_SECTION = MAX_BLOCK + 128  # bytes: a CAR section is a CID (<= 100 bytes) plus a block
 DAG_PB = "dag-pb"  # the codec of UnixFS inner nodes: only these have links
 RAW = "raw"  # UnixFS leaves
 

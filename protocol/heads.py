@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +29,7 @@ from typing import Any
 from multiformats import CID
 
 from benchsync.protocol.frames import Refused, RemoteProtocolError, parse_cid
+from benchsync.protocol.names import check_network_name
 
 HEAD_PROTOCOL_ID = "/benchsync/head/1.0.0"
 TOPIC_TEMPLATE = "benchsync/{network}/heads/1"
@@ -41,7 +41,6 @@ MAX_DATASET_LEN = 128  # characters: an Ed25519 peer ID in base58 is 52
 NEW_DATASETS_BURST = 64  # datasets one source (a connection) may introduce at once
 NEW_DATASETS_PER_SECOND = 1.0  # sustained rate of new datasets per source after the burst
 MAX_RATE_SOURCES = 4096  # sources whose rate is remembered (the least recent is forgotten)
-NETWORK_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _HEAD_FIELDS = frozenset({"dataset", "seq", "root", "tables", "created_at", "bytes"})
 
 
@@ -51,19 +50,6 @@ class InvalidHead(RemoteProtocolError):
     def __init__(self, reason: str) -> None:
         super().__init__(f"invalid head: {reason}")
         self.reason = reason
-
-
-def check_network_name(network: str) -> str:
-    """Return `network` if it is a usable network name, else raise `ValueError`.
-
-    The name goes into a GossipSub topic, so it is kept to a safe alphabet.
-    """
-    if not isinstance(network, str) or not NETWORK_NAME_RE.match(network):
-        raise ValueError(
-            f"network name {network!r} must be 1-64 characters of letters, digits, '.', '_', '-'"
-            " and start with a letter or digit"
-        )
-    return network
 
 
 def topic_for(network: str) -> str:

@@ -36,10 +36,9 @@ from benchsync.storage.cid import (
     uvarint,
 )
 from benchsync.storage.errors import CorruptBlock, StorageError, TooLarge
+from benchsync.storage.limits import MAX_BLOCK_SIZE, MAX_CID_BYTES
 
-DEFAULT_MAX_BLOCK = 1024 * 1024 + 1024  # bytes (leaves are 256 KiB; a 174-link node is ~8 KiB)
-MAX_CID_BYTES = 128  # bytes; a sha2-512 CIDv1 is 68, so this is generous
-DEFAULT_MAX_SECTION = DEFAULT_MAX_BLOCK + MAX_CID_BYTES  # bytes: CID + block
+DEFAULT_MAX_SECTION = MAX_BLOCK_SIZE + MAX_CID_BYTES  # bytes: CID + block
 DEFAULT_MAX_HEADER = 64 * 1024  # bytes; ~1700 roots
 READ_SIZE = 64 * 1024  # bytes per read() in read_car
 MAX_CBOR_DEPTH = 8  # nesting levels accepted in a header (a valid one needs 3)
@@ -325,7 +324,7 @@ class CarDecoder:
         self,
         *,
         max_section: int = DEFAULT_MAX_SECTION,
-        max_block: int = DEFAULT_MAX_BLOCK,
+        max_block: int = MAX_BLOCK_SIZE,
         max_header: int = DEFAULT_MAX_HEADER,
     ) -> None:
         self.max_section = max_section
@@ -428,7 +427,7 @@ def read_car(
     stream: BinaryIO,
     *,
     max_section: int = DEFAULT_MAX_SECTION,
-    max_block: int = DEFAULT_MAX_BLOCK,
+    max_block: int = MAX_BLOCK_SIZE,
     max_header: int = DEFAULT_MAX_HEADER,
 ) -> tuple[list[CID], Iterator[tuple[CID, bytes]]]:
     """Read a CARv1 stream: (roots, iterator of verified (CID, block) pairs).
