@@ -4,7 +4,10 @@ This module owns the decision of *how* a cross-node aggregate query runs so that
 the merged answer equals what one DuckDB holding every node's rows would return.
 It works on the parsed AST (the JSON document DuckDB's `json_serialize_sql`
 returns) and produces ASTs; it never imports duckdb (layering: `protocol/` is
-pure). `benchsync.storage.distquery` parses, renders and executes.
+pure). Parsing and rendering SQL need DuckDB's own parser: `plan_sql` takes
+them as a `SqlDialect` (`benchsync.storage.distquery.DUCKDB` is the one the
+daemon passes) and returns a `QueryPlan` whose SQL is rendered; storage
+executes the node part on each node and the merge part at the coordinator.
 
 Two strategies:
 
@@ -34,8 +37,8 @@ import copy
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
 
 PARTIALS_TABLE = "partials"  # the coordinator's name for the union of node answers
 PREFIX = "__bs_"  # prefix of planner-made column names; user aliases never start with it
@@ -82,13 +85,12 @@ class _NotDecomposable(Exception):
 
 
 @dataclass(frozen=True)
-class QueryPlan:
-    """How one query runs across nodes.
+class AstPlan:
+    """How one query runs across nodes, as ASTs (what the pure planner decides).
 
     `node_ast`/`merge_ast` are `json_serialize_sql`-shaped documents;
-    `node_sql`/`merge_sql` are their rendered SQL, filled in by
-    `benchsync.storage.distquery.plan` (None when only the pure planner ran).
-    `output_columns` are the names of the final answer's columns.
+    `output_columns` are the names of the final answer's columns and
+    `partial_columns` those of every node's partial answer.
     """
 
     strategy: Strategy
@@ -96,9 +98,40 @@ class QueryPlan:
     node_ast: dict[str, Any]
     merge_ast: dict[str, Any]
     output_columns: tuple[str, ...]
-    node_sql: str | None = None
-    merge_sql: str | None = None
-    partial_columns: tuple[str, ...] = field(default=())
+    partial_columns: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class QueryPlan:
+    """A plan ready to run: the node part and the merge part as SQL text.
+
+    Every node runs `node_sql` over its own tables and answers with columns
+    `partial_columns`; the coordinator runs `merge_sql` over one table named
+    `PARTIALS_TABLE`, the union of those answers, giving `output_columns`.
+    """
+
+    strategy: Strategy
+    reason: str
+    node_sql: str
+    merge_sql: str
+    output_columns: tuple[str, ...]
+    partial_columns: tuple[str, ...]
+
+
+class SqlDialect(Protocol):
+    """The SQL text <-> AST conversions the planner needs (DuckDB's parser)."""
+
+    def parse(self, sql: str) -> dict[str, Any]:
+        """The `json_serialize_sql` document of one read-only SELECT."""
+
+    def render(self, ast: Mapping[str, Any]) -> str:
+        """SQL text of a `json_serialize_sql`-shaped document."""
+
+    def expression_name(self, expr: dict[str, Any]) -> str:
+        """The column name of an unaliased select item (its SQL text)."""
+
+    def aggregate_names(self) -> frozenset[str]:
+        """Every aggregate function name the dialect knows."""
 
 
 # ---------------------------------------------------------------------------
@@ -388,13 +421,13 @@ def plan_query(
     *,
     aggregates: frozenset[str] = DEFAULT_AGGREGATES,
     name_of: NameOf | None = None,
-) -> QueryPlan:
+) -> AstPlan:
     """Plan one parsed SELECT (`json_serialize_sql` output) for execution across nodes.
 
     `aggregates` names every aggregate function (distquery passes DuckDB's
     catalog); `name_of` returns DuckDB's column name for an unaliased
     expression (its SQL text), so the merged answer has the original names.
-    Returns a QueryPlan; raises PlanError for SQL that cannot run across nodes.
+    Returns an AstPlan; raises PlanError for SQL that cannot run across nodes.
     """
     node = _the_select(ast)
     aggregates = frozenset(a.lower() for a in aggregates) | DECOMPOSABLE
@@ -411,6 +444,36 @@ def plan_query(
         return _plan_decomposed(node, aggregates, name_of)
     except _NotDecomposable as why:
         return _plan_rows(node, str(why), name_of)
+
+
+def plan_sql(
+    sql: str, params: Sequence[Any] | Mapping[str, Any] | None, dialect: SqlDialect
+) -> QueryPlan:
+    """Plan `sql` for execution across nodes; returns a QueryPlan with its SQL rendered.
+
+    `params` are bound into the plan as constants. Raises PlanError (a SELECT
+    that cannot be split, or a bad parameter) and whatever `dialect.parse`
+    raises for SQL that is not one read-only SELECT.
+    """
+    ast = dialect.parse(sql)
+    if params:
+        ast = bind_parameters(ast, params)
+    aggregates = dialect.aggregate_names() | DEFAULT_AGGREGATES
+    p = plan_query(ast, aggregates=aggregates, name_of=dialect.expression_name)
+    return QueryPlan(
+        strategy=p.strategy, reason=p.reason,
+        node_sql=dialect.render(p.node_ast), merge_sql=dialect.render(p.merge_ast),
+        output_columns=p.output_columns, partial_columns=p.partial_columns,
+    )  # fmt: skip
+
+
+def check_partial(plan: QueryPlan, index: int, columns: Sequence[str]) -> None:
+    """Raise PlanError unless partial answer number `index` has the planned columns."""
+    if plan.partial_columns and tuple(columns) != plan.partial_columns:
+        raise PlanError(
+            f"partial answer {index} has columns {list(columns)}, expected "
+            f"{list(plan.partial_columns)}; the node ran a different plan"
+        )
 
 
 class _Rewriter:
@@ -552,7 +615,7 @@ def _group_keys(node: dict[str, Any], aggregates: frozenset[str]) -> list[dict[s
 
 def _plan_decomposed(
     node: dict[str, Any], aggregates: frozenset[str], name_of: NameOf | None
-) -> QueryPlan:
+) -> AstPlan:
     if node.get("qualify") is not None:
         raise _NotDecomposable("QUALIFY filters on window functions over every row")
     keys = _group_keys(node, aggregates)
@@ -590,7 +653,7 @@ def _plan_decomposed(
     merge["having"] = having
     merge["modifiers"] = modifiers
     partial_names = tuple(group_cols) + tuple(p["alias"] for p in rw.partials)
-    return QueryPlan(
+    return AstPlan(
         strategy="decomposed",
         reason="every aggregate has an exact merge of per-node partial states",
         node_ast=_doc(node_part),
@@ -609,7 +672,7 @@ def _partition(expr: dict[str, Any], group_cols: list[str]) -> dict[str, Any]:
     return out
 
 
-def _plan_rows(node: dict[str, Any], reason: str, name_of: NameOf | None) -> QueryPlan:
+def _plan_rows(node: dict[str, Any], reason: str, name_of: NameOf | None) -> AstPlan:
     names = _output_names(node["select_list"], name_of)
     has_star = any(e.get("class") == "STAR" for e in _walk(node["select_list"]))
     if has_star:
@@ -625,7 +688,7 @@ def _plan_rows(node: dict[str, Any], reason: str, name_of: NameOf | None) -> Que
             table.get("alias") or table["table_name"],
         )
         merge["where_clause"] = None
-        return QueryPlan("rows", reason, _doc(node_part), _doc(merge), tuple(names))
+        return AstPlan("rows", reason, _doc(node_part), _doc(merge), tuple(names))
 
     aliases = {n.lower() for n in names}
     refs: dict[str, int] = {}
@@ -661,5 +724,5 @@ def _plan_rows(node: dict[str, Any], reason: str, name_of: NameOf | None) -> Que
         ref_exprs or [_aliased(_const("BOOLEAN", "true"), f"{PREFIX}row")], node["from_table"]
     )
     node_part["where_clause"] = node["where_clause"]
-    return QueryPlan("rows", reason, _doc(node_part), _doc(merge), tuple(names),
-                     partial_columns=tuple(e["alias"] for e in ref_exprs))  # fmt: skip
+    return AstPlan("rows", reason, _doc(node_part), _doc(merge), tuple(names),
+                   partial_columns=tuple(e["alias"] for e in ref_exprs))  # fmt: skip

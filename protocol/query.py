@@ -1,13 +1,29 @@
-"""Messages of `/benchsync/query/1.0.0`: a query request and its response.
+"""`/benchsync/query/1.0.0`: its messages and its sessions, sans-IO.
 
-Pure codec (no I/O). Both messages are self-describing and bounded:
+Messages. Both are self-describing and bounded:
 
     magic (4 bytes) | header length (4 bytes, big-endian) | JSON header | body
 
 A request's body is empty; a response's body is an Arrow IPC stream (status
-"ok") or empty (an error). The network layer sends `to_bytes()` inside its own
-length-prefixed frames; `from_bytes()` validates every field and raises
+"ok") or empty (an error). `from_bytes()` validates every field and raises
 `QueryMessageError` (the remote peer's fault) on anything malformed.
+
+Sessions. One stream carries one query, every frame varint-length-prefixed
+(`benchsync.protocol.frames`):
+
+    requester -> server  frame 1: JSON hello {"network": NAME}  <= MAX_HELLO_FRAME
+                         frame 2: QueryRequest.to_bytes()       <= MAX_REQUEST_FRAME
+    server -> requester  one frame: QueryResponse.to_bytes()
+                         (<= response_frame_limit(request.max_bytes)),
+                         or a JSON refusal frame {"status": "refused", ...}
+                         from the access policy, before the session started
+
+`ServerSession` and `ClientSession` hold that order (bytes in, events out,
+like h11's `Connection`); the daemon only moves their bytes over a stream and
+answers the requests. A server answers a wrong network or a malformed request
+with a "refused" response; a broken frame is a `RemoteProtocolError` and costs
+the peer its stream. A refusal frame is told from a response by its first
+byte: a response starts with its magic, a JSON object with "{".
 """
 
 from __future__ import annotations
@@ -18,6 +34,19 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
+from benchsync.protocol.frames import (
+    FrameDecoder,
+    LocalProtocolError,
+    Refused,
+    RemoteProtocolError,
+    TruncatedFrame,
+    check_network,
+    decode_json,
+    encode_frame,
+    encode_json_frame,
+)
+
+QUERY_PROTOCOL_ID = "/benchsync/query/1.0.0"
 REQUEST_MAGIC = b"BSQ1"
 RESPONSE_MAGIC = b"BSR1"
 MAX_SQL_BYTES = 64 * 1024  # bytes of UTF-8 SQL text
@@ -30,6 +59,9 @@ MAX_ROWS = 10_000_000  # rows a requester may ask for
 MIN_INT_PARAM, MAX_INT_PARAM = -(2**63), 2**63 - 1  # an integer parameter binds as a BIGINT
 MAX_RESULT_BYTES = 256 * 1024 * 1024  # bytes of Arrow IPC in one response
 _PREFIX = struct.Struct(">4sI")
+MAX_HELLO_FRAME = 4 * 1024  # bytes: the JSON hello holds a network name only
+MAX_REQUEST_FRAME = _PREFIX.size + MAX_HEADER_BYTES  # bytes: magic + length + JSON header
+MAX_RESPONSE_OVERHEAD = 64 * 1024  # bytes of response header around the Arrow IPC body
 
 Status = Literal["ok", "refused", "invalid_sql", "timeout", "too_large", "internal"]
 STATUSES: tuple[str, ...] = get_args(Status)
@@ -93,13 +125,17 @@ def _utf8_size(text: str, what: str) -> int:
 
 @dataclass(frozen=True)
 class QueryRequest:
-    """A read-only SQL query with the limits the requester accepts."""
+    """A read-only SQL query with the limits the requester accepts.
+
+    A limit left out is the protocol's maximum: the server clamps every
+    request to its own settings (`query_timeout`, `query_max_rows`, ...).
+    """
 
     sql: str
     params: list[Param] = field(default_factory=list)
-    timeout_s: float = 10.0  # seconds
-    max_rows: int = 1_000_000
-    max_bytes: int = 64 * 1024 * 1024  # bytes of Arrow IPC
+    timeout_s: float = MAX_TIMEOUT  # seconds
+    max_rows: int = MAX_ROWS
+    max_bytes: int = MAX_RESULT_BYTES  # bytes of Arrow IPC
 
     def __post_init__(self) -> None:
         if not isinstance(self.sql, str) or not self.sql.strip():
@@ -193,3 +229,174 @@ class QueryResponse:
             message=_field(header, "message", str),
             arrow_ipc=bytes(body),
         )
+
+
+# --- sessions ----------------------------------------------------------------------------------
+
+
+def response_frame_limit(max_bytes: int) -> int:
+    """The largest response frame a requester accepts for a request with `max_bytes`."""
+    return min(max_bytes, MAX_RESULT_BYTES) + MAX_RESPONSE_OVERHEAD
+
+
+@dataclass(frozen=True)
+class RequestReceived:
+    """Server side: a well-formed request on our network; answer it with `send`."""
+
+    request: QueryRequest
+
+
+@dataclass(frozen=True)
+class RequestRefused:
+    """Server side: the hello (wrong network) or the request (malformed) was
+    refused, as `stage` says; send `response` (a "refused" error) with `send`."""
+
+    response: QueryResponse
+    stage: Literal["hello", "request"]
+
+
+@dataclass(frozen=True)
+class ResponseReceived:
+    """Client side: the server's answer (an error status included) and its size
+    on the wire (bytes)."""
+
+    response: QueryResponse
+    wire_bytes: int
+
+
+ServerEvent = RequestReceived | RequestRefused
+
+# Server states, and what each expects next.
+SERVER_HELLO, SERVER_REQUEST, SERVER_ANSWER, SERVER_DONE = "hello", "request", "answer", "done"
+_SERVER_FRAME_LIMIT = {SERVER_HELLO: MAX_HELLO_FRAME, SERVER_REQUEST: MAX_REQUEST_FRAME}
+
+
+class ServerSession:
+    """The serving side of one query stream: hello -> request -> one response.
+
+    Feed what the stream delivers to `receive_data`; it returns None until
+    the request is complete, then one event (`RequestReceived` or
+    `RequestRefused`); bytes after the request are ignored. Send what `send`
+    returns. Raises `RemoteProtocolError` (a frame over its limit, a hello
+    that is not JSON) and, from `receive_eof`, `TruncatedFrame`.
+    """
+
+    def __init__(self, *, network: str) -> None:
+        self.network = network
+        self.state = SERVER_HELLO
+        self.request: QueryRequest | None = None
+        self._decoder = FrameDecoder(max_frame=MAX_HELLO_FRAME)
+
+    def receive_data(self, data: bytes) -> ServerEvent | None:
+        if self.state not in _SERVER_FRAME_LIMIT:
+            return None
+        while self.state in _SERVER_FRAME_LIMIT:
+            self._decoder.max_frame = _SERVER_FRAME_LIMIT[self.state]
+            frames = self._decoder.feed(data, max_frames=1)
+            data = b""
+            if not frames:
+                return None
+            event = self._frame(frames[0])
+            if event is not None:
+                return event
+        return None
+
+    def _frame(self, body: bytes) -> ServerEvent | None:
+        if self.state == SERVER_HELLO:
+            try:
+                check_network(decode_json(body), self.network)
+            except Refused as e:
+                self.state = SERVER_ANSWER
+                return RequestRefused(QueryResponse.error("refused", e.reason), "hello")
+            self.state = SERVER_REQUEST
+            return None
+        self.state = SERVER_ANSWER
+        try:
+            self.request = QueryRequest.from_bytes(body)
+        except QueryMessageError as e:
+            response = QueryResponse.error("refused", f"malformed query request: {e}")
+            return RequestRefused(response, "request")
+        return RequestReceived(self.request)
+
+    def receive_eof(self) -> None:
+        """The requester closed its side; raises TruncatedFrame before a whole request."""
+        if self.state in _SERVER_FRAME_LIMIT:
+            self._decoder.close()
+            raise TruncatedFrame("stream ended before a frame was received")
+
+    def send(self, response: QueryResponse) -> bytes:
+        """The one response frame. Raises LocalProtocolError before a request
+        arrived, after a response was sent, or for a response over the
+        request's limit (the requester would refuse it)."""
+        if self.state != SERVER_ANSWER:
+            raise LocalProtocolError(f"cannot send a response in state {self.state!r}")
+        limit = MAX_RESPONSE_OVERHEAD
+        if self.request is not None:
+            limit = response_frame_limit(self.request.max_bytes)
+        frame = encode_frame(response.to_bytes(), max_frame=limit)
+        self.state = SERVER_DONE
+        return frame
+
+    def busy(self, response: QueryResponse) -> bytes:
+        """A response frame sent before reading anything (the server is busy);
+        the session is over."""
+        if self.state != SERVER_HELLO:
+            raise LocalProtocolError(f"cannot refuse up front in state {self.state!r}")
+        self.state = SERVER_ANSWER
+        return self.send(response)
+
+
+class ClientSession:
+    """The requesting side of one query stream: hello + request out, one answer in.
+
+    `start()` returns the bytes to send; feed the stream's bytes to
+    `receive_data` until it returns `ResponseReceived`. Raises `Refused` (a
+    refusal frame), `RemoteProtocolError` (a frame over its limit, a
+    malformed response) and, from `receive_eof`, `TruncatedFrame`.
+    """
+
+    def __init__(self, request: QueryRequest, *, network: str) -> None:
+        self.request = request
+        self.network = network
+        self.started = False
+        self.done = False
+        self.wire_bytes = 0  # bytes received so far
+        self._decoder = FrameDecoder(max_frame=response_frame_limit(request.max_bytes))
+
+    def start(self) -> bytes:
+        """The hello and the request, as one write. Raises LocalProtocolError."""
+        if self.started:
+            raise LocalProtocolError("the request was already sent")
+        hello = encode_json_frame({"network": self.network}, max_frame=MAX_HELLO_FRAME)
+        body = self.request.to_bytes()
+        if len(body) > MAX_REQUEST_FRAME:
+            raise LocalProtocolError(
+                f"query request of {len(body)} bytes exceeds {MAX_REQUEST_FRAME}")  # fmt: skip
+        self.started = True
+        return hello + encode_frame(body, max_frame=MAX_REQUEST_FRAME)
+
+    def receive_data(self, data: bytes) -> ResponseReceived | None:
+        if self.done:
+            return None
+        self.wire_bytes += len(data)
+        frames = self._decoder.feed(data, max_frames=1)
+        if not frames:
+            return None
+        self.done = True
+        frame = frames[0]
+        if frame[:1] == b"{":
+            obj = decode_json(frame)
+            if obj.get("status") == "refused":
+                raise Refused(str(obj.get("reason", "no reason given"))[:1000])
+            raise RemoteProtocolError(f"unexpected JSON frame with status {obj.get('status')!r}")
+        try:
+            response = QueryResponse.from_bytes(frame)
+        except QueryMessageError as e:
+            raise RemoteProtocolError(f"malformed query response: {e}") from None
+        return ResponseReceived(response, self.wire_bytes)
+
+    def receive_eof(self) -> None:
+        """The server closed the stream; raises TruncatedFrame before a whole answer."""
+        if not self.done:
+            self._decoder.close()
+            raise TruncatedFrame("stream ended before a frame was received")

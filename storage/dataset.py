@@ -48,7 +48,7 @@ from benchsync.storage.db import DB_FILENAME, BenchmarkDB, DatabaseClosed
 from benchsync.storage.errors import NotFound, StorageError
 from benchsync.storage.homelock import HomeLock
 from benchsync.storage.replicas import ReplicaStore, check_parquet_schema
-from benchsync.storage.sandbox import DEFAULT_TIMEOUT, QuerySandbox
+from benchsync.storage.sandbox import QueryError, QueryLimits, run_once
 from benchsync.storage.schema import TABLES
 from benchsync.storage.scopes import ReplicaTables, ScopeInput, scope_tables
 from benchsync.storage.snapshot import (
@@ -505,32 +505,35 @@ class LocalDataset:
 
         The own tables as Arrow; in scope `replicas` also the own dataset ID
         (the `origin` of own rows) and every installed replica's Parquet files.
-        Raises ValueError for an unknown scope.
+        Raises ValueError for an unknown scope, QueryError when the database's
+        tables cannot be read.
         """
         if scope not in SCOPES:
             raise ValueError(f"unknown scope {scope!r}; expected one of {', '.join(SCOPES)}")
-        own = {t: self.db.query(f"SELECT * FROM {ident(t)}") for t in TABLES}
+        try:
+            own = {t: self.db.query(f"SELECT * FROM {ident(t)}") for t in TABLES}
+        except duckdb.Error as e:
+            raise QueryError(f"the database's tables could not be read: {e}") from None
         if scope == "local":
             return ScopeInput(own)
         replicas = [ReplicaTables(r.dataset, r.tables) for r in self.replicas.all()]
         return ScopeInput(own, origin=self.dataset, replicas=replicas)
 
     def query(self, sql: str, params: list[Any] | None = None, scope: str = "local", *,
-              timeout_s: float = DEFAULT_TIMEOUT) -> pa.Table:  # fmt: skip
+              limits: QueryLimits, memory_limit: str) -> pa.Table:  # fmt: skip
         """Run one read-only SELECT in the local or replicas scope; returns the answer.
 
-        The query passes the one read-only gate and runs in a `QuerySandbox`
-        over `query_inputs(scope)`, never on the database itself: no files, no
-        settings, no extensions, a time limit. In this process, so memory is
-        bounded by DuckDB's own accounting only; the daemon runs the same
+        The query passes the one read-only gate (before any table is read)
+        and runs in a fresh `QuerySandbox` over `query_inputs(scope)`, never on
+        the database itself: no files, no settings, no extensions, `limits`.
+        In this process, so memory is bounded by DuckDB's own accounting
+        (`memory_limit`, a DuckDB size string) only; the daemon runs the same
         sandbox in a worker process under an OS limit. Raises QueryRefused,
         InvalidSQL, QueryTimeout or ResultTooLarge (QueryError).
         """
-        distquery.check(sql)
+        distquery.DUCKDB.parse(sql)  # the gate: refuse before reading the tables
         tables = scope_tables(self.query_inputs(scope))
-        with QuerySandbox() as sandbox:
-            sandbox.load(tables)
-            return sandbox.execute(sql, params or None, timeout_s=timeout_s)
+        return run_once(sql, tables, params or None, limits=limits, memory_limit=memory_limit)
 
     def install_replica(self, root: str) -> Any:
         """Install a complete, verified peer snapshot from the blockstore as a replica."""

@@ -40,6 +40,7 @@ import json
 import tempfile
 import threading
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import duckdb
@@ -47,11 +48,7 @@ import pyarrow as pa
 
 from benchsync.storage.errors import StorageError
 
-DEFAULT_MEMORY_LIMIT = "512MB"  # DuckDB size string, per sandbox
 DEFAULT_THREADS = 1  # DuckDB worker threads per sandbox
-DEFAULT_TIMEOUT = 10.0  # seconds
-DEFAULT_MAX_ROWS = 1_000_000  # rows in one answer
-DEFAULT_MAX_BYTES = 64 * 1024 * 1024  # bytes of Arrow data in one answer
 BATCH_ROWS = 64 * 1024  # rows fetched per Arrow batch while checking the limits
 MAX_SQL_CHARS = 64 * 1024  # characters of SQL text accepted
 # Functions that describe the node (settings, paths, secrets, extensions, catalog
@@ -115,11 +112,28 @@ class ResultTooLarge(QueryError):
         self.got = got
 
 
-class QuerySandbox:
-    """An isolated, read-only DuckDB for untrusted SELECTs over Arrow tables."""
+@dataclass(frozen=True)
+class QueryLimits:
+    """Limits one query runs under. The defaults are the node's settings
+    (`benchsync.daemon.config.SETTINGS`: query_timeout, query_max_rows,
+    query_max_bytes); storage has none of its own."""
 
-    def __init__(self, *, memory_limit: str = DEFAULT_MEMORY_LIMIT,
-                 threads: int = DEFAULT_THREADS) -> None:  # fmt: skip
+    timeout_s: float  # seconds
+    max_rows: int  # rows in the answer
+    max_bytes: int  # bytes of Arrow data in the answer
+
+    def __post_init__(self) -> None:
+        if self.timeout_s <= 0 or self.max_rows < 0 or self.max_bytes < 0:
+            raise ValueError("timeout_s must be > 0 and max_rows/max_bytes >= 0")
+
+
+class QuerySandbox:
+    """An isolated, read-only DuckDB for untrusted SELECTs over Arrow tables.
+
+    `memory_limit` is a DuckDB size string ("512MB", "1073741824B").
+    """
+
+    def __init__(self, *, memory_limit: str, threads: int = DEFAULT_THREADS) -> None:
         self._lock = threading.Lock()
         # Empty and private: DuckDB's settings name these paths, so they must say nothing.
         self._private = tempfile.TemporaryDirectory(prefix="benchsync-sandbox-")
@@ -175,41 +189,22 @@ class QuerySandbox:
                 self._conn.register(name, table)
                 self._tables[name] = table
 
-    def check(self, sql: str) -> dict[str, Any]:
-        """Parse `sql` and return its AST if it is exactly one SELECT/WITH query.
-
-        Raises InvalidSQL (does not parse) or QueryRefused (anything else).
-        """
-        if len(sql) > MAX_SQL_CHARS:
-            raise QueryRefused(f"SQL text of {len(sql)} characters exceeds {MAX_SQL_CHARS}")
-        with self._lock:
-            return self._check(sql)
-
-    def _check(self, sql: str) -> dict[str, Any]:
-        return gate(self._conn, sql)
-
     def execute(
         self,
         sql: str,
         params: Sequence[Any] | Mapping[str, Any] | None = None,
         *,
-        timeout_s: float = DEFAULT_TIMEOUT,
-        max_rows: int = DEFAULT_MAX_ROWS,
-        max_bytes: int = DEFAULT_MAX_BYTES,
+        limits: QueryLimits,
     ) -> pa.Table:
-        """Run one read-only SELECT and return its answer as an Arrow table.
+        """Run one read-only SELECT under `limits`; returns its answer as an Arrow table.
 
-        Raises QueryRefused, InvalidSQL, QueryTimeout, ResultTooLarge (all
-        QueryError, with `.kind`), or QueryError(kind="internal"). The sandbox
-        keeps serving after any of them.
+        The SQL passes `gate()` first. Raises QueryRefused, InvalidSQL,
+        QueryTimeout, ResultTooLarge (all QueryError, with `.kind`), or
+        QueryError(kind="internal"). The sandbox keeps serving after any of them.
         """
-        if timeout_s <= 0 or max_rows < 0 or max_bytes < 0:
-            raise ValueError("timeout_s must be > 0 and max_rows/max_bytes >= 0")
-        if len(sql) > MAX_SQL_CHARS:
-            raise QueryRefused(f"SQL text of {len(sql)} characters exceeds {MAX_SQL_CHARS}")
         with self._lock:
-            self._check(sql)
-            return self._run(sql, params, timeout_s, max_rows, max_bytes)
+            gate(self._conn, sql)
+            return self._run(sql, params, limits.timeout_s, limits.max_rows, limits.max_bytes)
 
     def _run(self, sql: str, params: Sequence[Any] | Mapping[str, Any] | None,
              timeout_s: float, max_rows: int, max_bytes: int) -> pa.Table:  # fmt: skip
@@ -264,12 +259,33 @@ class QuerySandbox:
             timer.cancel()
 
 
-def parse_select(conn: duckdb.DuckDBPyConnection, sql: str) -> dict[str, Any]:
-    """Parse with DuckDB's own parser; returns the `json_serialize_sql` document.
+def run_once(
+    sql: str,
+    tables: Mapping[str, pa.Table],
+    params: Sequence[Any] | Mapping[str, Any] | None = None,
+    *,
+    limits: QueryLimits,
+    memory_limit: str,
+) -> pa.Table:
+    """Run one query over `tables` in a fresh sandbox in this process; returns the answer.
 
-    Only SELECT/WITH statements serialise, so this is also the read-only gate.
-    Raises InvalidSQL for SQL that does not parse, QueryRefused for any other
-    statement (INSERT, COPY, ATTACH, SET, PRAGMA, ...).
+    Memory is bounded by DuckDB's own accounting only (the daemon runs the
+    same sandbox in a worker process under an OS limit). Raises QueryError
+    subclasses, as `QuerySandbox.execute`.
+    """
+    with QuerySandbox(memory_limit=memory_limit) as sandbox:
+        sandbox.load(tables)
+        return sandbox.execute(sql, params, limits=limits)
+
+
+def gate(conn: duckdb.DuckDBPyConnection, sql: str) -> dict[str, Any]:
+    """The read-only gate: returns the AST of `sql` if it may run in a sandbox.
+
+    `sql` must be at most MAX_SQL_CHARS long and exactly one SELECT/WITH
+    query (DuckDB's own parser: only SELECT statements serialise) calling no
+    system function. `conn` is any DuckDB connection (parsing runs nothing).
+    Raises InvalidSQL (does not parse) or QueryRefused (anything else:
+    INSERT, COPY, ATTACH, SET, PRAGMA, several statements, system functions).
     """
     if len(sql) > MAX_SQL_CHARS:
         raise QueryRefused(f"SQL text of {len(sql)} characters exceeds {MAX_SQL_CHARS}")
@@ -280,16 +296,6 @@ def parse_select(conn: duckdb.DuckDBPyConnection, sql: str) -> dict[str, Any]:
         if "Only SELECT statements" in message:
             raise QueryRefused(READ_ONLY)
         raise InvalidSQL(f"SQL does not parse: {message}")
-    return ast
-
-
-def gate(conn: duckdb.DuckDBPyConnection, sql: str) -> dict[str, Any]:
-    """The read-only gate: returns the AST of `sql` if it may run in a sandbox.
-
-    `sql` must be exactly one SELECT/WITH query calling no system function.
-    Raises InvalidSQL (does not parse) or QueryRefused (anything else).
-    """
-    ast = parse_select(conn, sql)
     statements = ast.get("statements", [])
     if len(statements) != 1:
         raise QueryRefused(f"exactly one statement per query, got {len(statements)}")

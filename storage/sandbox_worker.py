@@ -42,6 +42,7 @@ from benchsync.storage.sandbox import (
     DEFAULT_THREADS,
     InvalidSQL,
     QueryError,
+    QueryLimits,
     QueryRefused,
     QuerySandbox,
     QueryTimeout,
@@ -50,6 +51,7 @@ from benchsync.storage.sandbox import (
 from benchsync.storage.scopes import ReplicaTables, ScopeInput, scope_tables
 
 FRAME_HEADER = struct.Struct(">Q")  # body length, bytes
+WARM_UP_LIMITS = QueryLimits(timeout_s=60.0, max_rows=1, max_bytes=1024 * 1024)  # one tiny sum
 MAX_HEADER_FRAME = 1024 * 1024  # bytes of one JSON header (SQL is <= 64 KiB)
 MODULE = "benchsync.storage.sandbox_worker"
 
@@ -151,7 +153,7 @@ class Worker:
         """Run one tiny query end to end, so that the address space reported as
         idle already holds what every query maps (allocator arenas, timer thread)."""
         self.sandbox.load({"warm_up": pa.table({"x": list(range(1000))})})
-        to_ipc(self.sandbox.execute("SELECT sum(x) AS s FROM warm_up"))
+        to_ipc(self.sandbox.execute("SELECT sum(x) AS s FROM warm_up", limits=WARM_UP_LIMITS))
         self.sandbox.load({})
 
     def serve(self) -> None:
@@ -190,10 +192,11 @@ class Worker:
             return None
         if request.get("op") == "query":
             max_bytes = int(request["max_bytes"])
-            table = self.sandbox.execute(
-                request["sql"], request.get("params"), timeout_s=float(request["timeout_s"]),
-                max_rows=int(request["max_rows"]), max_bytes=max_bytes,
+            limits = QueryLimits(
+                timeout_s=float(request["timeout_s"]), max_rows=int(request["max_rows"]),
+                max_bytes=max_bytes,
             )  # fmt: skip
+            table = self.sandbox.execute(request["sql"], request.get("params"), limits=limits)
             ipc = to_ipc(table)
             if len(ipc) > max_bytes:
                 raise ResultTooLarge("answer bytes (Arrow IPC)", limit=max_bytes, got=len(ipc))

@@ -13,8 +13,31 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from benchsync.protocol.planner import PlanError
-from benchsync.storage import distquery as dq
+from benchsync.protocol.planner import PARTIALS_TABLE, PlanError, QueryPlan, check_partial, plan_sql
+from benchsync.storage.distquery import DUCKDB, union_partials
+from benchsync.storage.sandbox import QueryLimits, QueryRefused, QuerySandbox, run_once
+from benchsync.storage.sandbox_worker import from_ipc, to_ipc
+
+LIMITS = QueryLimits(timeout_s=30.0, max_rows=1_000_000, max_bytes=64 * 1024 * 1024)
+MEMORY_LIMIT = "512MB"  # DuckDB size string, per sandbox
+
+
+def plan(sql: str, params: list[Any] | None = None) -> QueryPlan:
+    return plan_sql(sql, params, DUCKDB)
+
+
+def execute_over_nodes(sql: str, nodes: list[dict[str, pa.Table]],
+                       params: list[Any] | None = None) -> pa.Table:  # fmt: skip
+    """The whole fan-out in-process: plan, run the node part on one sandbox per
+    node, union the partial answers and merge them in a fresh sandbox."""
+    p = plan(sql, params)
+    partials = [run_once(p.node_sql, tables, limits=LIMITS, memory_limit=MEMORY_LIMIT)
+                for tables in nodes]  # fmt: skip
+    for i, t in enumerate(partials):
+        check_partial(p, i, t.column_names)
+    union = union_partials(partials)
+    return run_once(p.merge_sql, {PARTIALS_TABLE: union}, limits=LIMITS,
+                    memory_limit=MEMORY_LIMIT)  # fmt: skip
 
 MODELS = ["bert-base", "gpt2", "vit-b16", "t5-small"]
 HARDWARE = ["cpu", "cuda", "rocm", "mps"]
@@ -99,11 +122,11 @@ def assert_same(got: pa.Table, want: pa.Table, ordered: bool) -> None:
                 assert a == b, (rg, rw)
 
 
-def check(sql: str, nodes: list[dict[str, pa.Table]], ordered: bool) -> dq.QueryPlan:
+def check(sql: str, nodes: list[dict[str, pa.Table]], ordered: bool) -> QueryPlan:
     want = union_db(nodes).sql(sql).to_arrow_table()
-    got = dq.execute_over_nodes(sql, nodes)
+    got = execute_over_nodes(sql, nodes)
     assert_same(got, want, ordered)
-    return dq.plan(sql)
+    return plan(sql)
 
 
 JOINED = (
@@ -119,8 +142,8 @@ def test_join_on_local_ids_groups_by_values_across_nodes() -> None:
            f"avg(p.throughput_items_per_second) AS tput, stddev(p.average_latency_ms) AS sd "
            f"{JOINED} WHERE p.batch_size >= 2 GROUP BY m.model_name, h.hardware_type "
            f"HAVING count(*) > 1 ORDER BY m.model_name, h.hardware_type")  # fmt: skip
-    plan = check(sql, nodes, ordered=True)
-    assert plan.strategy == "decomposed"
+    p = check(sql, nodes, ordered=True)
+    assert p.strategy == "decomposed"
 
 
 def test_fallback_is_exact_and_says_why() -> None:
@@ -128,11 +151,11 @@ def test_fallback_is_exact_and_says_why() -> None:
     nodes = [make_node(rng, 30) for _ in range(3)]
     sql = (f"SELECT m.model_name, median(p.average_latency_ms) AS med, "
            f"count(DISTINCT p.batch_size) AS sizes {JOINED} GROUP BY 1 ORDER BY 1")
-    plan = check(sql, nodes, ordered=True)
-    assert plan.strategy == "rows"
-    assert "median" in plan.reason
+    p = check(sql, nodes, ordered=True)
+    assert p.strategy == "rows"
+    assert "median" in p.reason
     # projection pushed down: only the referenced columns travel
-    assert plan.node_sql is not None and "memory_peak_mb" not in plan.node_sql
+    assert "memory_peak_mb" not in p.node_sql
 
 
 def test_global_aggregate_over_empty_nodes() -> None:
@@ -146,23 +169,22 @@ def test_decomposed_ships_fewer_bytes_than_rows() -> None:
     rng = random.Random(10)
     node = make_node(rng, 2000)
     sql = "SELECT precision, avg(throughput_items_per_second) FROM performance_results GROUP BY 1"
-    plan = dq.plan(sql)
-    rows_plan = dq.plan(sql.replace("avg(", "median("))
-    from benchsync.storage.sandbox import QuerySandbox
+    decomposed = plan(sql)
+    rows_plan = plan(sql.replace("avg(", "median("))
 
-    with QuerySandbox() as sb:
+    with QuerySandbox(memory_limit=MEMORY_LIMIT) as sb:
         sb.load(node)
-        small = dq.run_node_part(sb, plan)
-        big = dq.run_node_part(sb, rows_plan)
+        small = sb.execute(decomposed.node_sql, limits=LIMITS)
+        big = sb.execute(rows_plan.node_sql, limits=LIMITS)
     assert small.num_rows == 4 and big.num_rows == 2000
-    assert len(dq.to_ipc(small)) * 5 < len(dq.to_ipc(big))
-    assert dq.from_ipc(dq.to_ipc(small)).equals(small)
+    assert len(to_ipc(small)) * 5 < len(to_ipc(big))
+    assert from_ipc(to_ipc(small)).equals(small)
 
 
 def test_parameters_are_bound() -> None:
     rng = random.Random(11)
     nodes = [make_node(rng, 20) for _ in range(2)]
-    got = dq.execute_over_nodes(
+    got = execute_over_nodes(
         "SELECT count(*) AS n FROM performance_results WHERE batch_size = ? AND test_case = ?",
         nodes, params=[4, "long"])  # fmt: skip
     want = sum(
@@ -174,7 +196,6 @@ def test_parameters_are_bound() -> None:
 
 
 @pytest.mark.parametrize("sql, words", [
-    ("SELECT 1; SELECT 2", "one statement"),
     ("WITH c AS (SELECT 1 AS x) SELECT x FROM c", "WITH"),
     ("SELECT count(*) FROM (SELECT * FROM models) s", "subqueries"),
     ("SELECT * FROM models WHERE model_id IN (SELECT model_id FROM performance_results)",
@@ -185,7 +206,15 @@ def test_parameters_are_bound() -> None:
 ])  # fmt: skip
 def test_unsplittable_queries_raise_plan_error(sql: str, words: str) -> None:
     with pytest.raises(PlanError, match=words):
-        dq.plan(sql)
+        plan(sql)
+
+
+def test_planning_passes_the_sandbox_gate_first() -> None:
+    """What no sandbox would run is refused before it is planned, in the gate's words."""
+    with pytest.raises(QueryRefused, match="one statement"):
+        plan("SELECT 1; SELECT 2")
+    with pytest.raises(QueryRefused, match="no file, network, extension or settings access"):
+        plan("SELECT count(*) FROM duckdb_settings()")
 
 
 # --- property test: random data over 1..6 nodes, random queries from a grammar -------
@@ -233,7 +262,7 @@ def test_distributed_answer_equals_single_database(query: tuple[str, bool], n_no
     rng = random.Random(seed)
     nodes = [make_node(rng, rng.randint(0, 25)) for _ in range(n_nodes)]
     want = union_db(nodes).sql(sql).to_arrow_table()
-    got = dq.execute_over_nodes(sql, nodes)
+    got = execute_over_nodes(sql, nodes)
     # ORDER BY with floats: compare order only when no two floats are near-equal
     assert_same(got, want, ordered)
 

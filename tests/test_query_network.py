@@ -24,29 +24,33 @@ from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.peer.id import ID
 from multiformats import varint
 
-from benchsync.daemon.host import StreamReader, parse_peer_addr, read_some
-from benchsync.daemon.network import P2PNode
-from benchsync.daemon.query import (
+from benchsync.daemon.coordinator import (
     ANSWERED,
     ERROR,
-    MAX_HELLO_FRAME,
-    MAX_REQUEST_FRAME,
-    QUERY_PROTOCOL_ID,
     REFUSED,
     TIMED_OUT,
     UNREACHABLE,
-    LocalQueryService,
     PeersMissing,
-    QueryService,
-    ServerLimits,
     exchange,
 )
+from benchsync.daemon.host import StreamReader, parse_peer_addr, read_some
+from benchsync.daemon.local_query import LocalQueryService, ServerLimits
+from benchsync.daemon.network import P2PNode
+from benchsync.daemon.query import QueryService
 from benchsync.protocol.frames import Refused, encode_json_frame
-from benchsync.protocol.query import QueryRequest, QueryResponse
-from benchsync.storage import distquery as dq
+from benchsync.protocol.planner import plan_sql
+from benchsync.protocol.query import (
+    MAX_HELLO_FRAME,
+    MAX_REQUEST_FRAME,
+    QUERY_PROTOCOL_ID,
+    QueryRequest,
+    QueryResponse,
+)
 from benchsync.storage.blockstore import MemoryBlockstore
 from benchsync.storage.db import BenchmarkDB
+from benchsync.storage.distquery import DUCKDB
 from benchsync.storage.sandbox import InvalidSQL, QueryRefused
+from benchsync.storage.sandbox_worker import from_ipc, to_ipc
 
 NETWORK = "lab"
 TIMEOUT = 25  # seconds: bound for one multi-node scenario on a loaded 2-core box
@@ -227,7 +231,7 @@ async def test_hostile_queries_over_a_real_stream_are_refused_or_limited(tmp_pat
             # The node still answers, and nothing was written or leaked.
             ok = await ask_raw(u, a, QueryRequest(sql="SELECT count(*) AS n FROM models"))
             assert ok.status == "ok"
-            assert dq.from_ipc(ok.arrow_ipc)["n"][0].as_py() == before["models"]
+            assert from_ipc(ok.arrow_ipc)["n"][0].as_py() == before["models"]
     assert not list(tmp_path.glob("leak*")) and not (tmp_path / "other.duckdb").exists()
     with BenchmarkDB(tmp_path / "a" / "bench.duckdb", read_only=True) as db:
         assert db.table_counts() == before
@@ -258,9 +262,9 @@ async def lying_handler(stream: INetStream) -> None:
     reader = StreamReader(stream, max_frame=MAX_HELLO_FRAME)
     await reader.frame(max_frame=MAX_HELLO_FRAME)
     await reader.frame(max_frame=MAX_REQUEST_FRAME)
-    columns = dq.plan(GROUP_BY, [1]).partial_columns
+    columns = plan_sql(GROUP_BY, [1], DUCKDB).partial_columns
     table = pa.table({c: pa.array(["lie"], pa.string()) for c in columns})
-    body = QueryResponse("ok", arrow_ipc=dq.to_ipc(table)).to_bytes()
+    body = QueryResponse("ok", arrow_ipc=to_ipc(table)).to_bytes()
     await stream.write(varint.encode(len(body)) + body)
 
 

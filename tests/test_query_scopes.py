@@ -21,8 +21,9 @@ import trio
 from test_node import PERF, call, make_node
 
 from benchsync.daemon.control import ControlAPIError, ControlClient
+from benchsync.daemon.local_query import DEFAULT_LIMITS, DEFAULT_MEMORY_LIMIT
 from benchsync.storage.dataset import LocalDataset
-from benchsync.storage.sandbox import InvalidSQL, QueryRefused, QueryTimeout
+from benchsync.storage.sandbox import InvalidSQL, QueryLimits, QueryRefused, QueryTimeout
 
 WAIT = 60.0  # seconds: bound for any condition on a loaded 2-core box
 SLOW = "SELECT count(*) AS n FROM range(1000000000000) a, range(10) b"  # CPU, little memory
@@ -120,18 +121,21 @@ async def test_shutdown_does_not_wait_for_a_running_query(tmp_path: Path) -> Non
 def test_offline_queries_pass_the_same_gate_and_sandbox(tmp_path: Path) -> None:
     """`LocalDataset.query` (the offline CLI's path) never runs user SQL on the database."""
     home = tmp_path / "home"
+    limits = {"limits": DEFAULT_LIMITS, "memory_limit": f"{DEFAULT_MEMORY_LIMIT}B"}
+    slow = QueryLimits(timeout_s=0.5, max_rows=1, max_bytes=1024)
     with LocalDataset(home, "12D3KooWSelf") as ds:
         ds.db.ingest_records("perf", [PERF])
         (home / "identity.key").write_bytes(b"PRIVATE KEY")
         for scope in ("local", "replicas"):
             for sql in hostile(home):
                 with pytest.raises((QueryRefused, InvalidSQL)):
-                    ds.query(sql, scope=scope)
+                    ds.query(sql, scope=scope, **limits)
             with pytest.raises(QueryTimeout):
-                ds.query(SLOW, scope=scope, timeout_s=0.5)
-        assert ds.query("SELECT count(*) AS n FROM performance_results")["n"].to_pylist() == [1]
+                ds.query(SLOW, scope=scope, limits=slow, memory_limit=limits["memory_limit"])
+        count = ds.query("SELECT count(*) AS n FROM performance_results", **limits)
+        assert count["n"].to_pylist() == [1]
         mine = ds.query("SELECT origin, count(*) AS n FROM performance_results GROUP BY 1",
-                        scope="replicas")  # fmt: skip
+                        scope="replicas", **limits)  # fmt: skip
         assert mine.to_pylist() == [{"origin": "12D3KooWSelf", "n": 1}]
 
 

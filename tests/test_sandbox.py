@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pytest
@@ -11,13 +13,20 @@ import pytest
 from benchsync.storage.sandbox import (
     InvalidSQL,
     QueryError,
+    QueryLimits,
     QueryRefused,
     QuerySandbox,
     QueryTimeout,
     ResultTooLarge,
 )
 
+LIMITS = QueryLimits(timeout_s=10.0, max_rows=1_000_000, max_bytes=64 * 1024 * 1024)
 NORMAL = "SELECT model_name, count(*) AS n FROM performance_results GROUP BY 1 ORDER BY 1"
+
+
+def run(sb: QuerySandbox, sql: str, params: list[Any] | None = None, **limits: Any) -> pa.Table:
+    """`sb.execute` under LIMITS with `limits` overriding some of them."""
+    return sb.execute(sql, params, limits=replace(LIMITS, **limits))
 
 
 @pytest.fixture
@@ -33,7 +42,7 @@ def sandbox() -> QuerySandbox:
 
 
 def assert_still_serving(sb: QuerySandbox) -> None:
-    assert sb.execute(NORMAL).to_pylist() == [
+    assert run(sb, NORMAL).to_pylist() == [
         {"model_name": "bert", "n": 2000},
         {"model_name": "gpt2", "n": 1000},
     ]
@@ -75,14 +84,14 @@ def test_hostile_statement_is_refused_and_sandbox_keeps_serving(
     sandbox: QuerySandbox, sql: str
 ) -> None:
     with pytest.raises((QueryRefused, InvalidSQL)) as info:
-        sandbox.execute(sql)
+        run(sandbox, sql)
     assert info.value.kind in ("refused", "invalid_sql")
     assert_still_serving(sandbox)
 
 
 def test_file_access_is_refused_not_just_missing(sandbox: QuerySandbox) -> None:
     with pytest.raises(QueryRefused, match="no file, network, extension or settings access"):
-        sandbox.execute("SELECT * FROM read_csv('/etc/passwd')")
+        run(sandbox, "SELECT * FROM read_csv('/etc/passwd')")
 
 
 def test_nothing_under_the_working_directory_is_readable_or_named(
@@ -99,7 +108,7 @@ def test_nothing_under_the_working_directory_is_readable_or_named(
                     f"SELECT * FROM read_csv('{tmp_path}/.tmp/secret.csv')",
                     "SELECT * FROM read_text('.tmp/*')"):  # fmt: skip
             with pytest.raises(QueryRefused):
-                sb.execute(sql)
+                run(sb, sql)
         # What DuckDB itself says about its directories names neither place (its
         # `allowed_paths` names the working directory: the worker process runs in
         # an empty one, see test_sandbox_limits.py).
@@ -109,20 +118,20 @@ def test_nothing_under_the_working_directory_is_readable_or_named(
             assert str(tmp_path) not in value and "/root" not in value, (name, value)
         # A query that would spill fails instead of writing under the working directory.
         with pytest.raises((ResultTooLarge, QueryTimeout)):
-            sb.execute("SELECT x FROM range(20000000) t(x) ORDER BY x DESC", timeout_s=20)
+            run(sb, "SELECT x FROM range(20000000) t(x) ORDER BY x DESC", timeout_s=20)
     assert sorted(p.name for p in (tmp_path / ".tmp").iterdir()) == ["secret.csv"]
 
 
 def test_writes_are_refused(sandbox: QuerySandbox) -> None:
     with pytest.raises(QueryRefused, match="only read-only SELECT"):
-        sandbox.execute("DELETE FROM performance_results")
+        run(sandbox, "DELETE FROM performance_results")
     assert_still_serving(sandbox)
 
 
 def test_oversized_cross_join_times_out(sandbox: QuerySandbox) -> None:
     start = time.monotonic()
     with pytest.raises(QueryTimeout) as info:
-        sandbox.execute(
+        run(sandbox,
             "SELECT count(*) FROM performance_results a, performance_results b, "
             "performance_results c", timeout_s=0.3)  # fmt: skip
     assert info.value.kind == "timeout"
@@ -132,39 +141,39 @@ def test_oversized_cross_join_times_out(sandbox: QuerySandbox) -> None:
 
 def test_row_and_byte_limits(sandbox: QuerySandbox) -> None:
     with pytest.raises(ResultTooLarge, match="rows"):
-        sandbox.execute("SELECT * FROM performance_results", max_rows=100)
+        run(sandbox, "SELECT * FROM performance_results", max_rows=100)
     assert_still_serving(sandbox)
     with pytest.raises(ResultTooLarge, match="bytes"):
-        sandbox.execute("SELECT * FROM performance_results", max_bytes=1000)
+        run(sandbox, "SELECT * FROM performance_results", max_bytes=1000)
     assert_still_serving(sandbox)
-    got = sandbox.execute("SELECT * FROM performance_results", max_rows=3000)
+    got = run(sandbox, "SELECT * FROM performance_results", max_rows=3000)
     assert got.num_rows == 3000
 
 
 def test_memory_limit_is_enforced(sandbox: QuerySandbox) -> None:
     with pytest.raises((ResultTooLarge, QueryTimeout)):
-        sandbox.execute("SELECT list(repeat('x', 1000000)) FROM range(1000)", timeout_s=5)
+        run(sandbox, "SELECT list(repeat('x', 1000000)) FROM range(1000)", timeout_s=5)
     assert_still_serving(sandbox)
 
 
 def test_invalid_sql_and_unknown_table(sandbox: QuerySandbox) -> None:
     with pytest.raises(InvalidSQL, match="parse"):
-        sandbox.execute("SELEC 1")
+        run(sandbox, "SELEC 1")
     with pytest.raises(InvalidSQL, match="nope"):
-        sandbox.execute("SELECT * FROM nope")
+        run(sandbox, "SELECT * FROM nope")
     assert_still_serving(sandbox)
 
 
 def test_reload_replaces_tables(sandbox: QuerySandbox) -> None:
     sandbox.load({"models": pa.table({"model_name": ["t5"]})})
-    assert sandbox.execute("SELECT model_name FROM models").to_pylist() == [{"model_name": "t5"}]
+    assert run(sandbox, "SELECT model_name FROM models").to_pylist() == [{"model_name": "t5"}]
     with pytest.raises(InvalidSQL):
-        sandbox.execute("SELECT * FROM performance_results")
+        run(sandbox, "SELECT * FROM performance_results")
 
 
 def test_parameters(sandbox: QuerySandbox) -> None:
-    got = sandbox.execute(
-        "SELECT count(*) AS n FROM performance_results WHERE model_name = ?", ["gpt2"])
+    got = run(sandbox, "SELECT count(*) AS n FROM performance_results WHERE model_name = ?",
+              ["gpt2"])
     assert got.to_pylist() == [{"n": 1000}]
 
 

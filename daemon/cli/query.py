@@ -1,11 +1,13 @@
 """`benchsync query SQL`: run read-only SQL and print the answer as a table, JSON or CSV.
 
-With a node running, every scope goes through it (its sandbox workers and
-limits). Offline, scopes `local` and `replicas` open the data directory
-read-only and run the query through `LocalDataset.query`: the same read-only
-gate and sandbox (no files, no settings, no extensions, a time limit), never
-the database itself. Scope `network` needs a running node. `format_arrow` is
-the one place an Arrow answer becomes text.
+With a node running, every scope goes through its control API (its sandbox
+worker processes and limits). Offline, scopes `local` and `replicas` open the
+data directory read-only and run the query in this process through
+`LocalDataset.query`: the same read-only gate and sandbox (no files, no
+settings, no extensions), under the same settings (`query_timeout`,
+`query_max_rows`, `query_max_bytes`, `query_memory_limit`), never on the
+database itself. Scope `network` needs a running node. `format_arrow` is the
+one place an Arrow answer becomes text.
 """
 
 from __future__ import annotations
@@ -17,15 +19,15 @@ import json
 import sys
 from typing import Any
 
-import duckdb
 import pyarrow as pa
 
 from benchsync.daemon.answers import json_value
 from benchsync.daemon.cli.common import CLIError, call_node, data_dir, node_client
+from benchsync.daemon.config import load_config
 from benchsync.daemon.control import ControlClient
 from benchsync.storage.db import DB_FILENAME, DatabaseLocked
 from benchsync.storage.errors import StorageError
-from benchsync.storage.sandbox import QueryError
+from benchsync.storage.sandbox import QueryError, QueryLimits
 
 SCOPES = ("local", "replicas", "network")
 FORMATS = ("table", "json", "csv")
@@ -136,13 +138,17 @@ def _table_from_json(answer: dict[str, Any]) -> pa.Table:
 def _query_offline(args: argparse.Namespace) -> pa.Table:
     from benchsync.daemon.cli.common import open_dataset
 
+    config = load_config(data_dir(args.home), getattr(args, "config", None))
+    limits = QueryLimits(timeout_s=config.query_timeout, max_rows=config.query_max_rows,
+                         max_bytes=config.query_max_bytes)  # fmt: skip
     with open_dataset(args) as ds:
         ds.read_only = True  # before the database first opens: a query never writes
         try:
-            return ds.query(args.sql, scope=args.scope)
+            return ds.query(args.sql, scope=args.scope, limits=limits,
+                            memory_limit=f"{config.query_memory_limit}B")  # fmt: skip
         except DatabaseLocked as e:
             raise CLIError(str(e), "stop the running node, or query through it") from None
         except QueryError as e:
             raise CLIError(f"query {e.kind}: {e}", QUERY_HINT) from None
-        except (duckdb.Error, StorageError) as e:
+        except StorageError as e:
             raise CLIError(f"query failed: {e}".strip(), f"check {ds.db_path}") from None
