@@ -3,6 +3,9 @@ the disk-full pause and its retries (after space was freed, or every DISK_FULL_R
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 import trio
 import trio.testing
 
@@ -24,7 +27,7 @@ class Disk:
     def __init__(self) -> None:
         self.t0 = trio.current_time()
         self.free = FREE
-        self.fail: type[Exception] | None = None
+        self.fail: str | None = None  # "disk_full", "error" or None (succeed)
         self.attempts: list[tuple[float, str]] = []
         self.policy: SnapshotPolicy | None = None
         self.changes = 0
@@ -34,14 +37,14 @@ class Disk:
 
     async def snapshot(self) -> None:
         assert self.policy is not None
-        if self.fail is DiskFull:
+        if self.fail == "disk_full":
             self.attempts.append((self.now(), "disk_full"))
             e = DiskFull("no space left on device")
             await self.policy.disk_full(e)  # as Node.snapshot reports it
             raise e
-        if self.fail is not None:
+        if self.fail == "error":
             self.attempts.append((self.now(), "error"))
-            raise self.fail("export failed")
+            raise SnapshotError("export failed")
         self.attempts.append((self.now(), "ok"))
         self.policy.succeeded()
 
@@ -57,6 +60,15 @@ class Disk:
             on_change=changed,
         )  # fmt: skip
         return self.policy
+
+
+@asynccontextmanager
+async def running(policy: SnapshotPolicy) -> AsyncIterator[None]:
+    """The policy's service, started and (after the body) cancelled."""
+    async with trio.open_nursery() as nursery:
+        await nursery.start(policy.run)
+        yield
+        nursery.cancel_scope.cancel()
 
 
 async def until(predicate: object, *, within: float) -> None:
@@ -77,8 +89,7 @@ async def test_after_n_writes_snapshots_at_the_next_tick(
 ) -> None:
     disk = Disk()
     policy = disk.make(after_writes=3)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(policy.run)
+    async with running(policy):
         policy.wrote(2)
         await at(disk, 5.25)
         assert disk.attempts == []  # 2 < 3 rows: nothing is due
@@ -88,7 +99,6 @@ async def test_after_n_writes_snapshots_at_the_next_tick(
         assert disk.changes == 1
         await at(disk, 40.25)
         assert len(disk.attempts) == 1  # no rows since: no snapshot
-        nursery.cancel_scope.cancel()
 
 
 async def test_interval_snapshots_only_when_something_changed(
@@ -96,8 +106,7 @@ async def test_interval_snapshots_only_when_something_changed(
 ) -> None:
     disk = Disk()
     policy = disk.make(interval=10.0)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(policy.run)
+    async with running(policy):
         await at(disk, 25.25)
         assert disk.attempts == []  # nothing written: nothing to snapshot
         policy.wrote(1)  # the interval ran out long ago
@@ -107,7 +116,6 @@ async def test_interval_snapshots_only_when_something_changed(
         policy.wrote(1)  # the next one waits for the interval again
         await until(lambda: len(disk.attempts) == 2, within=60)
         assert disk.attempts[1] == (35.5, "ok")
-        nursery.cancel_scope.cancel()
 
 
 async def test_a_manual_snapshot_restarts_the_interval(
@@ -115,15 +123,13 @@ async def test_a_manual_snapshot_restarts_the_interval(
 ) -> None:
     disk = Disk()
     policy = disk.make(interval=10.0)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(policy.run)
+    async with running(policy):
         await at(disk, 8.25)
         policy.wrote(1)
         await disk.snapshot()  # the API's snapshot, which the policy hears of
         policy.wrote(1)
         await until(lambda: len(disk.attempts) == 2, within=60)
         assert disk.attempts == [(8.25, "ok"), (18.5, "ok")]
-        nursery.cancel_scope.cancel()
 
 
 async def test_disk_full_pauses_and_retries_every_disk_full_retry_seconds(
@@ -131,9 +137,8 @@ async def test_disk_full_pauses_and_retries_every_disk_full_retry_seconds(
 ) -> None:
     disk = Disk()
     policy = disk.make(after_writes=1)
-    disk.fail = DiskFull
-    async with trio.open_nursery() as nursery:
-        await nursery.start(policy.run)
+    disk.fail = "disk_full"
+    async with running(policy):
         policy.wrote(5)
         await until(lambda: disk.attempts, within=60)
         assert disk.attempts == [(0.5, "disk_full")]
@@ -153,7 +158,6 @@ async def test_disk_full_pauses_and_retries_every_disk_full_retry_seconds(
         await until(lambda: len(disk.attempts) == 4, within=2 * DISK_FULL_RETRY)
         assert disk.attempts[3] == (0.5 + 3 * DISK_FULL_RETRY, "ok")
         assert policy.status() == {"state": "ok"} and policy.pause is None
-        nursery.cancel_scope.cancel()
 
 
 async def test_a_paused_snapshot_retries_as_soon_as_space_was_freed(
@@ -161,9 +165,8 @@ async def test_a_paused_snapshot_retries_as_soon_as_space_was_freed(
 ) -> None:
     disk = Disk()
     policy = disk.make(after_writes=1)
-    disk.fail = DiskFull
-    async with trio.open_nursery() as nursery:
-        await nursery.start(policy.run)
+    disk.fail = "disk_full"
+    async with running(policy):
         policy.wrote(1)
         await until(lambda: disk.attempts, within=60)
         await at(disk, 10.25)
@@ -175,7 +178,6 @@ async def test_a_paused_snapshot_retries_as_soon_as_space_was_freed(
         await until(lambda: len(disk.attempts) == 2, within=60)
         assert disk.attempts == [(0.5, "disk_full"), (15.5, "ok")]
         assert policy.pause is None
-        nursery.cancel_scope.cancel()
 
 
 async def test_a_failed_retry_waits_for_more_space_than_now(
@@ -183,9 +185,8 @@ async def test_a_failed_retry_waits_for_more_space_than_now(
 ) -> None:
     disk = Disk()
     policy = disk.make(after_writes=1)
-    disk.fail = DiskFull
-    async with trio.open_nursery() as nursery:
-        await nursery.start(policy.run)
+    disk.fail = "disk_full"
+    async with running(policy):
         policy.wrote(1)
         await until(lambda: disk.attempts, within=60)
         await at(disk, 0.75)
@@ -195,7 +196,6 @@ async def test_a_failed_retry_waits_for_more_space_than_now(
         assert policy.pause is not None and policy.pause.free_bytes == FREE + DISK_FREED_BYTES
         await at(disk, 30.25)
         assert len(disk.attempts) == 2  # the same free space does not retry again
-        nursery.cancel_scope.cancel()
 
 
 async def test_another_failure_is_logged_and_the_rows_are_not_retried(
@@ -203,9 +203,8 @@ async def test_another_failure_is_logged_and_the_rows_are_not_retried(
 ) -> None:
     disk = Disk()
     policy = disk.make(after_writes=1)
-    disk.fail = SnapshotError
-    async with trio.open_nursery() as nursery:
-        await nursery.start(policy.run)
+    disk.fail = "error"
+    async with running(policy):
         policy.wrote(1)
         await until(lambda: disk.attempts, within=60)
         assert disk.attempts == [(0.5, "error")] and policy.pause is None
@@ -215,4 +214,3 @@ async def test_another_failure_is_logged_and_the_rows_are_not_retried(
         policy.wrote(1)
         await until(lambda: len(disk.attempts) == 2, within=60)
         assert disk.attempts[1] == (30.5, "error")
-        nursery.cancel_scope.cancel()
