@@ -27,9 +27,9 @@ keeps `DEFAULT_LISTEN`, loopback on a free port.
 
 A wildcard listener (`0.0.0.0`, `::`) is no address another machine can dial.
 `dialable_addrs` (the host's address factory, so identify sends the same list)
-replaces it with this machine's interface addresses, routable ones first,
-loopback last, link-local only when nothing else exists, then adds the
-`announce` setting's addresses (a NAT's or DNS name's).
+replaces it with this machine's interface addresses (IPv4 first; link-local
+ones only when nothing else exists), then the `announce` setting's addresses
+(a NAT's or DNS name's), loopback last: users copy the first address.
 """
 
 from __future__ import annotations
@@ -83,6 +83,7 @@ BEST_EFFORT_LISTEN = frozenset({f"/ip6/::/tcp/{DEFAULT_PORT}"})
 # Errors that mean "this machine has no IPv6", not "the port is taken".
 NO_IPV6_ERRNOS = frozenset({errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT, errno.EADDRNOTAVAIL})
 DIAL_TIMEOUT = 10.0  # seconds: a LAN peer that has not answered by then is down
+NEGATIVE_DIAL_TTL = 1.0  # seconds a peer whose every address failed is not redialed
 MAX_CONNECTIONS = 1024  # connections: far above a lab's node count
 LISTEN_BACKLOG = 128  # pending TCP connections per listening socket
 READ_CHUNK = 256 * 1024  # bytes asked per stream read (Noise returns at most ~64 KiB anyway)
@@ -134,7 +135,7 @@ def new_benchsync_host(
     """
     extra = [parse_multiaddr(a, "announce") for a in announce]
     noise = NoiseTransport(key_pair, noise_privkey=create_new_x25519_key_pair().private_key)
-    return new_host(
+    host = new_host(
         addrs_factory=lambda candidates: dialable_addrs(candidates, extra),
         # Addresses peers observe are ephemeral ports or NAT guesses on a LAN;
         # `announce` is the way to add an address we cannot see ourselves.
@@ -153,6 +154,13 @@ def new_benchsync_host(
             dial_timeout=DIAL_TIMEOUT,
         ),
     )
+    # py-libp2p refuses to redial a peer whose addresses all failed for 60 s: a
+    # lab's leaves then wait a minute for a restarted hub. Our callers pace their
+    # own redials (bootstrap every few seconds), so keep its cache short.
+    cache = getattr(host.get_network(), "_negative_peer_cache", None)
+    if cache is not None and hasattr(cache, "_ttl"):
+        cache._ttl = NEGATIVE_DIAL_TTL
+    return host
 
 
 class _ExclusiveTCPListener(TCPListener):
@@ -286,8 +294,9 @@ def dialable_addrs(
     """The addresses other machines can dial: `candidates` (listen addresses) with each
     wildcard replaced by this machine's interface addresses, then `announce`.
 
-    Never returns `0.0.0.0` or `::`. Order: routable addresses, then link-local ones
-    only when there is nothing routable, then loopback; duplicates dropped.
+    Never returns `0.0.0.0` or `::`. Order: interface addresses (routable ones; link-local
+    ones only when there is nothing routable), IPv4 first, then `announce`, then
+    loopback; duplicates dropped.
     """
     out: list[multiaddr.Multiaddr] = []
     interfaces: tuple[list[str], list[str]] | None = None
@@ -304,14 +313,19 @@ def dialable_addrs(
         for ip in v4 if ip4 is not None else v6:
             proto = "ip4" if ip4 is not None else _ip6_proto(ip)
             out.append(multiaddr.Multiaddr(f"/{proto}/{ip.split('%')[0]}/{rest}"))
-    out.extend(announce)
-    seen: set[str] = set()
-    unique = []
-    for a in out:
-        if str(a) not in seen:
-            seen.add(str(a))
-            unique.append(a)
+    unique = list({str(a): a for a in [*out, *announce]}.values())
+    announced = {str(a) for a in announce}
+    unique.sort(key=lambda a: _rank(a, str(a) in announced))  # stable: keeps each group's order
     return unique
+
+
+def _rank(maddr: multiaddr.Multiaddr, announced: bool) -> tuple[int, int]:
+    """Sort key: (interface addresses, then announced ones, then loopback; IPv4 first)."""
+    ip4, ip6 = _ip_of(maddr, "ip4"), _ip_of(maddr, "ip6")
+    ip = ip4 or ip6
+    if ip is not None and ipaddress.ip_address(ip).is_loopback:
+        return 2, 4 if ip4 else 6
+    return (1 if announced else 0), (4 if ip4 else 6 if ip6 else 0)
 
 
 def _ip_of(maddr: multiaddr.Multiaddr, proto: str) -> str | None:

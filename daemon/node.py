@@ -97,6 +97,7 @@ class Node:
             network=config.network,
             blockstore=self.dataset.blocks,
             listen=list(config.listen),
+            announce=list(config.announce),
             bootstrap=list(config.bootstrap),
             trusted_peers=set(config.trusted_peers),
             mdns=config.mdns,
