@@ -342,20 +342,7 @@ def _read_small_file(get: Callable[[CID], bytes], cid: CID) -> bytes:
 
 def missing_blocks(store: Blockstore, root: CID) -> list[CID]:
     """CIDs reachable from `root` that the store lacks (only the frontier it can see)."""
-    missing: list[CID] = []
-    stack = [root]
-    seen: set[str] = set()
-    while stack:
-        cid = stack.pop()
-        key = str(cid)
-        if key in seen:
-            continue
-        seen.add(key)
-        if not store.has(cid):
-            missing.append(cid)
-            continue
-        stack.extend(unixfs.links(cid, store.get(cid)))
-    return missing
+    return unixfs.frontier(store.get, store.has, root)
 
 
 def dag_blocks(store: Blockstore, root: CID) -> Iterator[tuple[CID, bytes]]:

@@ -30,18 +30,14 @@ from benchsync.storage.errors import NotFound, StorageError, TooLarge
 
 __all__ = [
     "CHUNK_SIZE",
-    "DAG_PB",
     "MAX_DAG_DEPTH",
     "MAX_LINKS",
-    "RAW",
     "add_bytes",
-    "block_cid",
     "add_directory",
     "add_file",
     "add_path",
     "cat",
     "distinct_bytes",
-    "links",
     "list_directory",
     "resolve",
     "walk",
@@ -262,10 +258,20 @@ def add_path(
     return _add_path(Path(path), put, hidden, chunk_size, max_links)[0]
 
 
-def walk(get: GetBlock, root: CID) -> Iterator[tuple[CID, bytes]]:
+def walk(
+    get: GetBlock,
+    root: CID,
+    *,
+    has: Callable[[CID], bool] | None = None,
+    missing: list[CID] | None = None,
+) -> Iterator[tuple[CID, bytes]]:
     """Every block of the DAG under `root` once, parents before children, links in order.
 
-    Raises whatever `get` raises for a missing block (e.g. BlockNotFound).
+    This is the one DAG walk of the code base. Without `has`, every block is
+    read, and whatever `get` raises for a missing block propagates. With
+    `has`, a block for which `has(cid)` is false is not read: it is appended
+    to `missing` (the frontier of what is held) and its subtree is skipped.
+    Raises DagPbError for a malformed node.
     """
     seen: set[CID] = set()
     stack = [root]
@@ -274,9 +280,21 @@ def walk(get: GetBlock, root: CID) -> Iterator[tuple[CID, bytes]]:
         if cid in seen:
             continue
         seen.add(cid)
+        if has is not None and not has(cid):
+            if missing is not None:
+                missing.append(cid)
+            continue
         data = get(cid)
         yield cid, data
         stack.extend(reversed(links(cid, data)))
+
+
+def frontier(get: GetBlock, has: Callable[[CID], bool], root: CID) -> list[CID]:
+    """The blocks under `root` that `has` lacks and whose parents it holds, in walk order."""
+    missing: list[CID] = []
+    for _ in walk(get, root, has=has, missing=missing):
+        pass
+    return missing
 
 
 def distinct_bytes(get: GetBlock, root: CID) -> int:

@@ -15,6 +15,7 @@ import pytest
 from multiformats import CID
 
 from benchsync.storage import car, unixfs
+from benchsync.storage.cid import RAW, block_cid
 from benchsync.storage.dataset import CarImportError, LocalDataset, RestoreError, sidecar_path
 from benchsync.storage.snapshot import (
     BadSnapshot,
@@ -327,7 +328,7 @@ def test_car_whose_root_is_missing(ds: LocalDataset, tmp_path: Path) -> None:
 def test_unknown_codec_in_car(tmp_path: Path) -> None:
     from multiformats import varint
 
-    root = unixfs.block_cid(unixfs.RAW, b"x")
+    root = block_cid(RAW, b"x")
     raw = bytearray(car.encode_header([root]))
     # A section whose CID names codec 0x300001 (unregistered); the reader must refuse it.
     cid_bytes = bytes([1]) + varint.encode(0x300001) + bytes([0x12, 32]) + bytes(32)

@@ -16,6 +16,8 @@ from multiformats import CID
 from benchsync.daemon.cli import main
 from benchsync.storage import dagpb, unixfs
 from benchsync.storage.blockstore import MemoryBlockstore
+from benchsync.storage.cid import DAG_PB
+from benchsync.storage.dagpb import links
 from benchsync.storage.errors import NotFound, TooLarge
 
 VECTORS = json.loads((Path(__file__).parent / "vectors" / "unixfs.json").read_text())
@@ -165,7 +167,7 @@ def test_put_order_leaves_first_and_tsize_is_dag_size() -> None:
     assert order[-1] == cid
     position = {c: i for i, c in enumerate(order)}
     for parent in order:
-        for child in unixfs.links(parent, blocks[parent]):
+        for child in links(parent, blocks[parent]):
             assert position[child] < position[parent]
     assert tsize == sum(len(b) for b in blocks.values())
     assert b"".join(unixfs.cat(blocks.__getitem__, cid)) == data
@@ -230,7 +232,7 @@ def test_walk_list_resolve_cat_round_trip(tmp_path: Path) -> None:
     seen: set[CID] = set()
     for parent, data in walked:  # parents before children
         seen.add(parent)
-        for child in unixfs.links(parent, data):
+        for child in links(parent, data):
             assert child not in seen
 
     listing = unixfs.list_directory(blocks.get, cid)
@@ -298,3 +300,17 @@ def test_cli_cid_missing_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert main(["cid", str(tmp_path / "nope")]) != 0
     err = capsys.readouterr().err
     assert "Error:" in err and "does not exist" in err and "Try:" in err
+
+
+def test_walk_stops_at_the_frontier_of_what_is_held() -> None:
+    """One walk serves both uses: every block, or only up to the blocks a store lacks."""
+    store = MemoryBlockstore()
+    root, _, _ = unixfs.add_bytes(bytes(range(40)), store.put, chunk_size=4, max_links=3)
+    order = [cid for cid, _ in unixfs.walk(store.get, root)]
+    assert order[0] == root and len(order) == len(set(order))
+    leaf_parent = next(c for c in order if c != root and c.codec.code == DAG_PB)
+    held = set(order) - {leaf_parent}
+    missing: list[CID] = []
+    walked = [c for c, _ in unixfs.walk(store.get, root, has=held.__contains__, missing=missing)]
+    assert missing == [leaf_parent] == unixfs.frontier(store.get, held.__contains__, root)
+    assert leaf_parent not in walked and set(walked) < held
