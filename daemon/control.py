@@ -8,19 +8,23 @@ the synchronous `ControlClient` the CLI uses.
 
 A handler is `async def handler(request: Request) -> tuple[int, object]`; the
 object is sent as JSON, or as is when it is a `Text` (Prometheus exposition).
-A handler signals a client mistake with `ApiError(status, code, message,
-hint)` (`Request.json` and `Request.query_int` raise the 400s for a bad body
-or query parameter); any other exception is logged and becomes a 500 for that
-request only. Every error, including 400 (bad JSON, too deeply nested JSON, a
-bad query parameter), 401, 404, 405, 408, 413, 500 and 503 (TCP listener
-full), has the body `{"error": {"code": ..., "message": ..., "hint": ...}}`.
+A handler runs while its connection is watched: when the client closes the
+connection first, the handler is cancelled (a query stops instead of running
+to its time limit). A client that half-closes its side while it waits for the
+answer is taken as gone. A handler signals a client mistake with
+`ApiError(status, code, message, hint)` (`Request.json` and `Request.query_int`
+raise the 400s for a bad body or query parameter); any other exception is
+logged and becomes a 500 for that request only. Every error, including 400
+(bad JSON, too deeply nested JSON, a bad query parameter), 401, 404, 405,
+408, 413, 500 and 503 (TCP listener full), has the body
+`{"error": {"code": ..., "message": ..., "hint": ...}}`.
 
 The TCP listener is reachable by anyone who can connect, so it costs them
 little: it has its own connection limit (the Unix socket's users never wait
 behind it), checks the token before reading a body, and every connection has
 idle, head, body and send deadlines.
 
-This module knows no routes of its own; the node registers them.
+This module knows no routes of its own; `benchsync.daemon.api` builds the node's.
 """
 
 from __future__ import annotations
@@ -472,11 +476,48 @@ class _Connection:
                 return
             if request is None:
                 return  # the client closed the connection
-            status, body = await self.server.dispatch(request)
+            answer = await self._dispatch_while_connected(request)
+            if answer is None:
+                return  # the client went away: its handler was cancelled
+            status, body = answer
             await self._respond(status, body)
             if self.conn.our_state is h11.MUST_CLOSE or self.conn.their_state is not h11.DONE:
                 return
             self.conn.start_next_cycle()
+
+    async def _dispatch_while_connected(self, request: Request) -> tuple[int, Any] | None:
+        """Run the request's handler while watching the connection; (status, body), or
+        None when the client closed the connection first and the handler was cancelled
+        (a local query then stops, and its sandbox worker is killed, at once instead of
+        at its time limit)."""
+        answer: tuple[int, Any] | None = None
+
+        async def handle() -> None:
+            nonlocal answer
+            answer = await self.server.dispatch(request)
+            nursery.cancel_scope.cancel()  # stop watching
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch_peer, request, nursery.cancel_scope)
+            nursery.start_soon(handle)
+        return answer
+
+    async def _watch_peer(self, request: Request, handler_scope: trio.CancelScope) -> None:
+        """Cancel `handler_scope` when the client closes its side of the connection.
+
+        A client that sends more (a pipelined request) is still there: its bytes go
+        to h11 for the next cycle, and the watch ends.
+        """
+        try:
+            data = await self.stream.receive_some(RECEIVE_SIZE)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            data = b""
+        if data:
+            self.conn.receive_data(data)
+            return
+        log.info("control API client went away during %s %s: cancelling its handler",
+                 request.method, request.path)  # fmt: skip
+        handler_scope.cancel()
 
     def _enter(self, phase: str, timeout: float) -> None:
         self._phase = phase
