@@ -10,9 +10,9 @@ from pathlib import Path
 
 import psutil
 import trio
+from test_node import call, make_node
 
 from benchsync.daemon.control import ControlClient
-from test_node import call, make_node
 
 QUERY_TIMEOUT = 300.0  # seconds: the node's own limit, far beyond the test's deadlines
 # Minutes of work for DuckDB: the query must still run when the client leaves.
