@@ -29,8 +29,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import trio
-from libp2p.abc import IHost, INetStream
-from libp2p.custom_types import TProtocol
+from libp2p.abc import IHost
 from libp2p.peer.id import ID
 from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
 from libp2p.pubsub.pb import rpc_pb2
@@ -38,30 +37,22 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from benchsync.daemon.config import SETTINGS_BY_NAME
 from benchsync.daemon.gossip import GuardedPubsub
-from benchsync.daemon.host import AccessPolicy, StreamReader, guard_handler, remote_peer
-from benchsync.protocol.frames import (
-    MAX_FRAME,
-    Refused,
-    check_network,
-    decode_json,
-    encode_json_frame,
-    refusal,
-)
+from benchsync.daemon.host import AccessPolicy
+from benchsync.daemon.streams import Channel, StreamAdapter
 from benchsync.protocol.heads import (
     HEAD_PROTOCOL_ID,
-    MAX_HEAD_RESPONSE,
     Head,
     HeadBook,
+    HeadRequest,
     HeadResponse,
+    HeadSession,
     InvalidHead,
     check_announcement,
     decode_head,
     encode_head,
-    head_request,
-    head_response,
-    parse_head_response,
     topic_for,
 )
+from benchsync.protocol.session import REQUESTER, RESPONDER
 
 if TYPE_CHECKING:
     from trio_typing import TaskStatus
@@ -97,6 +88,7 @@ class Announcer:
         *,
         network: str,
         policy: AccessPolicy,
+        streams: StreamAdapter,
         on_head: HeadCallback,
         on_replica_hint: ReplicaHintCallback | None = None,
         replicas: Callable[[], list[Head]] = list,
@@ -107,6 +99,7 @@ class Announcer:
         self.network = network
         self.topic = topic_for(network)
         self.policy = policy
+        self.streams = streams
         self.on_head = on_head
         self.on_replica_hint = on_replica_hint
         self.replicas = replicas
@@ -143,9 +136,7 @@ class Announcer:
 
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the router, the subscription and the re-announcer until cancelled."""
-        self.host.set_stream_handler(
-            TProtocol(HEAD_PROTOCOL_ID), guard_handler("head", self._handle_head)
-        )
+        self.streams.serve(HEAD_PROTOCOL_ID, lambda: HeadSession(RESPONDER), self._answer_head)
         async with background_trio_service(self.pubsub), background_trio_service(self.gossipsub):
             await self.pubsub.wait_until_ready()
             self.pubsub.set_topic_validator(self.topic, self._validate, False)
@@ -288,42 +279,24 @@ class Announcer:
 
     # --- /benchsync/head/1.0.0 ---------------------------------------------------
 
-    async def _handle_head(self, stream: INetStream) -> None:
-        peer = str(remote_peer(stream))
-        with trio.fail_after(REQUEST_TIMEOUT):
-            reader = StreamReader(stream, max_frame=MAX_FRAME)
-            request = decode_json(await reader.frame())
-            reason = self.policy.refusal(peer)
-            if reason is None:
-                try:
-                    check_network(request, self.network)
-                except Refused as e:
-                    reason = e.reason
-            if reason is not None:
-                await stream.write(encode_json_frame(refusal(reason)))
-                return
-            body = head_response(self.local_head, self.replicas())
-            await stream.write(encode_json_frame(body, max_frame=MAX_HEAD_RESPONSE))
+    async def _answer_head(self, channel: Channel, request: object) -> None:
+        """Answer an admitted head request (the adapter checked the peer and the network)."""
+        await channel.send(HeadResponse(self.local_head, tuple(self.replicas())))
 
     async def request_head(self, peer: ID) -> HeadResponse:
         """Ask `peer` for its head and the replicas it serves.
 
         Accepted heads go to `on_head` and replica hints to `on_replica_hint`
-        as for gossip. Raises `Refused` (with the peer's reason),
-        `ProtocolError` for a malformed answer, `trio.TooSlowError`, or the
-        libp2p error of a failed dial.
+        as for gossip. Raises `Refused` (by us or with the peer's reason),
+        `RemoteProtocolError` for a malformed answer, `Interrupted`,
+        `trio.TooSlowError`, or the libp2p error of a failed dial.
         """
-        reason = self.policy.refusal(str(peer))
-        if reason is not None:
-            raise Refused(f"not asking: {reason}")
+        session = HeadSession(REQUESTER, responder=str(peer))
         with trio.fail_after(REQUEST_TIMEOUT):
-            stream = await self.host.new_stream(peer, [TProtocol(HEAD_PROTOCOL_ID)])
-            try:
-                await stream.write(encode_json_frame(head_request(self.network)))
-                reader = StreamReader(stream, max_frame=MAX_HEAD_RESPONSE)
-                response = parse_head_response(decode_json(await reader.frame()), str(peer))
-            finally:
-                await stream.close()
+            async with self.streams.open(str(peer), HEAD_PROTOCOL_ID, session) as channel:
+                await channel.send(HeadRequest(self.network))
+                response = await channel.expect(HeadResponse)
+        assert isinstance(response, HeadResponse)
         peer_s = str(peer)
         reason = None if response.head is None else self.admit(response.head.dataset, peer_s)
         if response.head is not None and reason is not None:
@@ -340,4 +313,3 @@ class Announcer:
                 if rep.dataset != self.my_id:
                     await self.on_replica_hint(rep, peer_s)
         return response
-

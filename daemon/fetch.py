@@ -20,33 +20,26 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import trio
-from libp2p.abc import IHost, INetStream
-from libp2p.custom_types import TProtocol
+from libp2p.abc import IHost
 from libp2p.peer.id import ID
 from multiformats import CID
 
 from benchsync.daemon.config import SETTINGS_BY_NAME
-from benchsync.daemon.host import AccessPolicy, StreamReader, remote_peer
+from benchsync.daemon.host import AccessPolicy
+from benchsync.daemon.streams import Channel, StreamAdapter
 from benchsync.protocol.fetch import (
     CAR_PROTOCOL_ID,
-    MAX_FETCH_FRAME,
     MAX_WANT,
-    BlockSequence,
+    Block,
+    EndOfResponse,
     FetchRequest,
+    FetchSession,
     FetchStatus,
-    ResponseTooLarge,
-    expected_blocks,
     missing_blocks,
     plan_response,
 )
-from benchsync.protocol.frames import (
-    ProtocolError,
-    Refused,
-    TruncatedFrame,
-    decode_json,
-    encode_json_frame,
-    refusal,
-)
+from benchsync.protocol.frames import Interrupted, RemoteProtocolError
+from benchsync.protocol.session import NEED_DATA, REQUESTER, RESPONDER, EndOfStream, Refusal
 from benchsync.storage import car
 from benchsync.storage.blockstore import Blockstore
 from benchsync.storage.dagpb import links
@@ -76,19 +69,6 @@ class FetchLimits:
     @property
     def max_section(self) -> int:
         return self.max_block + car.MAX_CID_BYTES
-
-
-class FetchInterrupted(Exception):
-    """A transfer broke (stream ended early or stalled); the provider is not blamed."""
-
-
-class ProviderUnsuitable(Exception):
-    """A provider answers in a way we cannot take (an older node ignoring our
-    response limit); it is not blamed, only not asked again for this DAG."""
-
-
-class ProviderMisbehaved(Exception):
-    """A provider broke the protocol or sent a block that does not match its CID."""
 
 
 class FetchFailed(Exception):
@@ -138,56 +118,41 @@ def _batches(items: Sequence[CID], sizes: dict[CID, int], limit: int) -> list[li
 
 
 class BlockProvider:
-    """Serves `/benchsync/car/1.0.0` from a blockstore."""
+    """Answers `/benchsync/car/1.0.0` from a blockstore (registered through the stream
+    adapter, which has checked the peer and the network)."""
 
-    def __init__(
-        self,
-        store: Blockstore,
-        *,
-        network: str,
-        policy: AccessPolicy,
-        limits: FetchLimits | None = None,
-    ) -> None:
+    def __init__(self, store: Blockstore, *, limits: FetchLimits | None = None) -> None:
         self.store = store
-        self.network = network
-        self.policy = policy
         self.limits = limits or FetchLimits()
         self.active: dict[str, int] = {}  # peer -> requests being served
         self.served = TransferStats()
 
-    async def handle(self, stream: INetStream) -> None:
-        """Answer one fetch request (the caller wraps this with `guard_handler`)."""
-        peer = str(remote_peer(stream))
-        reader = StreamReader(stream, max_frame=MAX_FETCH_FRAME)
-        with trio.fail_after(REQUEST_TIMEOUT):
-            body = await reader.frame()
-        reason = self.policy.refusal(peer)
-        request: FetchRequest | None = None
-        if reason is None:
-            try:
-                request = FetchRequest.from_json(decode_json(body), self.network)
-            except Refused as e:
-                reason = e.reason
-            except ProtocolError as e:
-                reason = f"malformed fetch request: {e}"
-        if reason is None and self.active.get(peer, 0) >= self.limits.max_fetches_per_peer:
-            reason = (
-                f"busy: already serving {self.limits.max_fetches_per_peer} fetches to peer "
-                f"{peer} (max_fetches_per_peer); retry when one finishes"
+    def new_session(self) -> FetchSession:
+        return FetchSession(RESPONDER, max_block=self.limits.max_block)
+
+    async def answer(self, channel: Channel, request: object) -> None:
+        """Answer one admitted fetch request: a busy refusal, or the status and the blocks."""
+        assert isinstance(request, FetchRequest)
+        peer = channel.peer
+        if self.active.get(peer, 0) >= self.limits.max_fetches_per_peer:
+            await channel.send(
+                Refusal(
+                    f"busy: already serving {self.limits.max_fetches_per_peer} fetches to peer "
+                    f"{peer} (max_fetches_per_peer); retry when one finishes"
+                )
             )
-        if reason is not None or request is None:
-            await stream.write(encode_json_frame(refusal(reason or "refused")))
             return
         self.active[peer] = self.active.get(peer, 0) + 1
         try:
-            await self._serve(stream, request)
+            await self._serve(channel, request)
         finally:
             self.active[peer] -= 1
             if not self.active[peer]:
                 del self.active[peer]
 
-    async def _serve(self, stream: INetStream, request: FetchRequest) -> None:
+    async def _serve(self, channel: Channel, request: FetchRequest) -> None:
         store = self.store
+        session = channel.session
 
         def sizes() -> dict[CID, int]:
             return {c: store.size(c) for c in request.want if store.has(c)}
@@ -199,17 +164,17 @@ class BlockProvider:
             max_response=self.limits.max_response,
             requester_limit=request.max_bytes,
         )
-        head = encode_json_frame(status.to_json(), max_frame=MAX_FETCH_FRAME)
-        if send:
-            head += car.encode_header([request.root])
-        await stream.write(head)
-        self.served.wire_out += len(head)
+        before = channel.wire_out
+        await channel.send(status)
+        self.served.wire_out += channel.wire_out - before
         self.served.rounds += 1
         sections, produced = trio.open_memory_channel[tuple[bytes, int, int]](SEND_QUEUE)
 
         def encode(batch: list[CID]) -> tuple[bytes, int, int]:
+            # The session checks each block is the next one announced (worker thread:
+            # the trio side only writes the bytes this returns).
             blocks = [store.get(c) for c in batch]
-            wire = b"".join(car.encode_section(c, d) for c, d in zip(batch, blocks, strict=True))
+            wire = b"".join(session.send(Block(c, d)) for c, d in zip(batch, blocks, strict=True))
             return wire, len(blocks), sum(len(d) for d in blocks)
 
         async def read_ahead() -> None:
@@ -222,10 +187,11 @@ class BlockProvider:
             nursery.start_soon(read_ahead)
             async with produced:
                 async for wire, nblocks, nbytes in produced:
-                    await stream.write(wire)
+                    await channel.write(wire)
                     self.served.wire_out += len(wire)
                     self.served.blocks += nblocks
                     self.served.block_bytes += nbytes
+        await channel.send(EndOfResponse())
 
 
 class Fetcher:
@@ -238,12 +204,14 @@ class Fetcher:
         *,
         network: str,
         policy: AccessPolicy,
+        streams: StreamAdapter,
         limits: FetchLimits | None = None,
     ) -> None:
         self.host = host
         self.store = store
         self.network = network
         self.policy = policy
+        self.streams = streams
         self.limits = limits or FetchLimits()
         self.stats = TransferStats()  # totals over every fetch of this node
 
@@ -260,10 +228,13 @@ class Fetcher:
         """Make the whole DAG under `root` present, asking `providers` in order.
 
         Returns once every block is stored and verified. A provider that fails
-        is dropped for the rest of this call (and banned if it misbehaved);
-        raises `FetchFailed` when none is left while blocks are still missing.
-        Verified blocks stay stored either way. Raises `StorageError` when the
-        local store fails (a full disk): no provider can fix that.
+        is dropped for the rest of this call, and banned when the failure is a
+        `RemoteProtocolError` (it broke the protocol or sent a block not
+        matching its CID); refusals, interruptions and oversized answers of an
+        older node cost it nothing else. Raises `FetchFailed` when none is left
+        while blocks are still missing. Verified blocks stay stored either way.
+        Raises `StorageError` when the local store fails (a full disk): no
+        provider can fix that.
         """
         me = self.host.get_id().to_base58()
         candidates = [p for p in dict.fromkeys(providers) if p != me]
@@ -278,23 +249,22 @@ class Fetcher:
             if not candidates:
                 raise FetchFailed(root, len(want), errors)
             peer = candidates[0]
-            reason = self.policy.refusal(peer)
+            reason = self.streams.admit(peer, CAR_PROTOCOL_ID)
             if reason is not None:
                 errors[peer] = reason
                 candidates.remove(peer)
                 continue
             try:
                 got = await self.fetch_round(ID.from_base58(peer), root, want, result.stats)
-            except ProviderMisbehaved as e:
-                errors[peer] = f"misbehaved: {e}"
-                candidates.remove(peer)
-                await self.penalise(peer, str(e))
-                continue
             except StorageError:
                 raise
-            except Exception as e:  # dial errors, refusals, broken transfers
-                errors[peer] = f"{type(e).__name__}: {e}"
+            except Exception as e:  # dial errors, refusals, broken transfers, protocol errors
                 candidates.remove(peer)
+                if isinstance(e, RemoteProtocolError):
+                    errors[peer] = f"misbehaved: {e}"
+                    await self.penalise(peer, str(e))
+                else:
+                    errors[peer] = f"{type(e).__name__}: {e}"
                 continue
             if got and peer not in result.providers_used:
                 result.providers_used.append(peer)
@@ -317,32 +287,30 @@ class Fetcher:
     ) -> int:
         """One request/response exchange with `peer`; returns the blocks stored.
 
-        Raises `ProviderMisbehaved` (ban it), `ProviderUnsuitable`, `FetchInterrupted`, `Refused`,
-        `trio.TooSlowError` or a libp2p error when the stream cannot be opened.
-        Blocks verified before a failure are stored all the same.
+        Raises `RemoteProtocolError` (the provider is to blame: ban it),
+        `Refused`, `Interrupted`, `ResponseTooLarge` (an older provider ignoring
+        our limit), `trio.TooSlowError` or a libp2p error when the stream
+        cannot be opened. Blocks verified before a failure are stored all the same.
         """
         request = FetchRequest(
             self.network,
             root,
             tuple(want[: self.limits.max_want]),
-            # The provider keeps each response within our limit (BlockSequence checks it).
+            # The provider keeps each response within our limit (the session checks it).
             max_bytes=self.limits.max_response,
         )
         local = stats or TransferStats()
-        with trio.fail_after(REQUEST_TIMEOUT):
-            stream = await self.host.new_stream(peer, [TProtocol(CAR_PROTOCOL_ID)])
-        ok = False
-        try:
-            frame = encode_json_frame(request.to_json(), max_frame=MAX_FETCH_FRAME)
-            await stream.write(frame)
-            self._count(local, wire_out=len(frame))
-            stored = await self._receive(stream, request, local)
-            ok = True
-            return stored
-        finally:
-            # The peer may already be gone; closing is best effort.
-            with trio.move_on_after(1), contextlib.suppress(Exception):
-                await (stream.close() if ok else stream.reset())
+        session = FetchSession(
+            REQUESTER, max_response=self.limits.max_response, max_block=self.limits.max_block
+        )
+        async with self.streams.open(str(peer), CAR_PROTOCOL_ID, session) as channel:
+            await channel.send(request)
+            self._count(local, wire_out=channel.wire_out)
+            with trio.fail_after(REQUEST_TIMEOUT):
+                status = await channel.expect(FetchStatus)
+            assert isinstance(status, FetchStatus)
+            self._count(local, wire_in=channel.wire_in, rounds=1)
+            return await self._receive(channel, status, local)
 
     def _count(self, local: TransferStats, **deltas: int) -> None:
         for name, value in deltas.items():
@@ -350,42 +318,21 @@ class Fetcher:
             if local is not self.stats:
                 setattr(self.stats, name, getattr(self.stats, name) + value)
 
-    async def _receive(
-        self, stream: INetStream, request: FetchRequest, local: TransferStats
-    ) -> int:
-        reader = StreamReader(stream, max_frame=MAX_FETCH_FRAME)
-        try:
-            with trio.fail_after(REQUEST_TIMEOUT):
-                body = await reader.frame()
-            status = FetchStatus.from_json(decode_json(body))
-        except TruncatedFrame as e:
-            raise FetchInterrupted(f"stream ended before the status frame: {e}") from None
-        except Refused:
-            raise
-        except ProtocolError as e:
-            raise ProviderMisbehaved(f"bad status frame: {e}") from None
-        self._count(local, wire_in=len(body) + 1, rounds=1)
-        try:
-            expected = expected_blocks(request, status)
-            sequence = BlockSequence(expected, status.bytes, max_response=self.limits.max_response)
-        except ResponseTooLarge as e:
-            # Said before any block moved; an older provider does not read our limit.
-            raise ProviderUnsuitable(str(e)) from None
-        except ProtocolError as e:
-            raise ProviderMisbehaved(str(e)) from None
-        if not expected:
+    async def _receive(self, channel: Channel, status: FetchStatus, local: TransferStats) -> int:
+        sink = _BlockSink(self.store, channel.session)
+        if not status.count:
+            sink.feed(b"")  # the session's EndOfResponse; nothing to store
             return 0
-        sink = _BlockSink(self.store, request.root, sequence, self.limits)
         send, recv = trio.open_memory_channel[bytes](RECEIVE_QUEUE)
         with _single_error():
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._verify_and_store, recv, sink, local)
-                await self._pump(reader, send, sink, local)
+                await self._pump(channel, send, sink, local)
         return sink.stored
 
     async def _pump(
         self,
-        reader: StreamReader,
+        channel: Channel,
         send: trio.MemorySendChannel[bytes],
         sink: _BlockSink,
         local: TransferStats,
@@ -400,7 +347,7 @@ class Fetcher:
             size = 0
             while True:
                 with trio.move_on_after(STALL_TIMEOUT) as stall:
-                    data = await reader.read()
+                    data = await channel.read()
                 if stall.cancelled_caught:
                     sink.stalled = True
                     break
@@ -454,60 +401,43 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]
 
 
 class _BlockSink:
-    """Worker-thread side of one response: decode the CAR, check, verify, store.
+    """Worker-thread side of one response: the session decodes and checks, this stores.
 
-    Raises `ProviderMisbehaved` for anything the provider cannot blame on
-    dying (a block that does not match its CID, an unrequested block, bad
-    CAR bytes) and `FetchInterrupted` when the stream simply ended early.
-    Blocks that passed every check before an error are stored.
+    The requester's `FetchSession` turns the CAR bytes into `Block` events
+    (each verified against its CID, the expected one, in order) and raises
+    `RemoteProtocolError` or `Interrupted`; blocks that passed before an
+    error are stored.
     """
 
-    def __init__(
-        self, store: Blockstore, root: CID, sequence: BlockSequence, limits: FetchLimits
-    ) -> None:
+    def __init__(self, store: Blockstore, session: object) -> None:
+        assert isinstance(session, FetchSession)
         self.store = store
-        self.root = root
-        self.sequence = sequence
-        self.decoder = car.CarDecoder(max_section=limits.max_section, max_block=limits.max_block)
+        self.session = session
         self.stored = 0
         self.stored_bytes = 0
         self.stalled = False
 
     def feed(self, data: bytes) -> None:
-        try:
-            blocks = self.decoder.feed(data)
-            if self.decoder.roots is not None and self.decoder.roots != [self.root]:
-                raise ProviderMisbehaved(f"CAR roots {self.decoder.roots} are not [{self.root}]")
-            for cid, block in blocks:
-                self.sequence.check(cid, block)
-                # The decoder verified it against its CID (CarBlockMismatch
-                # otherwise); hashing again would cost a second pass per byte.
-                self.store.put(cid, block, verify=False)
+        """Bytes of the body (b"": nothing new); stores every block they complete."""
+        if data:
+            self.session.receive_data(data)
+        self._drain()
+
+    def _drain(self) -> None:
+        while True:
+            event = self.session.next_event()
+            if event is NEED_DATA or isinstance(event, EndOfStream):
+                return
+            if isinstance(event, Block):
+                # The CAR decoder verified it against its CID; hashing again
+                # would cost a second pass per byte.
+                self.store.put(event.cid, event.data, verify=False)
                 self.stored += 1
-                self.stored_bytes += len(block)
-            # The decoder hands out the good blocks before a bad one and keeps the
-            # error for its next call: make that call now. Left for `close`, a bad
-            # block in the last batch would pass for a short stream, unpunished.
-            self.decoder.feed(b"")
-        except car.CarTruncated as e:
-            raise FetchInterrupted(str(e)) from None
-        except (car.CarError, ProtocolError) as e:
-            raise ProviderMisbehaved(str(e)) from None
+                self.stored_bytes += len(event.data)
 
     def close(self) -> None:
         """End of stream: a complete, exact response, or an interruption."""
         if self.stalled:
-            raise FetchInterrupted(f"no data for {STALL_TIMEOUT} s")
-        if not self.sequence.done:
-            # A provider killed between two sections looks like a clean EOF.
-            raise FetchInterrupted(
-                f"stream ended after {self.sequence.received_bytes} of "
-                f"{self.sequence.announced} bytes"
-            )
-        try:
-            self.decoder.close()
-            self.sequence.finish()
-        except car.CarTruncated as e:
-            raise FetchInterrupted(str(e)) from None
-        except (car.CarError, ProtocolError) as e:
-            raise ProviderMisbehaved(str(e)) from None
+            raise Interrupted(f"no data for {STALL_TIMEOUT} s")
+        self.session.receive_data(b"")
+        self._drain()

@@ -4,9 +4,10 @@ This module composes the libp2p host (`host.py`), head announcements
 (`announce.py`), block serving and fetching (`fetch.py`) and the replica
 follower (`sync.py`) into the one object the node wires in. It owns the
 host's lifetime (listening, bootstrap, clean close of every connection), the
-reaction to new connections (ask the peer for its head) and the wrapping of
-extra protocol handlers (the query server's) so that a failing handler, or an
-untrusted or banned peer, costs one stream and never the node.
+reaction to new connections (ask the peer for its head) and the node's one
+stream adapter (`streams.py`), through which every protocol handler is
+registered, so that a failing handler, or an untrusted or banned peer, costs
+one stream and never the node.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from benchsync.daemon.fetch import BlockProvider, Fetcher, FetchLimits
 from benchsync.daemon.host import (
     DEFAULT_LISTEN,
     AccessPolicy,
-    guard_handler,
     new_benchsync_host,
     parse_multiaddr,
     parse_peer_addr,
@@ -145,11 +145,14 @@ class P2PNode:
         # Every stream protocol is served and requested through this one adapter.
         self.streams = StreamAdapter(self.host, network=self.network, policy=self.policy)
         self.fetcher = Fetcher(
-            self.host, blockstore, network=self.network, policy=self.policy, limits=self.limits
+            self.host,
+            blockstore,
+            network=self.network,
+            policy=self.policy,
+            streams=self.streams,
+            limits=self.limits,
         )
-        self.provider = BlockProvider(
-            blockstore, network=self.network, policy=self.policy, limits=self.limits
-        )
+        self.provider = BlockProvider(blockstore, limits=self.limits)
         self.syncer = Syncer(
             self.fetcher,
             me=self.peer_id,
@@ -164,6 +167,7 @@ class P2PNode:
             self.host,
             network=self.network,
             policy=self.policy,
+            streams=self.streams,
             on_head=self.syncer.head_seen,
             on_replica_hint=self.syncer.replica_hint,
             replicas=self.syncer.replica_heads,
@@ -191,9 +195,7 @@ class P2PNode:
         """Listen, serve and sync until cancelled or `stop()`; then close every connection."""
         send, recv = trio.open_memory_channel[ID](CONNECT_QUEUE)
         self.host.get_network().register_notifee(_ConnectionEvents(send))
-        self.host.set_stream_handler(
-            TProtocol(CAR_PROTOCOL_ID), guard_handler("fetch", self.provider.handle)
-        )
+        self.streams.serve(CAR_PROTOCOL_ID, self.provider.new_session, self.provider.answer)
         try:
             with self._cancel:
                 async with self.host.run(self.listen), trio.open_nursery() as nursery:

@@ -40,10 +40,29 @@ from typing import Any
 
 from multiformats import CID
 
-from benchsync.protocol.frames import Refused, RemoteProtocolError, check_network, parse_cid
+from benchsync.protocol.frames import (
+    Interrupted,
+    LocalProtocolError,
+    RemoteProtocolError,
+    encode_json_frame,
+    parse_cid,
+)
+from benchsync.protocol.session import (
+    DONE,
+    IDLE,
+    NEED_DATA,
+    REQUESTED,
+    REQUESTER,
+    RESPONDER,
+    Refusal,
+    Session,
+    parse_refusal,
+)
+from benchsync.storage import car
 
 # Pure CID text conversion (no I/O): the fast paths multiformats lacks.
 from benchsync.storage.cid import cid_from_text, cid_text
+from benchsync.storage.limits import MAX_BLOCK_SIZE, MAX_CID_BYTES
 
 CAR_PROTOCOL_ID = "/benchsync/car/1.0.0"
 MAX_WANT = 1024  # CIDs per request: ~62 KiB of JSON, one 256 MiB response of full chunks
@@ -58,11 +77,12 @@ class FetchProtocolError(RemoteProtocolError):
     """A provider's response broke the fetch protocol (wrong block, bad status, short stream)."""
 
 
-class ResponseTooLarge(FetchProtocolError):
+class ResponseTooLarge(Exception):
     """A provider announced more block bytes than our limit (before sending any block).
 
-    A provider that predates `max_bytes` in requests fills responses up to its
-    own limit, honestly: the requester should go elsewhere, not blame it.
+    Not a protocol error of either side: a provider that predates `max_bytes`
+    in requests fills responses up to its own limit, honestly; the requester
+    should go elsewhere, not blame it.
     """
 
     def __init__(self, *, limit: int, got: int) -> None:
@@ -121,12 +141,15 @@ class FetchRequest:
         return doc
 
     @classmethod
-    def from_json(cls, obj: Mapping[str, Any], network: str) -> FetchRequest:
-        """Parse a request for our `network`.
+    def from_json(cls, obj: Mapping[str, Any]) -> FetchRequest:
+        """Parse a request; raises `FetchProtocolError` when malformed.
 
-        Raises `Refused` for another network and `FetchProtocolError` when malformed.
+        The network it names is not checked here: the stream adapter refuses
+        another network for every protocol in one place.
         """
-        check_network(dict(obj), network)
+        network = obj.get("network")
+        if not isinstance(network, str):
+            raise FetchProtocolError(f"network must be a string, got {type(network).__name__}")
         root = _cid(obj.get("root"), "root")
         want = _cid_list(obj.get("want"), "want", MAX_WANT)
         try:
@@ -153,11 +176,9 @@ class FetchStatus:
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> FetchStatus:
-        """Parse a status frame; raises `Refused` (with the provider's reason) or
-        `FetchProtocolError`."""
+        """Parse a status frame; raises `FetchProtocolError` (a refusal is the session's
+        `Refusal` event, never passed here)."""
         status = obj.get("status")
-        if status == "refused":
-            raise Refused(str(obj.get("reason", "no reason given"))[:500])
         if status != "ok":
             raise FetchProtocolError(f"unknown fetch status {status!r}")
         count, nbytes = obj.get("count"), obj.get("bytes")
@@ -228,13 +249,12 @@ class BlockSequence:
     """Requester side: checks that a response's blocks are exactly the expected ones.
 
     `check(cid, data)` raises `FetchProtocolError` for an unsolicited or
-    out-of-order block, for more bytes than announced, or when the response
-    is larger than `max_response`; `finish()` raises when blocks are missing.
+    out-of-order block or for more bytes than announced; `finish()` raises
+    when blocks are missing. (The announced total is checked against our
+    limit by `FetchSession` when the status arrives.)
     """
 
-    def __init__(self, expected: Sequence[CID], announced_bytes: int, *, max_response: int) -> None:
-        if announced_bytes > max_response:
-            raise ResponseTooLarge(limit=max_response, got=announced_bytes)
+    def __init__(self, expected: Sequence[CID], announced_bytes: int) -> None:
         self._expected = list(expected)
         self._next = 0
         self.announced = announced_bytes
@@ -302,3 +322,178 @@ def missing_blocks(
                 nxt.extend(links(cid, get(cid)))
         frontier = nxt
     return out
+
+
+# --- the session -------------------------------------------------------------------
+
+BODY = "body"  # the status said blocks follow: CAR header and sections until the last one
+
+
+@dataclass(frozen=True)
+class Block:
+    """One block of the response, in want order (verified against its CID when received)."""
+
+    cid: CID
+    data: bytes
+
+
+@dataclass(frozen=True)
+class EndOfResponse:
+    """The last announced block has been sent or received (or none was announced)."""
+
+
+class FetchSession(Session):
+    """One side of `/benchsync/car/1.0.0` (see the module docstring), sans-IO.
+
+    Requester: `send(request)`, then events `FetchStatus` or `Refusal`, then a
+    `Block` per announced block (decoded from the CAR and checked: the
+    expected CID, in order, within the announced bytes) and `EndOfResponse`.
+    It raises `ResponseTooLarge` when the status announces more than
+    `max_response` (nobody's fault), `FetchProtocolError` for anything else
+    the provider got wrong, and `Interrupted` when the stream ends early.
+
+    Provider: the `FetchRequest` event, then `send(status)` (with the CAR
+    header when blocks follow), `send(Block(...))` for exactly the announced
+    blocks in order, `send(EndOfResponse())` (or `send(Refusal(...))`).
+    Sending anything else raises `LocalProtocolError`.
+    """
+
+    TRANSITIONS = {
+        (REQUESTER, IDLE, FetchRequest): REQUESTED,
+        (RESPONDER, IDLE, Refusal): DONE,  # refused before the request was read
+        (RESPONDER, REQUESTED, Refusal): DONE,
+        (RESPONDER, REQUESTED, FetchStatus): BODY,
+        (RESPONDER, BODY, Block): BODY,
+        (RESPONDER, BODY, EndOfResponse): DONE,
+    }
+
+    def __init__(
+        self,
+        role: str,
+        *,
+        max_response: int = MAX_RESPONSE,
+        max_block: int = MAX_BLOCK_SIZE,
+    ) -> None:
+        super().__init__(role, max_frame=MAX_FETCH_FRAME)
+        self.max_response = max_response
+        self.max_block = max_block
+        self.request: FetchRequest | None = None
+        self.status: FetchStatus | None = None
+        self.sequence: BlockSequence | None = None  # what the body must carry, in order
+        self._car: car.CarDecoder | None = None
+        self._raw = bytearray()  # body bytes not yet given to the CAR decoder
+        self._blocks: list[tuple[CID, bytes]] = []  # decoded, not yet returned as events
+
+    # --- sending ------------------------------------------------------------------
+
+    def _encode(self, event: object) -> bytes:
+        if isinstance(event, FetchRequest):
+            self.request = event
+            return encode_json_frame(event.to_json(), max_frame=MAX_FETCH_FRAME)
+        if isinstance(event, FetchStatus):
+            assert self.request is not None  # the table admits a status only after a request
+            self._start_body(event)
+            frame = encode_json_frame(event.to_json(), max_frame=MAX_FETCH_FRAME)
+            return frame + (car.encode_header([self.request.root]) if event.count else b"")
+        if isinstance(event, Block):
+            assert self.sequence is not None
+            try:
+                self.sequence.check(event.cid, event.data)
+            except FetchProtocolError as e:
+                raise LocalProtocolError(f"sending a block not announced: {e}") from None
+            return car.encode_section(event.cid, event.data)
+        if isinstance(event, EndOfResponse):
+            assert self.sequence is not None
+            try:
+                self.sequence.finish()
+            except FetchProtocolError as e:
+                raise LocalProtocolError(
+                    f"ending a response before every announced block: {e}"
+                ) from None
+            return b""
+        return super()._encode(event)
+
+    def _start_body(self, status: FetchStatus) -> None:
+        assert self.request is not None
+        try:
+            expected = expected_blocks(self.request, status)
+        except FetchProtocolError as e:
+            if self.role == REQUESTER:
+                raise
+            raise LocalProtocolError(f"status does not fit the request: {e}") from None
+        self.status = status
+        self.sequence = BlockSequence(expected, status.bytes)
+
+    # --- receiving -----------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> None:
+        if self.state in (BODY, DONE) and self.role == REQUESTER and data:
+            self._raw += data
+            return
+        super().receive_data(data)
+
+    def next_event(self) -> object:
+        if self.state == DONE and self._raw:
+            raise FetchProtocolError(f"{len(self._raw)} bytes after the end of the response")
+        return super().next_event()
+
+    def _decode(self) -> object:
+        if self.state == IDLE and self.role == RESPONDER:
+            obj = self._next_json()
+            if obj is None:
+                return NEED_DATA
+            self.request = FetchRequest.from_json(obj)
+            return self.request
+        if self.state == REQUESTED and self.role == REQUESTER:
+            return self._decode_status()
+        if self.state == BODY and self.role == REQUESTER:
+            return self._decode_block()
+        return NEED_DATA
+
+    def _decode_status(self) -> object:
+        obj = self._next_json()
+        if obj is None:
+            return NEED_DATA
+        refused = parse_refusal(obj)
+        if refused is not None:
+            return refused
+        status = FetchStatus.from_json(obj)
+        if status.bytes > self.max_response:
+            raise ResponseTooLarge(limit=self.max_response, got=status.bytes)
+        self._start_body(status)
+        # Bytes after the status frame are the CAR: the rest of this read and all later ones.
+        self._raw += self.frames.take_buffer()
+        self._car = car.CarDecoder(
+            max_section=self.max_block + MAX_CID_BYTES, max_block=self.max_block
+        )
+        return status
+
+    def _decode_block(self) -> object:
+        assert self.sequence is not None and self._car is not None and self.request is not None
+        if self.sequence.done and not self._blocks:
+            if self._raw:
+                raise FetchProtocolError(f"{len(self._raw)} bytes after the last announced block")
+            self.sequence.finish()  # the announced byte total, exactly
+            return EndOfResponse()
+        if not self._blocks:
+            data = bytes(self._raw)
+            self._raw.clear()
+            try:
+                # With no new bytes this surfaces an error kept after the last good block.
+                self._blocks = self._car.feed(data)
+            except car.CarError as e:
+                raise FetchProtocolError(str(e)) from None
+            if self._car.roots is not None and self._car.roots != [self.request.root]:
+                roots = self._car.roots
+                raise FetchProtocolError(f"CAR roots {roots} are not [{self.request.root}]")
+            self._blocks.reverse()  # popped from the end, oldest first
+        if self._blocks:
+            cid, data = self._blocks.pop()
+            self.sequence.check(cid, data)
+            return Block(cid, data)
+        if self.eof:
+            raise Interrupted(
+                f"stream ended after {self.sequence.received_bytes} of "
+                f"{self.sequence.announced} bytes"
+            )
+        return NEED_DATA

@@ -28,7 +28,7 @@ class ProtocolError(Exception):
 
     Who is at fault is the type (h11): `LocalProtocolError` is ours,
     `RemoteProtocolError` the peer's (the daemon bans for it and for nothing
-    else). `Interrupted` is an outcome, not an error of either side.
+    else). `Refused` and `Interrupted` are outcomes, not errors of either side.
     """
 
 
@@ -53,10 +53,11 @@ class TruncatedFrame(RemoteProtocolError):
     """The stream ended inside a frame (the peer died or cut the stream short)."""
 
 
-class Refused(RemoteProtocolError):
+class Refused(Exception):
     """A request was refused (wrong network, untrusted peer, busy, banned); `reason` says why.
 
-    Raised to
+    Neither side broke the protocol: a refusal is a well-formed answer, so it
+    is no `ProtocolError` and never costs the refusing peer a ban. Raised to
     the requester when the peer's answer is a refusal, and by checks (such as
     `check_network`) when we must refuse; either way the reason is sent or shown.
     """

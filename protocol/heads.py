@@ -16,6 +16,7 @@ Wire formats:
   `{"network": ...}`; the responder answers `{"status": "ok", "head": <head or
   null>, "replicas": [<head>, ...]}` (the heads of other datasets it holds
   completely, so it can serve them) or `{"status": "refused", "reason": ...}`.
+  `HeadSession` is that exchange as a sans-IO session (`protocol/session.py`).
 """
 
 from __future__ import annotations
@@ -28,8 +29,19 @@ from typing import Any
 
 from multiformats import CID
 
-from benchsync.protocol.frames import Refused, RemoteProtocolError, parse_cid
+from benchsync.protocol.frames import MAX_FRAME, RemoteProtocolError, encode_json_frame, parse_cid
 from benchsync.protocol.names import check_network_name
+from benchsync.protocol.session import (
+    DONE,
+    IDLE,
+    NEED_DATA,
+    REQUESTED,
+    REQUESTER,
+    RESPONDER,
+    Refusal,
+    Session,
+    parse_refusal,
+)
 
 HEAD_PROTOCOL_ID = "/benchsync/head/1.0.0"
 TOPIC_TEMPLATE = "benchsync/{network}/heads/1"
@@ -208,8 +220,15 @@ def head_response(head: Head | None, replicas: Iterable[Head]) -> dict[str, Any]
 
 
 @dataclass(frozen=True)
+class HeadRequest:
+    """ "What is your head?" for `network` (any JSON value a peer sent: the adapter checks it)."""
+
+    network: object
+
+
+@dataclass(frozen=True)
 class HeadResponse:
-    """A parsed head response: the responder's own head and the heads it replicates."""
+    """A head response: the responder's own head and the heads it replicates."""
 
     head: Head | None
     replicas: tuple[Head, ...]
@@ -218,13 +237,12 @@ class HeadResponse:
 def parse_head_response(obj: Mapping[str, Any], responder: str) -> HeadResponse:
     """Check a head response from peer `responder`.
 
-    Raises `Refused` when the responder refused (with its reason) and
-    `InvalidHead` when it is malformed, or when `head` is not the responder's
-    own dataset (a replica must never be passed off as the writer's head).
+    Raises `InvalidHead` when it is malformed (a refusal is the session's
+    `Refusal` event, never passed here), or when `head` is not the
+    responder's own dataset (a replica must never be passed off as the
+    writer's head).
     """
     status = obj.get("status")
-    if status == "refused":
-        raise Refused(str(obj.get("reason", "no reason given"))[:500])
     if status != "ok":
         raise InvalidHead(f"unknown head response status {status!r}")
     raw_head = obj.get("head")
@@ -235,6 +253,43 @@ def parse_head_response(obj: Mapping[str, Any], responder: str) -> HeadResponse:
     if not isinstance(raw_reps, list) or len(raw_reps) > MAX_REPLICAS_IN_RESPONSE:
         raise InvalidHead(f"replicas must be a list of at most {MAX_REPLICAS_IN_RESPONSE} heads")
     return HeadResponse(head=head, replicas=tuple(Head.from_json(r) for r in raw_reps))
+
+
+class HeadSession(Session):
+    """One side of `/benchsync/head/1.0.0`: `HeadRequest`, then `HeadResponse` or `Refusal`.
+
+    The requester passes `responder` (the peer it asks): a response whose
+    own head is another dataset is a `RemoteProtocolError` (`InvalidHead`).
+    """
+
+    TRANSITIONS = {
+        (REQUESTER, IDLE, HeadRequest): REQUESTED,
+        (RESPONDER, IDLE, Refusal): DONE,  # refused before the request was read
+        (RESPONDER, REQUESTED, Refusal): DONE,
+        (RESPONDER, REQUESTED, HeadResponse): DONE,
+    }
+
+    def __init__(self, role: str, *, responder: str = "") -> None:
+        super().__init__(role, max_frame=MAX_HEAD_RESPONSE if role == REQUESTER else MAX_FRAME)
+        if role == REQUESTER and not responder:
+            raise ValueError("a head requester must name the responder it asks")
+        self.responder = responder
+
+    def _encode(self, event: object) -> bytes:
+        if isinstance(event, HeadRequest):
+            return encode_json_frame(head_request(str(event.network)))
+        if isinstance(event, HeadResponse):
+            body = head_response(event.head, event.replicas)
+            return encode_json_frame(body, max_frame=MAX_HEAD_RESPONSE)
+        return super()._encode(event)
+
+    def _decode(self) -> object:
+        obj = self._next_json()
+        if obj is None:
+            return NEED_DATA
+        if self.role == RESPONDER:
+            return HeadRequest(network=obj.get("network"))
+        return parse_refusal(obj) or parse_head_response(obj, self.responder)
 
 
 # --- Sybil defence ---------------------------------------------------------------

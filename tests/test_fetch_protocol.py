@@ -1,6 +1,7 @@
 """The fetch protocol without a network: messages, the provider's plan, the
-requester's checks, and whole incremental syncs over an in-memory link that
-runs the exact bytes one side sends through the other side's decoders."""
+session's checks, and whole incremental syncs between a requester and a
+provider `FetchSession` joined by an in-memory link (`SessionPair`) that
+checks each side decodes exactly what the other sent."""
 
 from __future__ import annotations
 
@@ -12,17 +13,29 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from multiformats import CID, multihash
+from session_pair import SessionPair
 
 from benchsync.protocol.fetch import (
+    Block,
     BlockSequence,
+    EndOfResponse,
     FetchProtocolError,
     FetchRequest,
+    FetchSession,
     FetchStatus,
+    ResponseTooLarge,
     expected_blocks,
     missing_blocks,
     plan_response,
 )
-from benchsync.protocol.frames import FrameDecoder, Refused, decode_json, encode_json_frame
+from benchsync.protocol.frames import (
+    Interrupted,
+    LocalProtocolError,
+    ProtocolError,
+    Refused,
+    RemoteProtocolError,
+)
+from benchsync.protocol.session import REQUESTER, RESPONDER, EndOfStream, Refusal
 from benchsync.storage import car, unixfs
 from benchsync.storage.blockstore import Blockstore, MemoryBlockstore
 from benchsync.storage.dagpb import links
@@ -40,17 +53,23 @@ def make_dag(store: Blockstore, payload: bytes) -> CID:
     return root
 
 
-def serve(provider: Blockstore, request_wire: bytes, network: str, max_response: int) -> bytes:
-    """The provider side, sans I/O: request bytes in, response bytes out."""
-    (body,) = FrameDecoder().feed(request_wire)
-    try:
-        req = FetchRequest.from_json(decode_json(body), network)
-    except Refused as e:
-        return encode_json_frame({"status": "refused", "reason": e.reason})
+def exchange(
+    provider: Blockstore, root: CID, want: list[CID], *, max_response: int = 1 << 30
+) -> SessionPair:
+    """One request and its whole response over the link (the provider then closes)."""
+    pair = SessionPair(FetchSession(REQUESTER, max_response=max_response), FetchSession(RESPONDER))
+    pair.send(REQUESTER, FetchRequest("lab", root, tuple(want)))
+    (request,) = pair.received[RESPONDER]
+    assert isinstance(request, FetchRequest)
     size_of = lambda c: provider.size(c) if provider.has(c) else None  # noqa: E731
-    send, status = plan_response(req.want, size_of, max_response=max_response)
-    out = encode_json_frame(status.to_json()) + car.encode_header([req.root])
-    return out + b"".join(car.encode_section(c, provider.get(c)) for c in send)
+    send, status = plan_response(
+        request.want, size_of, max_response=max_response, requester_limit=request.max_bytes
+    )
+    pair.send(RESPONDER, status, *(Block(c, provider.get(c)) for c in send), EndOfResponse())
+    pair.close(RESPONDER)
+    pair.check()
+    assert isinstance(pair.received[REQUESTER][-1], EndOfStream)
+    return pair
 
 
 def one_round(
@@ -58,21 +77,11 @@ def one_round(
 ) -> tuple[int, int]:
     """One exchange over the in-memory link; returns (blocks stored, response bytes)."""
     want = missing_blocks(root, requester.has, requester.get, links)
-    req = FetchRequest("lab", root, tuple(want))
-    response = serve(provider, encode_json_frame(req.to_json()), "lab", max_response)
-    frames = FrameDecoder()
-    (status_body,) = frames.feed(response, max_frames=1)
-    status = FetchStatus.from_json(decode_json(status_body))
-    seq = BlockSequence(expected_blocks(req, status), status.bytes, max_response=max_response)
-    dec = car.CarDecoder()
-    stored = 0
-    for cid, data in dec.feed(frames.take_buffer()):
-        seq.check(cid, data)
-        requester.put(cid, data, verify=True)
-        stored += 1
-    dec.close()
-    seq.finish()
-    return stored, len(response)
+    pair = exchange(provider, root, want, max_response=max_response)
+    blocks = [e for e in pair.received[REQUESTER] if isinstance(e, Block)]
+    for block in blocks:
+        requester.put(block.cid, block.data, verify=True)
+    return len(blocks), len(pair.wire[REQUESTER])
 
 
 def sync(requester: Blockstore, provider: Blockstore, root: CID, **kw: int) -> tuple[int, int]:
@@ -128,16 +137,22 @@ def test_resume_after_a_cut_asks_only_for_the_rest() -> None:
         one_round(requester, provider, root)
     want = missing_blocks(root, requester.has, requester.get, links)
     assert len(want) == 4  # the leaves
-    # The leaf round is cut after 2 blocks (and half of the third).
-    req = FetchRequest("lab", root, tuple(want))
-    resp = serve(provider, encode_json_frame(req.to_json()), "lab", 1 << 30)
-    frames = FrameDecoder()
-    frames.feed(resp, max_frames=1)
-    car_bytes = frames.take_buffer()
-    cut = car_bytes[: len(car.encode_header([root])) + 2 * (CHUNK + 40) + CHUNK // 2]
-    dec = car.CarDecoder()
-    for cid, data in dec.feed(cut):
-        requester.put(cid, data)
+    # The leaf round is cut after 2 blocks (and half of the third): the session
+    # hands out the two whole blocks, then says the stream ended early.
+    wire = exchange(provider, root, want).wire[REQUESTER]
+    status_len = len(wire) - len(car.encode_header([root])) - sum(
+        len(car.encode_section(c, provider.get(c))) for c in want
+    )
+    cut = wire[: status_len + len(car.encode_header([root])) + 2 * (CHUNK + 40) + CHUNK // 2]
+    session = FetchSession(REQUESTER)
+    session.send(FetchRequest("lab", root, tuple(want)))
+    session.receive_data(cut)
+    session.receive_data(b"")
+    with pytest.raises(Interrupted, match="stream ended after"):
+        while True:
+            event = session.next_event()
+            if isinstance(event, Block):
+                requester.put(event.cid, event.data)
     assert len(missing_blocks(root, requester.has, requester.get, links)) == 2
 
 
@@ -153,14 +168,12 @@ def test_requester_rejects_unsolicited_and_excess_data() -> None:
     with pytest.raises(FetchProtocolError, match="announced 3"):
         expected_blocks(req, FetchStatus(3, 10, ()))
     assert expected_blocks(req, FetchStatus(1, 5, (a,))) == [b]
-    seq = BlockSequence([a], 5, max_response=100)
+    seq = BlockSequence([a], 5)
     with pytest.raises(FetchProtocolError, match="expected"):
         seq.check(b, b"x")
     with pytest.raises(FetchProtocolError, match="more than"):
-        BlockSequence([a], 5, max_response=100).check(a, b"123456")
-    with pytest.raises(FetchProtocolError, match="our limit"):
-        BlockSequence([a], 500, max_response=100)
-    short = BlockSequence([a, b], 10, max_response=100)
+        BlockSequence([a], 5).check(a, b"123456")
+    short = BlockSequence([a, b], 10)
     short.check(a, b"12345")
     with pytest.raises(FetchProtocolError, match="after 1 of 2"):
         short.finish()
@@ -169,18 +182,19 @@ def test_requester_rejects_unsolicited_and_excess_data() -> None:
 def test_request_validation() -> None:
     root = CID.decode("bafkreibm6jg3ux5qumhcn2b3flc3tyu6dmlb4xa7u5bf44yegnrjhc4yeq")
     good = FetchRequest("lab", root, (root,)).to_json()
-    assert FetchRequest.from_json(good, "lab").want == (root,)
-    with pytest.raises(Refused, match="wrong network"):
-        FetchRequest.from_json(good, "prod")
+    assert FetchRequest.from_json(good).want == (root,)
+    assert FetchRequest.from_json({**good, "network": "prod"}).network == "prod"  # adapter's call
+    with pytest.raises(FetchProtocolError, match="network"):
+        FetchRequest.from_json({**good, "network": 7})
     with pytest.raises(FetchProtocolError):
-        FetchRequest.from_json({**good, "want": []}, "lab")
+        FetchRequest.from_json({**good, "want": []})
     with pytest.raises(FetchProtocolError):
-        FetchRequest.from_json({**good, "want": [str(root)] * 2}, "lab")
+        FetchRequest.from_json({**good, "want": [str(root)] * 2})
     with pytest.raises(FetchProtocolError):
-        FetchRequest.from_json({**good, "want": [str(root)] * 5000}, "lab")
+        FetchRequest.from_json({**good, "want": [str(root)] * 5000})
     with pytest.raises(FetchProtocolError, match="not a CID"):
-        FetchRequest.from_json({**good, "root": "zzz"}, "lab")
-    with pytest.raises(Refused, match="busy"):
+        FetchRequest.from_json({**good, "root": "zzz"})
+    with pytest.raises(FetchProtocolError, match="refused"):  # a refusal is a session event
         FetchStatus.from_json({"status": "refused", "reason": "busy"})
 
 
@@ -191,7 +205,7 @@ def test_request_validation() -> None:
               st.lists(st.text(max_size=60), max_size=3)),
 ))
 def test_status_parser_only_raises_protocol_errors(doc: dict[str, object]) -> None:
-    with contextlib.suppress(FetchProtocolError, Refused):
+    with contextlib.suppress(FetchProtocolError):
         FetchStatus.from_json(json.loads(json.dumps(doc)))
 
 
@@ -211,25 +225,24 @@ def test_provider_honours_the_response_limit_the_requester_sends() -> None:
     # would send them all, the requester accepts at most 64 MiB per response.
     want = fake_chunks(300)
     req = FetchRequest("lab", want[0], want, max_bytes=64 * MiB)
-    (body,) = FrameDecoder().feed(encode_json_frame(req.to_json()))
-    got = FetchRequest.from_json(decode_json(body), "lab")
+    pair = SessionPair(FetchSession(REQUESTER, max_response=64 * MiB), FetchSession(RESPONDER))
+    pair.send(REQUESTER, req)
+    (got,) = pair.received[RESPONDER]
     assert got.max_bytes == 64 * MiB
     send, status = plan_response(
         got.want, lambda c: CHUNK, max_response=1024 * MiB, requester_limit=got.max_bytes
     )
     assert status.bytes == 64 * MiB and len(send) == 256
-    # The requester's checks pass: no FetchProtocolError, no ban of an honest peer.
-    seq = BlockSequence(expected_blocks(req, status), status.bytes, max_response=64 * MiB)
-    for cid in send:
-        seq.check(cid, b"\0" * CHUNK)
-    seq.finish()
+    # The requester's checks pass: no ResponseTooLarge, no ban of an honest peer.
+    pair.send(RESPONDER, status)
+    assert pair.received[REQUESTER] == [status]
 
 
 def test_request_without_a_response_limit_means_the_providers_own() -> None:
     want = fake_chunks(300)
     old_wire = {"network": "lab", "root": str(want[0]), "want": [str(c) for c in want]}
     assert FetchRequest("lab", want[0], want).to_json() == old_wire  # still what old nodes send
-    got = FetchRequest.from_json(old_wire, "lab")
+    got = FetchRequest.from_json(old_wire)
     assert got.max_bytes is None
     _, status = plan_response(
         got.want, lambda c: CHUNK, max_response=1024 * MiB, requester_limit=got.max_bytes
@@ -237,7 +250,7 @@ def test_request_without_a_response_limit_means_the_providers_own() -> None:
     assert status.bytes == 75 * MiB
     for bad in [0, -1, "64", 1.5, True, 2**64]:
         with pytest.raises(FetchProtocolError, match="max_bytes"):
-            FetchRequest.from_json({**old_wire, "max_bytes": bad}, "lab")
+            FetchRequest.from_json({**old_wire, "max_bytes": bad})
 
 
 def test_requester_limit_is_never_exceeded_even_by_the_first_block() -> None:
@@ -249,3 +262,102 @@ def test_requester_limit_is_never_exceeded_even_by_the_first_block() -> None:
     # The provider's own limit still lets the first block through (progress).
     send, _ = plan_response(want, lambda c: CHUNK, max_response=CHUNK // 2)
     assert send == [want[0]]
+
+
+# --- the session: who is at fault is the type ---------------------------------------
+
+
+def test_errors_say_who_is_at_fault() -> None:
+    for outcome in (Refused, Interrupted, ResponseTooLarge):
+        assert not issubclass(outcome, ProtocolError)  # nobody is banned for these
+    assert issubclass(FetchProtocolError, RemoteProtocolError)
+
+
+def leaf_dag() -> tuple[MemoryBlockstore, CID, list[CID]]:
+    provider = MemoryBlockstore()
+    root = make_dag(provider, os.urandom(2 * CHUNK))
+    leaves = [c for c, _ in unixfs.walk(provider.get, root) if c.codec.name == "raw"]
+    return provider, root, leaves
+
+
+def test_refusal_is_an_event_before_or_after_the_request_is_read() -> None:
+    _, root, leaves = leaf_dag()
+    for read_first in (True, False):
+        pair = SessionPair(FetchSession(REQUESTER), FetchSession(RESPONDER))
+        request = FetchRequest("lab", root, tuple(leaves))
+        if read_first:
+            pair.send(REQUESTER, request)
+            pair.send(RESPONDER, Refusal("busy"))
+        else:  # an untrusted peer is refused before a byte of its request is read
+            wire = pair.sides[REQUESTER].send(request)
+            pair.send(RESPONDER, Refusal("busy"))
+            assert pair.sides[RESPONDER].done and wire
+            pair.sent[REQUESTER].append(request)
+            pair.received[RESPONDER].append(request)
+        assert pair.received[REQUESTER] == [Refusal("busy")]
+        pair.check()
+
+
+def test_a_wrong_block_is_the_providers_fault_a_short_stream_is_nobodys() -> None:
+    provider, root, leaves = leaf_dag()
+    status = FetchStatus(count=2, bytes=2 * CHUNK, missing=())
+    pair = SessionPair(FetchSession(REQUESTER), FetchSession(RESPONDER))
+    pair.send(REQUESTER, FetchRequest("lab", root, tuple(leaves)))
+    pair.send(RESPONDER, status)
+    # Swapped order: the CAR verifies, the sequence does not.
+    section = car.encode_section(leaves[1], provider.get(leaves[1]))
+    with pytest.raises(FetchProtocolError, match="expected"):
+        pair.deliver(REQUESTER, section)
+
+    pair = SessionPair(FetchSession(REQUESTER), FetchSession(RESPONDER))
+    pair.send(REQUESTER, FetchRequest("lab", root, tuple(leaves)))
+    pair.send(RESPONDER, status, Block(leaves[0], provider.get(leaves[0])))
+    got = len(provider.get(leaves[0]))
+    with pytest.raises(Interrupted, match=f"after {got} of {2 * CHUNK} bytes"):
+        pair.close(RESPONDER)
+
+    pair = SessionPair(FetchSession(REQUESTER), FetchSession(RESPONDER))
+    pair.send(REQUESTER, FetchRequest("lab", root, tuple(leaves[:1])))
+    block = Block(leaves[0], provider.get(leaves[0]))
+    pair.send(RESPONDER, FetchStatus(1, len(block.data), ()), block)
+    with pytest.raises(FetchProtocolError, match="after the end of the response"):
+        pair.deliver(REQUESTER, b"\0")
+
+
+def test_an_oversized_answer_is_unsuitable_not_misbehaviour() -> None:
+    _, root, leaves = leaf_dag()
+    pair = SessionPair(FetchSession(REQUESTER, max_response=CHUNK), FetchSession(RESPONDER))
+    pair.send(REQUESTER, FetchRequest("lab", root, tuple(leaves)))
+    with pytest.raises(ResponseTooLarge) as e:
+        pair.send(RESPONDER, FetchStatus(count=2, bytes=2 * CHUNK, missing=()))
+    assert (e.value.limit, e.value.got) == (CHUNK, 2 * CHUNK)
+
+
+def test_sending_out_of_turn_is_our_fault() -> None:
+    provider, root, leaves = leaf_dag()
+    requester, responder = FetchSession(REQUESTER), FetchSession(RESPONDER)
+    with pytest.raises(LocalProtocolError):
+        responder.send(FetchStatus(0, 0, ()))  # no request yet
+    request = FetchRequest("lab", root, tuple(leaves))
+    responder.receive_data(requester.send(request))
+    assert responder.next_event() == request
+    with pytest.raises(LocalProtocolError):
+        requester.send(request)  # one request per stream
+    first = provider.get(leaves[0])
+    responder.send(FetchStatus(count=1, bytes=len(first), missing=(leaves[1],)))
+    with pytest.raises(LocalProtocolError, match="not announced"):
+        responder.send(Block(leaves[1], provider.get(leaves[1])))
+    with pytest.raises(LocalProtocolError, match="before every announced block"):
+        responder.send(EndOfResponse())
+    responder.send(Block(leaves[0], first))
+    assert responder.send(EndOfResponse()) == b"" and responder.done
+
+
+def test_a_request_for_nothing_held_ends_with_the_status() -> None:
+    _, root, leaves = leaf_dag()
+    pair = SessionPair(FetchSession(REQUESTER), FetchSession(RESPONDER))
+    pair.send(REQUESTER, FetchRequest("lab", root, tuple(leaves)))
+    pair.send(RESPONDER, FetchStatus(0, 0, tuple(leaves)), EndOfResponse())
+    pair.close(RESPONDER)
+    pair.check()
+    assert isinstance(pair.received[REQUESTER][-1], EndOfStream)

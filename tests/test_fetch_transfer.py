@@ -27,7 +27,7 @@ from libp2p.custom_types import TProtocol
 from multiformats import CID
 
 import benchsync.daemon.fetch as fetch_mod
-from benchsync.daemon.fetch import FetchFailed, FetchInterrupted, FetchLimits
+from benchsync.daemon.fetch import FetchFailed, FetchLimits
 from benchsync.daemon.host import StreamReader, new_benchsync_host
 from benchsync.daemon.network import P2PNode
 from benchsync.protocol.fetch import (
@@ -38,7 +38,7 @@ from benchsync.protocol.fetch import (
     FetchStatus,
     missing_blocks,
 )
-from benchsync.protocol.frames import decode_json, encode_json_frame
+from benchsync.protocol.frames import Interrupted, decode_json, encode_json_frame
 from benchsync.protocol.heads import Head
 from benchsync.storage import car, unixfs
 from benchsync.storage.blockstore import Blockstore, FsBlockstore, MemoryBlockstore
@@ -61,7 +61,7 @@ def test_request_spells_and_parses_cids_as_multiformats_does(want: list[CID], ro
     request = FetchRequest(NETWORK, root, tuple(want))
     doc = request.to_json()
     assert doc["want"] == [str(c) for c in want] and doc["root"] == str(root)
-    parsed = FetchRequest.from_json(doc, NETWORK)
+    parsed = FetchRequest.from_json(doc)
     assert parsed == request
     for ours, theirs in zip(parsed.want, want, strict=True):
         assert str(ours) == str(theirs) and bytes(ours) == bytes(theirs)
@@ -92,9 +92,9 @@ def test_any_respelled_cid_gets_the_multiformats_verdict(
             expected = None
         if expected is None:
             with pytest.raises(FetchProtocolError):
-                FetchRequest.from_json(doc, NETWORK)
+                FetchRequest.from_json(doc)
         else:
-            assert FetchRequest.from_json(doc, NETWORK).root == expected
+            assert FetchRequest.from_json(doc).root == expected
 
 
 # --- the batched receive path over real hosts ---------------------------------------------
@@ -182,7 +182,7 @@ async def test_provider_stalling_mid_batch_costs_no_complete_block(
 
     async def stalling_provider(stream: INetStream) -> None:
         body = await StreamReader(stream, max_frame=MAX_FETCH_FRAME).frame()
-        request = FetchRequest.from_json(decode_json(body), NETWORK)
+        request = FetchRequest.from_json(decode_json(body))
         assert list(request.want) == leaves
         status = FetchStatus(count=3, bytes=3 * CHUNK, missing=())
         await stream.write(
@@ -198,7 +198,7 @@ async def test_provider_stalling_mid_batch_costs_no_complete_block(
             async with trio.open_nursery() as nursery:
                 await nursery.start(r.run)
                 await r.connect(f"{host.get_addrs()[0]}/p2p/{host.get_id()}")
-                with pytest.raises(FetchInterrupted, match="no data"):
+                with pytest.raises(Interrupted, match="no data"):
                     await r.fetcher.fetch_round(host.get_id(), root, leaves)
                 release.set()
                 nursery.cancel_scope.cancel()

@@ -17,8 +17,8 @@ a node's task with a crash.
   (protocol/frames.py `parse_cid`): the caller's `RemoteProtocolError`.
 - snapshot manifest (storage/snapshot.py `Manifest.from_bytes`): `BadSnapshot`.
 - frames (protocol/frames.py): `RemoteProtocolError` (`FrameTooLarge`, `TruncatedFrame`).
-- head messages (protocol/heads.py): `RemoteProtocolError` (`InvalidHead`, `Refused`).
-- fetch frames (protocol/fetch.py): `RemoteProtocolError` (`FetchProtocolError`, `Refused`).
+- head messages (protocol/heads.py): `RemoteProtocolError` (`InvalidHead`).
+- fetch frames (protocol/fetch.py): `RemoteProtocolError` (`FetchProtocolError`).
 - query frames (protocol/query.py): `QueryMessageError`.
 - `import` then `restore` of a CAR into a real LocalDataset: `StorageError`, the
   class the CLI turns into "Error: ..." (CarImportError, RestoreError, BadSnapshot, ...).
@@ -586,13 +586,13 @@ def _decode_head(body: bytes) -> str:
 
 def _decode_fetch(body: bytes) -> str:
     def request() -> None:
-        req = fetch.FetchRequest.from_json(frames.decode_json(body), NETWORK)
+        req = fetch.FetchRequest.from_json(frames.decode_json(body))
         fetch.expected_blocks(req, GOOD_FETCH_STATUS)
 
     def status() -> None:
         st_ = fetch.FetchStatus.from_json(frames.decode_json(body))
         expected = fetch.expected_blocks(GOOD_FETCH_REQUEST, st_)
-        seq = fetch.BlockSequence(expected, st_.bytes, max_response=fetch.MAX_RESPONSE)
+        seq = fetch.BlockSequence(expected, st_.bytes)
         for cid, data in GOOD_BLOCKS[: st_.count]:
             seq.check(cid, data)
         seq.finish()

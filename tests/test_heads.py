@@ -12,7 +12,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from multiformats import CID, multihash
 
-from benchsync.protocol.frames import Refused
 from benchsync.protocol.heads import (
     MAX_HEAD_MESSAGE,
     NEW,
@@ -108,7 +107,7 @@ def test_head_response_checks_ownership_and_refusals() -> None:
     assert parsed.head == head(ALICE) and parsed.replicas == (head(BOB),)
     with pytest.raises(InvalidHead, match="answered with the head"):
         parse_head_response(body, BOB)
-    with pytest.raises(Refused, match="not trusted"):
+    with pytest.raises(InvalidHead, match="status 'refused'"):  # a refusal is a session event
         parse_head_response({"status": "refused", "reason": "not trusted"}, ALICE)
     assert parse_head_response(head_response(None, []), ALICE).head is None
 
@@ -130,3 +129,28 @@ def test_decoding_garbage_only_raises_invalid_head(data: bytes) -> None:
 def test_decoding_odd_objects_only_raises_invalid_head(doc: dict[str, object]) -> None:
     with contextlib.suppress(InvalidHead):
         decode_head(json.dumps(doc).encode())
+
+
+def test_head_session_pair_round_trips_and_refuses() -> None:
+    from session_pair import SessionPair
+
+    from benchsync.protocol.heads import HeadRequest, HeadResponse, HeadSession
+    from benchsync.protocol.session import REQUESTER, RESPONDER, Refusal
+
+    pair = SessionPair(HeadSession(REQUESTER, responder=ALICE), HeadSession(RESPONDER))
+    pair.send(REQUESTER, HeadRequest("lab"))
+    assert pair.received[RESPONDER] == [HeadRequest("lab")]
+    pair.send(RESPONDER, HeadResponse(head(ALICE), (head(BOB),)))
+    pair.close(RESPONDER)
+    pair.check()
+
+    pair = SessionPair(HeadSession(REQUESTER, responder=ALICE), HeadSession(RESPONDER))
+    pair.send(REQUESTER, HeadRequest("lab"))
+    pair.send(RESPONDER, Refusal("not trusted"))
+    pair.check()
+
+    # A responder passing off another dataset's head as its own is at fault.
+    pair = SessionPair(HeadSession(REQUESTER, responder=BOB), HeadSession(RESPONDER))
+    pair.send(REQUESTER, HeadRequest("lab"))
+    with pytest.raises(InvalidHead, match="answered with the head"):
+        pair.send(RESPONDER, HeadResponse(head(ALICE), ()))
