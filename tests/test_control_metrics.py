@@ -72,3 +72,23 @@ def test_unknown_label_values_are_refused() -> None:
     with pytest.raises(ValueError, match="direction"):
         m.announced("sideways", 1)
     assert not any(labels for name, labels in samples(m) if name == "benchsync_queries_total")
+
+
+def test_fold_adds_what_the_services_counted_since_the_last_fold() -> None:
+    from benchsync.daemon.metrics import NodeCounters
+
+    m = Metrics()
+    m.fold(NodeCounters(peers=2, blocks_received=3, bytes_received=300, blocks_sent=1,
+                        bytes_sent=100, announcements_rejected=1, bans=0,
+                        replica_lag={"12D3KooWpeer": 4}))  # fmt: skip
+    m.fold(NodeCounters(peers=1, blocks_received=5, bytes_received=500, blocks_sent=1,
+                        bytes_sent=100, announcements_rejected=3, bans=1,
+                        replica_lag={"12D3KooWpeer": 0}))  # fmt: skip
+    s = samples(m)
+    assert s[("benchsync_peers", ())] == 1
+    assert s[("benchsync_fetch_blocks_total", (("direction", "received"),))] == 5
+    assert s[("benchsync_fetch_bytes_total", (("direction", "received"),))] == 500
+    assert s[("benchsync_fetch_bytes_total", (("direction", "sent"),))] == 100
+    assert s[("benchsync_verification_failures_total", (("kind", "announcement"),))] == 3
+    assert s[("benchsync_verification_failures_total", (("kind", "block"),))] == 1
+    assert s[("benchsync_replica_lag", (("dataset", "12D3KooWpeer"),))] == 0

@@ -116,6 +116,8 @@ async def test_record_snapshot_sync_query_restore_and_metrics(tmp_path: Path) ->
                     if line.startswith('benchsync_fetch_bytes_total{direction="received"}')]
         assert received and float(received[0].split()[-1]) > 0
         assert "benchsync_queries_total" in metrics
+        # Read from the syncer's state by /metrics itself, not left behind by `status`.
+        assert f'benchsync_replica_lag{{dataset="{a.peer_id}"}} 0.0' in metrics
 
         nursery.cancel_scope.cancel()
     assert not ep_a.socket_path.exists()
@@ -180,4 +182,36 @@ async def test_migrate_through_the_running_node(tmp_path: Path) -> None:
         assert rows["rows"] == [[legacy.rows["performance_results"]]]
         again = await call(client, "POST", "/v1/migrate", {"paths": [str(legacy.path)]})
         assert again["results"][0]["status"] == "already-migrated"
+        nursery.cancel_scope.cancel()
+
+
+async def test_status_shows_paused_snapshots_to_humans_and_scripts(tmp_path: Path) -> None:
+    """`status` (human) says what `status --json` says under "snapshots": paused, why,
+    since when and what to try."""
+    import json
+    import sys
+
+    from benchsync.storage.snapshot import DiskFull
+
+    node = make_node(tmp_path / "a")
+
+    async def status(*flags: str) -> str:
+        r = await trio.run_process(
+            [sys.executable, "-m", "benchsync.daemon.cli", "status", "--home", str(node.home),
+             *flags], capture_stdout=True, capture_stderr=True, check=False,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        return r.stdout.decode()
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(node.run)
+        assert "PAUSED" not in await status()
+        # What a snapshot that fails for a full disk reports to the policy.
+        await node.snapshot_policy.disk_full(DiskFull("disk full: no space left on device"))
+        doc = json.loads(await status("--json"))
+        assert doc["snapshots"]["state"] == "paused" and doc["snapshots"]["reason"] == "disk_full"
+        human = await status()
+        [line] = [x for x in human.splitlines() if x.startswith("snapshots")]
+        assert "PAUSED (disk full)" in line and "no space left on device" in line, human
+        assert f"try: {doc['snapshots']['hint']}" in human
         nursery.cancel_scope.cancel()

@@ -92,6 +92,8 @@ def run_status(args: argparse.Namespace) -> int:
     print(
         f"rows      {sum(rows.values())} ({rows.get('performance_results', 0)} performance results)"
     )
+    for line in _snapshot_lines(doc.get("snapshots")):
+        print(line)
     if doc["running"]:
         print(f"peers     {len(doc['peers'])} connected")
     if doc["replicas"]:
@@ -104,6 +106,22 @@ def run_status(args: argparse.Namespace) -> int:
     if doc.get("transfers"):
         print(f"transfers {', '.join(doc['transfers'])}")
     return 0
+
+
+def _snapshot_lines(snapshots: dict[str, Any] | None) -> list[str]:
+    """The "snapshots" lines of `status`: nothing while they run, else why they are
+    paused (a full disk), since when, and what to do."""
+    if not snapshots or snapshots.get("state") != "paused":
+        return []
+    reason = str(snapshots.get("reason", "")).replace("_", " ")
+    since = snapshots.get("since")
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since)) if since else "?"
+    lines = [f"snapshots PAUSED ({reason}) since {when}: {snapshots.get('error')}"]
+    if snapshots.get("free_bytes") is not None:
+        lines.append(f"          {snapshots['free_bytes'] / 1e6:.1f} MB free at the last attempt")
+    if snapshots.get("hint"):
+        lines.append(f"          try: {snapshots['hint']}")
+    return lines
 
 
 def _replica_lines(doc: dict[str, Any], rate: float) -> list[str]:
