@@ -2,15 +2,16 @@
 
 `Coordinator.execute` plans the query (`benchsync.protocol.planner.plan_sql`
 with DuckDB's dialect), asks every peer of the network concurrently under one
-deadline (`exchange`: a `benchsync.protocol.query.ClientSession` over a
-libp2p stream), runs the local part in the node's own sandbox slots, merges
-the partial answers in a sandbox worker, and reports every peer's fate. A
-peer is never silently left out.
+deadline (`ask`: a `benchsync.protocol.query.QuerySession` driven by the
+node's stream adapter, which applies the access policy), runs the local
+part in the node's own sandbox slots, merges the partial answers in a
+sandbox worker, and reports every peer's fate. A peer is never silently
+left out.
 """
 
 from __future__ import annotations
 
-import contextlib
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -21,19 +22,22 @@ import trio
 from libp2p.abc import INetStream
 
 from benchsync.daemon.answers import table_json
-from benchsync.daemon.host import read_some
+from benchsync.daemon.host import remote_peer
 from benchsync.daemon.local_query import LocalQueryService
 from benchsync.daemon.network import P2PNode
-from benchsync.protocol.frames import ProtocolError, Refused, TruncatedFrame
+from benchsync.daemon.streams import Channel
+from benchsync.protocol.frames import Interrupted, ProtocolError, Refused
 from benchsync.protocol.planner import PARTIALS_TABLE, PlanError, QueryPlan, check_partial, plan_sql
 from benchsync.protocol.query import (
     MAX_TIMEOUT,
     QUERY_PROTOCOL_ID,
-    ClientSession,
     QueryMessageError,
+    QueryOpen,
     QueryRequest,
     QueryResponse,
+    QuerySession,
 )
+from benchsync.protocol.session import REQUESTER
 from benchsync.storage.distquery import DUCKDB, PartialsMismatch, union_partials
 from benchsync.storage.sandbox import InvalidSQL, QueryError, QueryRefused, QueryTimeout
 from benchsync.storage.sandbox_worker import from_ipc
@@ -124,25 +128,33 @@ class DistributedResult:
         }  # fmt: skip
 
 
+async def ask(
+    channel: Channel, request: QueryRequest, *, network: str
+) -> tuple[QueryResponse, int]:
+    """Send `request` on a query channel and read the answer.
+
+    Returns the response and the bytes received (the answer's size on the
+    wire). Raises `Refused` (the peer's access policy or network check
+    refused us), `Interrupted` (the stream ended mid-answer) or
+    `RemoteProtocolError` (garbage). A response with an error status is
+    returned, not raised.
+    """
+    await channel.send(QueryOpen(network, request))
+    response = await channel.expect(QueryResponse)
+    assert isinstance(response, QueryResponse)
+    return response, channel.wire_in
+
+
 async def exchange(
     stream: INetStream, request: QueryRequest, *, network: str
 ) -> tuple[QueryResponse, int]:
-    """Send `request` on an open query stream and read the answer.
+    """`ask` on a stream opened by other means (tests, a scripted peer)."""
+    channel = Channel(stream, QuerySession(REQUESTER), str(remote_peer(stream)))
+    return await ask(channel, request, network=network)
 
-    Returns the response and its size on the wire (bytes). Raises `Refused`
-    (the peer's access policy or network check refused us), `TruncatedFrame`
-    (the stream ended mid-answer) or `RemoteProtocolError` (garbage).
-    A response with an error status is returned, not raised.
-    """
-    session = ClientSession(request, network=network)
-    await stream.write(session.start())
-    while True:
-        data = await read_some(stream)
-        if not data:
-            session.receive_eof()  # raises TruncatedFrame
-        event = session.receive_data(data)
-        if event is not None:
-            return event.response, event.wire_bytes
+
+class _NoAnswer(Exception):
+    """The deadline passed before the peer answered (the stream is reset)."""
 
 
 class Coordinator:
@@ -265,65 +277,65 @@ class Coordinator:
         def done(state: PeerState, message: str = "", **kw: Any) -> tuple[PeerResult, None]:
             return PeerResult(peer, state, message, elapsed_s=time.monotonic() - t0, **kw), None
 
-        reason = self.p2p.policy.refusal(peer)
-        if reason is not None:
-            return done(REFUSED, f"not asked: {reason}")
         opened = False
-        with trio.move_on_at(deadline):
+        opening = trio.CancelScope(deadline=deadline)
+        with opening:
             try:
-                stream = await self.p2p.open_stream(peer, QUERY_PROTOCOL_ID)
-            except Exception as e:  # dial errors, no address, protocol not supported
+                session = QuerySession(REQUESTER)
+                async with self.p2p.streams.open(peer, QUERY_PROTOCOL_ID, session) as channel:
+                    opened = True
+                    opening.deadline = math.inf  # the exchange has the deadline: reset on it
+                    response: QueryResponse | None = None
+                    wire = 0
+                    with trio.move_on_at(deadline):
+                        remaining = deadline - trio.current_time()
+                        margin = min(DEADLINE_MARGIN, remaining * DEADLINE_MARGIN_SHARE)
+                        request = QueryRequest(
+                            sql=plan.node_sql, max_rows=max_rows, max_bytes=max_bytes,
+                            timeout_s=min(MAX_TIMEOUT, max(0.001, remaining - margin)),
+                        )  # fmt: skip
+                        response, wire = await ask(channel, request, network=self.network)
+                    if response is None:
+                        raise _NoAnswer
+            except Refused as e:  # by our admission rule (not asked) or by the peer
+                return done(REFUSED, e.reason)
+            except _NoAnswer:
+                return done(TIMED_OUT, f"no answer within the query's deadline "
+                                       f"({time.monotonic() - t0:.2f} s)")  # fmt: skip
+            except Interrupted as e:
+                return done(ERROR, f"the stream ended mid-answer (peer died or reset it): {e}")
+            except (ProtocolError, QueryMessageError) as e:
+                return done(ERROR, f"peer broke the query protocol: {e}")
+            except Exception as e:
+                if opened:  # the connection dropped while writing
+                    return done(ERROR, f"the stream failed: {_describe(e)}")
+                # dial errors, no address, protocol not supported
                 if peer in self.p2p.connected_peers():
                     return done(ERROR, f"connected, but no query stream could be opened "
                                        f"(does it serve {QUERY_PROTOCOL_ID}?): {_describe(e)}")
                 return done(UNREACHABLE, f"could not connect: {_describe(e)}")
-            opened = True
-            remaining = deadline - trio.current_time()
-            margin = min(DEADLINE_MARGIN, remaining * DEADLINE_MARGIN_SHARE)
-            request = QueryRequest(
-                sql=plan.node_sql, timeout_s=min(MAX_TIMEOUT, max(0.001, remaining - margin)),
-                max_rows=max_rows, max_bytes=max_bytes,
-            )  # fmt: skip
-            ok = False
-            try:
-                response, wire = await exchange(stream, request, network=self.network)
-                ok = True
-            except Refused as e:
-                return done(REFUSED, e.reason)
-            except TruncatedFrame as e:
-                return done(ERROR, f"the stream ended mid-answer (peer died or reset it): {e}")
-            except (ProtocolError, QueryMessageError) as e:
-                return done(ERROR, f"peer broke the query protocol: {e}")
-            except Exception as e:  # the connection dropped while writing
-                return done(ERROR, f"the stream failed: {_describe(e)}")
-            finally:
-                with trio.move_on_after(1) as cleanup, contextlib.suppress(Exception):
-                    cleanup.shield = True
-                    await (stream.close() if ok else stream.reset())
-            if response.status != "ok":
-                state = {"refused": REFUSED, "timeout": TIMED_OUT}.get(response.status, ERROR)
-                return done(state, f"{response.status}: {response.message}", bytes=wire)
-            try:
-                table = await trio.to_thread.run_sync(from_ipc, response.arrow_ipc)
-            except (pa.ArrowInvalid, OSError) as e:
-                return done(ERROR, f"answer is not an Arrow IPC stream: {e}", bytes=wire)
-            try:
-                check_partial(plan, 0, table.column_names)
-            except PlanError:
-                return done(ERROR, f"answer has columns {table.column_names}, expected "
-                                   f"{list(plan.partial_columns)} (a different benchsync version?)",
-                            bytes=wire)  # fmt: skip
-            if table.num_rows > max_rows:
-                return done(ERROR, f"answer of {table.num_rows} rows exceeds max_rows={max_rows}",
-                            bytes=wire)  # fmt: skip
-            result = PeerResult(peer, ANSWERED, rows=table.num_rows, bytes=wire,
-                                elapsed_s=time.monotonic() - t0)  # fmt: skip
-            return result, table
-        if opened:
-            return done(TIMED_OUT, f"no answer within the query's deadline "
-                                   f"({time.monotonic() - t0:.2f} s)")  # fmt: skip
-        return done(UNREACHABLE, f"could not open a stream before the deadline "
-                                 f"({time.monotonic() - t0:.2f} s)")  # fmt: skip
+        if not opened:
+            return done(UNREACHABLE, f"could not open a stream before the deadline "
+                                     f"({time.monotonic() - t0:.2f} s)")  # fmt: skip
+        if response.status != "ok":
+            state = {"refused": REFUSED, "timeout": TIMED_OUT}.get(response.status, ERROR)
+            return done(state, f"{response.status}: {response.message}", bytes=wire)
+        try:
+            table = await trio.to_thread.run_sync(from_ipc, response.arrow_ipc)
+        except (pa.ArrowInvalid, OSError) as e:
+            return done(ERROR, f"answer is not an Arrow IPC stream: {e}", bytes=wire)
+        try:
+            check_partial(plan, 0, table.column_names)
+        except PlanError:
+            return done(ERROR, f"answer has columns {table.column_names}, expected "
+                               f"{list(plan.partial_columns)} (a different benchsync version?)",
+                        bytes=wire)  # fmt: skip
+        if table.num_rows > max_rows:
+            return done(ERROR, f"answer of {table.num_rows} rows exceeds max_rows={max_rows}",
+                        bytes=wire)  # fmt: skip
+        result = PeerResult(peer, ANSWERED, rows=table.num_rows, bytes=wire,
+                            elapsed_s=time.monotonic() - t0)  # fmt: skip
+        return result, table
 
 
 def _drop_mistyped(partials: dict[str, pa.Table], ordered: list[PeerResult], me: str) -> None:

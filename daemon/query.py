@@ -31,7 +31,8 @@ from benchsync.daemon.local_query import (
 )
 from benchsync.daemon.network import P2PNode
 from benchsync.daemon.query_server import QueryServer
-from benchsync.protocol.query import QUERY_PROTOCOL_ID
+from benchsync.protocol.query import QUERY_PROTOCOL_ID, QuerySession
+from benchsync.protocol.session import RESPONDER
 from benchsync.storage.replicas import ReplicaStore
 
 PRESTARTED_WORKERS = 2  # sandbox worker processes started with the query service
@@ -40,7 +41,7 @@ PRESTARTED_WORKERS = 2  # sandbox worker processes started with the query servic
 # these from here; their homes are protocol.query, query_server, local_query, coordinator.
 from benchsync.daemon.coordinator import exchange  # noqa: E402
 from benchsync.daemon.local_query import MAX_CONCURRENT_QUERIES  # noqa: E402
-from benchsync.daemon.query_server import REQUEST_TIMEOUT  # noqa: E402
+from benchsync.daemon.streams import REQUEST_TIMEOUT  # noqa: E402
 from benchsync.protocol.query import MAX_HELLO_FRAME, MAX_REQUEST_FRAME  # noqa: E402
 
 __all__ = ["MAX_CONCURRENT_QUERIES", "MAX_HELLO_FRAME", "MAX_REQUEST_FRAME", "QUERY_PROTOCOL_ID",
@@ -81,7 +82,7 @@ class QueryService:
             max_bytes=max_bytes, memory_limit=memory_limit,
         )  # fmt: skip
         self.local = LocalQueryService(db, limits=limits, replicas=replicas, dataset=dataset)
-        self.server = QueryServer(self.local, network=self.network)
+        self.server = QueryServer(self.local)
         self.coordinator = Coordinator(p2p, self.local, network=self.network)
 
     def database_replaced(self) -> None:
@@ -89,8 +90,10 @@ class QueryService:
         self.local.invalidate()
 
     def register(self) -> None:
-        """Serve `/benchsync/query/1.0.0` on the node (behind its access policy)."""
-        self.p2p.add_stream_handler(QUERY_PROTOCOL_ID, self.server.handle)
+        """Serve `/benchsync/query/1.0.0` through the node's stream adapter (which
+        applies the access policy and the network check)."""
+        self.p2p.streams.serve(QUERY_PROTOCOL_ID, lambda: QuerySession(RESPONDER),
+                               self.server.handle)  # fmt: skip
         self.local.pool.prestart(PRESTARTED_WORKERS)
 
     def close(self) -> None:

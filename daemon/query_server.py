@@ -1,12 +1,12 @@
 """The serving side of `/benchsync/query/1.0.0`: answers peers' queries from the own dataset.
 
-`QueryServer.handle` drives one `benchsync.protocol.query.ServerSession` over
-a libp2p stream: it reads until the session has the request (under
-`REQUEST_TIMEOUT`), runs it in `LocalQueryService` (the sandbox workers, with
-this node's limits and a per-peer stream limit) and writes the session's one
-response frame. The access policy (trusted peers, bans) is applied before
-`handle` runs, where it is registered; the network check is the session's.
-A peer that breaks the framing loses its stream (reset), never the node.
+The stream adapter (`benchsync.daemon.streams`) serves the protocol with a
+`benchsync.protocol.query.QuerySession` per stream: it applies the access
+policy, reads the request under its request timeout, refuses another
+network or a malformed request, and only then calls `QueryServer.handle`.
+The server runs the request in `LocalQueryService` (the sandbox workers,
+with this node's limits and a per-peer stream limit) and sends the one
+response. A peer that breaks the framing loses its stream, never the node.
 """
 
 from __future__ import annotations
@@ -15,23 +15,15 @@ import logging
 from dataclasses import dataclass, field
 
 import trio
-from libp2p.abc import INetStream
 
-from benchsync.daemon.host import read_some, remote_peer
 from benchsync.daemon.local_query import LocalQueryService
-from benchsync.protocol.query import (
-    QueryRequest,
-    QueryResponse,
-    RequestReceived,
-    ServerEvent,
-    ServerSession,
-)
+from benchsync.daemon.streams import Channel
+from benchsync.protocol.query import QueryOpen, QueryRequest, QueryResponse
 from benchsync.storage.sandbox import QueryError, ResultTooLarge
 from benchsync.storage.sandbox_worker import to_ipc
 
 log = logging.getLogger(__name__)
 
-REQUEST_TIMEOUT = 10.0  # seconds a requester has to send its whole request
 WRITE_TIMEOUT = 30.0  # seconds to write one answer (64 MiB at ~100 MiB/s takes < 1 s)
 WRITE_CHUNK = 1024 * 1024  # bytes per stream write of a large answer
 
@@ -46,60 +38,36 @@ class ServerStats:
     bytes_out: int = 0  # bytes of response frames written
 
 
-async def write_chunked(stream: INetStream, data: bytes) -> None:
-    """Write `data` in WRITE_CHUNK pieces (no copy of a large answer in one write)."""
-    view = memoryview(data)
-    for start in range(0, len(data), WRITE_CHUNK):
-        await stream.write(bytes(view[start : start + WRITE_CHUNK]))
-
-
 class QueryServer:
-    """Answers `/benchsync/query/1.0.0` streams from the own dataset."""
+    """Answers admitted `/benchsync/query/1.0.0` requests from the own dataset."""
 
-    def __init__(self, local: LocalQueryService, *, network: str) -> None:
+    def __init__(self, local: LocalQueryService) -> None:
         self.local = local
-        self.network = network
         self.limits = local.limits
         self.active: dict[str, int] = {}  # peer -> query streams being served
         self.stats = ServerStats()
 
-    async def handle(self, stream: INetStream) -> None:
-        """Answer one query stream (register behind the access policy).
+    async def handle(self, channel: Channel, event: object) -> None:
+        """Answer the request `event` (a `QueryOpen`) on `channel` (the adapter's handler).
 
-        Raises on a peer that breaks the framing; the caller resets that stream.
+        Raises TypeError for any other event (a bug of ours).
         """
-        peer = str(remote_peer(stream))
-        session = ServerSession(network=self.network)
+        if not isinstance(event, QueryOpen):
+            raise TypeError(f"the query server got {type(event).__name__}, not QueryOpen")
+        peer = channel.peer
         if self.active.get(peer, 0) >= self.limits.max_per_peer:
-            busy = QueryResponse.error("refused", (
+            await self._reply(channel, QueryResponse.error("refused", (
                 f"busy: already answering {self.limits.max_per_peer} queries from peer {peer}; "
-                "retry when one finishes"))  # fmt: skip
-            await self._reply(stream, session.busy(busy), busy.status)
+                "retry when one finishes")))  # fmt: skip
             return
         self.active[peer] = self.active.get(peer, 0) + 1
         try:
-            await self._serve(stream, session, peer)
+            self.stats.requests += 1
+            await self._reply(channel, await self.answer(event.request, peer))
         finally:
             self.active[peer] -= 1
             if not self.active[peer]:
                 del self.active[peer]
-
-    async def _serve(self, stream: INetStream, session: ServerSession, peer: str) -> None:
-        event: ServerEvent | None = None
-        with trio.fail_after(REQUEST_TIMEOUT):
-            while event is None:
-                data = await read_some(stream)
-                if not data:
-                    session.receive_eof()  # raises: the stream ended before the request
-                event = session.receive_data(data)
-        if isinstance(event, RequestReceived):
-            self.stats.requests += 1
-            response = await self.answer(event.request, peer)
-        else:
-            self.stats.requests += event.stage == "request"  # a malformed request counts
-            response = event.response
-        frame = await trio.to_thread.run_sync(session.send, response)
-        await self._reply(stream, frame, response.status)
 
     async def answer(self, request: QueryRequest, peer: str) -> QueryResponse:
         """The response to `peer`'s `request` from the own dataset (never raises for bad SQL)."""
@@ -120,11 +88,15 @@ class QueryServer:
                 "answer bytes (Arrow IPC)", limit=max_bytes, got=len(ipc))))  # fmt: skip
         return QueryResponse("ok", arrow_ipc=ipc)
 
-    async def _reply(self, stream: INetStream, frame: bytes, status: str) -> None:
+    async def _reply(self, channel: Channel, response: QueryResponse) -> None:
+        # Encoding copies the answer: in a thread. Written in chunks, not one huge write.
+        frame = await trio.to_thread.run_sync(channel.session.send, response)
+        view = memoryview(frame)
         with trio.fail_after(WRITE_TIMEOUT):
-            await write_chunked(stream, frame)
+            for start in range(0, len(frame), WRITE_CHUNK):
+                await channel.write(bytes(view[start : start + WRITE_CHUNK]))
         self.stats.bytes_out += len(frame)
-        if status == "ok":
+        if response.status == "ok":
             self.stats.answered += 1
         else:
-            self.stats.errors[status] = self.stats.errors.get(status, 0) + 1
+            self.stats.errors[response.status] = self.stats.errors.get(response.status, 0) + 1

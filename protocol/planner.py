@@ -52,7 +52,6 @@ DECOMPOSABLE = frozenset(
         "bool_and", "bool_or",
     }
 )  # fmt: skip
-_VARIANCE = frozenset({"var_samp", "var_pop", "variance", "stddev", "stddev_samp", "stddev_pop"})
 # Duplicates do not change these, so their DISTINCT form merges the same way.
 _DISTINCT_SAFE = frozenset({"min", "max", "bool_and", "bool_or"})
 

@@ -16,14 +16,13 @@ Sessions. One stream carries one query, every frame varint-length-prefixed
     server -> requester  one frame: QueryResponse.to_bytes()
                          (<= response_frame_limit(request.max_bytes)),
                          or a JSON refusal frame {"status": "refused", ...}
-                         from the access policy, before the session started
 
-`ServerSession` and `ClientSession` hold that order (bytes in, events out,
-like h11's `Connection`); the daemon only moves their bytes over a stream and
-answers the requests. A server answers a wrong network or a malformed request
-with a "refused" response; a broken frame is a `RemoteProtocolError` and costs
-the peer its stream. A refusal frame is told from a response by its first
-byte: a response starts with its magic, a JSON object with "{".
+`QuerySession` holds that order (a `benchsync.protocol.session.Session`:
+bytes in, events out, like h11's `Connection`); the daemon's stream adapter
+moves its bytes, refuses (access policy, another network, a malformed
+request) and hands the request to the query server. A refusal frame is told
+from a response by its first byte: a response starts with its magic
+(`RESPONSE_MAGIC`), a JSON object with "{".
 """
 
 from __future__ import annotations
@@ -32,18 +31,26 @@ import json
 import math
 import struct
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import Any, ClassVar, Literal, get_args
 
 from benchsync.protocol.frames import (
-    FrameDecoder,
     LocalProtocolError,
-    Refused,
     RemoteProtocolError,
-    TruncatedFrame,
-    check_network,
     decode_json,
     encode_frame,
     encode_json_frame,
+)
+from benchsync.protocol.session import (
+    DONE,
+    IDLE,
+    NEED_DATA,
+    REQUESTED,
+    REQUESTER,
+    RESPONDER,
+    Refusal,
+    Session,
+    Transitions,
+    parse_refusal,
 )
 
 QUERY_PROTOCOL_ID = "/benchsync/query/1.0.0"
@@ -231,7 +238,7 @@ class QueryResponse:
         )
 
 
-# --- sessions ----------------------------------------------------------------------------------
+# --- the session -------------------------------------------------------------------------------
 
 
 def response_frame_limit(max_bytes: int) -> int:
@@ -240,163 +247,86 @@ def response_frame_limit(max_bytes: int) -> int:
 
 
 @dataclass(frozen=True)
-class RequestReceived:
-    """Server side: a well-formed request on our network; answer it with `send`."""
+class QueryOpen:
+    """The requester's event: the network it is on (the hello) and its request."""
 
+    network: str
     request: QueryRequest
 
 
-@dataclass(frozen=True)
-class RequestRefused:
-    """Server side: the hello (wrong network) or the request (malformed) was
-    refused, as `stage` says; send `response` (a "refused" error) with `send`."""
+class QuerySession(Session):
+    """One side of a query stream (see the module docstring for the exchange).
 
-    response: QueryResponse
-    stage: Literal["hello", "request"]
-
-
-@dataclass(frozen=True)
-class ResponseReceived:
-    """Client side: the server's answer (an error status included) and its size
-    on the wire (bytes)."""
-
-    response: QueryResponse
-    wire_bytes: int
-
-
-ServerEvent = RequestReceived | RequestRefused
-
-# Server states, and what each expects next.
-SERVER_HELLO, SERVER_REQUEST, SERVER_ANSWER, SERVER_DONE = "hello", "request", "answer", "done"
-_SERVER_FRAME_LIMIT = {SERVER_HELLO: MAX_HELLO_FRAME, SERVER_REQUEST: MAX_REQUEST_FRAME}
-
-
-class ServerSession:
-    """The serving side of one query stream: hello -> request -> one response.
-
-    Feed what the stream delivers to `receive_data`; it returns None until
-    the request is complete, then one event (`RequestReceived` or
-    `RequestRefused`); bytes after the request are ignored. Send what `send`
-    returns. Raises `RemoteProtocolError` (a frame over its limit, a hello
-    that is not JSON) and, from `receive_eof`, `TruncatedFrame`.
+    Events: the requester sends `QueryOpen`; the responder answers with one
+    `QueryResponse` (an error status included) or a `Refusal`. Each frame has
+    its own limit: the hello MAX_HELLO_FRAME, the request MAX_REQUEST_FRAME,
+    the response `response_frame_limit` of the request's max_bytes. A request
+    that does not decode is a `RemoteProtocolError` naming the fault.
     """
 
-    def __init__(self, *, network: str) -> None:
-        self.network = network
-        self.state = SERVER_HELLO
-        self.request: QueryRequest | None = None
-        self._decoder = FrameDecoder(max_frame=MAX_HELLO_FRAME)
+    TRANSITIONS: ClassVar[Transitions] = {
+        (REQUESTER, IDLE, QueryOpen): REQUESTED,
+        (RESPONDER, REQUESTED, QueryResponse): DONE,
+        (RESPONDER, IDLE, Refusal): DONE,
+        (RESPONDER, REQUESTED, Refusal): DONE,
+    }
 
-    def receive_data(self, data: bytes) -> ServerEvent | None:
-        if self.state not in _SERVER_FRAME_LIMIT:
-            return None
-        while self.state in _SERVER_FRAME_LIMIT:
-            self._decoder.max_frame = _SERVER_FRAME_LIMIT[self.state]
-            frames = self._decoder.feed(data, max_frames=1)
-            data = b""
-            if not frames:
-                return None
-            event = self._frame(frames[0])
-            if event is not None:
-                return event
-        return None
+    def __init__(self, role: str) -> None:
+        super().__init__(role, max_frame=MAX_HELLO_FRAME)
+        self.request: QueryRequest | None = None  # once sent or received
+        self._network: str | None = None  # the hello's, while the request is awaited
 
-    def _frame(self, body: bytes) -> ServerEvent | None:
-        if self.state == SERVER_HELLO:
-            try:
-                check_network(decode_json(body), self.network)
-            except Refused as e:
-                self.state = SERVER_ANSWER
-                return RequestRefused(QueryResponse.error("refused", e.reason), "hello")
-            self.state = SERVER_REQUEST
-            return None
-        self.state = SERVER_ANSWER
+    def _encode(self, event: object) -> bytes:
+        if isinstance(event, QueryOpen):
+            hello = encode_json_frame({"network": event.network}, max_frame=MAX_HELLO_FRAME)
+            body = event.request.to_bytes()
+            if len(body) > MAX_REQUEST_FRAME:
+                raise LocalProtocolError(
+                    f"query request of {len(body)} bytes exceeds {MAX_REQUEST_FRAME}")  # fmt: skip
+            self.request = event.request
+            self.frames.max_frame = response_frame_limit(event.request.max_bytes)
+            return hello + encode_frame(body, max_frame=MAX_REQUEST_FRAME)
+        if isinstance(event, QueryResponse):
+            limit = MAX_RESPONSE_OVERHEAD
+            if self.request is not None:
+                limit = response_frame_limit(self.request.max_bytes)
+            return encode_frame(event.to_bytes(), max_frame=limit)
+        return super()._encode(event)
+
+    def _decode(self) -> object:
+        if self.role == RESPONDER:
+            return self._decode_open()
+        body = self._next_frame()
+        if body is None:
+            return NEED_DATA
+        # A response starts with its magic; a refusal is a JSON object.
+        if body[:1] == b"{":
+            obj = decode_json(body)
+            refused = parse_refusal(obj)
+            if refused is None:
+                status = obj.get("status")
+                raise RemoteProtocolError(f"unexpected JSON frame with status {status!r}")
+            return refused
+        try:
+            return QueryResponse.from_bytes(body)
+        except QueryMessageError as e:
+            raise RemoteProtocolError(f"malformed query response: {e}") from None
+
+    def _decode_open(self) -> object:
+        if self._network is None:
+            body = self._next_frame()
+            if body is None:
+                return NEED_DATA
+            network = decode_json(body).get("network")
+            if not isinstance(network, str):
+                raise RemoteProtocolError("the hello names no network")
+            self._network = network
+            self.frames.max_frame = MAX_REQUEST_FRAME
+        body = self._next_frame()
+        if body is None:
+            return NEED_DATA
         try:
             self.request = QueryRequest.from_bytes(body)
         except QueryMessageError as e:
-            response = QueryResponse.error("refused", f"malformed query request: {e}")
-            return RequestRefused(response, "request")
-        return RequestReceived(self.request)
-
-    def receive_eof(self) -> None:
-        """The requester closed its side; raises TruncatedFrame before a whole request."""
-        if self.state in _SERVER_FRAME_LIMIT:
-            self._decoder.close()
-            raise TruncatedFrame("stream ended before a frame was received")
-
-    def send(self, response: QueryResponse) -> bytes:
-        """The one response frame. Raises LocalProtocolError before a request
-        arrived, after a response was sent, or for a response over the
-        request's limit (the requester would refuse it)."""
-        if self.state != SERVER_ANSWER:
-            raise LocalProtocolError(f"cannot send a response in state {self.state!r}")
-        limit = MAX_RESPONSE_OVERHEAD
-        if self.request is not None:
-            limit = response_frame_limit(self.request.max_bytes)
-        frame = encode_frame(response.to_bytes(), max_frame=limit)
-        self.state = SERVER_DONE
-        return frame
-
-    def busy(self, response: QueryResponse) -> bytes:
-        """A response frame sent before reading anything (the server is busy);
-        the session is over."""
-        if self.state != SERVER_HELLO:
-            raise LocalProtocolError(f"cannot refuse up front in state {self.state!r}")
-        self.state = SERVER_ANSWER
-        return self.send(response)
-
-
-class ClientSession:
-    """The requesting side of one query stream: hello + request out, one answer in.
-
-    `start()` returns the bytes to send; feed the stream's bytes to
-    `receive_data` until it returns `ResponseReceived`. Raises `Refused` (a
-    refusal frame), `RemoteProtocolError` (a frame over its limit, a
-    malformed response) and, from `receive_eof`, `TruncatedFrame`.
-    """
-
-    def __init__(self, request: QueryRequest, *, network: str) -> None:
-        self.request = request
-        self.network = network
-        self.started = False
-        self.done = False
-        self.wire_bytes = 0  # bytes received so far
-        self._decoder = FrameDecoder(max_frame=response_frame_limit(request.max_bytes))
-
-    def start(self) -> bytes:
-        """The hello and the request, as one write. Raises LocalProtocolError."""
-        if self.started:
-            raise LocalProtocolError("the request was already sent")
-        hello = encode_json_frame({"network": self.network}, max_frame=MAX_HELLO_FRAME)
-        body = self.request.to_bytes()
-        if len(body) > MAX_REQUEST_FRAME:
-            raise LocalProtocolError(
-                f"query request of {len(body)} bytes exceeds {MAX_REQUEST_FRAME}")  # fmt: skip
-        self.started = True
-        return hello + encode_frame(body, max_frame=MAX_REQUEST_FRAME)
-
-    def receive_data(self, data: bytes) -> ResponseReceived | None:
-        if self.done:
-            return None
-        self.wire_bytes += len(data)
-        frames = self._decoder.feed(data, max_frames=1)
-        if not frames:
-            return None
-        self.done = True
-        frame = frames[0]
-        if frame[:1] == b"{":
-            obj = decode_json(frame)
-            if obj.get("status") == "refused":
-                raise Refused(str(obj.get("reason", "no reason given"))[:1000])
-            raise RemoteProtocolError(f"unexpected JSON frame with status {obj.get('status')!r}")
-        try:
-            response = QueryResponse.from_bytes(frame)
-        except QueryMessageError as e:
-            raise RemoteProtocolError(f"malformed query response: {e}") from None
-        return ResponseReceived(response, self.wire_bytes)
-
-    def receive_eof(self) -> None:
-        """The server closed the stream; raises TruncatedFrame before a whole answer."""
-        if not self.done:
-            self._decoder.close()
-            raise TruncatedFrame("stream ended before a frame was received")
+            raise RemoteProtocolError(f"malformed query request: {e}") from None
+        return QueryOpen(self._network, self.request)

@@ -1,4 +1,4 @@
-"""The query protocol's sessions driven with bytes alone (no stream, no node)."""
+"""The query protocol's session driven with bytes alone (no stream, no node)."""
 
 from __future__ import annotations
 
@@ -7,103 +7,115 @@ from multiformats import varint
 
 from benchsync.protocol.frames import (
     FrameTooLarge,
+    Interrupted,
     LocalProtocolError,
-    Refused,
     RemoteProtocolError,
-    TruncatedFrame,
     encode_frame,
     encode_json_frame,
 )
 from benchsync.protocol.query import (
     MAX_HELLO_FRAME,
     MAX_REQUEST_FRAME,
-    ClientSession,
+    MAX_RESULT_BYTES,
+    MAX_ROWS,
+    MAX_TIMEOUT,
+    QueryOpen,
     QueryRequest,
     QueryResponse,
-    RequestReceived,
-    RequestRefused,
-    ResponseReceived,
-    ServerSession,
+    QuerySession,
     response_frame_limit,
 )
+from benchsync.protocol.session import DONE, NEED_DATA, REQUESTER, RESPONDER, Refusal
 
 NETWORK = "lab"
 REQUEST = QueryRequest("SELECT count(*) AS n FROM models WHERE x = ?", [1], timeout_s=5,
                        max_rows=10, max_bytes=4096)  # fmt: skip
+OPEN = QueryOpen(NETWORK, REQUEST)
 OK = QueryResponse("ok", arrow_ipc=b"\x01" * 1000)
 
 
-def request_to_server(client: ClientSession, server: ServerSession, *, step: int = 0) -> object:
-    data = client.start()
-    if not step:
-        return server.receive_data(data)
-    events = [server.receive_data(data[i : i + step]) for i in range(0, len(data), step)]
-    assert all(e is None for e in events[:-1])
-    return events[-1]
+def feed(session: QuerySession, data: bytes, step: int) -> object:
+    """Feed `data` in pieces of `step` bytes (all at once for 0); the event it completes."""
+    for i in range(0, len(data), step or len(data) or 1):
+        assert session.next_event() is NEED_DATA
+        session.receive_data(data[i : i + (step or len(data))])
+    return session.next_event()
 
 
 @pytest.mark.parametrize("step", [0, 1, 7])
 def test_request_and_response_cross_intact_in_any_chunking(step: int) -> None:
-    client = ClientSession(REQUEST, network=NETWORK)
-    server = ServerSession(network=NETWORK)
-    event = request_to_server(client, server, step=step)
-    assert event == RequestReceived(REQUEST)
-    frame = server.send(OK)
-    chunks = [frame[i : i + (step or len(frame))] for i in range(0, len(frame), step or len(frame))]
-    got = [client.receive_data(c) for c in chunks]
-    assert got[-1] == ResponseReceived(OK, len(frame))
-    assert all(e is None for e in got[:-1])
-    assert server.receive_data(b"trailing bytes are ignored") is None
+    client, server = QuerySession(REQUESTER), QuerySession(RESPONDER)
+    assert feed(server, client.send(OPEN), step) == OPEN
+    assert feed(client, server.send(OK), step) == OK
+    assert client.state == server.state == DONE
+    client.receive_data(b"")
+    assert type(client.next_event()).__name__ == "EndOfStream"
 
 
-def test_wrong_network_is_answered_with_a_refused_response() -> None:
-    client = ClientSession(REQUEST, network="elsewhere")
-    server = ServerSession(network=NETWORK)
-    event = request_to_server(client, server)
-    assert isinstance(event, RequestRefused) and event.stage == "hello"
-    assert event.response.status == "refused" and "wrong network" in event.response.message
-    answer = client.receive_data(server.send(event.response))
-    assert answer is not None and answer.response == event.response
+def test_a_refusal_is_an_event_before_or_after_the_request() -> None:
+    early = QuerySession(RESPONDER)  # refused before reading (access policy)
+    client = QuerySession(REQUESTER)
+    client.send(OPEN)
+    assert feed(client, early.send(Refusal("not in trusted_peers")), 0) == (
+        Refusal("not in trusted_peers"))  # fmt: skip
+    late = QuerySession(RESPONDER)  # refused after reading (another network)
+    client = QuerySession(REQUESTER)
+    feed(late, client.send(OPEN), 0)
+    assert feed(client, late.send(Refusal("wrong network")), 3) == Refusal("wrong network")
+    assert late.state == client.state == DONE
 
 
-def test_malformed_request_is_refused_naming_the_fault() -> None:
-    server = ServerSession(network=NETWORK)
-    data = encode_json_frame({"network": NETWORK}) + encode_frame(b"BSQ1garbage")
-    event = server.receive_data(data)
-    assert isinstance(event, RequestRefused) and event.stage == "request"
-    assert event.response.message.startswith("malformed query request")
-    assert len(server.send(event.response)) < response_frame_limit(0)
+def test_the_hello_names_the_network_the_adapter_checks() -> None:
+    server = QuerySession(RESPONDER)
+    event = feed(server, QuerySession(REQUESTER).send(QueryOpen("elsewhere", REQUEST)), 0)
+    assert isinstance(event, QueryOpen) and event.network == "elsewhere"
 
 
-@pytest.mark.parametrize("data", [
-    varint.encode(MAX_HELLO_FRAME + 1) + b"{",
-    encode_json_frame({"network": NETWORK}) + varint.encode(MAX_REQUEST_FRAME + 1),
+@pytest.mark.parametrize("data, error", [
+    (varint.encode(MAX_HELLO_FRAME + 1) + b"{", FrameTooLarge),
+    (encode_json_frame({"network": NETWORK}) + varint.encode(MAX_REQUEST_FRAME + 1),
+     FrameTooLarge),
+    (encode_frame(b"\xff\xfe"), RemoteProtocolError),
+    (encode_json_frame({"net": NETWORK}), RemoteProtocolError),
+    (encode_json_frame({"network": NETWORK}) + encode_frame(b"BSQ1garbage"), RemoteProtocolError),
+    (encode_json_frame({"network": NETWORK}) + encode_frame(b"EVIL\x00\x00\x00\x02{}"),
+     RemoteProtocolError),
 ])  # fmt: skip
-def test_frames_over_their_limit_break_the_session(data: bytes) -> None:
-    with pytest.raises(FrameTooLarge):
-        ServerSession(network=NETWORK).receive_data(data)
+def test_a_broken_request_is_the_peers_fault(data: bytes, error: type[Exception]) -> None:
+    server = QuerySession(RESPONDER)
+    server.receive_data(data)
+    with pytest.raises(error):
+        server.next_event()
 
 
-def test_hello_that_is_not_json_is_the_peers_fault() -> None:
-    with pytest.raises(RemoteProtocolError):
-        ServerSession(network=NETWORK).receive_data(encode_frame(b"\xff\xfe"))
+def test_a_malformed_request_says_what_is_wrong() -> None:
+    server = QuerySession(RESPONDER)
+    server.receive_data(encode_json_frame({"network": NETWORK}) + encode_frame(b"BSQ1garbage"))
+    with pytest.raises(RemoteProtocolError, match="malformed query request"):
+        server.next_event()
 
 
-def test_end_of_stream_before_the_request_is_truncation() -> None:
-    server = ServerSession(network=NETWORK)
-    server.receive_data(encode_json_frame({"network": NETWORK})[:3])
-    with pytest.raises(TruncatedFrame):
-        server.receive_eof()
-    done = ServerSession(network=NETWORK)
-    request_to_server(ClientSession(REQUEST, network=NETWORK), done)
-    done.receive_eof()  # after the request: nothing is missing
+def test_end_of_stream_before_a_whole_message_is_an_interruption() -> None:
+    server = QuerySession(RESPONDER)
+    server.receive_data(encode_json_frame({"network": NETWORK}))
+    assert server.next_event() is NEED_DATA
+    server.receive_data(b"")
+    with pytest.raises(Interrupted):
+        server.next_event()
+    client = QuerySession(REQUESTER)
+    client.send(OPEN)
+    client.receive_data(encode_frame(OK.to_bytes())[:50])
+    assert client.next_event() is NEED_DATA
+    client.receive_data(b"")
+    with pytest.raises(Interrupted):
+        client.next_event()
 
 
-def test_server_sends_only_one_response_and_only_after_the_request() -> None:
-    server = ServerSession(network=NETWORK)
+def test_responder_sends_one_response_and_only_after_the_request() -> None:
+    server = QuerySession(RESPONDER)
     with pytest.raises(LocalProtocolError):
         server.send(OK)
-    request_to_server(ClientSession(REQUEST, network=NETWORK), server)
+    feed(server, QuerySession(REQUESTER).send(OPEN), 0)
     too_big = QueryResponse("ok", arrow_ipc=b"\x01" * response_frame_limit(REQUEST.max_bytes))
     with pytest.raises(LocalProtocolError):
         server.send(too_big)  # the requester would refuse it
@@ -112,48 +124,35 @@ def test_server_sends_only_one_response_and_only_after_the_request() -> None:
         server.send(OK)
 
 
-def test_busy_server_answers_before_reading() -> None:
-    server = ServerSession(network=NETWORK)
-    busy = QueryResponse.error("refused", "busy")
-    answer = ClientSession(REQUEST, network=NETWORK).receive_data(server.busy(busy))
-    assert answer is not None and answer.response == busy
+def test_requester_sends_its_request_once() -> None:
+    client = QuerySession(REQUESTER)
+    client.send(OPEN)
     with pytest.raises(LocalProtocolError):
-        server.busy(busy)
+        client.send(OPEN)
 
 
-def test_client_tells_a_refusal_frame_from_a_response() -> None:
-    client = ClientSession(REQUEST, network=NETWORK)
-    client.start()
-    refusal = encode_json_frame({"status": "refused", "reason": "not in trusted_peers"})
-    with pytest.raises(Refused, match="not in trusted_peers"):
-        client.receive_data(refusal)
-    with pytest.raises(RemoteProtocolError, match="unexpected JSON frame"):
-        ClientSession(REQUEST, network=NETWORK).receive_data(encode_json_frame({"status": "ok"}))
-    with pytest.raises(RemoteProtocolError, match="malformed query response"):
-        ClientSession(REQUEST, network=NETWORK).receive_data(encode_frame(b"BSR1" + b"\x00" * 9))
-
-
-def test_client_limits_the_response_to_its_max_bytes() -> None:
-    client = ClientSession(REQUEST, network=NETWORK)
+def test_requester_limits_the_response_to_its_max_bytes() -> None:
+    client = QuerySession(REQUESTER)
+    client.send(OPEN)
+    client.receive_data(varint.encode(response_frame_limit(REQUEST.max_bytes) + 1))
     with pytest.raises(FrameTooLarge):
-        client.receive_data(varint.encode(response_frame_limit(REQUEST.max_bytes) + 1))
-    cut = ClientSession(REQUEST, network=NETWORK)
-    assert cut.receive_data(encode_frame(OK.to_bytes())[:50]) is None
-    with pytest.raises(TruncatedFrame):
-        cut.receive_eof()
+        client.next_event()
 
 
-def test_client_sends_its_request_once() -> None:
-    client = ClientSession(REQUEST, network=NETWORK)
-    client.start()
-    with pytest.raises(LocalProtocolError):
-        client.start()
+@pytest.mark.parametrize("frame, match", [
+    (encode_json_frame({"status": "ok"}), "unexpected JSON frame"),
+    (encode_frame(b"BSR1" + b"\x00" * 9), "malformed query response"),
+])  # fmt: skip
+def test_requester_rejects_what_is_neither_response_nor_refusal(frame: bytes, match: str) -> None:
+    client = QuerySession(REQUESTER)
+    client.send(OPEN)
+    client.receive_data(frame)
+    with pytest.raises(RemoteProtocolError, match=match):
+        client.next_event()
 
 
 def test_request_limits_default_to_the_protocol_maxima() -> None:
     """A limit the requester leaves out is the protocol's; the server clamps to its settings."""
-    from benchsync.protocol.query import MAX_RESULT_BYTES, MAX_ROWS, MAX_TIMEOUT
-
     request = QueryRequest("SELECT 1")
     assert (request.timeout_s, request.max_rows, request.max_bytes) == (
         MAX_TIMEOUT, MAX_ROWS, MAX_RESULT_BYTES)  # fmt: skip
