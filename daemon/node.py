@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 from multiformats import CID
 
+from benchsync import __version__
 from benchsync.daemon.config import Config
 from benchsync.daemon.control import ControlEndpoints, ControlServer, Router
 from benchsync.daemon.fetch import FetchLimits
@@ -48,8 +49,6 @@ if TYPE_CHECKING:
     from trio_typing import TaskStatus
 
 log = logging.getLogger(__name__)
-
-VERSION = "0.1.0"
 
 
 def head_of(version: Version) -> Head:
@@ -91,7 +90,7 @@ class Node:
 
     def _setup(self, config: Config) -> None:
         self.metrics = Metrics()
-        self.metrics.set_identity(peer_id=self.peer_id, network=config.network, version=VERSION)
+        self.metrics.set_identity(peer_id=self.peer_id, network=config.network, version=__version__)
         self.p2p = P2PNode(
             self.home,
             network=config.network,
