@@ -37,8 +37,9 @@ from benchsync.storage.replicas import ReplicaStore
 
 PRESTARTED_WORKERS = 2  # sandbox worker processes started with the query service
 
-# Transitional: tests/hostile_peer.py and tests/test_hostile_peer.py still import
-# these from here; their homes are protocol.query, query_server, local_query, coordinator.
+# Transitional: tests/hostile_peer.py and tests/test_hostile_peer.py still import these
+# from here; their homes are protocol.query, daemon.streams, local_query and coordinator.
+# Remove once those two files import them from there.
 from benchsync.daemon.coordinator import exchange  # noqa: E402
 from benchsync.daemon.local_query import MAX_CONCURRENT_QUERIES  # noqa: E402
 from benchsync.daemon.streams import REQUEST_TIMEOUT  # noqa: E402
