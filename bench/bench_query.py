@@ -19,10 +19,14 @@ import time
 import duckdb
 import pyarrow as pa
 
-from benchsync.storage import distquery as dq
-from benchsync.storage.sandbox import QuerySandbox
+from benchsync.protocol.planner import PARTIALS_TABLE, QueryPlan, plan_sql
+from benchsync.storage.distquery import DUCKDB, union_partials
+from benchsync.storage.sandbox import QueryLimits, QuerySandbox, run_once
+from benchsync.storage.sandbox_worker import to_ipc
 
 N_MODELS = 50  # distinct model names
+MEMORY_LIMIT = "4GB"  # per sandbox: the benchmark measures time, not memory refusals
+LIMITS = QueryLimits(timeout_s=600.0, max_rows=10**9, max_bytes=2**40)  # never the bottleneck
 SQL = (
     "SELECT m.model_name, h.hardware_type, count(*) AS n, "
     "avg(p.throughput_items_per_second) AS tput, stddev(p.average_latency_ms) AS sd, "
@@ -80,34 +84,35 @@ def main() -> None:
 
     sandboxes = []
     for n in nodes:
-        sb = QuerySandbox()
+        sb = QuerySandbox(memory_limit=MEMORY_LIMIT)
         sb.load(n)
         sandboxes.append(sb)
-    baseline = QuerySandbox(threads=1)
+    baseline = QuerySandbox(memory_limit=MEMORY_LIMIT, threads=1)
     baseline.load(union)
 
     results = {}
     for label, sql in (("decomposed", SQL), ("rows", ROWS_SQL)):
-        plan = dq.plan(sql)
+        plan = plan_sql(sql, None, DUCKDB)
         assert plan.strategy == label, plan.reason
         node_times: list[float] = []
 
-        def distributed(plan: dq.QueryPlan = plan, times: list[float] = node_times) -> None:
+        def distributed(plan: QueryPlan = plan, times: list[float] = node_times) -> None:
             partials = []
             times.clear()
             for sb in sandboxes:
                 t0 = time.perf_counter()
-                partials.append(sb.execute(plan.node_sql or ""))
+                partials.append(sb.execute(plan.node_sql, limits=LIMITS))
                 times.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            dq.merge(plan, partials)
+            run_once(plan.merge_sql, {PARTIALS_TABLE: union_partials(partials)},
+                     limits=LIMITS, memory_limit=MEMORY_LIMIT)  # fmt: skip
             times.append(time.perf_counter() - t0)  # last: merge
 
         total = timed(distributed, args.repeat)
         parallel = max(node_times[:-1]) + node_times[-1]
-        one = timed(lambda sql=sql: baseline.execute(sql), args.repeat)
-        partials = [sb.execute(plan.node_sql or "") for sb in sandboxes]
-        moved = sum(len(dq.to_ipc(p)) for p in partials)
+        one = timed(lambda sql=sql: baseline.execute(sql, limits=LIMITS), args.repeat)
+        partials = [sb.execute(plan.node_sql, limits=LIMITS) for sb in sandboxes]
+        moved = sum(len(to_ipc(p)) for p in partials)
         results[label] = (total, parallel, one, moved)
         print(f"{label:>10}: one DuckDB {one * 1e3:8.1f} ms | distributed sequential "
               f"{total * 1e3:8.1f} ms ({total / one:5.2f}x) | slowest node+merge "

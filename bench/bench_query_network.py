@@ -31,7 +31,7 @@ import pyarrow as pa
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_query import ROWS_SQL, SQL, make_node  # noqa: E402
+from bench_query import LIMITS, MEMORY_LIMIT, ROWS_SQL, SQL, make_node  # noqa: E402
 
 from benchsync.daemon.network import P2PNode  # noqa: E402
 from benchsync.daemon.query import QueryService  # noqa: E402
@@ -79,7 +79,7 @@ async def run(args: argparse.Namespace, tmp: Path) -> None:
     fill(union_db, union_tables)
     print(f"loaded {args.rows} rows into {args.nodes} node databases + the union "
           f"in {time.perf_counter() - t0:.1f} s")  # fmt: skip
-    union_sandbox = QuerySandbox(threads=1)
+    union_sandbox = QuerySandbox(memory_limit=MEMORY_LIMIT, threads=1)
     union_sandbox.load({t: union_db.query(f"SELECT * FROM {t}") for t in union_tables})
 
     nodes = [P2PNode(tmp / f"n{i}", network=NETWORK, blockstore=MemoryBlockstore())
@@ -106,8 +106,9 @@ async def run(args: argparse.Namespace, tmp: Path) -> None:
                 moved.append(sum(p.bytes for p in result.peers))
             dist = median_time(times)
             one = await trio.to_thread.run_sync(
-                lambda sql=sql: median_time([_timed(lambda: union_sandbox.execute(sql))
-                                             for _ in range(args.repeat)]))  # fmt: skip
+                lambda sql=sql: median_time(
+                    [_timed(lambda: union_sandbox.execute(sql, limits=LIMITS))
+                     for _ in range(args.repeat)]))  # fmt: skip
             plain = await trio.to_thread.run_sync(
                 lambda sql=sql: median_time([_timed(lambda: union_db.query(sql))
                                              for _ in range(args.repeat)]))  # fmt: skip

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 from benchsync.daemon.answers import table_json
 from benchsync.daemon.control import ApiError, Request, Router, Text
+from benchsync.daemon.coordinator import DistributedQueryError
 from benchsync.daemon.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from benchsync.daemon.query import DistributedQueryError
 from benchsync.protocol.planner import PlanError
 from benchsync.storage.errors import InvalidRecord, NotFound, StorageError
 from benchsync.storage.sandbox import QueryError

@@ -19,7 +19,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from benchsync.daemon.coordinator import Coordinator, DistributedQueryError, DistributedResult
+from benchsync.daemon.coordinator import Coordinator, DistributedResult
 from benchsync.daemon.local_query import (
     DEFAULT_LIMITS,
     DEFAULT_MEMORY_LIMIT,
@@ -37,16 +37,7 @@ from benchsync.storage.replicas import ReplicaStore
 
 PRESTARTED_WORKERS = 2  # sandbox worker processes started with the query service
 
-# Transitional: tests/hostile_peer.py and tests/test_hostile_peer.py still import these
-# from here; their homes are protocol.query, daemon.streams, local_query and coordinator.
-# Remove once those two files import them from there.
-from benchsync.daemon.coordinator import exchange  # noqa: E402
-from benchsync.daemon.local_query import MAX_CONCURRENT_QUERIES  # noqa: E402
-from benchsync.daemon.streams import REQUEST_TIMEOUT  # noqa: E402
-from benchsync.protocol.query import MAX_HELLO_FRAME, MAX_REQUEST_FRAME  # noqa: E402
-
-__all__ = ["MAX_CONCURRENT_QUERIES", "MAX_HELLO_FRAME", "MAX_REQUEST_FRAME", "QUERY_PROTOCOL_ID",
-           "REQUEST_TIMEOUT", "DistributedQueryError", "QueryService", "exchange"]  # fmt: skip
+__all__ = ["QueryService"]
 
 
 class QueryService:

@@ -55,13 +55,18 @@ from libp2p.pubsub.validators import PUBSUB_SIGNING_PREFIX
 from multiformats import CID
 
 from benchsync.daemon.control import ControlAPIError, ControlClient
+from benchsync.daemon.coordinator import exchange
 from benchsync.daemon.demo import NodeProcess, free_port
 from benchsync.daemon.network import P2PNode
 from benchsync.daemon.node import head_of
-from benchsync.daemon.query import MAX_REQUEST_FRAME, QUERY_PROTOCOL_ID, exchange
 from benchsync.protocol.frames import encode_frame, encode_json_frame
 from benchsync.protocol.heads import Head, encode_head, topic_for
-from benchsync.protocol.query import QueryRequest, QueryResponse
+from benchsync.protocol.query import (
+    MAX_REQUEST_FRAME,
+    QUERY_PROTOCOL_ID,
+    QueryRequest,
+    QueryResponse,
+)
 from benchsync.storage import dagpb, schema, unixfs
 from benchsync.storage.blockstore import MemoryBlockstore
 from benchsync.storage.cid import DAG_PB, RAW, block_cid

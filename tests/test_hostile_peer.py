@@ -46,13 +46,15 @@ from multiformats import varint
 
 from benchsync.daemon import announce as announce_mod
 from benchsync.daemon import fetch as fetch_mod
-from benchsync.daemon import query as query_mod
 from benchsync.daemon.config import SETTINGS
 from benchsync.daemon.control import ControlAPIError
 from benchsync.daemon.identity import load_or_create_identity, peer_id_of
+from benchsync.daemon.local_query import MAX_CONCURRENT_QUERIES
+from benchsync.daemon.streams import REQUEST_TIMEOUT as STREAM_REQUEST_TIMEOUT
 from benchsync.protocol.fetch import CAR_PROTOCOL_ID, MAX_FETCH_FRAME, MAX_WANT
 from benchsync.protocol.frames import MAX_FRAME, encode_frame
 from benchsync.protocol.heads import HEAD_PROTOCOL_ID, encode_head
+from benchsync.protocol.query import MAX_HELLO_FRAME, MAX_REQUEST_FRAME, QUERY_PROTOCOL_ID
 from benchsync.storage.dataset import LocalDataset
 
 pytestmark = pytest.mark.slow
@@ -70,7 +72,7 @@ GARBAGE_END_TIMEOUT = 5.0  # seconds for the victim to end a stream that sent ga
 IDLE_STREAMS = 8  # idle streams per protocol
 IDLE_TCP = 16  # raw TCP connections that never start a handshake
 IDLE_END_TIMEOUT = (
-    max(fetch_mod.REQUEST_TIMEOUT, query_mod.REQUEST_TIMEOUT, announce_mod.REQUEST_TIMEOUT) + 5.0
+    max(fetch_mod.REQUEST_TIMEOUT, STREAM_REQUEST_TIMEOUT, announce_mod.REQUEST_TIMEOUT) + 5.0
 )  # seconds: the node's own request timeouts plus a loaded machine's margin
 SYBILS = 300  # identities announcing heads over one connection
 SYBIL_BOUND = 32  # datasets followed, set through the bounding setting when it exists
@@ -322,7 +324,7 @@ async def test_peer_holding_query_slots_does_not_starve_others(
         with trio.fail_after(90):
             await honest.check_served(victim, "the start of the query-slot test")
             hogs = [await attacker.send_query(victim, HOG_SQL, timeout_s=HOG_SECONDS)
-                    for _ in range(query_mod.MAX_CONCURRENT_QUERIES)]  # fmt: skip
+                    for _ in range(MAX_CONCURRENT_QUERIES)]  # fmt: skip
             # A third query from the same peer, opened after the hogs: refused as
             # busy, or waiting; either way the hogs were admitted before it.
             with trio.move_on_after(3):
@@ -354,12 +356,12 @@ async def test_peer_holding_query_slots_does_not_starve_others(
                     await stream.reset()
             status, message, took = fair["honest"]
             assert status == "ok", (
-                f"finding 10: while one peer holds {query_mod.MAX_CONCURRENT_QUERIES} long "
+                f"finding 10: while one peer holds {MAX_CONCURRENT_QUERIES} long "
                 f"queries, another peer's query got {status} after {took:.1f} s: {message}"
             )
             status, message, took = fair["own"]
             assert status == "answered", (
-                f"finding 10: while one peer holds {query_mod.MAX_CONCURRENT_QUERIES} long "
+                f"finding 10: while one peer holds {MAX_CONCURRENT_QUERIES} long "
                 f"queries, the node's own network query got {status} after {took:.1f} s: {message}"
             )
             await assert_unharmed(victim, honest, "a peer holding the query slots")
@@ -388,15 +390,15 @@ def garbage_cases(root: str) -> list[tuple[str, str, bytes]]:
          _fetch_json({"network": "hostile", "root": root, "want": [root] * (MAX_WANT + 1)})),
         ("fetch: want of paths", CAR_PROTOCOL_ID,
          _fetch_json({"network": "hostile", "root": "../../etc", "want": ["/etc/passwd"]})),
-        ("query: hello over the hello limit", query_mod.QUERY_PROTOCOL_ID,
-         varint.encode(query_mod.MAX_HELLO_FRAME + 1) + b"{" * 100),
-        ("query: hello not JSON", query_mod.QUERY_PROTOCOL_ID, encode_frame(b"\xff\xfe")),
-        ("query: request with bad magic", query_mod.QUERY_PROTOCOL_ID,
+        ("query: hello over the hello limit", QUERY_PROTOCOL_ID,
+         varint.encode(MAX_HELLO_FRAME + 1) + b"{" * 100),
+        ("query: hello not JSON", QUERY_PROTOCOL_ID, encode_frame(b"\xff\xfe")),
+        ("query: request with bad magic", QUERY_PROTOCOL_ID,
          HELLO + encode_frame(b"EVIL" + struct.pack(">I", 2) + b"{}")),
-        ("query: request header claims 2 GiB", query_mod.QUERY_PROTOCOL_ID,
+        ("query: request header claims 2 GiB", QUERY_PROTOCOL_ID,
          HELLO + encode_frame(b"BSQ1" + struct.pack(">I", 2**31))),
-        ("query: request frame over MAX_REQUEST_FRAME", query_mod.QUERY_PROTOCOL_ID,
-         HELLO + varint.encode(query_mod.MAX_REQUEST_FRAME + 1) + b"B" * 1000),
+        ("query: request frame over MAX_REQUEST_FRAME", QUERY_PROTOCOL_ID,
+         HELLO + varint.encode(MAX_REQUEST_FRAME + 1) + b"B" * 1000),
         ("head: frame over MAX_FRAME", HEAD_PROTOCOL_ID, varint.encode(MAX_FRAME + 1) + b"{"),
         ("head: not JSON", HEAD_PROTOCOL_ID, encode_frame(b"\xff")),
     ]  # fmt: skip
@@ -437,7 +439,7 @@ async def test_idle_streams_and_connections_do_not_block_honest_peers(
             await attacker.connect(victim)
             tcp = [await trio.open_tcp_stream("127.0.0.1", victim.port) for _ in range(IDLE_TCP)]
             opened = []
-            for protocol in (CAR_PROTOCOL_ID, query_mod.QUERY_PROTOCOL_ID, HEAD_PROTOCOL_ID):
+            for protocol in (CAR_PROTOCOL_ID, QUERY_PROTOCOL_ID, HEAD_PROTOCOL_ID):
                 for i in range(IDLE_STREAMS):
                     stream = await attacker.open(victim, protocol)
                     if i % 2:  # half of them start a frame and never finish it
