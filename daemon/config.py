@@ -26,7 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from benchsync.protocol.names import check_network_name
-from benchsync.storage.limits import MAX_BLOCK_SIZE
+from benchsync.storage.limits import (
+    MAX_BLOCK_SIZE,
+    QUERY_MAX_BYTES,
+    QUERY_MAX_ROWS,
+    QUERY_MEMORY_LIMIT,
+    QUERY_TIMEOUT,
+)
 
 CONFIG_FILE_NAME = "config.toml"
 CONTROL_SOCKET_NAME = "control.sock"
@@ -367,14 +373,14 @@ SETTINGS: tuple[Setting, ...] = (
             "Fetch streams served to one peer at the same time.", "N"),
     Setting("max_followed_datasets", _int_kind(1), 256,
             "Peer datasets followed at most (a bound against self-made identities).", "N"),
-    Setting("query_timeout", _seconds_kind(0), 30.0,
+    Setting("query_timeout", _seconds_kind(0), QUERY_TIMEOUT,
             "Time limit of one query, on this node and per peer of a network query.",
             "SECONDS"),
-    Setting("query_max_rows", _int_kind(1), 100_000,
+    Setting("query_max_rows", _int_kind(1), QUERY_MAX_ROWS,
             "Rows one query may return.", "N"),
-    Setting("query_max_bytes", _size_kind(1024), 64 * MiB,
+    Setting("query_max_bytes", _size_kind(1024), QUERY_MAX_BYTES,
             "Bytes of Arrow data one query may return.", "SIZE"),
-    Setting("query_memory_limit", _size_kind(16 * MiB), 1 * GiB,
+    Setting("query_memory_limit", _size_kind(16 * MiB), QUERY_MEMORY_LIMIT,
             "DuckDB memory limit for queries served to peers.", "SIZE"),
     Setting("db_memory_limit", _size_kind(64 * MiB), 1 * GiB,
             "DuckDB memory limit of the node's own database; larger sorts (the snapshot "

@@ -47,6 +47,7 @@ from benchsync.storage.blockstore import FsBlockstore
 from benchsync.storage.db import DB_FILENAME, BenchmarkDB, DatabaseClosed
 from benchsync.storage.errors import NotFound, StorageError
 from benchsync.storage.homelock import HomeLock
+from benchsync.storage.limits import QUERY_MEMORY_LIMIT
 from benchsync.storage.replicas import ReplicaStore, check_parquet_schema
 from benchsync.storage.sandbox import QueryError, QueryLimits, run_once
 from benchsync.storage.schema import TABLES
@@ -520,7 +521,8 @@ class LocalDataset:
         return ScopeInput(own, origin=self.dataset, replicas=replicas)
 
     def query(self, sql: str, params: list[Any] | None = None, scope: str = "local", *,
-              limits: QueryLimits, memory_limit: str) -> pa.Table:  # fmt: skip
+              limits: QueryLimits = QueryLimits(),  # noqa: B008 (frozen, so shared safely)
+              memory_limit: str = f"{QUERY_MEMORY_LIMIT}B") -> pa.Table:  # fmt: skip
         """Run one read-only SELECT in the local or replicas scope; returns the answer.
 
         The query passes the one read-only gate (before any table is read)

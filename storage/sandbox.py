@@ -47,6 +47,7 @@ import duckdb
 import pyarrow as pa
 
 from benchsync.storage.errors import StorageError
+from benchsync.storage.limits import QUERY_MAX_BYTES, QUERY_MAX_ROWS, QUERY_TIMEOUT
 
 DEFAULT_THREADS = 1  # DuckDB worker threads per sandbox
 BATCH_ROWS = 64 * 1024  # rows fetched per Arrow batch while checking the limits
@@ -114,13 +115,13 @@ class ResultTooLarge(QueryError):
 
 @dataclass(frozen=True)
 class QueryLimits:
-    """Limits one query runs under. The defaults are the node's settings
-    (`benchsync.daemon.config.SETTINGS`: query_timeout, query_max_rows,
-    query_max_bytes); storage has none of its own."""
+    """Limits one query runs under; the defaults (`storage/limits.py`) are also
+    the defaults of the node's settings query_timeout, query_max_rows and
+    query_max_bytes."""
 
-    timeout_s: float  # seconds
-    max_rows: int  # rows in the answer
-    max_bytes: int  # bytes of Arrow data in the answer
+    timeout_s: float = QUERY_TIMEOUT  # seconds
+    max_rows: int = QUERY_MAX_ROWS  # rows in the answer
+    max_bytes: int = QUERY_MAX_BYTES  # bytes of Arrow data in the answer
 
     def __post_init__(self) -> None:
         if self.timeout_s <= 0 or self.max_rows < 0 or self.max_bytes < 0:
