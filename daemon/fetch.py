@@ -42,7 +42,6 @@ from benchsync.protocol.frames import Interrupted, RemoteProtocolError
 from benchsync.protocol.session import NEED_DATA, REQUESTER, RESPONDER, EndOfStream, Refusal
 from benchsync.storage import car
 from benchsync.storage.blockstore import Blockstore
-from benchsync.storage.dagpb import links
 from benchsync.storage.errors import StorageError
 
 log = logging.getLogger(__name__)
@@ -220,7 +219,7 @@ class Fetcher:
         store = self.store
         return await trio.to_thread.run_sync(
             lambda: missing_blocks(
-                root, store.has, store.get, links, limit=limit or self.limits.max_want
+                root, store.has, store.get, limit=limit or self.limits.max_want
             )
         )
 

@@ -34,7 +34,7 @@ total, and the CAR decoder checks every block against its CID.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,7 +58,7 @@ from benchsync.protocol.session import (
     Session,
     parse_refusal,
 )
-from benchsync.storage import car
+from benchsync.storage import car, unixfs
 
 # Pure CID text conversion (no I/O): the fast paths multiformats lacks.
 from benchsync.storage.cid import cid_from_text, cid_text
@@ -69,7 +69,6 @@ MAX_WANT = 1024  # CIDs per request: ~62 KiB of JSON, one 256 MiB response of fu
 MAX_FETCH_FRAME = 128 * 1024  # bytes: largest request or status frame
 MAX_RESPONSE = 64 * 1024 * 1024  # bytes: largest sum of block bytes in one response
 MAX_REQUESTED_BYTES = 2**63 - 1  # bytes: largest `max_bytes` a request may name
-DAG_PB = "dag-pb"  # the codec of UnixFS inner nodes: only these have links
 RAW = "raw"  # UnixFS leaves
 
 
@@ -293,35 +292,19 @@ def missing_blocks(
     root: CID,
     has: Callable[[CID], bool],
     get: Callable[[CID], bytes],
-    links: Callable[[CID, bytes], Iterable[CID]],
     *,
     limit: int = MAX_WANT,
 ) -> list[CID]:
-    """Requester side: the blocks of the DAG under `root` that are not held, DAG order.
+    """Requester side: the blocks of the DAG under `root` that are not held, at most `limit`.
 
-    Walks breadth-first over held blocks: a held dag-pb node's links are
-    followed (`links(cid, data)`), a held block of another codec (a raw leaf)
-    ends its branch, an absent block is returned. Stops after `limit` absent
-    blocks. An empty list means the whole DAG is present. Does no I/O itself;
-    `has`/`get` are the caller's blockstore, `links` the UnixFS decoder.
+    The frontier of storage's one DAG walk (`unixfs.frontier`), breadth-first
+    so that each round asks for the shallowest absent blocks: a held dag-pb
+    node's links are followed, a held raw leaf ends its branch, an absent
+    block is returned. An empty list means the whole DAG is present. Does no
+    I/O itself; `has`/`get` are the caller's blockstore. Raises DagPbError for
+    a malformed held node.
     """
-    out: list[CID] = []
-    seen: set[CID] = set()
-    frontier = [root]
-    while frontier and len(out) < limit:
-        nxt: list[CID] = []
-        for cid in frontier:
-            if cid in seen:
-                continue
-            seen.add(cid)
-            if not has(cid):
-                out.append(cid)
-                if len(out) >= limit:
-                    break
-            elif cid.codec.name == DAG_PB:
-                nxt.extend(links(cid, get(cid)))
-        frontier = nxt
-    return out
+    return unixfs.frontier(get, has, root, limit=limit, order=unixfs.BREADTH_FIRST)
 
 
 # --- the session -------------------------------------------------------------------

@@ -43,8 +43,8 @@ from pathlib import Path
 
 from multiformats import CID, multihash
 
+from benchsync.storage import unixfs
 from benchsync.storage.cid import IDENTITY, cid_bytes_v1
-from benchsync.storage.dagpb import DagPbError, links
 from benchsync.storage.errors import CorruptBlock, NotFound, StorageError
 
 SHARD_CHARS = 2  # characters of the key per shard directory (32**2 = 1024 directories)
@@ -226,21 +226,10 @@ class Blockstore(abc.ABC):
         must not store blocks while collecting.
         Returns (blocks removed, bytes freed).
         """
-        live: set[str] = set()
-        stack = list(keep)
-        while stack:
-            cid = stack.pop()
-            key = block_key(cid)
-            if key in live:
-                continue
-            live.add(key)
-            data = self._get(key)
-            if data is None:
-                continue
-            try:
-                stack.extend(links(cid, data))
-            except DagPbError:
-                continue  # a malformed block links nowhere; keep it, since a root named it
+        # storage's one DAG walk; a malformed block links nowhere but is kept,
+        # since a root named it
+        live = {block_key(cid) for cid, _ in unixfs.walk(
+            self.get, *keep, has=self.has, malformed_as_leaf=True)}  # fmt: skip
         removed = freed = 0
         for key in list(self._keys()):
             if key not in live:

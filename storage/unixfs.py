@@ -17,9 +17,10 @@ from __future__ import annotations
 import io
 import os
 import stat
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Literal
 
 from multiformats import CID
 
@@ -29,7 +30,9 @@ from benchsync.storage.dagpb import Link, links
 from benchsync.storage.errors import NotFound, StorageError, TooLarge
 
 __all__ = [
+    "BREADTH_FIRST",
     "CHUNK_SIZE",
+    "DEPTH_FIRST",
     "MAX_DAG_DEPTH",
     "MAX_LINKS",
     "add_bytes",
@@ -38,6 +41,7 @@ __all__ = [
     "add_path",
     "cat",
     "distinct_bytes",
+    "frontier",
     "list_directory",
     "resolve",
     "walk",
@@ -57,6 +61,11 @@ MAX_DAG_DEPTH = 32
 # ipfs-car 3.x (ipfs-unixfs-importer defaults as ipfs-car sets them).
 IPFSCAR_CHUNK_SIZE = 1024 * 1024  # bytes
 IPFSCAR_MAX_LINKS = 1024
+
+# `walk` orders
+WalkOrder = Literal["depth", "breadth"]
+DEPTH_FIRST: WalkOrder = "depth"  # parents before children, links in order (CAR order)
+BREADTH_FIRST: WalkOrder = "breadth"  # level by level
 
 PutBlock = Callable[[CID, bytes], None]
 GetBlock = Callable[[CID], bytes]
@@ -260,39 +269,71 @@ def add_path(
 
 def walk(
     get: GetBlock,
-    root: CID,
-    *,
+    *roots: CID,
     has: Callable[[CID], bool] | None = None,
     missing: list[CID] | None = None,
+    limit: int | None = None,
+    order: WalkOrder = DEPTH_FIRST,
+    malformed_as_leaf: bool = False,
 ) -> Iterator[tuple[CID, bytes]]:
-    """Every block of the DAG under `root` once, parents before children, links in order.
+    """Every block of the DAGs under `roots` once, as (CID, bytes).
 
-    This is the one DAG walk of the code base. Without `has`, every block is
-    read, and whatever `get` raises for a missing block propagates. With
-    `has`, a block for which `has(cid)` is false is not read: it is appended
-    to `missing` (the frontier of what is held) and its subtree is skipped.
-    Raises DagPbError for a malformed node.
+    This is the one DAG walk of the code base. `order` is DEPTH_FIRST
+    (parents before children, links in order: CAR order) or BREADTH_FIRST
+    (level by level: a fetch asks for the shallowest missing blocks first).
+    A block reachable from several roots or parents is visited once.
+
+    Without `has`, every block is read, and whatever `get` raises for a
+    missing block propagates. With `has`, a block for which `has(cid)` is
+    false is not read: it is appended to `missing` (the frontier of what is
+    held) and its subtree is skipped; the walk ends once `limit` blocks are
+    missing. Raises DagPbError for a malformed node, unless
+    `malformed_as_leaf`: then its bytes are yielded and it links nowhere.
     """
     seen: set[CID] = set()
-    stack = [root]
-    while stack:
-        cid = stack.pop()
+    queue = deque(roots)
+    take = queue.popleft if order == BREADTH_FIRST else queue.pop
+    if order != BREADTH_FIRST:
+        queue.reverse()  # the first root is walked first
+    lacking = 0
+    if limit is not None and limit <= 0 and has is not None:
+        return  # nothing may be found missing: nothing to learn
+    while queue:
+        cid = take()
         if cid in seen:
             continue
         seen.add(cid)
         if has is not None and not has(cid):
             if missing is not None:
                 missing.append(cid)
+            lacking += 1
+            if limit is not None and lacking >= limit:
+                return
             continue
         data = get(cid)
         yield cid, data
-        stack.extend(reversed(links(cid, data)))
+        try:
+            children = links(cid, data)
+        except dagpb.DagPbError:
+            if not malformed_as_leaf:
+                raise
+            continue
+        queue.extend(children if order == BREADTH_FIRST else reversed(children))
 
 
-def frontier(get: GetBlock, has: Callable[[CID], bool], root: CID) -> list[CID]:
-    """The blocks under `root` that `has` lacks and whose parents it holds, in walk order."""
+def frontier(
+    get: GetBlock,
+    has: Callable[[CID], bool],
+    root: CID,
+    *,
+    limit: int | None = None,
+    order: WalkOrder = DEPTH_FIRST,
+) -> list[CID]:
+    """The blocks under `root` that `has` lacks and whose parents it holds, in walk
+    order (`walk`'s `order`), at most `limit` of them. Empty: the DAG is whole.
+    Raises DagPbError for a malformed held node, and whatever `get` raises."""
     missing: list[CID] = []
-    for _ in walk(get, root, has=has, missing=missing):
+    for _ in walk(get, root, has=has, missing=missing, limit=limit, order=order):
         pass
     return missing
 

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from multiformats import CID, multihash
 
-from benchsync.storage import unixfs
+from benchsync.storage import dagpb, unixfs
 from benchsync.storage.blockstore import (
     BlockNotFound,
     Blockstore,
@@ -23,6 +23,7 @@ from benchsync.storage.blockstore import (
     verify_block,
 )
 from benchsync.storage.cid import InvalidCID, block_cid, decode_cid, make_cid
+from benchsync.storage.dagpb import Link
 from benchsync.storage.errors import CorruptBlock, NotFound, StorageError
 
 RAW = 0x55
@@ -151,6 +152,24 @@ def test_gc_keeps_the_present_part_of_an_incomplete_dag(store: Blockstore) -> No
     present = {str(c) for c in store.cids()}
     assert store.gc([root]) == (0, 0)
     assert {str(c) for c in store.cids()} == present
+
+
+def test_gc_keeps_a_malformed_block_a_root_names_and_what_roots_share(store: Blockstore) -> None:
+    """A malformed dag-pb block reachable from a root is kept (it links nowhere); a DAG
+    shared by two roots is kept while either root is."""
+    bad = block_cid(DAG_PB, b"\xff not a dag-pb node")
+    store.put(bad, b"\xff not a dag-pb node")
+    shared = _put_dag(store, os.urandom(3 * 1024))
+    root = dagpb.encode_node([Link(bad, "bad", 1), Link(shared, "shared", 1)], b"\x08\x01")
+    root_cid = block_cid(DAG_PB, root)
+    store.put(root_cid, root)
+    garbage = _put_dag(store, os.urandom(2 * 1024))
+    shared_blocks = {str(c) for c, _ in unixfs.walk(store.get, shared)}
+    garbage_blocks = len(list(unixfs.walk(store.get, garbage)))
+
+    assert store.gc([root_cid, shared])[0] == garbage_blocks
+    assert {str(c) for c in store.cids()} == {str(root_cid), str(bad)} | shared_blocks
+    assert store.gc([shared]) == (2, len(root) + len(b"\xff not a dag-pb node"))
 
 
 def test_fs_store_persists_and_shards(tmp_path: Path) -> None:

@@ -38,7 +38,6 @@ from benchsync.protocol.frames import (
 from benchsync.protocol.session import REQUESTER, RESPONDER, EndOfStream, Refusal
 from benchsync.storage import car, unixfs
 from benchsync.storage.blockstore import Blockstore, MemoryBlockstore
-from benchsync.storage.dagpb import links
 
 CHUNK = 256 * 1024
 
@@ -76,7 +75,7 @@ def one_round(
     requester: Blockstore, provider: Blockstore, root: CID, *, max_response: int = 1 << 30
 ) -> tuple[int, int]:
     """One exchange over the in-memory link; returns (blocks stored, response bytes)."""
-    want = missing_blocks(root, requester.has, requester.get, links)
+    want = missing_blocks(root, requester.has, requester.get)
     pair = exchange(provider, root, want, max_response=max_response)
     blocks = [e for e in pair.received[REQUESTER] if isinstance(e, Block)]
     for block in blocks:
@@ -86,7 +85,7 @@ def one_round(
 
 def sync(requester: Blockstore, provider: Blockstore, root: CID, **kw: int) -> tuple[int, int]:
     rounds = wire = 0
-    while missing_blocks(root, requester.has, requester.get, links):
+    while missing_blocks(root, requester.has, requester.get):
         stored, nbytes = one_round(requester, provider, root, **kw)
         assert stored > 0
         rounds += 1
@@ -135,7 +134,7 @@ def test_resume_after_a_cut_asks_only_for_the_rest() -> None:
     root = make_dag(provider, os.urandom(4 * CHUNK))
     for _ in range(3):
         one_round(requester, provider, root)
-    want = missing_blocks(root, requester.has, requester.get, links)
+    want = missing_blocks(root, requester.has, requester.get)
     assert len(want) == 4  # the leaves
     # The leaf round is cut after 2 blocks (and half of the third): the session
     # hands out the two whole blocks, then says the stream ended early.
@@ -153,7 +152,7 @@ def test_resume_after_a_cut_asks_only_for_the_rest() -> None:
             event = session.next_event()
             if isinstance(event, Block):
                 requester.put(event.cid, event.data)
-    assert len(missing_blocks(root, requester.has, requester.get, links)) == 2
+    assert len(missing_blocks(root, requester.has, requester.get)) == 2
 
 
 def test_requester_rejects_unsolicited_and_excess_data() -> None:

@@ -43,7 +43,6 @@ from benchsync.protocol.heads import Head
 from benchsync.storage import car, unixfs
 from benchsync.storage.blockstore import Blockstore, FsBlockstore, MemoryBlockstore
 from benchsync.storage.cid import DAG_PB, RAW, block_cid, cid_text
-from benchsync.storage.dagpb import links
 
 NETWORK = "lab"
 TIMEOUT = 30  # seconds: bound for one two-node scenario on a loaded 2-core box
@@ -107,7 +106,7 @@ def make_dag(store: Blockstore, payload: bytes) -> CID:
 
 
 def complete(store: Blockstore, root: CID) -> bool:
-    return not missing_blocks(root, store.has, store.get, links)
+    return not missing_blocks(root, store.has, store.get)
 
 
 def p2p_node(

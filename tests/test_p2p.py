@@ -28,7 +28,6 @@ from benchsync.protocol.frames import Refused
 from benchsync.protocol.heads import Head, encode_head
 from benchsync.storage import unixfs
 from benchsync.storage.blockstore import Blockstore, FsBlockstore, MemoryBlockstore
-from benchsync.storage.dagpb import links
 
 NETWORK = "lab"
 TIMEOUT = 20  # seconds: generous bound for one multi-node scenario on a loaded 2-core box
@@ -56,7 +55,7 @@ def dag_cids(store: Blockstore, root: CID) -> set[CID]:
 
 
 def complete(store: Blockstore, root: CID) -> bool:
-    return not missing_blocks(root, store.has, store.get, links)
+    return not missing_blocks(root, store.has, store.get)
 
 
 class Node:

@@ -16,7 +16,7 @@ from multiformats import CID
 from benchsync.daemon.cli import main
 from benchsync.storage import dagpb, unixfs
 from benchsync.storage.blockstore import MemoryBlockstore
-from benchsync.storage.cid import DAG_PB
+from benchsync.storage.cid import DAG_PB, block_cid
 from benchsync.storage.dagpb import links
 from benchsync.storage.errors import NotFound, TooLarge
 
@@ -314,3 +314,56 @@ def test_walk_stops_at_the_frontier_of_what_is_held() -> None:
     walked = [c for c, _ in unixfs.walk(store.get, root, has=held.__contains__, missing=missing)]
     assert missing == [leaf_parent] == unixfs.frontier(store.get, held.__contains__, root)
     assert leaf_parent not in walked and set(walked) < held
+
+
+def _levels(get: unixfs.GetBlock, root: CID) -> list[list[CID]]:
+    """The DAG's blocks level by level, read with the dag-pb decoder alone."""
+    levels, level = [], [root]
+    while level:
+        levels.append(level)
+        level = [child for cid in level for child in links(cid, get(cid))]
+    return levels
+
+
+def test_walk_breadth_first_goes_level_by_level_and_frontier_stops_at_the_limit() -> None:
+    """The fetch asks for the shallowest missing blocks first, at most `limit` per round."""
+    store = MemoryBlockstore()
+    data = os.urandom(40)
+    root, _, _ = unixfs.add_bytes(data, store.put, chunk_size=4, max_links=3)  # 10 leaves, 4 levels
+    levels = _levels(store.get, root)
+    assert [len(level) for level in levels] == [1, 2, 4, 10]
+    bfs = [cid for cid, _ in unixfs.walk(store.get, root, order=unixfs.BREADTH_FIRST)]
+    dfs = [cid for cid, _ in unixfs.walk(store.get, root)]
+    assert bfs == [cid for level in levels for cid in level]
+    assert set(dfs) == set(bfs) and dfs != bfs and dfs[-1] == levels[-1][-1]
+
+    held = {root, *levels[1]}.__contains__
+    frontier = unixfs.frontier(store.get, held, root, order=unixfs.BREADTH_FIRST, limit=3)
+    assert frontier == levels[2][:3]
+    assert unixfs.frontier(store.get, held, root, order=unixfs.BREADTH_FIRST) == levels[2]
+    assert unixfs.frontier(store.get, held, root, limit=0) == []
+    assert unixfs.frontier(store.get, lambda c: False, root, limit=5) == [root]
+
+
+def test_walk_over_several_roots_visits_shared_blocks_once_first_root_first() -> None:
+    store = MemoryBlockstore()
+    a, _, _ = unixfs.add_bytes(b"a" * 12 + b"b" * 8, store.put, chunk_size=4, max_links=8)
+    b, _, _ = unixfs.add_bytes(b"b" * 8, store.put, chunk_size=4, max_links=8)
+    both = [cid for cid, _ in unixfs.walk(store.get, a, b)]
+    assert both[0] == a and both[-1] == b  # b's only leaf ("bbbb") was already seen under a
+    assert len(both) == len(set(both)) == 1 + 2 + 1  # a, leaves aaaa and bbbb, b
+
+
+def test_walk_raises_on_a_malformed_node_unless_told_to_treat_it_as_a_leaf() -> None:
+    store = MemoryBlockstore()
+    junk = b"\xff not a dag-pb node"
+    bad = block_cid(DAG_PB, junk)
+    store.put(bad, junk)
+    directory = dagpb.encode_unixfs(dagpb.TYPE_DIRECTORY)
+    root = dagpb.encode_node([dagpb.Link(bad, "bad", len(junk))], directory)
+    root_cid = block_cid(DAG_PB, root)
+    store.put(root_cid, root)
+    with pytest.raises(dagpb.DagPbError):
+        list(unixfs.walk(store.get, root_cid))
+    assert list(unixfs.walk(store.get, root_cid, malformed_as_leaf=True)) == [
+        (root_cid, root), (bad, junk)]  # fmt: skip
