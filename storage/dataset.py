@@ -42,7 +42,7 @@ import duckdb
 import pyarrow as pa
 from multiformats import CID
 
-from benchsync.storage import car, distquery
+from benchsync.storage import car, distquery, rowdigest
 from benchsync.storage.blockstore import FsBlockstore
 from benchsync.storage.db import DB_FILENAME, BenchmarkDB, DatabaseClosed
 from benchsync.storage.errors import NotFound, StorageError
@@ -50,22 +50,22 @@ from benchsync.storage.homelock import HomeLock
 from benchsync.storage.limits import QUERY_MEMORY_LIMIT
 from benchsync.storage.replicas import ReplicaStore, check_parquet_schema
 from benchsync.storage.sandbox import QueryError, QueryLimits, run_once
-from benchsync.storage.schema import TABLES
+from benchsync.storage.schema import PRIMARY_KEYS, TABLES, VERSION_TABLE
 from benchsync.storage.scopes import ReplicaTables, ScopeInput, scope_tables
 from benchsync.storage.snapshot import (
+    DIGEST_BATCH_ROWS,
     BadSnapshot,
     DiskFull,
     SnapshotError,
     SnapshotResult,
     SnapshotStore,
     Version,
-    add_tables,
     atomic_write,
     dag_blocks,
-    export_tables,
     fsync_dir,
     materialize_tables,
     missing_blocks,
+    parquet_digest,
     read_version,
 )
 from benchsync.storage.sqlnames import check_table_name, ident, literal
@@ -276,9 +276,11 @@ class LocalDataset:
     def restore(self, cid: str) -> Version:
         """Make version `cid`'s content current; returns the new head (parent: the old head).
 
-        The restored database is built and verified beside the live one (its
-        re-exported `tables/` CID must equal the target's), then swapped in with
-        one rename: a crash at any point leaves either the old or the new file.
+        The restored database is built and verified beside the live one (by
+        meaning, not bytes: schema, row counts, row checksums and row digests
+        must agree with the version's files, whichever DuckDB wrote them; see
+        `_verify_built`), then swapped in with one rename: a crash at any point
+        leaves either the old or the new file.
 
         Before the swap, writes stop (queued ones commit; later ones wait in
         `writing` and go to the restored file) and the live state is
@@ -300,7 +302,7 @@ class LocalDataset:
         try:
             files = materialize_tables(self.blocks, target, work / "tables")
             self._build_database(staged, files)
-            self._verify_built(staged, target, work / "verify")
+            digests = self._verify_built(staged, target, files)
             # Other threads (the node's writers and queries) wait on `db` until the
             # swap is done, and then open the restored file, never the old one.
             with self._swap_lock:
@@ -324,7 +326,7 @@ class LocalDataset:
                 staged.unlink()
             with contextlib.suppress(FileNotFoundError):
                 staged.with_name(staged.name + ".wal").unlink()
-        version = self.snapshots.record_restore(target)
+        version = self.snapshots.record_restore(target, digests)
         write_sidecar(self.db_path, version)
         return version
 
@@ -365,25 +367,108 @@ class LocalDataset:
         finally:
             staged.close()
 
-    def _verify_built(self, path: Path, target: Version, work: Path) -> None:
-        work.mkdir(parents=True, exist_ok=True)
+    def _verify_built(
+        self, path: Path, target: Version, files: dict[str, Path]
+    ) -> dict[str, str | None]:
+        """Check the database at `path` holds exactly `target`'s rows; returns table -> row digest.
+
+        Meaning, not bytes: the version may have been written by another DuckDB,
+        whose Parquet bytes this one would not reproduce. Per table: the schema
+        (every column of the file present with the same type, the table's other
+        columns all NULL), the row count and an order-independent checksum of
+        the rows (the sum of DuckDB's row hashes), computed over the Parquet
+        file and over the restored table; then the file's row digest must equal
+        the manifest's (when it has one, as every manifest since the digest
+        does) and the restored table's. A table the version lacks must be
+        empty. Raises RestoreError.
+        """
         conn = duckdb.connect(
             str(path), read_only=True, config={"memory_limit": self.memory_limit or "80%"}
         )
+        digests: dict[str, str | None] = {}
         try:
-            tables_cid, _, _ = add_tables(export_tables(conn, work), lambda cid, data: None)
+            for table, parquet in files.items():
+                digests[table] = self._verify_table(conn, target, table, parquet)
+            present = conn.execute(
+                "SELECT table_name FROM information_schema.tables "
+                "WHERE table_schema = 'main' AND table_type = 'BASE TABLE'"
+            ).fetchall()
+            for (table,) in present:
+                if table in files or table == VERSION_TABLE:
+                    continue
+                n = _one(conn, f"SELECT count(*) FROM {ident(table)}")[0]
+                if n:
+                    raise _not_reproduced(
+                        target, f"table {table} (not in the version) has {n} rows"
+                    )
         except duckdb.Error as e:
             raise RestoreError(
-                f"cannot re-export the restored database to verify it: {e}; "
+                f"cannot read the restored database back to verify it: {e}; "
                 "the live database is unchanged"
             ) from e
         finally:
             conn.close()
-        if str(tables_cid) != target.tables_cid:
-            raise RestoreError(
-                f"restored database does not reproduce version {target.cid} "
-                f"(tables {tables_cid} != {target.tables_cid}); the live database is unchanged"
+        return digests
+
+    def _verify_table(
+        self, conn: duckdb.DuckDBPyConnection, target: Version, table: str, parquet: Path
+    ) -> str | None:
+        """One table of `_verify_built`; returns the file's row digest."""
+        name = ident(check_table_name(table))
+        src = f"read_parquet({literal(parquet)})"
+        want = conn.execute(f"DESCRIBE SELECT * FROM {src}").fetchall()
+        got = {r[0]: r[1] for r in conn.execute(f"DESCRIBE {name}").fetchall()}
+        for column, typ in ((r[0], r[1]) for r in want):
+            if got.get(column) != typ:
+                raise _not_reproduced(
+                    target, f"{table}.{column} is {got.get(column)}, the version's is {typ}"
+                )
+        columns = [r[0] for r in want]
+        for column in sorted(set(got) - set(columns)):
+            n = _one(conn, f"SELECT count({ident(column)}) FROM {name}")[0]
+            if n:
+                raise _not_reproduced(
+                    target, f"{table}.{column}, absent from the version, has {n} values"
+                )
+        cols = ", ".join(ident(c) for c in columns)
+        checksum = f"SELECT count(*), coalesce(sum(hash({cols})), 0) FROM "
+        in_file = _one(conn, checksum + src)
+        in_table = _one(conn, checksum + name)
+        if in_file != in_table:
+            raise _not_reproduced(
+                target,
+                f"{table} has {in_table[0]} rows (checksum {in_table[1]}), "
+                f"the version {in_file[0]} (checksum {in_file[1]})",
             )
+        claimed = target.manifest.tables[table].digest
+        file_digest = parquet_digest(parquet, table)
+        if claimed is not None and file_digest != claimed:
+            raise RestoreError(
+                f"version {target.cid}: tables/{table}.parquet does not hold the rows its "
+                f"manifest's digest names ({file_digest} != {claimed}); the live database "
+                "is unchanged"
+            )
+        key = PRIMARY_KEYS.get(table)
+        query = f"SELECT {cols} FROM {name}" + (f" ORDER BY {ident(key)}" if key in columns else "")
+        # Each read on its own cursor: a result left unfinished blocks its connection.
+        cursors: list[duckdb.DuckDBPyConnection] = []
+
+        def batches() -> pa.RecordBatchReader:
+            cursors.append(conn.cursor())
+            return cursors[-1].sql(query).to_arrow_reader(DIGEST_BATCH_ROWS)
+
+        try:
+            first = [batches()]
+            schema_arrow = first[0].schema
+            table_digest = rowdigest.table_digest(
+                schema_arrow, lambda: first.pop() if first else batches(), key
+            )
+        finally:
+            for cursor in cursors:
+                cursor.close()
+        if None not in (file_digest, table_digest) and file_digest != table_digest:
+            raise _not_reproduced(target, f"{table}'s row digest {table_digest} != {file_digest}")
+        return file_digest
 
     # CAR export / import ----------------------------------------------------------
     def export_car(self, out: IO[bytes], cid: str | None = None) -> tuple[str, int]:
@@ -544,6 +629,19 @@ class LocalDataset:
             raise BadSnapshot(f"{root} is our own dataset ({self.dataset}), not a peer's")
         with self.db.reader() as conn:
             return self.replicas.install(version, conn)
+
+
+def _one(conn: duckdb.DuckDBPyConnection, sql: str) -> tuple[Any, ...]:
+    row = conn.execute(sql).fetchone()
+    assert row is not None  # an aggregate without GROUP BY returns one row
+    return row
+
+
+def _not_reproduced(target: Version, why: str) -> RestoreError:
+    return RestoreError(
+        f"restored database does not reproduce version {target.cid} ({why}); "
+        "the live database is unchanged"
+    )
 
 
 def _no_space(e: BaseException) -> bool:

@@ -3,14 +3,23 @@
 A snapshot is a UnixFS directory any IPFS tool can read::
 
     <root>/manifest.json              format, dataset, seq, parent, created_at,
-                                      schema_version, per-table rows/bytes/cid
+                                      schema_version, writer, per-table
+                                      rows/bytes/cid/digest
     <root>/tables/<table>.parquet     one deterministic Parquet file per table
 
-`tables/` is the content identity: the same rows give the same CID on every
-node, because each table is exported ordered by its primary key with a fixed
-row-group size by DuckDB's own writer. Rows appended at the end leave the
-earlier row groups — and so their 256 KiB chunks — byte-identical, which is
+Each table is exported ordered by its primary key with a fixed row-group size
+by DuckDB's own writer, so the same rows give the same `tables/` CID on every
+node *with the same writer* (DuckDB version: it writes its version into every
+file, and its encoders change between releases). Rows appended at the end leave
+the earlier row groups — and so their 256 KiB chunks — byte-identical, which is
 what makes snapshots (and peer fetches) incremental.
+
+Content identity across writers is the per-table row digest (`rowdigest`, a
+specified encoding of the rows) that each manifest records beside the writer
+(`duckdb`, `benchsync` versions): a snapshot whose digests equal the head's is
+no change, whatever bytes the writer produced. Manifests written before the
+digest existed have none; for them "no change" falls back to `tables/` CID
+equality.
 
 History is the chain of `parent` links between manifests; the head is a small
 JSON file written atomically. Nothing here erases history: a restore records a
@@ -31,20 +40,23 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from multiformats import CID
 
-from benchsync.storage import schema, unixfs
+import benchsync
+from benchsync.storage import rowdigest, schema, unixfs
 from benchsync.storage.blockstore import Blockstore, BlockWriteError, verify_block
 from benchsync.storage.errors import NotFound, StorageError, TooLarge
 from benchsync.storage.sqlnames import UnsafeName, check_table_name, ident, literal
@@ -75,6 +87,12 @@ PARQUET_EXPANSION_FLOOR = 64 * 1024 * 1024  # bytes; small files may compress as
 # is a DAG bomb (a diamond of links to one leaf), however its claims add up.
 MAX_CHUNK_REUSE = 16
 MIN_CID_PREFIX = 12  # characters; every CIDv1 of ours starts "bafybei"/"bafkrei"
+DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")  # a table's row digest, as `rowdigest` writes it
+# The writer a manifest names: a few short software -> version strings, for diagnosis.
+MAX_WRITER_ENTRIES = 8
+WRITER_KEY_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+WRITER_VALUE_RE = re.compile(r"^[\x20-\x7e]{1,64}$")
+DIGEST_BATCH_ROWS = 64 * 1024  # rows per Arrow batch when digesting a Parquet file
 
 
 class SnapshotError(StorageError):
@@ -102,9 +120,13 @@ class TableInfo:
     rows: int
     bytes: int
     cid: str
+    digest: str | None = None  # `rowdigest` of the rows; None: unsupported type, or an old manifest
 
     def to_json(self) -> dict[str, Any]:
-        return {"rows": self.rows, "bytes": self.bytes, "cid": self.cid}
+        doc: dict[str, Any] = {"rows": self.rows, "bytes": self.bytes, "cid": self.cid}
+        if self.digest is not None:
+            doc["digest"] = self.digest
+        return doc
 
 
 # What parsing a hostile manifest can raise: wrong types and keys, OverflowError for
@@ -121,9 +143,11 @@ class Manifest:
     schema_version: int
     tables: dict[str, TableInfo] = field(default_factory=dict)
     format: str = FORMAT
+    # Who wrote tables/ ({"duckdb": ..., "benchsync": ...}); None in manifests older than it.
+    writer: dict[str, str] | None = None
 
     def to_bytes(self) -> bytes:
-        doc = {
+        doc: dict[str, Any] = {
             "format": self.format,
             "dataset": self.dataset,
             "seq": self.seq,
@@ -132,6 +156,8 @@ class Manifest:
             "schema_version": self.schema_version,
             "tables": {name: info.to_json() for name, info in sorted(self.tables.items())},
         }
+        if self.writer is not None:
+            doc["writer"] = dict(self.writer)
         return json.dumps(doc, sort_keys=True, indent=1).encode() + b"\n"
 
     @classmethod
@@ -163,6 +189,7 @@ class Manifest:
                 created_at=float(doc["created_at"]),
                 schema_version=int(doc["schema_version"]),
                 tables=tables,
+                writer=_writer(doc.get("writer")),
             )
         except BadSnapshot:
             raise
@@ -175,6 +202,10 @@ class Manifest:
     def total_rows(self) -> int:
         return sum(t.rows for t in self.tables.values())
 
+    def digests(self) -> dict[str, str | None]:
+        """Table name -> row digest (None where the manifest has none)."""
+        return {name: info.digest for name, info in self.tables.items()}
+
     @property
     def total_bytes(self) -> int:
         return sum(t.bytes for t in self.tables.values())
@@ -182,7 +213,12 @@ class Manifest:
 
 def _table_info(name: str, doc: Any) -> TableInfo:
     """A manifest's entry for one table, its numbers checked against the limits."""
-    info = TableInfo(rows=int(doc["rows"]), bytes=int(doc["bytes"]), cid=str(doc["cid"]))
+    digest = doc.get("digest")
+    if digest is not None and not (isinstance(digest, str) and DIGEST_RE.fullmatch(digest)):
+        raise BadSnapshot(f"manifest: table {name} has a malformed digest {str(digest)[:80]!r}")
+    info = TableInfo(
+        rows=int(doc["rows"]), bytes=int(doc["bytes"]), cid=str(doc["cid"]), digest=digest
+    )
     if not 0 <= info.rows <= MAX_TABLE_ROWS:
         raise BadSnapshot(
             f"manifest: table {name} claims {info.rows} rows (allowed 0..{MAX_TABLE_ROWS})"
@@ -192,6 +228,27 @@ def _table_info(name: str, doc: Any) -> TableInfo:
     if info.bytes > MAX_TABLE_BYTES:
         raise SnapshotTooLarge(f"manifest: table {name}", limit=MAX_TABLE_BYTES, got=info.bytes)
     return info
+
+
+def _writer(doc: Any) -> dict[str, str] | None:
+    """A manifest's `writer`, checked: a few short printable name -> version strings."""
+    if doc is None:
+        return None
+    if not isinstance(doc, dict) or len(doc) > MAX_WRITER_ENTRIES:
+        raise BadSnapshot(
+            f"manifest: writer must be an object of at most {MAX_WRITER_ENTRIES} entries"
+        )
+    for key, value in doc.items():
+        if not WRITER_KEY_RE.fullmatch(key) or not (
+            isinstance(value, str) and WRITER_VALUE_RE.fullmatch(value)
+        ):
+            raise BadSnapshot(f"manifest: malformed writer entry {str(key)[:40]!r}")
+    return dict(doc)
+
+
+def current_writer() -> dict[str, str]:
+    """The software this process writes `tables/` with, as a manifest records it."""
+    return {"duckdb": duckdb.__version__, "benchsync": benchsync.__version__}
 
 
 @dataclass(frozen=True)
@@ -224,6 +281,7 @@ class Version:
             "dataset": self.manifest.dataset,
             "rows": {n: t.rows for n, t in sorted(self.manifest.tables.items())},
             "bytes": self.manifest.total_bytes,
+            "writer": self.manifest.writer,
         }
 
 
@@ -533,6 +591,36 @@ def _sort_order(conn: Any, table: str) -> str:
     return ", ".join(ident(c) for c in ([key] if key else []) + columns)
 
 
+def parquet_digest(path: Path, table: str) -> str | None:
+    """The row digest (`rowdigest`) of a table's Parquet file, or None for an unsupported type.
+
+    Streams the file in batches when its rows are in key order (our export
+    writes them so); raises BadSnapshot if the file cannot be read.
+    """
+    try:
+        arrow_schema = pq.ParquetFile(path).schema_arrow
+        return rowdigest.table_digest(
+            arrow_schema,
+            lambda: pq.ParquetFile(path).iter_batches(batch_size=DIGEST_BATCH_ROWS),
+            schema.PRIMARY_KEYS.get(table),
+        )
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise BadSnapshot(f"tables/{table}.parquet is not readable Parquet: {e}") from e
+
+
+def same_content(a: dict[str, TableInfo], b: dict[str, TableInfo]) -> bool:
+    """Do two manifests' tables hold the same rows, by their digests?
+
+    False (undecided) unless both list the same tables, each with a digest.
+    """
+    if set(a) != set(b):
+        return False
+    return all(
+        a[t].digest is not None and a[t].digest == b[t].digest and a[t].rows == b[t].rows
+        for t in a
+    )
+
+
 def add_tables(
     files: dict[str, Path], put: Callable[[CID, bytes], None]
 ) -> tuple[CID, int, dict[str, tuple[CID, int]]]:
@@ -643,13 +731,17 @@ class SnapshotStore:
         try:
             try:
                 files = export_tables(conn, work)
+                digests = {table: parquet_digest(path, table) for table, path in files.items()}
                 # One durable sync for all the table blocks instead of an fsync per block;
                 # they are durable (and in place) when the batch ends, before any head.
                 with self.blocks.batch():
                     tables_cid, tables_tsize, added = add_tables(files, put)
                     tables = {
                         table: TableInfo(
-                            rows=_count_rows(conn, files[table]), bytes=size, cid=str(cid)
+                            rows=_count_rows(conn, files[table]),
+                            bytes=size,
+                            cid=str(cid),
+                            digest=digests[table],
                         )
                         for table, (cid, size) in added.items()
                     }
@@ -657,7 +749,10 @@ class SnapshotStore:
                     # it does not write them to disk as well.
                     for path in files.values():
                         path.unlink()
-                if head is not None and head.tables_cid == str(tables_cid):
+                # The same bytes, or (another writer's bytes) the same rows: no new version.
+                if head is not None and (
+                    head.tables_cid == str(tables_cid) or same_content(head.manifest.tables, tables)
+                ):
                     return SnapshotResult(version=head, created=False)
                 manifest = Manifest(
                     dataset=self.dataset,
@@ -666,6 +761,7 @@ class SnapshotStore:
                     created_at=round(time.time(), 6),
                     schema_version=schema.SCHEMA_VERSION,
                     tables=tables,
+                    writer=current_writer(),
                 )
                 version = self._commit(manifest, tables_cid, tables_tsize, put)
             except (OSError, BlockWriteError) as e:
@@ -697,16 +793,30 @@ class SnapshotStore:
         self._set_head(version)
         return version
 
-    def record_restore(self, target: Version) -> Version:
-        """Record a new head whose content is `target`'s, parented on the current head."""
+    def record_restore(
+        self, target: Version, digests: dict[str, str | None] | None = None
+    ) -> Version:
+        """Record a new head whose content is `target`'s, parented on the current head.
+
+        `digests` (table -> row digest, as the restore verified them) fill in
+        the ones `target`'s manifest lacks (an older manifest), so that the
+        next snapshot of unchanged rows is no change whatever writes it.
+        """
         head = self.head()
+        digests = digests or {}
+        tables = {
+            name: info if info.digest is not None else replace(info, digest=digests.get(name))
+            for name, info in target.manifest.tables.items()
+        }
         manifest = Manifest(
             dataset=self.dataset,
             seq=(head.seq + 1) if head else 1,
             parent=head.cid if head else None,
             created_at=round(time.time(), 6),
             schema_version=target.manifest.schema_version,
-            tables=dict(target.manifest.tables),
+            tables=tables,
+            # tables/ is target's, bytes and all: so is its writer.
+            writer=target.manifest.writer,
         )
         tables_cid = CID.decode(target.tables_cid)
         tsize = _cumulative_size(self.blocks, tables_cid)
