@@ -24,8 +24,8 @@ fuzz: $(BIN)/.installed
 	$(BIN)/python -m pytest -q -m fuzz
 
 lint: $(BIN)/.installed
-	$(BIN)/ruff check storage protocol daemon tests bench
-	$(BIN)/mypy storage protocol daemon
+	$(BIN)/ruff check benchsync storage protocol daemon tests bench
+	$(BIN)/mypy benchsync storage protocol daemon
 
 bench: $(BIN)/.installed
 	for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from benchsync.protocol.names import check_network_name
+from benchsync.protocol.query import MAX_RESULT_BYTES, MAX_ROWS
 from benchsync.storage.limits import (
     MAX_BLOCK_SIZE,
     QUERY_MAX_BYTES,
@@ -376,9 +377,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("query_timeout", _seconds_kind(0), QUERY_TIMEOUT,
             "Time limit of one query, on this node and per peer of a network query.",
             "SECONDS"),
-    Setting("query_max_rows", _int_kind(1), QUERY_MAX_ROWS,
+    # bounded by what the query protocol can carry: a network query asks every peer
+    Setting("query_max_rows", _int_kind(1, MAX_ROWS), QUERY_MAX_ROWS,
             "Rows one query may return.", "N"),
-    Setting("query_max_bytes", _size_kind(1024), QUERY_MAX_BYTES,
+    Setting("query_max_bytes", _size_kind(1024, MAX_RESULT_BYTES), QUERY_MAX_BYTES,
             "Bytes of Arrow data one query may return.", "SIZE"),
     Setting("query_memory_limit", _size_kind(16 * MiB), QUERY_MEMORY_LIMIT,
             "DuckDB memory limit for queries served to peers.", "SIZE"),

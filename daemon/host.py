@@ -23,7 +23,7 @@ assigned, and no common software uses it (Kubo's 4001 is avoided on purpose:
 labs may run both). Only the default's IPv6 half is best effort: on a machine
 without IPv6 it is skipped with a warning; any other address that cannot be
 bound stops the node. A P2PNode built without `listen` (tests, examples)
-keeps `DEFAULT_LISTEN`, loopback on a free port.
+keeps `PRIVATE_LISTEN`, loopback on a free port.
 
 A wildcard listener (`0.0.0.0`, `::`) is no address another machine can dial.
 `dialable_addrs` (the host's address factory, so identify sends the same list)
@@ -77,12 +77,14 @@ DEFAULT_PORT = 4816  # TCP; unassigned by IANA (4805-4826), not Kubo's 4001: see
 # `benchsync up`'s default (the `listen` setting's, config.py keeps a literal copy).
 NODE_LISTEN = [f"/ip4/0.0.0.0/tcp/{DEFAULT_PORT}", f"/ip6/::/tcp/{DEFAULT_PORT}"]
 # A P2PNode built without `listen` (tests, examples, benchmarks): private, a free port.
-DEFAULT_LISTEN = ["/ip4/127.0.0.1/tcp/0"]
+PRIVATE_LISTEN = ["/ip4/127.0.0.1/tcp/0"]
 # Of the default, what a machine without IPv6 may fail to bind without stopping the node.
 BEST_EFFORT_LISTEN = frozenset({f"/ip6/::/tcp/{DEFAULT_PORT}"})
 # Errors that mean "this machine has no IPv6", not "the port is taken".
 NO_IPV6_ERRNOS = frozenset({errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT, errno.EADDRNOTAVAIL})
-DIAL_TIMEOUT = 10.0  # seconds: a LAN peer that has not answered by then is down
+# seconds for one dial + Noise + Yamux handshake: a LAN peer that has not answered by
+# then is down (py-libp2p's own dials and ours, `P2PNode.connect`)
+DIAL_TIMEOUT = 10.0
 NEGATIVE_DIAL_TTL = 1.0  # seconds a peer whose every address failed is not redialed
 MAX_CONNECTIONS = 1024  # connections: far above a lab's node count
 LISTEN_BACKLOG = 128  # pending TCP connections per listening socket

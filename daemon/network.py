@@ -29,7 +29,8 @@ from multiaddr import Multiaddr
 from benchsync.daemon.announce import REANNOUNCE_INTERVAL, Announcer
 from benchsync.daemon.fetch import BlockProvider, Fetcher, FetchLimits
 from benchsync.daemon.host import (
-    DEFAULT_LISTEN,
+    DIAL_TIMEOUT,
+    PRIVATE_LISTEN,
     AccessPolicy,
     new_benchsync_host,
     parse_multiaddr,
@@ -53,7 +54,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CONNECT_TIMEOUT = 10.0  # seconds for one dial + Noise + Yamux handshake
 CLOSE_TIMEOUT = 5.0  # seconds granted to closing the host at shutdown
 CONNECT_QUEUE = 1024  # new-connection events buffered before the greeter drops some
 BOOTSTRAP_RETRY = 2.0  # seconds between attempts to (re)connect to bootstrap peers (a dial to a
@@ -135,7 +135,7 @@ class P2PNode:
         limiter: NewDatasetLimiter | None = None,
     ) -> None:
         self.network = check_network_name(network)
-        self.listen = [parse_multiaddr(a, "listen") for a in (listen or DEFAULT_LISTEN)]
+        self.listen = [parse_multiaddr(a, "listen") for a in (listen or PRIVATE_LISTEN)]
         self.bootstrap = [parse_peer_addr(a) for a in (bootstrap or [])]
         self.blockstore = blockstore
         self.key_pair = load_or_create_identity(Path(home))
@@ -218,7 +218,7 @@ class P2PNode:
 
         async def dial(info: PeerInfo) -> None:
             try:
-                with trio.fail_after(CONNECT_TIMEOUT):
+                with trio.fail_after(DIAL_TIMEOUT):
                     await self.host.connect(info)
             except Exception as e:  # down or unreachable: try again later
                 log.info("bootstrap peer %s unreachable: %r", info.peer_id, e)
@@ -318,7 +318,7 @@ class P2PNode:
 
     async def open_stream(self, peer_id: str, protocol_id: str) -> INetStream:
         """Open a stream to `peer_id` speaking `protocol_id` (dialing it if needed)."""
-        with trio.fail_after(CONNECT_TIMEOUT):
+        with trio.fail_after(DIAL_TIMEOUT):
             return await self.host.new_stream(ID.from_base58(peer_id), [TProtocol(protocol_id)])
 
     async def connect(self, addr: str) -> str:
@@ -328,6 +328,6 @@ class P2PNode:
         or the libp2p dial error when the peer cannot be reached.
         """
         info = parse_peer_addr(addr)
-        with trio.fail_after(CONNECT_TIMEOUT):
+        with trio.fail_after(DIAL_TIMEOUT):
             await self.host.connect(info)
         return info.peer_id.to_base58()

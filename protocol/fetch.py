@@ -67,7 +67,6 @@ from benchsync.storage.limits import MAX_BLOCK_SIZE, MAX_CID_BYTES
 CAR_PROTOCOL_ID = "/benchsync/car/1.0.0"
 MAX_WANT = 1024  # CIDs per request: ~62 KiB of JSON, one 256 MiB response of full chunks
 MAX_FETCH_FRAME = 128 * 1024  # bytes: largest request or status frame
-MAX_RESPONSE = 64 * 1024 * 1024  # bytes: largest sum of block bytes in one response
 MAX_REQUESTED_BYTES = 2**63 - 1  # bytes: largest `max_bytes` a request may name
 RAW = "raw"  # UnixFS leaves
 
@@ -193,7 +192,7 @@ def plan_response(
     want: Sequence[CID],
     size_of: Callable[[CID], int | None],
     *,
-    max_response: int = MAX_RESPONSE,
+    max_response: int,
     requester_limit: int | None = None,
 ) -> tuple[list[CID], FetchStatus]:
     """Provider side: choose the blocks to send for `want`.
@@ -334,6 +333,8 @@ class FetchSession(Session):
     It raises `ResponseTooLarge` when the status announces more than
     `max_response` (nobody's fault), `FetchProtocolError` for anything else
     the provider got wrong, and `Interrupted` when the stream ends early.
+    `max_response` is the node's `max_response_bytes` setting; the protocol
+    has no default of its own (left out: the wire's largest, no limit).
 
     Provider: the `FetchRequest` event, then `send(status)` (with the CAR
     header when blocks follow), `send(Block(...))` for exactly the announced
@@ -354,7 +355,7 @@ class FetchSession(Session):
         self,
         role: str,
         *,
-        max_response: int = MAX_RESPONSE,
+        max_response: int = MAX_REQUESTED_BYTES,
         max_block: int = MAX_BLOCK_SIZE,
     ) -> None:
         super().__init__(role, max_frame=MAX_FETCH_FRAME)

@@ -19,8 +19,11 @@ from typing import Any
 
 from multiformats import CID, varint
 
+# A length prefix is a multiformats unsigned varint, as in a CID: the same 9-byte cap
+# (multiformats' decoder refuses a 10th byte), so one definition.
+from benchsync.storage.cid import MAX_VARINT_BYTES
+
 MAX_FRAME = 64 * 1024  # bytes: the largest control frame any benchsync protocol accepts
-MAX_VARINT_BYTES = 10  # bytes: a uvarint for a 64-bit length never needs more
 
 
 class ProtocolError(Exception):

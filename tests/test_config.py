@@ -206,12 +206,12 @@ def test_token_is_redacted_in_to_dict(tmp_path: Path) -> None:
 @given(st.integers(min_value=1, max_value=2**30), st.sampled_from(["", "KiB", "MiB", "GiB"]))
 def test_sizes_parse_with_units(n: int, unit: str) -> None:
     factor = {"": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}[unit]
-    env = {"BENCHSYNC_QUERY_MAX_BYTES": f"{n}{unit}"}
+    env = {"BENCHSYNC_MAX_RESPONSE_BYTES": f"{n}{unit}"}
     if n * factor < 1024:
         with pytest.raises(ConfigError, match="out of range"):
             load_config("/nonexistent-home", env=env)
     else:
-        assert load_config("/nonexistent-home", env=env).query_max_bytes == n * factor
+        assert load_config("/nonexistent-home", env=env).max_response_bytes == n * factor
 
 
 def test_committed_docs_equal_generated() -> None:
