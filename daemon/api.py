@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from benchsync.daemon.answers import table_json
 from benchsync.daemon.control import ApiError, Request, Router, Text
-from benchsync.daemon.coordinator import DistributedQueryError
+from benchsync.daemon.coordinator import DistributedQueryError, PartialAnswer
 from benchsync.daemon.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from benchsync.protocol.planner import PlanError
 from benchsync.storage.errors import InvalidRecord, NotFound, StorageError
@@ -58,10 +58,12 @@ ERRORS: tuple[tuple[type[Exception], Failure], ...] = (
     (NotFound, Failure(404, "not_found", "list versions with `benchsync log`")),
     (QueryError, Failure(400, None, "only single read-only SELECTs run")),  # refused, SQL, limits
     (PlanError, Failure(400, "cannot_distribute", "rewrite it without the construct named above")),
-    # require_all with a node missing, or no node answered
-    (DistributedQueryError, Failure(
-        503, "peers_missing", "retry, raise --timeout, or drop --require-all"
+    # a dataset's rows missing (and allow_partial not given), or no node answered
+    (PartialAnswer, Failure(
+        503, "partial_answer",
+        "retry, raise the timeout, or pass allow_partial (--allow-partial) to accept it",
     )),  # fmt: skip
+    (DistributedQueryError, Failure(503, "peers_missing", "retry, or raise the timeout")),
 )
 
 
@@ -174,9 +176,12 @@ class ControlAPI:
             try:
                 with answering():
                     if scope == "network":
+                        # Partial answers are refused unless allow_partial; then the
+                        # answer says "complete": false and "missing". require_all is
+                        # accepted and ignored (it is the default).
                         result = await queries.execute(
                             body["sql"], params, peers=body.get("peers"),
-                            require_all=bool(body.get("require_all", False)),
+                            allow_partial=body.get("allow_partial") is True,
                             timeout_s=body.get("timeout"),
                         )  # fmt: skip
                         return 200, result.to_json()

@@ -1,12 +1,26 @@
-"""The coordinator of network queries: plan, ask every peer, run the local part, merge.
+"""The coordinator of network queries: plan, ask every dataset's origin, merge.
 
 `Coordinator.execute` plans the query (`benchsync.protocol.planner.plan_sql`
-with DuckDB's dialect), asks every peer of the network concurrently under one
-deadline (`ask`: a `benchsync.protocol.query.QuerySession` driven by the
-node's stream adapter, which applies the access policy), runs the local
-part in the node's own sandbox slots, merges the partial answers in a
-sandbox worker, and reports every peer's fate. A peer is never silently
-left out.
+with DuckDB's dialect) and gets one partial answer per dataset the node
+knows of (its own, every peer whose head it has seen, every replica it
+holds), concurrently under one deadline:
+
+- from the dataset's origin when it answers (`ask`: a
+  `benchsync.protocol.query.QuerySession` driven by the node's stream
+  adapter, which applies the access policy); the own dataset in the node's
+  own sandbox slots;
+- otherwise (unreachable, dead, timed out, refused, too large) from the
+  node's installed replica of it, run here like the own part
+  (`source: replica`, with the replica's `seq` and lag);
+- otherwise the dataset is missing and the answer is *partial*: `execute`
+  raises `PartialAnswer` (which carries the partial result) unless the
+  caller passed `allow_partial=True`, and the result says
+  `complete: false`. Nothing is left out silently.
+
+Every node answers for its dataset as the `replicas` scope shows it (an
+`origin` column, globally unique ids: `benchsync.storage.scopes`), so an
+origin's answer and a replica's are interchangeable. The partial answers
+are merged in a sandbox worker.
 """
 
 from __future__ import annotations
@@ -39,6 +53,7 @@ from benchsync.protocol.query import (
 )
 from benchsync.protocol.session import REQUESTER
 from benchsync.storage.distquery import DUCKDB, PartialsMismatch, union_partials
+from benchsync.storage.replicas import Replica
 from benchsync.storage.sandbox import InvalidSQL, QueryError, QueryRefused, QueryTimeout
 from benchsync.storage.sandbox_worker import from_ipc
 
@@ -46,6 +61,9 @@ from benchsync.storage.sandbox_worker import from_ipc
 # "timeout" answer reaches us before our deadline does.
 DEADLINE_MARGIN = 0.5  # seconds, at most
 DEADLINE_MARGIN_SHARE = 0.2  # of the remaining time, when that is less
+# Of the remaining time, what dialling an unconnected origin may take when we hold
+# a replica of its dataset: the rest is the replica's.
+REPLICA_DIAL_SHARE = 0.5
 
 PeerState = Literal["answered", "timed_out", "refused", "unreachable", "error"]
 ANSWERED: PeerState = "answered"
@@ -67,22 +85,38 @@ class DistributedQueryError(Exception):
         return {"error": str(self), "peers": [p.to_json() for p in self.peers]}
 
 
-class PeersMissing(DistributedQueryError):
-    """`require_all=True` and some peers did not answer; `.missing` lists them."""
+class PartialAnswer(DistributedQueryError):
+    """Some known datasets' rows are missing from the answer (neither their origin
+    nor a replica answered); `.missing` lists them, `.result` is the partial
+    answer (the rows of the datasets that did answer)."""
 
-    def __init__(self, missing: Sequence[PeerResult], peers: Sequence[PeerResult]) -> None:
+    def __init__(self, result: DistributedResult) -> None:
+        missing = result.missing
         detail = "; ".join(f"{p.peer_id}: {p.status} ({p.message})" for p in missing)
         super().__init__(
-            f"{len(missing)} node(s) did not answer: {detail}. "
-            "Retry, raise the time limit, or drop require_all to accept a partial answer",
-            peers,
+            f"partial answer: {len(missing)} dataset(s) missing: {detail}. Retry, raise the "
+            "time limit, or pass allow_partial to accept an answer without their rows",
+            result.peers,
         )
-        self.missing = list(missing)
+        self.missing = missing
+        self.result = result
+
+
+PeersMissing = PartialAnswer  # the name before partial answers were refused by default
+
+
+Source = Literal["origin", "replica"]
+ORIGIN: Source = "origin"
+REPLICA: Source = "replica"
 
 
 @dataclass
 class PeerResult:
-    """What one node did for a distributed query."""
+    """One dataset of a distributed query: what its origin did, where its rows came from.
+
+    `peer_id` is the dataset (its origin's peer ID); `status` the origin's
+    fate; `source` is None when the answer lacks this dataset's rows.
+    """
 
     peer_id: str
     status: PeerState
@@ -91,12 +125,18 @@ class PeerResult:
     bytes: int = 0  # bytes of its answer on the wire (0 for the local part)
     elapsed_s: float = 0.0  # seconds from asking to its answer (or failure)
     local: bool = False  # this node's own part, run in-process
+    source: Source | None = None  # origin, replica, or None: missing from the answer
+    seq: int | None = None  # the replica's snapshot seq (source replica)
+    lag_seq: int | None = None  # versions the replica is behind the newest head seen
+    lag_s: float | None = None  # seconds the replica is older than the newest head seen
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "peer_id": self.peer_id, "status": self.status, "message": self.message,
-            "rows": self.rows, "bytes": self.bytes, "elapsed_s": round(self.elapsed_s, 4),
-            "local": self.local,
+            "peer_id": self.peer_id, "dataset": self.peer_id, "status": self.status,
+            "message": self.message, "rows": self.rows, "bytes": self.bytes,
+            "elapsed_s": round(self.elapsed_s, 4), "local": self.local, "source": self.source,
+            "seq": self.seq, "lag_seq": self.lag_seq,
+            "lag_s": None if self.lag_s is None else round(self.lag_s, 3),
         }  # fmt: skip
 
 
@@ -112,19 +152,21 @@ class DistributedResult:
 
     @property
     def complete(self) -> bool:
-        """True when every node asked answered (nothing is missing from the answer)."""
-        return all(p.status == ANSWERED for p in self.peers)
+        """True when every known dataset's rows are in the answer (from origin or replica)."""
+        return all(p.source is not None for p in self.peers)
 
     @property
     def missing(self) -> list[PeerResult]:
-        return [p for p in self.peers if p.status != ANSWERED]
+        """The datasets whose rows the answer lacks."""
+        return [p for p in self.peers if p.source is None]
 
     def to_json(self) -> dict[str, Any]:
-        """Columns, rows (lists of JSON values), peers, strategy: for the control API/CLI."""
+        """Columns, rows (lists of JSON values), peers, strategy, completeness: for the
+        control API/CLI."""
         return table_json(self.table) | {
             "peers": [p.to_json() for p in self.peers],
             "strategy": self.strategy, "reason": self.reason, "complete": self.complete,
-            "elapsed_s": round(self.elapsed_s, 4),
+            "missing": [p.peer_id for p in self.missing], "elapsed_s": round(self.elapsed_s, 4),
         }  # fmt: skip
 
 
@@ -166,12 +208,15 @@ class Coordinator:
         self.network = network
 
     def default_peers(self) -> list[str]:
-        """Every peer of the network we would ask: connected peers plus peers
-        whose heads we know (they may need a dial). Untrusted peers are not part
-        of our network and are left out; banned ones are kept (and reported)."""
+        """Every dataset of the network we know of, but our own: connected peers,
+        peers whose heads we know (they may need a dial), datasets we follow or
+        hold a replica of. Untrusted peers are not part of our network and are
+        left out; banned ones are kept (and reported)."""
         me = self.p2p.peer_id
         known = list(self.p2p.announcer.book.heads)
         known += [s.dataset for s in self.p2p.replica_states()]
+        if self.local.replicas is not None:
+            known += [r.dataset for r in self.local.replicas.all()]
         candidates = dict.fromkeys([*self.p2p.connected_peers(), *known])
         return sorted(p for p in candidates if p != me and self.p2p.policy.is_trusted(p))
 
@@ -182,19 +227,24 @@ class Coordinator:
         *,
         peers: Sequence[str] | None = None,
         timeout_s: float,
-        require_all: bool = False,
+        allow_partial: bool = False,
+        require_all: bool | None = None,
         max_rows: int,
         max_bytes: int,
     ) -> DistributedResult:
-        """Run `sql` over this node and `peers` (default: every peer of the network).
+        """Run `sql` over this node's dataset and `peers`' (default: every dataset known).
 
-        Every node runs the plan's node part on its own dataset, concurrently,
-        under one deadline of `timeout_s`; the answers are merged here.
-        Returns the merged answer with every node's status. Raises InvalidSQL
+        Each dataset's part runs at its origin, else on the replica we hold
+        (see the module docstring), concurrently, under one deadline of
+        `timeout_s`; the answers are merged here. Returns the merged answer
+        with every dataset's source and its origin's status. Raises InvalidSQL
         or QueryRefused (the SQL, checked before anyone is asked), PlanError,
-        `PeersMissing` when `require_all` and a node did not answer, and
-        `DistributedQueryError` when no node answered at all.
+        `PartialAnswer` when some dataset's rows are missing and not
+        `allow_partial` (its `.result` is the partial answer), and
+        `DistributedQueryError` when no dataset answered at all.
+        `require_all` is accepted and ignored: requiring every dataset is the default.
         """
+        del require_all  # the default behaviour now; kept so that old callers still work
         if isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float) \
                 or not 0 < timeout_s <= MAX_TIMEOUT:
             raise ValueError(f"timeout_s must be in (0, {MAX_TIMEOUT}] seconds, got {timeout_s!r}")
@@ -215,7 +265,7 @@ class Coordinator:
             try:
                 table = await self.local.execute(
                     plan.node_sql, timeout_s=max(0.001, deadline - trio.current_time()),
-                    max_rows=max_rows, max_bytes=max_bytes,
+                    max_rows=max_rows, max_bytes=max_bytes, scope="dataset", dataset=me,
                 )  # fmt: skip
             except (InvalidSQL, QueryRefused) as e:
                 # The caller's SQL: every node would say the same. Stop asking.
@@ -228,11 +278,21 @@ class Coordinator:
                                           elapsed_s=time.monotonic() - t0, local=True)  # fmt: skip
                 return
             partials[me] = table
-            statuses[me] = PeerResult(me, ANSWERED, rows=table.num_rows,
+            statuses[me] = PeerResult(me, ANSWERED, rows=table.num_rows, source=ORIGIN,
                                       elapsed_s=time.monotonic() - t0, local=True)  # fmt: skip
 
         async def ask(peer: str) -> None:
-            result, table = await self._ask_peer(peer, plan, deadline, max_rows, max_bytes)
+            replica = self._replica(peer)
+            open_deadline = deadline
+            if replica is not None and peer not in self.p2p.connected_peers():
+                # A dial that fails slowly must leave the replica time to answer.
+                open_deadline = trio.current_time() + (deadline - trio.current_time()) \
+                    * REPLICA_DIAL_SHARE
+            result, table = await self._ask_peer(peer, plan, deadline, max_rows, max_bytes,
+                                                 open_deadline=open_deadline)  # fmt: skip
+            if table is None and replica is not None:
+                table = await self._ask_replica(result, replica, plan, deadline,
+                                                max_rows, max_bytes)  # fmt: skip
             statuses[peer] = result
             if table is not None:
                 partials[peer] = table
@@ -248,9 +308,6 @@ class Coordinator:
         me = self.p2p.peer_id
         ordered = [statuses[me]] + [statuses[p] for p in sorted(targets)]
         _drop_mistyped(partials, ordered, me)
-        missing = [p for p in ordered if p.status != ANSWERED]
-        if require_all and missing:
-            raise PeersMissing(missing, ordered)
         if not partials:
             raise DistributedQueryError(
                 "no node answered: " + "; ".join(f"{p.peer_id}: {p.status} ({p.message})"
@@ -266,19 +323,48 @@ class Coordinator:
         table = await self.local.merge(plan.merge_sql, {PARTIALS_TABLE: union},
                                        max_rows=max_rows, max_bytes=max_bytes,
                                        timeout_s=max(1.0, deadline - trio.current_time()))
-        return DistributedResult(table, ordered, plan.strategy, plan.reason,
-                                 elapsed_s=time.monotonic() - started)  # fmt: skip
+        result = DistributedResult(table, ordered, plan.strategy, plan.reason,
+                                   elapsed_s=time.monotonic() - started)  # fmt: skip
+        if not result.complete and not allow_partial:
+            raise PartialAnswer(result)
+        return result
+
+    def _replica(self, dataset: str) -> Replica | None:
+        """The installed replica of `dataset` this node holds, if any."""
+        return None if self.local.replicas is None else self.local.replicas.get(dataset)
+
+    async def _ask_replica(
+        self, result: PeerResult, replica: Replica, plan: QueryPlan, deadline: float,
+        max_rows: int, max_bytes: int,
+    ) -> pa.Table | None:  # fmt: skip
+        """The plan's node part over our replica of `result`'s dataset (its origin did
+        not answer); fills in `result`'s source, seq and lag. None when it fails too."""
+        try:
+            table = await self.local.execute(
+                plan.node_sql, timeout_s=max(0.001, deadline - trio.current_time()),
+                max_rows=max_rows, max_bytes=max_bytes, scope="dataset",
+                dataset=replica.dataset,
+            )  # fmt: skip
+        except QueryError as e:
+            result.message += f"; its replica (seq {replica.seq}) failed too: {e.kind}: {e}"
+            return None
+        state = next((s for s in self.p2p.replica_states() if s.dataset == replica.dataset), None)
+        result.source, result.seq, result.rows = REPLICA, replica.seq, table.num_rows
+        result.lag_seq = 0 if state is None else state.lag_seq
+        result.lag_s = 0.0 if state is None else state.lag_seconds
+        return table
 
     async def _ask_peer(
-        self, peer: str, plan: QueryPlan, deadline: float, max_rows: int, max_bytes: int
-    ) -> tuple[PeerResult, pa.Table | None]:
+        self, peer: str, plan: QueryPlan, deadline: float, max_rows: int, max_bytes: int,
+        *, open_deadline: float | None = None,
+    ) -> tuple[PeerResult, pa.Table | None]:  # fmt: skip
         t0 = time.monotonic()
 
         def done(state: PeerState, message: str = "", **kw: Any) -> tuple[PeerResult, None]:
             return PeerResult(peer, state, message, elapsed_s=time.monotonic() - t0, **kw), None
 
         opened = False
-        opening = trio.CancelScope(deadline=deadline)
+        opening = trio.CancelScope(deadline=deadline if open_deadline is None else open_deadline)
         with opening:
             try:
                 session = QuerySession(REQUESTER)
@@ -333,7 +419,7 @@ class Coordinator:
         if table.num_rows > max_rows:
             return done(ERROR, f"answer of {table.num_rows} rows exceeds max_rows={max_rows}",
                         bytes=wire)  # fmt: skip
-        result = PeerResult(peer, ANSWERED, rows=table.num_rows, bytes=wire,
+        result = PeerResult(peer, ANSWERED, rows=table.num_rows, bytes=wire, source=ORIGIN,
                             elapsed_s=time.monotonic() - t0)  # fmt: skip
         return result, table
 
@@ -355,7 +441,7 @@ def _drop_mistyped(partials: dict[str, pa.Table], ordered: list[PeerResult], me:
             pa.concat_tables([ours, table.schema.empty_table()], promote_options="permissive")
         except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
             del partials[result.peer_id]
-            result.status = ERROR
+            result.status, result.source = ERROR, None
             result.message = f"answer's column types do not match this node's: {e}"
 
 

@@ -64,7 +64,7 @@ class ServerLimits:
 
 
 DatabaseSource: TypeAlias = BenchmarkDB | Callable[[], BenchmarkDB]
-Scope = Literal["local", "replicas"]
+Scope = Literal["local", "replicas", "dataset"]
 
 
 class LocalQueryService:
@@ -154,17 +154,38 @@ class LocalQueryService:
                 self.loads += 1
             return self._tables
 
-    def _scope(self, scope: Scope) -> tuple[str, Callable[[], Awaitable[ScopeInput]]]:
+    def _scope(
+        self, scope: Scope, dataset: str | None = None
+    ) -> tuple[str, Callable[[], Awaitable[ScopeInput]]]:
         """The key naming the scope's current data, and how to produce that data.
 
-        Blocking (the database and replica pointers are looked at): for worker threads.
+        Scope `dataset`: one dataset's rows only, `dataset` (default: the own
+        one) with its `origin` column and global ids, from the own database
+        or from its installed replica. Blocking (the database and replica
+        pointers are looked at): for worker threads. Raises QueryRefused when
+        there is no such replica.
         """
         self._database()  # a replaced database object is a new generation
         with self._lock:
             generation = self._generation
+        own_only = False  # the own tables, emptied: their schema, none of their rows
         if scope == "local":
             key = f"local:{generation}"
             replicas: list[ReplicaTables] = []
+        elif scope == "dataset":
+            if self.dataset is None:
+                raise QueryRefused("this node has no dataset ID; use the local scope")
+            dataset = dataset or self.dataset
+            if dataset == self.dataset:
+                key, replicas = f"dataset:{generation}", []
+            else:
+                replica = None if self.replicas is None else self.replicas.get(dataset)
+                if replica is None:
+                    raise QueryRefused(f"this node holds no replica of dataset {dataset}")
+                replicas = [ReplicaTables(replica.dataset, replica.tables)]
+                key = f"replica:{generation}:{dataset}=" + ",".join(
+                    sorted(map(str, replica.tables.values())))  # fmt: skip
+                own_only = True
         else:
             if self.replicas is None or self.dataset is None:
                 raise QueryRefused("this node keeps no replicas; use the local scope")
@@ -176,6 +197,8 @@ class LocalQueryService:
             _, own = await trio.to_thread.run_sync(self._current_tables)
             if scope == "local":
                 return ScopeInput(own)
+            if own_only:
+                own = {name: table.slice(0, 0) for name, table in own.items()}
             return ScopeInput(own, origin=self.dataset, replicas=replicas)
 
         return key, produce
@@ -189,9 +212,13 @@ class LocalQueryService:
         max_rows: int | None = None,
         max_bytes: int | None = None,
         scope: Scope = "local",
+        dataset: str | None = None,
         requester: str | None = None,
     ) -> pa.Table:
         """Run `sql` over `scope` in a sandbox worker for `requester`; returns the answer.
+
+        Scope `dataset` is one dataset's rows (`dataset`, default the own one)
+        as the network scope sees them (see `_scope`).
 
         `requester` is the asking peer's ID, or None for the node itself (its
         own slots: peers never starve it). The limits are clamped to this
@@ -206,7 +233,7 @@ class LocalQueryService:
                      else min(max_bytes, self.limits.max_bytes))  # fmt: skip
         deadline = trio.current_time() + timeout_s
         await trio.to_thread.run_sync(DUCKDB.parse, sql)  # the gate, before taking a worker
-        key, produce = await trio.to_thread.run_sync(self._scope, scope)
+        key, produce = await trio.to_thread.run_sync(self._scope, scope, dataset)
         return await self.pool.run(requester, sql, params, scope_key=key, scope=produce,
                                    deadline=deadline, timeout_s=timeout_s,
                                    max_rows=max_rows, max_bytes=max_bytes)  # fmt: skip

@@ -58,7 +58,8 @@ class QueryService:
         dataset: str | None = None,
     ) -> None:
         """`db` is the node's BenchmarkDB or a callable returning the current one;
-        `replicas` and `dataset` (the own dataset ID) serve the `replicas` scope.
+        `replicas` and `dataset` (the own dataset ID, default the node's peer ID)
+        serve the `replicas` scope and the replica fallback of the `network` scope.
 
         `timeout_s`, `max_rows` and `max_bytes` are the defaults of `execute`
         and (with `memory_limit`) what this node grants to peers' queries,
@@ -73,7 +74,8 @@ class QueryService:
             max_timeout_s=max(timeout_s, MAX_SERVED_TIMEOUT), max_rows=max_rows,
             max_bytes=max_bytes, memory_limit=memory_limit,
         )  # fmt: skip
-        self.local = LocalQueryService(db, limits=limits, replicas=replicas, dataset=dataset)
+        self.local = LocalQueryService(db, limits=limits, replicas=replicas,
+                                       dataset=dataset or p2p.peer_id)  # fmt: skip
         self.server = QueryServer(self.local)
         self.coordinator = Coordinator(p2p, self.local, network=self.network)
 
@@ -121,14 +123,17 @@ class QueryService:
         *,
         peers: Sequence[str] | None = None,
         timeout_s: float | None = None,
-        require_all: bool = False,
+        allow_partial: bool = False,
+        require_all: bool | None = None,
         max_rows: int | None = None,
         max_bytes: int | None = None,
     ) -> DistributedResult:
         """A network query (`Coordinator.execute`); limits left as None take the
-        service's defaults. Raises as `Coordinator.execute`."""
+        service's defaults. Raises as `Coordinator.execute`: `PartialAnswer`
+        when a known dataset's rows are missing, unless `allow_partial`
+        (then check `result.complete`). `require_all` is an ignored alias."""
         return await self.coordinator.execute(
-            sql, params, peers=peers, require_all=require_all,
+            sql, params, peers=peers, allow_partial=allow_partial, require_all=require_all,
             timeout_s=self.timeout_s if timeout_s is None else timeout_s,
             max_rows=self.max_rows if max_rows is None else max_rows,
             max_bytes=self.max_bytes if max_bytes is None else max_bytes,

@@ -1,5 +1,9 @@
 """The serving side of `/benchsync/query/1.0.0`: answers peers' queries from the own dataset.
 
+A peer's query sees the own dataset as the `replicas` scope shows it (an
+`origin` column, globally unique ids; `benchsync.storage.scopes`), so that
+our answer and a replica of our dataset answer alike.
+
 The stream adapter (`benchsync.daemon.streams`) serves the protocol with a
 `benchsync.protocol.query.QuerySession` per stream: it applies the access
 policy, reads the request under its request timeout, refuses another
@@ -76,6 +80,7 @@ class QueryServer:
             table = await self.local.execute(
                 request.sql, request.params or None, timeout_s=request.timeout_s,
                 max_rows=request.max_rows, max_bytes=max_bytes, requester=peer,
+                scope="dataset",  # the own dataset as the replicas scope shows it
             )  # fmt: skip
             ipc = await trio.to_thread.run_sync(to_ipc, table)
         except QueryError as e:

@@ -55,6 +55,10 @@ PRIMARY_KEYS: dict[str, str] = {
     "integration_test_assertions": "assertion_id",
 }
 
+# Every per-node counter, as a key or as a reference: unique only inside one
+# dataset. Cross-node views (`storage.scopes`) make them globally unique.
+ID_COLUMNS: frozenset[str] = frozenset(PRIMARY_KEYS.values())
+
 _ORIGINAL_DDL = [
     """CREATE TABLE IF NOT EXISTS models (
         model_id INTEGER NOT NULL, model_name VARCHAR NOT NULL, model_family VARCHAR,

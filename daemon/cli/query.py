@@ -8,6 +8,12 @@ settings, no extensions), under the same settings (`query_timeout`,
 `query_max_rows`, `query_max_bytes`, `query_memory_limit`), never on the
 database itself. Scope `network` needs a running node. `format_arrow` is the
 one place an Arrow answer becomes text.
+
+A network answer that lacks any known dataset's rows (neither its origin nor
+a replica answered) is partial: exit status `EXIT_PARTIAL` (3), the missing
+datasets on stderr, `"complete": false` and `"missing"` in `--format json`,
+and the rows printed only with `--allow-partial`. `--require-all` was the
+opt-in for this; it is now the default and the flag an accepted no-op.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from benchsync.storage.sandbox import QueryError, QueryLimits
 
 SCOPES = ("local", "replicas", "network")
 FORMATS = ("table", "json", "csv")
+EXIT_PARTIAL = 3  # DESIGN's exit status for a partial answer
 MAX_CELL_WIDTH = 60  # characters of one cell in --format table before it is cut
 QUERY_HINT = ("one read-only SELECT over the tables models, hardware_platforms, test_runs, "
               "performance_results, hardware_compatibility, integration_test_results, "
@@ -44,8 +51,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="local: this node's database (default); replicas: plus replicated "
                         "snapshots; network: live fan-out to peers")
     p.add_argument("--format", choices=FORMATS, default="table", help="output format")
+    p.add_argument("--allow-partial", action="store_true",
+                   help="network scope: print the rows of an answer that lacks some "
+                        "dataset's rows (still exit status 3)")
     p.add_argument("--require-all", action="store_true",
-                   help="network scope: fail if any peer did not answer")
+                   help="accepted and ignored: refusing partial answers is now the default "
+                        "(this alias goes in the next release)")
     p.add_argument("--peer", action="append", metavar="PEER_ID",
                    help="network scope: ask only this peer (repeatable)")
     p.add_argument("--timeout", type=float, help="network scope: seconds to wait for peers")
@@ -103,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
 def _query_via_node(client: ControlClient, args: argparse.Namespace) -> int:
     body: dict[str, Any] = {"sql": args.sql, "scope": args.scope}
     if args.scope == "network":
-        body["require_all"] = args.require_all
+        body["allow_partial"] = True  # the node says what is missing; we decide here
         if args.peer:
             body["peers"] = args.peer
         if args.timeout:
@@ -111,19 +122,33 @@ def _query_via_node(client: ControlClient, args: argparse.Namespace) -> int:
     answer = call_node(client, "POST", "/v1/query", body)
     table = _table_from_json(answer)
     peers = answer.get("peers") or []
+    complete = args.scope != "network" or answer.get("complete") is True
+    show_rows = complete or args.allow_partial
     if args.format == "json" and args.scope == "network":
         # The answer and who gave it: one document, so scripts can check every peer's status.
-        rows = json.loads(format_arrow(table, "json"))
-        doc = {"rows": rows, "peers": peers, "strategy": answer.get("strategy"),
+        rows = json.loads(format_arrow(table, "json")) if show_rows else None
+        doc = {"rows": rows, "complete": complete, "missing": answer.get("missing") or [],
+               "peers": peers, "strategy": answer.get("strategy"),
                "reason": answer.get("reason")}  # fmt: skip
         print(json.dumps(doc, indent=2))
-        return 0
-    print(format_arrow(table, args.format))
+    elif show_rows:
+        print(format_arrow(table, args.format))
     if args.scope == "network":
-        # Per-peer status goes to stderr so that CSV on stdout stays machine-readable.
+        # Per-dataset status goes to stderr so that CSV on stdout stays machine-readable.
         for p in peers:
             extra = f" ({p['message']})" if p.get("message") else ""
-            print(f"peer {p['peer_id']}: {p['status']}{extra}", file=sys.stderr)
+            source = p.get("source")
+            where = (f"rows from {source}" if source == "origin" else
+                     f"rows from replica seq {p.get('seq')}, {p.get('lag_seq')} version(s) "
+                     f"behind" if source == "replica" else "MISSING")  # fmt: skip
+            print(f"peer {p['peer_id']}: {p['status']}, {where}{extra}", file=sys.stderr)
+    if not complete:
+        missing = answer.get("missing") or []
+        print(f"Error: partial answer: the rows of {len(missing)} dataset(s) are missing: "
+              f"{', '.join(missing)}", file=sys.stderr)  # fmt: skip
+        print("Try: retry, raise --timeout, or pass --allow-partial to print the rows "
+              "the other datasets gave", file=sys.stderr)  # fmt: skip
+        return EXIT_PARTIAL
     return 0
 
 
