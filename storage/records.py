@@ -49,6 +49,8 @@ class Rule:
     minimum: float | None = None
     choices: tuple[str, ...] | None = None
     column: str | None = None  # None: not stored in the kind's own table (a lookup key)
+    flag: str | None = None  # the CLI flag (`benchsync record`); None: not settable there
+    help: str = ""  # the flag's --help text
 
 
 def _f(kind: str, *, required: bool = False, default: Any = None, minimum: float | None = None,
@@ -164,6 +166,46 @@ RECORD_TYPES: dict[str, type[Record]] = {
 }
 KIND_ALIASES = {"performance": "perf", "compatibility": "compat", "integration": "test"}
 
+# The CLI flag and help of each record field (`benchsync record KIND --flag`), by field
+# name: a name means the same in every kind. A field missing here is not a flag
+# (created_at, the nested assertions); "bool" fields become --flag/--no-flag.
+FIELD_FLAGS: dict[str, tuple[str, str]] = {
+    "model_name": ("--model", "model name (created on first use)"),
+    "model_family": ("--model-family", "model family, e.g. bert"),
+    "hardware_type": ("--hardware", "hardware type, e.g. cuda, cpu, rocm"),
+    "device_name": ("--device", "device name, e.g. 'NVIDIA A100'"),
+    "batch_size": ("--batch-size", "batch size (default 1)"),
+    "precision": ("--precision", "numeric precision (default fp32)"),
+    "test_case": ("--test-case", "test case (default 'default')"),
+    "throughput": ("--throughput", "items per second"),
+    "latency_avg": ("--latency-avg", "mean latency, ms"),
+    "latency_p90": ("--latency-p90", "90th percentile latency, ms"),
+    "latency_p95": ("--latency-p95", "95th percentile latency, ms"),
+    "latency_p99": ("--latency-p99", "99th percentile latency, ms"),
+    "memory_peak": ("--memory-peak", "peak memory, MB"),
+    "total_time_seconds": ("--total-time", "total time, seconds"),
+    "iterations": ("--iterations", "measured iterations"),
+    "warmup_iterations": ("--warmup-iterations", "warm-up iterations"),
+    "metrics": ("--metrics", "extra metrics as a JSON object"),
+    "is_compatible": ("--compatible", "the model works on this hardware"),
+    "detection_success": ("--detection-success", "hardware detected (default: --compatible)"),
+    "initialization_success": ("--initialization-success",
+                               "model initialised (default: --compatible)"),
+    "error_message": ("--error-message", "error seen"),
+    "error_type": ("--error-type", "error class"),
+    "suggested_fix": ("--suggested-fix", "what to try"),
+    "workaround_available": ("--workaround-available", "a workaround exists"),
+    "compatibility_score": ("--score", "compatibility score"),
+    "metadata": ("--metadata", "extra metadata as a JSON object"),
+    "test_module": ("--test-module", "test module"),
+    "test_class": ("--test-class", "test class"),
+    "test_name": ("--test-name", "test name"),
+    "status": ("--status", "pass, fail, error or skip"),
+    "execution_time_seconds": ("--execution-time", "seconds"),
+    "error_traceback": ("--error-traceback", "traceback text"),
+    "run_id": ("--run-id", "id of an existing test run"),
+}  # fmt: skip
+
 RULES: dict[str, tuple[Rule, ...]] = {
     kind: tuple(
         Rule(
@@ -174,6 +216,8 @@ RULES: dict[str, tuple[Rule, ...]] = {
             minimum=f.metadata["minimum"],
             choices=f.metadata["choices"],
             column=f.name if f.metadata["column"] == "" else f.metadata["column"],
+            flag=FIELD_FLAGS.get(f.name, (None, ""))[0],
+            help=FIELD_FLAGS.get(f.name, (None, ""))[1],
         )
         for f in fields(cls)  # type: ignore[arg-type]
     )

@@ -1,9 +1,10 @@
 """`benchsync record perf|compat|test`: store benchmark results in the local database.
 
 Each subcommand takes one record as flags, or many with `--from FILE.jsonl`
-(one JSON object per line, keyword names of the Python API). Flags map onto
-those keyword names through one table per kind (`_FLAGS`), so `--help`, the
-flag parsing and the record fields cannot drift apart.
+(one JSON object per line, keyword names of the Python API). The flags, their
+types and help come from storage's record rules (`records.RULES`, whose flag
+and help are `records.FIELD_FLAGS`), the same table that validates a record,
+so `--help`, the flag parsing and the record fields cannot drift apart.
 """
 
 from __future__ import annotations
@@ -17,57 +18,17 @@ from benchsync.daemon.cli.common import CLIError, call_node, data_dir, node_clie
 from benchsync.daemon.control import ControlClient
 from benchsync.storage.db import DB_FILENAME, BenchmarkDB, DatabaseLocked
 from benchsync.storage.errors import InvalidRecord, StorageError
+from benchsync.storage.records import RULES
 
-# (flag, record field, type, help) per kind; type "bool" becomes --flag/--no-flag.
-_COMMON = [
-    ("--model", "model_name", str, "model name (created on first use)"),
-    ("--model-family", "model_family", str, "model family, e.g. bert"),
-    ("--hardware", "hardware_type", str, "hardware type, e.g. cuda, cpu, rocm"),
-    ("--device", "device_name", str, "device name, e.g. 'NVIDIA A100'"),
-]
-_TAIL = [
-    ("--run-id", "run_id", int, "id of an existing test run"),
-]
+# `benchsync record KIND` flags: the record fields that have a flag in storage's one
+# field table (records.FIELD_FLAGS), in field order, parsed by the field's kind.
+_FLAG_TYPES: dict[str, Any] = {"str": str, "int": int, "float": float, "json": str,
+                               "bool": "bool"}  # fmt: skip
 _FLAGS: dict[str, list[tuple[str, str, Any, str]]] = {
-    "perf": _COMMON + [
-        ("--batch-size", "batch_size", int, "batch size (default 1)"),
-        ("--precision", "precision", str, "numeric precision (default fp32)"),
-        ("--test-case", "test_case", str, "test case (default 'default')"),
-        ("--throughput", "throughput", float, "items per second"),
-        ("--latency-avg", "latency_avg", float, "mean latency, ms"),
-        ("--latency-p90", "latency_p90", float, "90th percentile latency, ms"),
-        ("--latency-p95", "latency_p95", float, "95th percentile latency, ms"),
-        ("--latency-p99", "latency_p99", float, "99th percentile latency, ms"),
-        ("--memory-peak", "memory_peak", float, "peak memory, MB"),
-        ("--total-time", "total_time_seconds", float, "total time, seconds"),
-        ("--iterations", "iterations", int, "measured iterations"),
-        ("--warmup-iterations", "warmup_iterations", int, "warm-up iterations"),
-        ("--metrics", "metrics", str, "extra metrics as a JSON object"),
-    ] + _TAIL,
-    "compat": _COMMON + [
-        ("--compatible", "is_compatible", "bool", "the model works on this hardware"),
-        ("--detection-success", "detection_success", "bool",
-         "hardware detected (default: --compatible)"),
-        ("--initialization-success", "initialization_success", "bool",
-         "model initialised (default: --compatible)"),
-        ("--error-message", "error_message", str, "error seen"),
-        ("--error-type", "error_type", str, "error class"),
-        ("--suggested-fix", "suggested_fix", str, "what to try"),
-        ("--workaround-available", "workaround_available", "bool", "a workaround exists"),
-        ("--score", "compatibility_score", float, "compatibility score"),
-        ("--metadata", "metadata", str, "extra metadata as a JSON object"),
-    ] + _TAIL,
-    "test": _COMMON + [
-        ("--test-module", "test_module", str, "test module"),
-        ("--test-class", "test_class", str, "test class"),
-        ("--test-name", "test_name", str, "test name"),
-        ("--status", "status", str, "pass, fail, error or skip"),
-        ("--execution-time", "execution_time_seconds", float, "seconds"),
-        ("--error-message", "error_message", str, "error seen"),
-        ("--error-traceback", "error_traceback", str, "traceback text"),
-        ("--metadata", "metadata", str, "extra metadata as a JSON object"),
-    ] + _TAIL,
-}
+    kind: [(rule.flag, rule.name, _FLAG_TYPES[rule.kind], rule.help)
+           for rule in RULES[kind] if rule.flag is not None]
+    for kind in ("perf", "compat", "test")
+}  # fmt: skip
 _KIND_HELP = {
     "perf": "a performance result (throughput, latency, memory)",
     "compat": "a hardware compatibility result",
@@ -105,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     if args.from_file and fields:
         raise CLIError("--from cannot be combined with record flags",
                        "put every field in the JSONL file, or drop --from")
-    for name in ("metrics", "metadata"):
+    for name in (r.name for r in RULES[kind] if r.kind == "json"):
         if name in fields:
             try:
                 fields[name] = json.loads(fields[name])
