@@ -17,7 +17,14 @@ dataset's head. Accepted heads are handed to `on_head(head, peer)`.
 Identities are free, so a head of a dataset not yet followed must also pass
 `admit(dataset, source)` (the syncer's follow limit and per-connection rate
 of new datasets); a refused head is not delivered, booked or forwarded, and
-its source is not blamed (an honest hub relays many datasets). Gossip input
+its source is not blamed (an honest hub relays many datasets).
+
+Lab membership (`daemon/lab.py`): pubsub talks only to peers proven members
+(and, with `open`, to strangers, who then receive our heads): `GuardedPubsub`'s
+gate waits for the verdict. A message is rejected when its forwarder is not a
+member, or its signer is a connected stranger: a member forwards only what
+passed its own validator, so a stranger's head never enters the lab's mesh,
+while a member we are not connected to (behind a hub) is still heard. Gossip input
 that no honest router sends (an unverifiable signature, a malformed RPC) is
 rejected by `GuardedPubsub` and its sender banned.
 """
@@ -38,6 +45,7 @@ from libp2p.tools.anyio_service import background_trio_service
 from benchsync.daemon.config import SETTINGS_BY_NAME
 from benchsync.daemon.gossip import GuardedPubsub
 from benchsync.daemon.host import AccessPolicy
+from benchsync.daemon.lab import MEMBER, STRANGER, Lab
 from benchsync.daemon.streams import Channel, StreamAdapter
 from benchsync.protocol.heads import (
     HEAD_PROTOCOL_ID,
@@ -94,6 +102,7 @@ class Announcer:
         replicas: Callable[[], list[Head]] = list,
         reannounce_interval: float = REANNOUNCE_INTERVAL,
         admit: AdmitCallback = lambda dataset, source: None,
+        lab: Lab | None = None,
     ) -> None:
         self.host = host
         self.network = network
@@ -104,6 +113,7 @@ class Announcer:
         self.on_replica_hint = on_replica_hint
         self.replicas = replicas
         self.admit = admit
+        self.lab = lab
         self.reannounce_interval = reannounce_interval
         self.book = HeadBook()
         self.local_head: Head | None = None
@@ -127,6 +137,7 @@ class Announcer:
             allowed_topics={self.topic},
             on_misbehaviour=self._misbehaved,
             refuse=lambda peer: self.policy.is_banned(peer.to_base58()),
+            gate=self._gossip_gate,
         )
         self._nursery: trio.Nursery | None = None
         self._wake_reannounce = trio.Event()
@@ -176,7 +187,11 @@ class Announcer:
         # Trust is about the origin (its signature was checked by pubsub); a
         # relay only matters when it is banned. Rejecting a trusted origin's
         # message because an untrusted peer relayed it would cache it as invalid.
-        reason = self.policy.refusal(signer) or self.policy.ban_reason(forwarder.to_base58())
+        reason = (
+            self.policy.refusal(signer)
+            or self.policy.ban_reason(forwarder.to_base58())
+            or self._lab_refusal(signer, forwarder.to_base58())
+        )
         if reason is not None:
             log.info("rejecting head announcement from %s via %s: %s", signer, forwarder, reason)
             self._reject()
@@ -195,6 +210,26 @@ class Announcer:
             self._reject()
             return False
         return True
+
+    async def _gossip_gate(self, peer: ID) -> bool:
+        """Whether pubsub may talk to `peer`: once its membership is settled, a member
+        (or any peer when the lab is `open`)."""
+        if self.lab is None:
+            return True
+        await self.streams.settle(peer.to_base58())
+        return self.lab.may_gossip(peer.to_base58())
+
+    def _lab_refusal(self, signer: str, forwarder: str) -> str | None:
+        """Why the lab rejects a message signed by `signer` and forwarded by `forwarder`."""
+        if self.lab is None:
+            return None
+        if self.lab.state(forwarder) != MEMBER:
+            self.lab.strangers_refused += 1
+            return f"forwarder {forwarder} is not a proven member of this node's lab"
+        if self.lab.state(signer) == STRANGER:
+            self.lab.strangers_refused += 1
+            return f"signer {signer} is not a member of this node's lab"
+        return None
 
     def _misbehaved(self, peer: ID, reason: str) -> None:
         """A peer sent gossip input no honest router sends: reject, score, ban, hang up."""

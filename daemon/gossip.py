@@ -14,13 +14,18 @@ both escaped to the node's nursery.
 check, which must never raise here, runs inside a catch-all) and wraps both
 entry points, so that any error rejects the input and reports the peer to
 `on_misbehaviour`; the peer's stream is reset, the node keeps running.
+
+`gate(peer)` decides, once per peer, whether pubsub talks to it at all (lab
+membership: a stranger gets no pubsub stream from us, so nothing we publish or
+forward reaches it, and its own stream is reset unread). It is awaited before
+py-libp2p opens its stream to a new peer and before a peer's stream is read.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import trio
 from libp2p.abc import IHost, INetStream, IPubsubRouter
@@ -37,6 +42,12 @@ STREAM_RESET_TIMEOUT = 1.0  # seconds granted to resetting a misbehaving peer's 
 MisbehaviourCallback = Callable[[ID, str], None]
 # The forwarder is already known to be bad: drop its messages unverified.
 RefuseCallback = Callable[[ID], bool]
+# May pubsub talk to this peer at all (waits for its lab membership to be decided)?
+GateCallback = Callable[[ID], Awaitable[bool]]
+
+
+async def _open_gate(peer: ID) -> bool:
+    return True
 
 
 def message_problem(msg: rpc_pb2.Message) -> str | None:
@@ -71,10 +82,24 @@ class GuardedPubsub(Pubsub):
         allowed_topics: set[str],
         on_misbehaviour: MisbehaviourCallback,
         refuse: RefuseCallback = lambda peer: False,
+        gate: GateCallback = _open_gate,
     ) -> None:
         super().__init__(host, router, strict_signing=True, allowed_topics=allowed_topics)
         self.on_misbehaviour = on_misbehaviour
         self.refuse = refuse
+        self.gate = gate
+
+    async def _handle_new_peer(self, peer_id: ID) -> None:
+        if not await self._gate(peer_id):
+            return  # no stream to it: our gossip never reaches it
+        await super()._handle_new_peer(peer_id)
+
+    async def _gate(self, peer: ID) -> bool:
+        try:
+            return await self.gate(peer)
+        except Exception as e:  # the gate must not become the crash it prevents
+            log.error("gossip gate for %s failed: %r", peer, e)
+            return False
 
     async def push_msg(self, msg_forwarder: ID, msg: rpc_pb2.Message) -> None:
         if msg_forwarder == self.my_id:
@@ -102,6 +127,10 @@ class GuardedPubsub(Pubsub):
 
     async def stream_handler(self, stream: INetStream) -> None:
         peer = stream.muxed_conn.peer_id
+        if not await self._gate(peer):
+            with trio.move_on_after(STREAM_RESET_TIMEOUT), contextlib.suppress(Exception):
+                await stream.reset()
+            return
         try:
             await super().stream_handler(stream)
         except Exception as e:  # an ExceptionGroup too: every one came from this peer's bytes

@@ -29,14 +29,14 @@ from multiaddr import Multiaddr
 from benchsync.daemon.announce import REANNOUNCE_INTERVAL, Announcer
 from benchsync.daemon.fetch import BlockProvider, Fetcher, FetchLimits
 from benchsync.daemon.host import (
-    DIAL_TIMEOUT,
-    PRIVATE_LISTEN,
+    DEFAULT_LISTEN,
     AccessPolicy,
     new_benchsync_host,
     parse_multiaddr,
     parse_peer_addr,
 )
 from benchsync.daemon.identity import load_or_create_identity
+from benchsync.daemon.lab import MEMBER, STRANGER, Lab, load_lab_keys
 from benchsync.daemon.streams import StreamAdapter
 from benchsync.daemon.sync import (
     DEFAULT_MAX_FOLLOWED,
@@ -54,6 +54,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+CONNECT_TIMEOUT = 10.0  # seconds for one dial + Noise + Yamux handshake
 CLOSE_TIMEOUT = 5.0  # seconds granted to closing the host at shutdown
 CONNECT_QUEUE = 1024  # new-connection events buffered before the greeter drops some
 BOOTSTRAP_RETRY = 2.0  # seconds between attempts to (re)connect to bootstrap peers (a dial to a
@@ -69,11 +70,13 @@ class PeerStatus:
     trusted: bool
     banned: str | None  # the ban reason, when banned
     head: Head | None  # its latest head we accepted
+    membership: str = "pending"  # in our lab: member, stranger or pending
 
     def to_json(self) -> dict[str, Any]:
         return {
             "peer_id": self.peer_id,
             "addrs": self.addrs,
+            "membership": self.membership,
             "trusted": self.trusted,
             "banned": self.banned,
             "head": None if self.head is None else self.head.to_json(),
@@ -81,19 +84,24 @@ class PeerStatus:
 
 
 class _ConnectionEvents(INotifee):
-    """Forwards new connections to the greeter task (never blocks the swarm)."""
+    """Forwards new connections to the greeter task (never blocks the swarm), and
+    tells the lab at once, so that the peer is pending before any stream of it is served."""
 
-    def __init__(self, send: trio.MemorySendChannel[ID]) -> None:
+    def __init__(self, send: trio.MemorySendChannel[ID], lab: Lab) -> None:
         self.send = send
+        self.lab = lab
 
     async def connected(self, network: INetwork, conn: INetConn) -> None:
         peer = getattr(conn.muxed_conn, "peer_id", None)
         if peer is not None:
+            self.lab.connected(peer.to_base58())
             with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
                 self.send.send_nowait(peer)
 
     async def disconnected(self, network: INetwork, conn: INetConn) -> None:
-        pass
+        peer = getattr(conn.muxed_conn, "peer_id", None)
+        if peer is not None and not network.get_connections(peer):
+            self.lab.disconnected(peer.to_base58())
 
     async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
         pass
@@ -133,17 +141,30 @@ class P2PNode:
         on_complete: CompleteCallback | None = None,
         max_followed: int = DEFAULT_MAX_FOLLOWED,
         limiter: NewDatasetLimiter | None = None,
+        lab_key: bytes | None = None,
+        lab_key_next: bytes | None = None,
+        open: bool = False,
+        open_queries: bool = False,
     ) -> None:
         self.network = check_network_name(network)
-        self.listen = [parse_multiaddr(a, "listen") for a in (listen or PRIVATE_LISTEN)]
+        self.listen = [parse_multiaddr(a, "listen") for a in (listen or DEFAULT_LISTEN)]
         self.bootstrap = [parse_peer_addr(a) for a in (bootstrap or [])]
         self.blockstore = blockstore
         self.key_pair = load_or_create_identity(Path(home))
         self.host = new_benchsync_host(self.key_pair, mdns=mdns, announce=announce or ())
         self.policy = AccessPolicy(trusted_peers)
         self.limits = limits or FetchLimits()
+        # The lab: `lab_key` (bytes), else the home's lab.key (created if missing).
+        keys = (lab_key,) if lab_key is not None else load_lab_keys(Path(home))
+        if lab_key_next is not None and lab_key_next not in keys:
+            keys = (*keys, lab_key_next)
+        self.lab = Lab(keys, me=self.peer_id, policy=self.policy, open=open,
+                       open_queries=open_queries)  # fmt: skip
         # Every stream protocol is served and requested through this one adapter.
-        self.streams = StreamAdapter(self.host, network=self.network, policy=self.policy)
+        self.streams = StreamAdapter(
+            self.host, network=self.network, policy=self.policy, membership=self.lab
+        )
+        self.lab.attach(self.streams)
         self.fetcher = Fetcher(
             self.host,
             blockstore,
@@ -173,6 +194,7 @@ class P2PNode:
             replicas=self.syncer.replica_heads,
             reannounce_interval=reannounce_interval,
             admit=self.syncer.admit,
+            lab=self.lab,
         )
         self._cancel = trio.CancelScope()
         self.running = False
@@ -194,7 +216,7 @@ class P2PNode:
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen, serve and sync until cancelled or `stop()`; then close every connection."""
         send, recv = trio.open_memory_channel[ID](CONNECT_QUEUE)
-        self.host.get_network().register_notifee(_ConnectionEvents(send))
+        self.host.get_network().register_notifee(_ConnectionEvents(send, self.lab))
         self.streams.serve(CAR_PROTOCOL_ID, self.provider.new_session, self.provider.answer)
         try:
             with self._cancel:
@@ -218,7 +240,7 @@ class P2PNode:
 
         async def dial(info: PeerInfo) -> None:
             try:
-                with trio.fail_after(DIAL_TIMEOUT):
+                with trio.fail_after(CONNECT_TIMEOUT):
                     await self.host.connect(info)
             except Exception as e:  # down or unreachable: try again later
                 log.info("bootstrap peer %s unreachable: %r", info.peer_id, e)
@@ -242,12 +264,22 @@ class P2PNode:
                 nursery.start_soon(self._greet, peer)
 
     async def _greet(self, peer: ID) -> None:
-        """A peer connected: drop it if banned, else ask for its head (late joiners)."""
+        """A peer connected: drop it if banned, prove lab membership (drop a stranger
+        unless `open`), then ask a member for its head (late joiners)."""
         peer_s = peer.to_base58()
         if self.policy.is_banned(peer_s):
             with trio.move_on_after(CLOSE_TIMEOUT), contextlib.suppress(Exception):
                 await self.host.disconnect(peer)
             return
+        await self.streams.settle(peer_s)
+        state = self.lab.state(peer_s)
+        if state == STRANGER and not self.lab.open:
+            # Hanging up keeps our gossip (and so our heads) from it as well.
+            with trio.move_on_after(CLOSE_TIMEOUT), contextlib.suppress(Exception):
+                await self.host.disconnect(peer)
+            return
+        if state != MEMBER:
+            return  # a stranger of an open lab is served, never asked; an unproven peer waits
         if not self.policy.is_trusted(peer_s):
             return  # we neither follow it nor ask it anything; it gets refusals
         # Peers further away learn our head by gossip once the newcomer is in the mesh.
@@ -290,6 +322,7 @@ class P2PNode:
                     trusted=self.policy.is_trusted(p),
                     banned=self.policy.ban_reason(p),
                     head=self.announcer.book.get(p),
+                    membership=self.lab.state(p) or "pending",
                 )
             )
         return sorted(out, key=lambda s: s.peer_id)
@@ -318,16 +351,19 @@ class P2PNode:
 
     async def open_stream(self, peer_id: str, protocol_id: str) -> INetStream:
         """Open a stream to `peer_id` speaking `protocol_id` (dialing it if needed)."""
-        with trio.fail_after(DIAL_TIMEOUT):
+        with trio.fail_after(CONNECT_TIMEOUT):
             return await self.host.new_stream(ID.from_base58(peer_id), [TProtocol(protocol_id)])
 
     async def connect(self, addr: str) -> str:
-        """Connect to a full `/p2p/` multiaddr; returns the peer ID.
+        """Connect to a full `/p2p/` multiaddr; returns the peer ID once its lab
+        membership is settled (member or stranger; bounded by `MEMBERSHIP_TIMEOUT`).
 
         Raises `HostConfigError` for a malformed address and `trio.TooSlowError`
         or the libp2p dial error when the peer cannot be reached.
         """
         info = parse_peer_addr(addr)
-        with trio.fail_after(DIAL_TIMEOUT):
+        with trio.fail_after(CONNECT_TIMEOUT):
             await self.host.connect(info)
-        return info.peer_id.to_base58()
+        peer = info.peer_id.to_base58()
+        await self.streams.settle(peer)
+        return peer

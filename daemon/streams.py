@@ -5,9 +5,12 @@ Every benchsync stream protocol is a `benchsync.protocol.session.Session`
 over an `INetStream`, and the only place that decides who may use a protocol.
 
 Serving (`StreamAdapter.serve(protocol_id, new_session, handler)`), in order:
-1. `admit(peer, protocol_id)`: the single decision point (today the access
-   policy: trusted peers and bans; lab membership plugs in here). A refused
-   peer gets the session's `Refusal` before we read a byte of its request.
+1. `admit(peer, protocol_id)`: the single decision point: bans, lab
+   membership (`daemon/lab.py`) and `trusted_peers`. A peer whose membership
+   is still being proven is waited for first (`settle`, at most
+   `MEMBERSHIP_TIMEOUT`), so a stream racing the proof is not refused. A
+   refused peer gets the session's `Refusal` before we read a byte of its
+   request.
 2. The request event is read under `request_timeout`; a malformed one is
    answered with a `Refusal` naming the error (the peer is not banned: a
    different version may have sent it).
@@ -18,9 +21,14 @@ exception costs its stream, never the node (py-libp2p tears the host down
 otherwise).
 
 Requesting (`async with adapter.open(peer, protocol_id, session) as ch`):
-`admit` is asked first (`Refused` without dialling), the stream is opened
+the peer's membership is settled and `admit(..., asking=True)` is asked first
+(`Refused` without opening a stream; we never ask a stranger: its heads and
+blocks are not the lab's, even when `open`), the stream is opened
 under `open_timeout`, and closed on success or reset on error when the block
 ends. A `Refusal` event is the caller's to turn into `Refused` (`expect`).
+
+The membership protocol itself is the one exception: `serve_unadmitted` and
+`open_unadmitted` carry it to peers not yet proven (and to strangers).
 """
 
 from __future__ import annotations
@@ -46,10 +54,21 @@ OPEN_TIMEOUT = 10.0  # seconds to dial (if needed) and negotiate a protocol on a
 CLOSE_TIMEOUT = 1.0  # seconds granted to closing or resetting a stream (the peer may be gone)
 
 
+MEMBERSHIP_TIMEOUT = 10.0  # seconds a stream waits for its peer's lab membership to be proven
+
+
 class Admission(Protocol):
     """Decides whether `peer` may use `protocol`: None to admit, else the reason to refuse."""
 
     def __call__(self, peer: str, protocol: str) -> str | None: ...
+
+
+class Membership(Protocol):
+    """Lab membership as the adapter needs it (`benchsync.daemon.lab.Lab`)."""
+
+    async def settle(self, peer: str) -> None: ...
+
+    def refusal(self, peer: str, protocol: str, *, asking: bool = False) -> str | None: ...
 
 
 class Channel:
@@ -119,7 +138,8 @@ class StreamAdapter:
     """Registers protocol handlers on `host` and opens streams, all through `admit`.
 
     `network` is the name every request must carry; `policy` is the access
-    policy `admit` applies (pass `admit=` to add a rule, e.g. lab membership).
+    policy `admit` applies, `membership` the lab (None: no lab check, for
+    tests of a single protocol); `admit=` adds a further rule.
     """
 
     def __init__(
@@ -128,26 +148,45 @@ class StreamAdapter:
         *,
         network: str,
         policy: AccessPolicy,
+        membership: Membership | None = None,
         admit: Admission | None = None,
         request_timeout: float = REQUEST_TIMEOUT,
         open_timeout: float = OPEN_TIMEOUT,
+        membership_timeout: float = MEMBERSHIP_TIMEOUT,
     ) -> None:
         self.host = host
         self.network = network
         self.policy = policy
+        self.membership = membership
+        self.membership_timeout = membership_timeout
         self._extra = admit
         self.request_timeout = request_timeout
         self.open_timeout = open_timeout
 
-    def admit(self, peer: str, protocol: str) -> str | None:
-        """Why `peer` may not use `protocol` with us (either direction), or None.
+    def admit(self, peer: str, protocol: str, *, asking: bool = False) -> str | None:
+        """Why `peer` may not use `protocol` with us (`asking`: we would ask it), or None.
 
-        The one access decision of the node's stream protocols.
+        The one access decision of the node's stream protocols: bans, then lab
+        membership (a stranger is refused, save what `open` serves it), then
+        `trusted_peers`. Call `settle` first: a pending peer is refused here.
         """
-        reason = self.policy.refusal(peer)
+        ban = self.policy.ban_reason(peer)
+        if ban is not None:
+            return f"peer {peer} is temporarily banned by this node: {ban}"
+        reason = None
+        if self.membership is not None:
+            reason = self.membership.refusal(peer, protocol, asking=asking)
+        if reason is None:
+            reason = self.policy.refusal(peer)
         if reason is None and self._extra is not None:
             reason = self._extra(peer, protocol)
         return reason
+
+    async def settle(self, peer: str) -> None:
+        """Wait (at most `membership_timeout`) until `peer`'s lab membership is decided."""
+        if self.membership is not None:
+            with trio.move_on_after(self.membership_timeout):
+                await self.membership.settle(peer)
 
     def check_network(self, request: object) -> str | None:
         """Why a request naming another network is refused, or None when it names ours."""
@@ -169,6 +208,7 @@ class StreamAdapter:
         async def admitted(stream: INetStream) -> None:
             peer = str(remote_peer(stream))
             channel = Channel(stream, new_session(), peer)
+            await self.settle(peer)
             reason = self.admit(peer, protocol_id)
             if reason is not None:
                 await channel.send(Refusal(reason))
@@ -198,7 +238,9 @@ class StreamAdapter:
         """
 
         async def admitted(stream: INetStream) -> None:
-            reason = self.admit(str(remote_peer(stream)), protocol_id)
+            peer = str(remote_peer(stream))
+            await self.settle(peer)
+            reason = self.admit(peer, protocol_id)
             if reason is not None:
                 await stream.write(encode_json_frame(refusal(reason)))
                 return
@@ -210,12 +252,39 @@ class StreamAdapter:
     async def open(self, peer: str, protocol_id: str, session: Session) -> AsyncIterator[Channel]:
         """A channel to `peer` speaking `protocol_id`, closed (or reset on error) at the end.
 
-        Raises `Refused` when `admit` refuses the peer (nothing is dialled),
+        Raises `Refused` when `admit` refuses the peer (no stream of `protocol_id` is opened),
         `trio.TooSlowError` or the libp2p error when the stream cannot be opened.
         """
-        reason = self.admit(peer, protocol_id)
+        await self.settle(peer)
+        reason = self.admit(peer, protocol_id, asking=True)
         if reason is not None:
             raise Refused(f"not asking: {reason}")
+        async with self.open_unadmitted(peer, protocol_id, session) as channel:
+            yield channel
+
+    def serve_unadmitted(
+        self,
+        protocol_id: str,
+        new_session: Callable[[str], Session],
+        handler: Callable[[Channel], Awaitable[None]],
+    ) -> None:
+        """Serve `protocol_id` to every peer, without `admit`: only for the membership proof.
+
+        `new_session(peer)` makes the session; `handler(channel)` runs the
+        whole exchange (the stream is closed after it, reset if it raises).
+        """
+
+        async def handle(stream: INetStream) -> None:
+            peer = str(remote_peer(stream))
+            await handler(Channel(stream, new_session(peer), peer))
+
+        self.host.set_stream_handler(TProtocol(protocol_id), guard_handler(protocol_id, handle))
+
+    @contextlib.asynccontextmanager
+    async def open_unadmitted(
+        self, peer: str, protocol_id: str, session: Session
+    ) -> AsyncIterator[Channel]:
+        """`open` without `settle` and `admit`: only for the membership proof."""
         with trio.fail_after(self.open_timeout):
             stream = await self.host.new_stream(ID.from_base58(peer), [TProtocol(protocol_id)])
         channel = Channel(stream, session, peer)
