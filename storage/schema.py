@@ -13,15 +13,20 @@ Choices, and why:
   they stay unique and monotonically increasing; references are resolved by the
   writer, never taken on trust from a record. Files of the original schema keep
   their constraints: a migration only adds columns and tables.
-- Measurement columns stay FLOAT (32-bit) as in the original, so that migrated
-  and fresh files export identical Parquet schemas; values keep ~7 significant
-  digits.
+- Measurements are DOUBLE (migration 3): the original's FLOAT (32-bit) read
+  `--throughput 9.8` back as 9.800000190734863. Legacy FLOAT values migrate as
+  they are (the FLOAT's exact value, widened). DuckDB refuses to change a
+  column of a table other tables reference, so a file of the original schema
+  (with its keys) has those tables rebuilt in the fresh shape (no key
+  constraints, like fresh files); a table referenced by a table this module
+  does not know is left as it was.
 - Tables this module does not know (web_platform_results, ...) and views are
   left exactly as they are.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -107,6 +112,55 @@ class Migration:
     version: int
     description: str
     statements: tuple[str, ...]
+    # Run after the statements, for what SQL alone cannot say (in the same transaction).
+    apply: Callable[[duckdb.DuckDBPyConnection], None] | None = None
+
+
+def _columns(conn: duckdb.DuckDBPyConnection, table: str) -> list[tuple[str, str]]:
+    return [(str(n), str(t)) for n, t in conn.execute(
+        "SELECT column_name, data_type FROM duckdb_columns() "
+        "WHERE schema_name = 'main' AND table_name = ? ORDER BY column_index", [table],
+    ).fetchall()]  # fmt: skip
+
+
+def _measurements_to_double(conn: duckdb.DuckDBPyConnection) -> None:
+    """Migration 3: every FLOAT column of our tables becomes DOUBLE, values as they are."""
+    present = [t for t in TABLES if _columns(conn, t)]
+    floats = {t: [n for n, kind in _columns(conn, t) if kind == "FLOAT"] for t in present}
+    referencing: dict[str, set[str]] = {}
+    for table, target in conn.execute(
+        "SELECT table_name, referenced_table FROM duckdb_constraints() "
+        "WHERE schema_name = 'main' AND constraint_type = 'FOREIGN KEY'"
+    ).fetchall():
+        referencing.setdefault(str(target), set()).add(str(table))
+    # Rebuilt: referenced tables with FLOAT columns, and every table referencing a
+    # rebuilt one (it must be dropped first). When that reaches a table we do not
+    # know, nothing is rebuilt: the referenced tables keep their FLOAT columns.
+    rebuild = {t for t in present if floats[t] and referencing.get(t)}
+    while (grown := rebuild | {r for t in rebuild for r in referencing.get(t, ())}) != rebuild:
+        rebuild = grown
+    if not rebuild <= set(present):
+        rebuild = set()
+    for table in present:
+        if table not in rebuild and not referencing.get(table):
+            for column in floats[table]:
+                conn.execute(f'ALTER TABLE {table} ALTER COLUMN "{column}" TYPE DOUBLE')
+    order = [t for t in TABLES if t in rebuild]
+    for table in order:
+        new = f"__bs_new_{table}"
+        ddl = next(d for d in _ORIGINAL_DDL if f"EXISTS {table} (" in d)
+        ddl = ddl.replace(f"IF NOT EXISTS {table} (", f"{new} (")
+        conn.execute(ddl.replace(" FLOAT", " DOUBLE"))
+        have = {n for n, _ in _columns(conn, new)}
+        for name, kind in _columns(conn, table):
+            if name not in have:
+                kind = "DOUBLE" if kind == "FLOAT" else kind
+                conn.execute(f'ALTER TABLE {new} ADD COLUMN "{name}" {kind}')
+        conn.execute(f"INSERT INTO {new} BY NAME SELECT * FROM {table}")
+    for table in reversed(order):
+        conn.execute(f"DROP TABLE {table}")
+    for table in order:
+        conn.execute(f"ALTER TABLE __bs_new_{table} RENAME TO {table}")
 
 
 # Forward only, never edited once released: a file at version N gets N+1.. applied.
@@ -120,6 +174,7 @@ MIGRATIONS: tuple[Migration, ...] = (
             for col in ("latency_p90_ms", "latency_p95_ms", "latency_p99_ms")
         ),
     ),
+    Migration(3, "measurements as DOUBLE, not FLOAT", (), _measurements_to_double),
 )
 
 SCHEMA_VERSION: int = MIGRATIONS[-1].version
@@ -174,6 +229,8 @@ def ensure_schema(conn: duckdb.DuckDBPyConnection) -> None:
                 continue
             for statement in migration.statements:
                 conn.execute(statement)
+            if migration.apply is not None:
+                migration.apply(conn)
             conn.execute(
                 f"INSERT INTO {VERSION_TABLE} VALUES (?, ?, ?)",
                 [migration.version, migration.description, now],

@@ -145,9 +145,22 @@ def test_offline_cli_refuses_reading_files(tmp_path: Path) -> None:
     cli = [sys.executable, "-m", "benchsync.daemon.cli"]
     subprocess.run([*cli, "init"], env=env, check=True, capture_output=True, timeout=WAIT)
     rec = subprocess.run([*cli, "record", "perf", "--model", "m", "--hardware", "cpu",
-                          "--throughput", "1"], env=env, capture_output=True, text=True,
+                          "--throughput", "9.8"], env=env, capture_output=True, text=True,
                          timeout=WAIT)  # fmt: skip
     assert rec.returncode == 0, rec.stderr
+    # Issue 10, observations 5 and 6: no file written, no setting or temp table made,
+    # and --throughput 9.8 reads back as 9.8 (DOUBLE, not FLOAT).
+    out = tmp_path / "x.csv"
+    for sql in (f"COPY models TO '{out}'", f"COPY (SELECT 1) TO '{out}'", "SET threads = 1",
+                "CREATE TEMP TABLE t AS SELECT 1"):
+        got = subprocess.run([*cli, "query", sql], env=env, capture_output=True, text=True,
+                             timeout=WAIT, cwd=tmp_path)  # fmt: skip
+        assert got.returncode == 1 and got.stderr.startswith("Error: query refused"), (sql, got)
+        assert not out.exists()
+    got = subprocess.run([*cli, "query", "SELECT throughput_items_per_second AS t "
+                          "FROM performance_results", "--format", "csv"],
+                         env=env, capture_output=True, text=True, timeout=WAIT)  # fmt: skip
+    assert got.returncode == 0 and got.stdout.splitlines() == ["t", "9.8"], got
     for scope in ("local", "replicas"):
         got = subprocess.run(
             [*cli, "query", f"SELECT * FROM read_blob('{home}/identity.key')", "--scope", scope],
