@@ -48,7 +48,7 @@ from benchsync.storage.db import DB_FILENAME, BenchmarkDB, DatabaseClosed
 from benchsync.storage.errors import NotFound, StorageError
 from benchsync.storage.homelock import HomeLock
 from benchsync.storage.limits import QUERY_MEMORY_LIMIT
-from benchsync.storage.replicas import ReplicaStore, check_parquet_schema
+from benchsync.storage.replicas import LOSSLESS_WIDENING, ReplicaStore, check_parquet_schema
 from benchsync.storage.sandbox import QueryError, QueryLimits, run_once
 from benchsync.storage.schema import PRIMARY_KEYS, TABLES, VERSION_TABLE
 from benchsync.storage.scopes import ReplicaTables, ScopeInput, scope_tables
@@ -418,11 +418,14 @@ class LocalDataset:
         src = f"read_parquet({literal(parquet)})"
         want = conn.execute(f"DESCRIBE SELECT * FROM {src}").fetchall()
         got = {r[0]: r[1] for r in conn.execute(f"DESCRIBE {name}").fetchall()}
+        widened = False
         for column, typ in ((r[0], r[1]) for r in want):
             if got.get(column) != typ:
-                raise _not_reproduced(
-                    target, f"{table}.{column} is {got.get(column)}, the version's is {typ}"
-                )
+                if (typ, got.get(column)) not in LOSSLESS_WIDENING:
+                    raise _not_reproduced(
+                        target, f"{table}.{column} is {got.get(column)}, the version's is {typ}"
+                    )
+                widened = True  # a version from before a migration: compare as migrated
         columns = [r[0] for r in want]
         for column in sorted(set(got) - set(columns)):
             n = _one(conn, f"SELECT count({ident(column)}) FROM {name}")[0]
@@ -431,9 +434,12 @@ class LocalDataset:
                     target, f"{table}.{column}, absent from the version, has {n} values"
                 )
         cols = ", ".join(ident(c) for c in columns)
-        checksum = f"SELECT count(*), coalesce(sum(hash({cols})), 0) FROM "
-        in_file = _one(conn, checksum + src)
-        in_table = _one(conn, checksum + name)
+        # The file's columns as the table's types (the same but after a widening migration).
+        cast = [f"CAST({ident(c)} AS {got[c]})" for c in columns]
+        as_table = ", ".join(f"{e} AS {ident(c)}" for e, c in zip(cast, columns, strict=True))
+        checksum = "SELECT count(*), coalesce(sum(hash({})), 0) FROM "
+        in_file = _one(conn, checksum.format(", ".join(cast)) + src)
+        in_table = _one(conn, checksum.format(cols) + name)
         if in_file != in_table:
             raise _not_reproduced(
                 target,
@@ -449,7 +455,18 @@ class LocalDataset:
                 "is unchanged"
             )
         key = PRIMARY_KEYS.get(table)
-        query = f"SELECT {cols} FROM {name}" + (f" ORDER BY {ident(key)}" if key in columns else "")
+        order = f" ORDER BY {ident(key)}" if key in columns else ""
+        table_digest = self._digest(conn, f"SELECT {cols} FROM {name}{order}", key)
+        compare = file_digest
+        if widened:
+            compare = self._digest(conn, f"SELECT {as_table} FROM {src}{order}", key)
+        if None not in (compare, table_digest) and compare != table_digest:
+            raise _not_reproduced(target, f"{table}'s row digest {table_digest} != {compare}")
+        return file_digest
+
+    @staticmethod
+    def _digest(conn: duckdb.DuckDBPyConnection, query: str, key: str | None) -> str | None:
+        """The row digest of what `query` returns (rows in `key` order stream)."""
         # Each read on its own cursor: a result left unfinished blocks its connection.
         cursors: list[duckdb.DuckDBPyConnection] = []
 
@@ -460,15 +477,12 @@ class LocalDataset:
         try:
             first = [batches()]
             schema_arrow = first[0].schema
-            table_digest = rowdigest.table_digest(
+            return rowdigest.table_digest(
                 schema_arrow, lambda: first.pop() if first else batches(), key
             )
         finally:
             for cursor in cursors:
                 cursor.close()
-        if None not in (file_digest, table_digest) and file_digest != table_digest:
-            raise _not_reproduced(target, f"{table}'s row digest {table_digest} != {file_digest}")
-        return file_digest
 
     # CAR export / import ----------------------------------------------------------
     def export_car(self, out: IO[bytes], cid: str | None = None) -> tuple[str, int]:

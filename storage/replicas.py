@@ -37,6 +37,13 @@ from benchsync.storage.snapshot import (
 from benchsync.storage.sqlnames import TABLE_NAME_RE, check_table_name, ident, literal
 
 CURRENT_FILENAME = "CURRENT.json"
+# (file type, table type) pairs whose values load exactly: a version or replica written
+# before a migration widened a column (schema 3: FLOAT -> DOUBLE) still loads and reads.
+LOSSLESS_WIDENING = frozenset({
+    ("FLOAT", "DOUBLE"), ("TINYINT", "SMALLINT"), ("TINYINT", "INTEGER"),
+    ("TINYINT", "BIGINT"), ("SMALLINT", "INTEGER"), ("SMALLINT", "BIGINT"),
+    ("INTEGER", "BIGINT"),
+})  # fmt: skip
 # A dataset is named by its peer ID (base58btc, or a CIDv1 in base32): it names a folder.
 DATASET_RE = re.compile(r"^[A-Za-z0-9]{1,128}$")
 
@@ -76,8 +83,9 @@ def check_parquet_schema(
 ) -> None:
     """Raise BadSnapshot if `path` does not hold rows of our `table`.
 
-    Every column the file shares with our table must have the same type, and
-    the table's primary key must be present. Extra columns (a newer schema) are
+    Every column the file shares with our table must have the same type (or
+    one `LOSSLESS_WIDENING` makes it: a file from before a migration), and the
+    table's primary key must be present. Extra columns (a newer schema) are
     allowed if `extra_columns` (replicas: the union views' BY NAME unions do
     not show them); a restore, which loads the rows into our tables, refuses them.
     """
@@ -104,7 +112,7 @@ def check_parquet_schema(
     if key and key not in got:
         raise BadSnapshot(f"tables/{table}.parquet lacks the key column {key!r}")
     for col, typ in got.items():
-        if col in want and want[col] != typ:
+        if col in want and want[col] != typ and (typ, want[col]) not in LOSSLESS_WIDENING:
             raise BadSnapshot(
                 f"tables/{table}.parquet: column {col!r} is {typ}, expected {want[col]}"
             )
