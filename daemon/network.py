@@ -4,7 +4,8 @@ This module composes the libp2p host (`host.py`), head announcements
 (`announce.py`), block serving and fetching (`fetch.py`) and the replica
 follower (`sync.py`) into the one object the node wires in. It owns the
 host's lifetime (listening, bootstrap, clean close of every connection), the
-reaction to new connections (ask the peer for its head) and the node's one
+reaction to new connections (ask the peer for its head and the peers it
+knows: `peers.py` keeps every known peer connected) and the node's one
 stream adapter (`streams.py`), through which every protocol handler is
 registered, so that a failing handler, or an untrusted or banned peer, costs
 one stream and never the node.
@@ -23,13 +24,13 @@ import trio
 from libp2p.abc import INetConn, INetStream, INetwork, INotifee
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
-from libp2p.peer.peerinfo import PeerInfo
 from multiaddr import Multiaddr
 
 from benchsync.daemon.announce import REANNOUNCE_INTERVAL, Announcer
 from benchsync.daemon.fetch import BlockProvider, Fetcher, FetchLimits
 from benchsync.daemon.host import (
-    DEFAULT_LISTEN,
+    DIAL_TIMEOUT,
+    PRIVATE_LISTEN,
     AccessPolicy,
     new_benchsync_host,
     parse_multiaddr,
@@ -37,6 +38,7 @@ from benchsync.daemon.host import (
 )
 from benchsync.daemon.identity import load_or_create_identity
 from benchsync.daemon.lab import MEMBER, STRANGER, Lab, load_lab_keys
+from benchsync.daemon.peers import EXCHANGE_INTERVAL, PEERSTORE_FILE, PeerExchange, PeerStore
 from benchsync.daemon.streams import StreamAdapter
 from benchsync.daemon.sync import (
     DEFAULT_MAX_FOLLOWED,
@@ -54,11 +56,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CONNECT_TIMEOUT = 10.0  # seconds for one dial + Noise + Yamux handshake
 CLOSE_TIMEOUT = 5.0  # seconds granted to closing the host at shutdown
 CONNECT_QUEUE = 1024  # new-connection events buffered before the greeter drops some
-BOOTSTRAP_RETRY = 2.0  # seconds between attempts to (re)connect to bootstrap peers (a dial to a
-# live loopback peer takes ~10 ms; a restarted peer should be found again within a heartbeat or two)
 
 
 @dataclass(frozen=True)
@@ -145,9 +144,10 @@ class P2PNode:
         lab_key_next: bytes | None = None,
         open: bool = False,
         open_queries: bool = False,
+        exchange_interval: float = EXCHANGE_INTERVAL,
     ) -> None:
         self.network = check_network_name(network)
-        self.listen = [parse_multiaddr(a, "listen") for a in (listen or DEFAULT_LISTEN)]
+        self.listen = [parse_multiaddr(a, "listen") for a in (listen or PRIVATE_LISTEN)]
         self.bootstrap = [parse_peer_addr(a) for a in (bootstrap or [])]
         self.blockstore = blockstore
         self.key_pair = load_or_create_identity(Path(home))
@@ -196,6 +196,18 @@ class P2PNode:
             admit=self.syncer.admit,
             lab=self.lab,
         )
+        # Bootstrap peers, remembered peers and those other peers told us of, kept connected.
+        self.peer_exchange = PeerExchange(
+            self.host,
+            network=self.network,
+            streams=self.streams,
+            policy=self.policy,
+            store=PeerStore(Path(home) / PEERSTORE_FILE),
+            bootstrap=self.bootstrap,
+            own_addrs=lambda: self.addrs,
+            connected=self.connected_peers,
+            exchange_interval=exchange_interval,
+        )
         self._cancel = trio.CancelScope()
         self.running = False
 
@@ -223,8 +235,8 @@ class P2PNode:
                 async with self.host.run(self.listen), trio.open_nursery() as nursery:
                     await nursery.start(self.announcer.run)
                     await nursery.start(self.syncer.run)
+                    await nursery.start(self.peer_exchange.run)
                     nursery.start_soon(self._greeter, recv, nursery)
-                    nursery.start_soon(self._bootstrap_loop)
                     self.running = True
                     task_status.started()
                     await trio.sleep_forever()
@@ -234,25 +246,6 @@ class P2PNode:
             # connection explicitly, even when we are being cancelled.
             with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
                 await self.host.close()
-
-    async def _bootstrap_loop(self) -> None:
-        """Keep a connection to every bootstrap peer (they may start after us)."""
-
-        async def dial(info: PeerInfo) -> None:
-            try:
-                with trio.fail_after(CONNECT_TIMEOUT):
-                    await self.host.connect(info)
-            except Exception as e:  # down or unreachable: try again later
-                log.info("bootstrap peer %s unreachable: %r", info.peer_id, e)
-
-        while True:
-            connected = set(self.host.get_connected_peers())
-            # Concurrently: one peer that is down must not delay reaching the others.
-            async with trio.open_nursery() as dials:
-                for info in self.bootstrap:
-                    if info.peer_id not in connected:
-                        dials.start_soon(dial, info)
-            await trio.sleep(BOOTSTRAP_RETRY)
 
     def stop(self) -> None:
         """Ask `run` to shut down (it returns after closing the host)."""
@@ -282,6 +275,7 @@ class P2PNode:
             return  # a stranger of an open lab is served, never asked; an unproven peer waits
         if not self.policy.is_trusted(peer_s):
             return  # we neither follow it nor ask it anything; it gets refusals
+        self.peer_exchange.peer_connected(peer_s)
         # Peers further away learn our head by gossip once the newcomer is in the mesh.
         self.announcer.announce_soon()
         self.syncer.peer_connected(peer_s)
@@ -289,6 +283,11 @@ class P2PNode:
             await self.announcer.request_head(peer)
         except Exception as e:  # a peer that cannot answer is simply not followed yet
             log.info("head request to %s failed: %r", peer_s, e)
+        # Then the peers it knows, so that we reach every node directly.
+        try:
+            await self.peer_exchange.exchange(peer_s)
+        except Exception as e:  # the periodic exchange tries again
+            log.info("peer exchange with %s failed: %r", peer_s, e)
 
     # --- heads ------------------------------------------------------------------------
 
@@ -327,6 +326,10 @@ class P2PNode:
             )
         return sorted(out, key=lambda s: s.peer_id)
 
+    def dial_states(self) -> list[dict[str, Any]]:
+        """Known peers not connected now: addresses, failed dials, last error, next retry."""
+        return self.peer_exchange.dial_states()
+
     def replica_states(self) -> list[ReplicaState]:
         """Per followed dataset: head seen, head installed, bytes, lag, last error."""
         return self.syncer.replica_states()
@@ -351,7 +354,7 @@ class P2PNode:
 
     async def open_stream(self, peer_id: str, protocol_id: str) -> INetStream:
         """Open a stream to `peer_id` speaking `protocol_id` (dialing it if needed)."""
-        with trio.fail_after(CONNECT_TIMEOUT):
+        with trio.fail_after(DIAL_TIMEOUT):
             return await self.host.new_stream(ID.from_base58(peer_id), [TProtocol(protocol_id)])
 
     async def connect(self, addr: str) -> str:
@@ -362,7 +365,7 @@ class P2PNode:
         or the libp2p dial error when the peer cannot be reached.
         """
         info = parse_peer_addr(addr)
-        with trio.fail_after(CONNECT_TIMEOUT):
+        with trio.fail_after(DIAL_TIMEOUT):
             await self.host.connect(info)
         peer = info.peer_id.to_base58()
         await self.streams.settle(peer)

@@ -328,6 +328,7 @@ class Node:
             "snapshots": self.snapshot_policy.status(),
             "trusted_peers": list(self.config.trusted_peers),
             "peers": self.peers(),
+            "dials": self.p2p.dial_states(),  # known peers not connected: last error, next retry
             "replicas": replicas,
             "transfers": [r["dataset"] for r in replicas if r["syncing"]],
             "received_bytes": self.p2p.fetcher.stats.block_bytes,
