@@ -16,9 +16,14 @@ something on any machine (and on a busy one, whose absolute numbers do not):
   load) takes memory up to its `memory_limit` (80 % of RAM by default), so one
   more snapshot runs with DuckDB capped at DUCKDB_CAP_MIB to show the rest is flat;
 - incremental: bytes a snapshot adds after +1 % rows, as a fraction of the
-  snapshot's bytes.
+  snapshot's bytes;
+- row digest: the time `parquet_digest` (the per-table content identity,
+  `storage/rowdigest.py`) takes over the exported files of --digest-rows rows,
+  as a ratio to DuckDB's Parquet export of the same rows (`--digest-only` runs
+  just this).
 
     .venv/bin/python bench/bench_snapshot.py [--small-mib 50] [--large-mib 300] [--repeat 3]
+    .venv/bin/python bench/bench_snapshot.py --digest-only [--digest-rows 1000000]
 
 Not part of the test run. Takes about 2-3 minutes with the defaults.
 """
@@ -44,7 +49,7 @@ from multiformats import CID
 from benchsync.storage import blockstore
 from benchsync.storage.blockstore import FsBlockstore
 from benchsync.storage.dataset import LocalDataset
-from benchsync.storage.snapshot import add_tables, export_tables
+from benchsync.storage.snapshot import add_tables, export_tables, parquet_digest
 from benchsync.storage.unixfs import CHUNK_SIZE
 
 DATASET = "12D3KooWBenchSnapshotAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
@@ -255,11 +260,41 @@ def throughput(ds: LocalDataset, work: Path, repeat: int) -> list[tuple[str, flo
     return [(name, seconds, base / seconds) for name, seconds in best.items()]
 
 
+def digest_cost(work: Path, rows: int, repeat: int) -> tuple[float, float]:
+    """(export seconds, digest seconds), best of `repeat`, over `rows` performance_results."""
+    with LocalDataset(work / "digest", DATASET) as ds:
+        fill(ds, 0, rows)
+        files: dict[str, Path] = {}
+
+        def export(_: None) -> None:
+            scratch = work / "digest-export"
+            shutil.rmtree(scratch, ignore_errors=True)
+            scratch.mkdir()
+            with ds.db.reader() as conn:
+                files.update(export_tables(conn, scratch))
+
+        export(None)
+        best = best_of_interleaved(
+            repeat,
+            {
+                "export": (nothing, export, lambda _: None),
+                "digest": (
+                    nothing,
+                    lambda _: [parquet_digest(path, table) for table, path in files.items()],
+                    lambda _: None,
+                ),
+            },
+        )
+    return best["export"], best["digest"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--small-mib", type=int, default=50, help="MiB of Parquet (default 50)")
     parser.add_argument("--large-mib", type=int, default=300, help="MiB of Parquet (default 300)")
     parser.add_argument("--repeat", type=int, default=3, help="runs per timing (best kept)")
+    parser.add_argument("--digest-rows", type=int, default=1_000_000, help="rows (default 1M)")
+    parser.add_argument("--digest-only", action="store_true", help="only the row digest's cost")
     parser.add_argument("--child", nargs=2, metavar=("KIND", "HOME"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -268,6 +303,14 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="bench-snapshot-"))
     try:
+        export_s, digest_s = digest_cost(work, args.digest_rows, args.repeat)
+        print(
+            f"row digest: {args.digest_rows:,} rows: export {export_s:.2f} s, digest "
+            f"{digest_s:.2f} s, ratio digest/export {digest_s / export_s:.2f} "
+            f"(best of {args.repeat})"
+        )
+        if args.digest_only:
+            return
         large, large_rows = build(work / "large", args.large_mib)
         table = throughput(large, work, args.repeat)
         parquet = sum(t.bytes for t in large.head().manifest.tables.values())

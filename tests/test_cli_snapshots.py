@@ -8,6 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import duckdb
+
+import benchsync
 from benchsync.storage import car
 
 
@@ -92,3 +95,11 @@ def test_bad_input_gets_error_and_hint(tmp_path: Path) -> None:
     assert r.returncode != 0 and "Error:" in r.stderr
     r = cli(home, "import", str(tmp_path / "missing.car"))
     assert r.returncode != 0 and "no such file" in r.stderr
+
+
+def test_log_json_names_the_writer(tmp_path: Path) -> None:
+    home = tmp_path / "a"
+    record(home, "bert", "10")
+    assert cli(home, "snapshot").returncode == 0
+    log = json.loads(cli(home, "log", "--json").stdout)
+    assert log[0]["writer"] == {"duckdb": duckdb.__version__, "benchsync": benchsync.__version__}
