@@ -29,7 +29,13 @@ from typing import Any
 import pytest
 
 from benchsync.daemon.control import ControlClient
-from benchsync.daemon.demo import NodeProcess, free_port, sample_results, wait_converged
+from benchsync.daemon.demo import (
+    NodeProcess,
+    free_port,
+    lab_key_file,
+    sample_results,
+    wait_converged,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -192,8 +198,9 @@ def perf_count(home: Path) -> int:
 def test_three_nodes_sync_query_survive_kill_and_stop_cleanly(tmp_path: Path) -> None:
     network = f"e2e-{os.getpid()}"
     listeners = [NotifyListener(tmp_path / f"n{i}.sock") for i in range(3)]
+    key = lab_key_file(tmp_path)  # one lab
     nodes = [
-        NodeProcess(tmp_path / f"node{i}", free_port(), network,
+        NodeProcess(tmp_path / f"node{i}", free_port(), network, lab_key=key,
                     extra_args=["--snapshot-interval", "0", "--reannounce-interval", "1"],
                     env={"NOTIFY_SOCKET": str(listeners[i].path),
                          "WATCHDOG_USEC": str(WATCHDOG_USEC),
@@ -316,16 +323,19 @@ def _kill_restart_converge(tmp_path: Path, nodes: list[NodeProcess],
     victim.proc.wait(timeout=10)
     assert victim.proc.returncode == -signal.SIGKILL
 
-    # A peer that is down is reported in the answer, never silently dropped.
+    # A peer that is down is reported in the answer, never silently dropped: its
+    # dataset is answered from node0's replica of it (issue 10), and says so.
     doc = query_json(nodes[0].home, COUNT_BY_HARDWARE, "network",
                      "--timeout", str(NETWORK_QUERY_TIMEOUT))  # fmt: skip
     status = {p["peer_id"]: p for p in doc["peers"]}
-    assert status[victim.peer_id]["status"] in ("unreachable", "timed_out"), doc["peers"]
-    assert status[victim.peer_id]["message"], "the report should say why the peer is missing"
+    # (unreachable, timed out, or refused by the lab's admission: it is not connected)
+    assert status[victim.peer_id]["status"] != "answered", doc["peers"]
+    assert status[victim.peer_id]["message"], "the report should say why the origin is missing"
+    assert status[victim.peer_id]["source"] == "replica" and doc["complete"], doc
     assert status[nodes[1].peer_id]["status"] == "answered"
-    # The answer holds what the live nodes have: node0's and node1's hardware, not node2's.
-    assert sorted(r["hardware_type"] for r in doc["rows"]) == sorted(
-        sample_results(i, 1)[0]["hardware_type"] for i in (0, 1)
+    # The answer holds every dataset: node2's rows as of its replicated snapshot.
+    assert sorted([r["hardware_type"], r["results"]] for r in doc["rows"]) == sorted(
+        [sample_results(i, 1)[0]["hardware_type"], PER_NODE + 1] for i in range(3)
     )
 
     victim.stop()  # closes the old process's pipe
