@@ -357,6 +357,18 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("trusted_peers", PEER_IDS, (),
             "Peer IDs allowed to sync and query with this node; empty means everyone "
             "on the network.", "PEER_ID"),
+    Setting("lab_key", PATH, None,
+            "File holding the lab key (`benchsync lab-key new FILE`): nodes with the same "
+            "key are members of one lab, every other peer is a stranger. Copy it (mode "
+            "0600) to every machine of the lab.", "FILE",
+            default_doc="<home>/lab.key, created on first start (a closed lab of one)"),
+    Setting("lab_key_next", PATH, None,
+            "A second key file held while a lab rotates: peers holding either key are "
+            "members.", "FILE", default_doc="unset"),
+    Setting("open", BOOL, False,
+            "Serve strangers (peers without the lab key) read-only: heads and blocks."),
+    Setting("open_queries", BOOL, False,
+            "With open, also answer strangers' queries."),
     Setting("mdns", BOOL, False,
             "Discover peers on the local network with mDNS (binds every interface)."),
     Setting("snapshot_after_writes", _int_kind(0), 100,
@@ -416,6 +428,10 @@ class Config:
     announce: tuple[str, ...]
     bootstrap: tuple[str, ...]
     trusted_peers: tuple[str, ...]
+    lab_key: str | None
+    lab_key_next: str | None
+    open: bool
+    open_queries: bool
     mdns: bool
     snapshot_after_writes: int
     snapshot_interval: float

@@ -27,6 +27,7 @@ from typing import Any, TextIO
 
 from benchsync.daemon.control import ControlClient
 from benchsync.daemon.identity import load_or_create_identity, peer_id_of
+from benchsync.daemon.lab import LAB_KEY_FILENAME, write_new_key
 
 READY_TIMEOUT = 30.0  # seconds for a node process to print its ready line
 CONVERGE_TIMEOUT = 60.0  # seconds for every node to install every replica
@@ -77,6 +78,7 @@ class NodeProcess:
     bootstrap: list[str] = field(default_factory=list)
     extra_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
+    lab_key: Path | None = None  # the lab's key file (`--lab-key`); None: the home's own
     proc: subprocess.Popen[str] | None = None
     log_path: Path | None = None
 
@@ -105,6 +107,7 @@ class NodeProcess:
             "--listen", f"/ip4/127.0.0.1/tcp/{self.port}",
             "--control-socket", str(self.socket_path),
             *[a for b in self.bootstrap for a in ("--bootstrap", b)],
+            *(["--lab-key", str(self.lab_key)] if self.lab_key is not None else []),
             *self.extra_args,
         ]  # fmt: skip
         env = {k: v for k, v in os.environ.items() if not k.startswith("BENCHSYNC_")}
@@ -158,11 +161,23 @@ class NodeProcess:
         return dict(self.client.get("/v1/status"))
 
 
+def lab_key_file(base: Path) -> Path:
+    """`<base>/lab.key`, created (mode 0600) if missing: one key for a demo's nodes."""
+    base.mkdir(parents=True, exist_ok=True)
+    path = base / LAB_KEY_FILENAME
+    if not path.exists():
+        write_new_key(path)
+    return path
+
+
 def start_lab(
     base: Path, n: int, network: str, extra_args: Iterable[str] = ()
 ) -> list[NodeProcess]:
-    """Start n nodes in parallel, each bootstrapping to every other; wait until all are ready."""
-    nodes = [NodeProcess(base / f"node{i}", free_port(), network, extra_args=list(extra_args))
+    """Start n nodes in parallel, each bootstrapping to every other, all holding one lab
+    key (`<base>/lab.key`, created if missing); wait until all are ready."""
+    key = lab_key_file(base)
+    nodes = [NodeProcess(base / f"node{i}", free_port(), network, extra_args=list(extra_args),
+                         lab_key=key)
              for i in range(n)]  # fmt: skip
     for node in nodes:
         node.bootstrap = [o.addr for o in nodes if o is not node]

@@ -215,7 +215,7 @@ class Lab:
         self.proof_timeout = proof_timeout
         self._entries: dict[str, _Entry] = {}
         self._logged: set[str] = set()
-        self._failures: dict[str, str] = {}  # peer -> why its last exchange failed
+        self._failures: dict[str, Exception] = {}  # peer -> why its last exchange failed
         self.strangers_refused = 0  # streams and gossip input refused because of a stranger
         self.strangers_seen = 0  # exchanges that ended with a stranger verdict
         self._adapter: StreamAdapter | None = None
@@ -300,7 +300,7 @@ class Lab:
             log.info("lab membership exchange with %s failed: %r", peer, e)
             if len(self._failures) >= MAX_LOGGED_STRANGERS:
                 self._failures.clear()
-            self._failures[peer] = str(e) or type(e).__name__
+            self._failures[peer] = e
             if session.checked:
                 outcome = session.member
         finally:
@@ -351,10 +351,15 @@ class Lab:
                 f"peer {peer} is not a member of this node's lab (it holds another lab key); "
                 "copy the lab's key (lab.key) to it and set lab_key"
             )
-        why = self._failures.get(peer)
+        failure = self._failures.get(peer)
+        why = None if failure is None else str(failure) or type(failure).__name__
         return f"peer {peer} has not proven membership of this node's lab" + (
             f" (the last exchange failed: {why})" if why else ""
         )
+
+    def failure(self, peer: str) -> Exception | None:
+        """The error of the last exchange with an unproven peer (e.g. it is unreachable)."""
+        return self._failures.get(peer) if self.state(peer) is None else None
 
     def may_gossip(self, peer: str) -> bool:
         """Whether a pubsub stream with `peer` is kept: a member, or any peer when `open`."""

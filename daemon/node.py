@@ -28,11 +28,12 @@ import trio
 from multiformats import CID
 
 from benchsync import __version__
-from benchsync.daemon.config import Config
+from benchsync.daemon.config import Config, ConfigError
 from benchsync.daemon.control import ControlEndpoints, ControlServer, Router
 from benchsync.daemon.fetch import FetchLimits
 from benchsync.daemon.host import check_listening
 from benchsync.daemon.identity import load_or_create_identity, peer_id_of
+from benchsync.daemon.lab import LabKeyError, load_lab_keys
 from benchsync.daemon.metrics import Metrics, NodeCounters
 from benchsync.daemon.network import P2PNode
 from benchsync.daemon.query import QueryService
@@ -67,6 +68,19 @@ def _free_bytes(path: Path) -> int:
     return shutil.disk_usage(path).free
 
 
+def _lab_settings(config: Config) -> dict[str, Any]:
+    """P2PNode's lab arguments from the settings; a bad key file is a `ConfigError`."""
+    try:
+        keys = load_lab_keys(config.home, config.lab_key, config.lab_key_next)
+    except LabKeyError as e:
+        nxt = config.lab_key_next
+        name = "lab_key_next" if nxt and nxt in e.message else "lab_key"
+        raise ConfigError(name, getattr(config, name), e.message,
+                          source=config.sources.get(name, ""), hint=e.hint) from None
+    return {"lab_key": keys[0], "lab_key_next": keys[1] if len(keys) > 1 else None,
+            "open": config.open, "open_queries": config.open_queries}
+
+
 class Node:
     """One benchsync node on one data directory. Start it with `nursery.start(node.run)`."""
 
@@ -99,6 +113,7 @@ class Node:
             announce=list(config.announce),
             bootstrap=list(config.bootstrap),
             trusted_peers=set(config.trusted_peers),
+            **_lab_settings(config),
             mdns=config.mdns,
             limits=FetchLimits(
                 max_block=config.max_block_bytes,

@@ -70,6 +70,8 @@ class Membership(Protocol):
 
     def refusal(self, peer: str, protocol: str, *, asking: bool = False) -> str | None: ...
 
+    def failure(self, peer: str) -> Exception | None: ...
+
 
 class Channel:
     """One stream driven for one session: events in and out, raw bytes for bulk bodies.
@@ -256,6 +258,9 @@ class StreamAdapter:
         `trio.TooSlowError` or the libp2p error when the stream cannot be opened.
         """
         await self.settle(peer)
+        failure = None if self.membership is None else self.membership.failure(peer)
+        if failure is not None:
+            raise failure  # the proof could not run (unreachable, reset): not a refusal
         reason = self.admit(peer, protocol_id, asking=True)
         if reason is not None:
             raise Refused(f"not asking: {reason}")

@@ -57,6 +57,7 @@ from multiformats import CID
 from benchsync.daemon.control import ControlAPIError, ControlClient
 from benchsync.daemon.coordinator import exchange
 from benchsync.daemon.demo import NodeProcess, free_port
+from benchsync.daemon.lab import encode_key
 from benchsync.daemon.network import P2PNode
 from benchsync.daemon.node import head_of
 from benchsync.protocol.frames import encode_frame, encode_json_frame
@@ -74,6 +75,7 @@ from benchsync.storage.dataset import LocalDataset
 from benchsync.storage.snapshot import FORMAT, MANIFEST_NAME, TABLES_DIR
 
 NETWORK = "hostile"
+LAB_KEY = bytes(range(100, 132))  # the victim's lab; attackers are members unless told
 FSIZE_LIMIT = 64 * 1024 * 1024  # bytes: largest file the victim may write (caps a DAG bomb)
 RSS_KILL = 3 * 1024**3  # bytes of RSS growth (node + children) at which RssWatch kills the victim
 RSS_SAMPLE = 0.02  # seconds between RSS samples
@@ -107,8 +109,13 @@ class VictimNode(NodeProcess):
     def create(cls, root: Path, *, extra_args: Sequence[str] = ()) -> VictimNode:
         sentinel = root / "outside"
         sentinel.mkdir(parents=True, exist_ok=True)
+        # The attackers hold the lab key (`LAB_KEY`): their attacks reach the code they test.
+        key = root / "lab.key"
+        if not key.exists():
+            key.write_text(encode_key(LAB_KEY))
+            key.chmod(0o600)
         return cls(sentinel / "home", free_port(), NETWORK, extra_args=list(extra_args),
-                   env={"PYTHONFAULTHANDLER": "1"}, sentinel=sentinel)  # fmt: skip
+                   env={"PYTHONFAULTHANDLER": "1"}, sentinel=sentinel, lab_key=key)  # fmt: skip
 
     def start(self) -> None:
         args = [
@@ -432,6 +439,7 @@ class _Peer:
 
     def __init__(self, home: Path, **p2p: Any) -> None:
         self.home = home
+        p2p.setdefault("lab_key", LAB_KEY)  # a member; pass lab_key=None for a stranger
         self.p2p = P2PNode(home, network=NETWORK, **p2p)
 
     @property
