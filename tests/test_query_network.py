@@ -181,10 +181,10 @@ async def test_fan_out_equals_one_duckdb_over_the_union(tmp_path: Path) -> None:
             more = records(rng, 25)
             b.db.ingest_records("perf", more)
             union.ingest_records("perf", more)
-            # c is not connected to b but knows its address: it dials b to ask it.
+            # c bootstrapped to a only; it asks b too (dialling it if peer exchange
+            # has not connected them yet).
             info = parse_peer_addr(b.p2p.addrs[0])
             c.p2p.host.get_peerstore().add_addrs(info.peer_id, info.addrs, 600)
-            assert b.peer_id not in c.p2p.connected_peers()
             again = await c.service.execute(GROUP_BY, [1], peers=[a.peer_id, b.peer_id],
                                             timeout_s=10)  # fmt: skip
             assert_same(again.table, union.query(GROUP_BY, [1]))
