@@ -8,7 +8,10 @@ order `--help` shows them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
+import select
 import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -45,7 +48,53 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; its exit code. Every failure the user can act on becomes
-    `Error: ...` / `Try: ...` on stderr, also when trio wrapped it in an exception group."""
+    `Error: ...` / `Try: ...` on stderr, also when trio wrapped it in an exception group.
+
+    Output piped into a reader that stops early (`benchsync log | head`) ends
+    the command quietly, as it ends `cat`: no traceback, exit status 0.
+    """
+    from benchsync.daemon.cli.common import fail
+
+    try:
+        rc = _run(argv)
+    except BrokenPipeError as e:
+        if not _stdout_closed():
+            return fail(user_error(e) or _unexpected(e))  # another pipe: the node's socket
+        return _quiet()
+    try:
+        if sys.stdout is not None:  # None when started with stdout closed (`>&-`)
+            sys.stdout.flush()  # here, not at exit, where a closed pipe prints a traceback
+    except BrokenPipeError:
+        return _quiet()
+    return rc
+
+
+def _quiet() -> int:
+    """stdout's reader has gone: later writes (the final flush at exit) go nowhere."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        os.dup2(devnull, sys.stdout.fileno())
+    return 0
+
+
+def _stdout_closed() -> bool:
+    """Whether stdout is a pipe whose reader has gone (poll reports an error on it)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        events = poller.poll(0)
+    except (OSError, ValueError, AttributeError):
+        return False
+    return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in events)
+
+
+def _unexpected(e: BaseException) -> CLIError:
+    from benchsync.daemon.cli.common import CLIError
+
+    return CLIError(str(e), "run the command again")
+
+
+def _run(argv: list[str] | None) -> int:
     from benchsync.daemon.cli.common import fail
 
     parser = build_parser()
@@ -55,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("Interrupted.", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        raise  # main() tells a closed stdout from another broken pipe
     except BaseExceptionGroup as group:
         leaves = list(_leaves(group))
         if any(isinstance(e, KeyboardInterrupt) for e in leaves):
