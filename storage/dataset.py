@@ -347,6 +347,7 @@ class LocalDataset:
                     # materialize_tables checked names, sizes and rows; the columns are
                     # checked here, against the tables the rows are about to land in.
                     check_parquet_schema(conn, table, parquet, extra_columns=False)
+                    # sql: `name` and `src` are quoted by ident()/literal() right here.
                     name = ident(check_table_name(table))
                     src = f"read_parquet({literal(parquet)})"
                     if table in existing:
@@ -414,6 +415,7 @@ class LocalDataset:
         self, conn: duckdb.DuckDBPyConnection, target: Version, table: str, parquet: Path
     ) -> str | None:
         """One table of `_verify_built`; returns the file's row digest."""
+        # sql: name, src, cols, as_table and order are built from ident()/literal() below.
         name = ident(check_table_name(table))
         src = f"read_parquet({literal(parquet)})"
         want = conn.execute(f"DESCRIBE SELECT * FROM {src}").fetchall()

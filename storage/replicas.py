@@ -234,6 +234,6 @@ class ReplicaStore:
                         f"SELECT {literal(r.dataset)} AS origin, * "
                         f"FROM read_parquet({literal(r.tables[table])})"
                     )
-            body = " UNION ALL BY NAME ".join(parts)
+            body = " UNION ALL BY NAME ".join(parts)  # sql: parts quote with ident()/literal()
             statements.append(f"CREATE OR REPLACE TEMP VIEW {ident(table)} AS {body}")
         return statements

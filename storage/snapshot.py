@@ -552,6 +552,7 @@ def export_tables(conn: Any, dest: Path) -> dict[str, Path]:
     try:
         for table in tables:
             path = dest / f"{check_table_name(table)}{PARQUET_SUFFIX}"
+            # sql: _sort_order() returns ident()-quoted column names of our own table.
             conn.execute(
                 f"COPY (SELECT * FROM {ident(table)} ORDER BY {_sort_order(conn, table)}) "
                 f"TO {literal(path)} "
