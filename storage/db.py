@@ -341,7 +341,7 @@ class BenchmarkDB:
 
     def table_counts(self) -> dict[str, int]:
         """Rows per table of `TABLES`."""
-        with self.reader() as cur:
+        with self.reader() as cur:  # sql: t is one of the schema's own TABLES
             return {t: _scalar(cur, f"SELECT count(*) FROM {t}") for t in TABLES}
 
     # ---- writes of single records ----------------------------------------------------------
@@ -605,6 +605,8 @@ def _filters(*, since: datetime | None, until: datetime | None,
 
 def _select(kind: str, where: list[str], latest_partition: str | None, limit: int | None) -> str:
     """SELECT of a kind's results under their keyword names, joined to model and hardware."""
+    # sql: table, columns and names come from the fixed RULES/KIND_TABLES; `where` holds
+    # this module's own conditions with `?` parameters; the limit is an int.
     table = KIND_TABLES[kind]
     pk = PRIMARY_KEYS[table]
     cols = [f"r.{pk}"]
@@ -634,6 +636,7 @@ def _select(kind: str, where: list[str], latest_partition: str | None, limit: in
 
 
 def _total_rows(conn: duckdb.DuckDBPyConnection) -> int:
+    # sql: t is one of the schema's own TABLES.
     sql = " + ".join(f"(SELECT count(*) FROM {t})" for t in TABLES)
     return _scalar(conn, f"SELECT {sql}")
 
@@ -642,7 +645,7 @@ def _total_rows(conn: duckdb.DuckDBPyConnection) -> int:
 
 def _next_id(conn: duckdb.DuckDBPyConnection, st: _WriterState, table: str, count: int = 1) -> int:
     """Reserve `count` ids of `table` (MAX+1 onwards) and return the first."""
-    if table not in st.next_ids:
+    if table not in st.next_ids:  # sql: table and pk are the schema's own names
         pk = PRIMARY_KEYS[table]
         st.next_ids[table] = _scalar(conn, f"SELECT coalesce(max({pk}), 0) + 1 FROM {table}")
     first = st.next_ids[table]
@@ -651,6 +654,7 @@ def _next_id(conn: duckdb.DuckDBPyConnection, st: _WriterState, table: str, coun
 
 
 def _insert_row(conn: duckdb.DuckDBPyConnection, table: str, row: Mapping[str, Any]) -> None:
+    # sql: row's keys are column names of the fixed RULES; values go in as parameters.
     names = ", ".join(row)
     marks = ", ".join("?" * len(row))
     conn.execute(f"INSERT INTO {table} ({names}) VALUES ({marks})", list(row.values()))
@@ -808,6 +812,8 @@ def _scalar(conn: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None 
 def _ingest(conn: duckdb.DuckDBPyConnection, st: _WriterState, kind: str, flat: pa.Table,
             assertions: list[list[dict[str, Any]]] | None) -> tuple[int, int]:
     """Insert a validated batch; return (records stored, rows written)."""
+    # sql: table, column and rule names come from the fixed RULES/KIND_TABLES; the rows
+    # arrive as the registered Arrow table `_incoming`, never as SQL text.
     n = flat.num_rows
     if n == 0:
         return 0, 0

@@ -33,6 +33,7 @@ from datetime import UTC, datetime
 import duckdb
 
 from benchsync.storage.errors import StorageError
+from benchsync.storage.sqlnames import ident
 
 VERSION_TABLE = "schema_version"
 
@@ -125,6 +126,8 @@ def _columns(conn: duckdb.DuckDBPyConnection, table: str) -> list[tuple[str, str
 
 def _measurements_to_double(conn: duckdb.DuckDBPyConnection) -> None:
     """Migration 3: every FLOAT column of our tables becomes DOUBLE, values as they are."""
+    # sql: tables are the schema's own TABLES; column names and types come from the file's
+    # catalogue (a legacy file may carry any column name), so columns go through ident().
     present = [t for t in TABLES if _columns(conn, t)]
     floats = {t: [n for n, kind in _columns(conn, t) if kind == "FLOAT"] for t in present}
     referencing: dict[str, set[str]] = {}
@@ -144,7 +147,7 @@ def _measurements_to_double(conn: duckdb.DuckDBPyConnection) -> None:
     for table in present:
         if table not in rebuild and not referencing.get(table):
             for column in floats[table]:
-                conn.execute(f'ALTER TABLE {table} ALTER COLUMN "{column}" TYPE DOUBLE')
+                conn.execute(f"ALTER TABLE {table} ALTER COLUMN {ident(column)} TYPE DOUBLE")
     order = [t for t in TABLES if t in rebuild]
     for table in order:
         new = f"__bs_new_{table}"
@@ -155,7 +158,7 @@ def _measurements_to_double(conn: duckdb.DuckDBPyConnection) -> None:
         for name, kind in _columns(conn, table):
             if name not in have:
                 kind = "DOUBLE" if kind == "FLOAT" else kind
-                conn.execute(f'ALTER TABLE {new} ADD COLUMN "{name}" {kind}')
+                conn.execute(f"ALTER TABLE {new} ADD COLUMN {ident(name)} {kind}")
         conn.execute(f"INSERT INTO {new} BY NAME SELECT * FROM {table}")
     for table in reversed(order):
         conn.execute(f"DROP TABLE {table}")
@@ -169,7 +172,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         2,
         "p90/p95/p99 latency columns on performance_results",
-        tuple(
+        tuple(  # sql: fixed column names
             f"ALTER TABLE performance_results ADD COLUMN IF NOT EXISTS {col} FLOAT"
             for col in ("latency_p90_ms", "latency_p95_ms", "latency_p99_ms")
         ),
