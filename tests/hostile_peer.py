@@ -122,7 +122,8 @@ class VictimNode(NodeProcess):
             sys.executable, "-m", "benchsync.daemon.cli", "up",
             "--home", str(self.home), "--network", self.network,
             "--listen", f"/ip4/127.0.0.1/tcp/{self.port}",
-            "--control-socket", str(self.socket_path), *self.extra_args,
+            "--control-socket", str(self.socket_path), "--lab-key", str(self.lab_key),
+            *self.extra_args,
         ]  # fmt: skip
         env = {k: v for k, v in os.environ.items() if not k.startswith("BENCHSYNC_")}
         env.update(self.env)
@@ -515,9 +516,9 @@ class _Peer:
 class HostilePeer(_Peer):
     """A peer that serves hostile snapshots from memory and speaks every protocol wrongly."""
 
-    def __init__(self, home: Path) -> None:
+    def __init__(self, home: Path, **p2p: Any) -> None:
         self.store = MemoryBlockstore()
-        super().__init__(home, blockstore=self.store, reannounce_interval=1.0)
+        super().__init__(home, blockstore=self.store, reannounce_interval=1.0, **p2p)
         self._seqno = 0
 
     def next_seqno(self) -> int:

@@ -29,6 +29,7 @@ import pytest
 import trio
 from hostile_peer import (
     CHUNK,
+    NETWORK,
     HonestPeer,
     HostilePeer,
     RssWatch,
@@ -166,6 +167,36 @@ async def assert_unharmed(
     )
     outside = victim.outside_writes(also)
     assert not outside, f"after {after}, the node wrote outside its home: {outside}"
+
+
+# --- issue 20: a stranger (another lab key) ---------------------------------------------------
+
+
+async def test_stranger_gets_nothing_and_its_head_is_not_installed(
+    lab: Lab, victim: VictimNode
+) -> None:
+    async with peers(lab, attackers=0) as (honest, _):
+        # Open, so that it does not hang up on the victim itself (a stranger to it).
+        stranger = HostilePeer(lab.root / "attackers" / f"stranger{next(lab.peers)}",
+                               lab_key=bytes(32), open=True)  # fmt: skip
+        async with trio.open_nursery() as nursery:
+            await nursery.start(stranger.p2p.run)
+            head = fake_head(stranger.key_pair)
+            with contextlib.suppress(Exception):  # its gossip stream is reset or never opened
+                await stranger.announce_to(victim, head, stranger.next_seqno())
+            for protocol in (HEAD_PROTOCOL_ID, CAR_PROTOCOL_ID, QUERY_PROTOCOL_ID):
+                got = b""
+                try:
+                    stream = await stranger.open(victim, protocol)
+                    await stream.write(encode_frame(json.dumps({"network": NETWORK}).encode()))
+                    got = (await drain(stream, protocol, 10.0)).reply
+                except Exception:  # hung up on: nothing served either
+                    pass
+                assert b'"ok"' not in got and b"PAR1" not in got, (protocol, got[:200])
+            nursery.cancel_scope.cancel()
+        replicas = {r["dataset"] for r in victim.status()["replicas"]}
+        assert stranger.peer_id not in replicas
+        await assert_unharmed(victim, honest, "a stranger's attempts")
 
 
 # --- finding 1: link names are paths and SQL ----------------------------------------------------
