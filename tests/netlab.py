@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from benchsync.daemon.control import ControlClient, ControlUnavailable
+from benchsync.daemon.demo import lab_key_file
 
 PREFIX = "bsnl"  # every namespace of ours: bsnl<pid>-<lab>-<machine>; .ci/run removes bsnl*
 SUBNET4 = "10.77.0"
@@ -119,6 +120,7 @@ class Machine:
             "BENCHSYNC_HOME": str(self.home),
             "BENCHSYNC_CONTROL_SOCKET": str(self.socket),
             "BENCHSYNC_NETWORK": self.lab.network,
+            "BENCHSYNC_LAB_KEY": str(self.lab.lab_key),  # every machine in one lab
             "BENCHSYNC_MDNS": "false",
             "PYTHONUNBUFFERED": "1",
         }
@@ -207,6 +209,7 @@ class Lab:
         self.switch = f"{self.prefix}-sw"
         self.network = network
         self.node_args = node_args
+        self.lab_key = lab_key_file(root)
         self.machines = [Machine(self, i) for i in range(1, n + 1)]
 
     def __enter__(self) -> Lab:
