@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 COMMAND_MODULES = [
     "init",
+    "lab_key",
     "up",
     "status",
     "demo",
