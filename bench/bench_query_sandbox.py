@@ -78,8 +78,8 @@ def main() -> int:
             after_write += timed(through_node, 1)
 
         con = duckdb.connect(str(copy), read_only=True)
-        con.execute(SQL).fetchall()
-        baseline = timed(lambda: con.execute(SQL).to_arrow_table(), args.repeat)
+        con.sql(SQL).to_arrow_table()
+        baseline = timed(lambda: con.sql(SQL).to_arrow_table(), args.repeat)
         con.close()
 
         cli = timed(lambda: subprocess.run(
