@@ -13,6 +13,9 @@ from benchsync.storage.db import DB_FILENAME, BenchmarkDB
 
 
 def cli(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    if not home.exists():  # only init and up create a data directory
+        init = [sys.executable, "-m", "benchsync.daemon.cli", "init", "--home", str(home)]
+        subprocess.run(init, capture_output=True, check=True, timeout=120)
     argv = [sys.executable, "-m", "benchsync.daemon.cli", *args, "--home", str(home)]
     return subprocess.run(argv, capture_output=True, text=True, timeout=60)
 

@@ -17,6 +17,9 @@ from benchsync.storage import car
 def cli(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("BENCHSYNC_")}
     env["BENCHSYNC_HOME"] = str(home)
+    if not home.exists():  # only init and up create a data directory
+        subprocess.run([sys.executable, "-m", "benchsync.daemon.cli", "init"], env=env,
+                       capture_output=True, check=True, timeout=120)  # fmt: skip
     return subprocess.run(
         [sys.executable, "-m", "benchsync.daemon.cli", *args],
         env=env, capture_output=True, text=True, timeout=120,

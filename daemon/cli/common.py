@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import os
 import sys
@@ -12,6 +13,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from benchsync.daemon.control import ControlClient
     from benchsync.storage.dataset import LocalDataset
+
+SYSTEMD_STATE_DIR = Path("/var/lib/benchsync")  # the unit's StateDirectory=benchsync (its home)
+SYSTEMD_RUNTIME_DIR = Path("/run/benchsync")  # the unit's RuntimeDirectory=benchsync
 
 
 class CLIError(Exception):
@@ -84,19 +88,33 @@ def parse_size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 64M or 300000)") from None
 
 
-def open_dataset(args: argparse.Namespace) -> LocalDataset:
-    """Open the data directory offline (no running node), creating it on first use.
+def require_home(home: Path) -> None:
+    """Refuse a data directory that `init` or `up` never made (a mistyped --home).
 
-    Raises IdentityError for an unusable key file and OSError when the directory
-    cannot be created. The database itself opens on first use; a node holding it
-    makes that raise DatabaseLocked. `main` turns each into an error with a hint.
+    Raises `CLIError`: only `init` and `up` create a data directory, so that a
+    typo never makes a new identity or an empty version.
+    """
+    if not home.is_dir():
+        raise CLIError(
+            f"{home} is not a benchsync data directory (no such directory)",
+            "check --home / $BENCHSYNC_HOME; `benchsync init` (or `benchsync up`) creates one",
+        )
+
+
+def open_dataset(args: argparse.Namespace) -> LocalDataset:
+    """Open an existing data directory offline (no running node).
+
+    Raises CLIError for a data directory that does not exist (`require_home`),
+    IdentityError for an unusable key file. The database itself opens on first
+    use; a node holding it makes that raise DatabaseLocked. `main` turns each
+    into an error with a hint.
     """
     from benchsync.daemon.identity import load_or_create_identity, peer_id_of
     from benchsync.storage.dataset import LocalDataset
 
     home = data_dir(getattr(args, "home", None))
-    home.mkdir(parents=True, exist_ok=True)
-    key_pair = load_or_create_identity(home)  # IdentityError: `main` gives the hint
+    require_home(home)
+    key_pair = load_or_create_identity(home)  # exists: loaded; IdentityError: `main` hints
     return LocalDataset(home, peer_id_of(key_pair))
 
 
@@ -110,10 +128,25 @@ def node_client(args: argparse.Namespace) -> ControlClient | None:
         config = load_config(home, getattr(args, "config", None))
     except ConfigError as e:
         raise CLIError(str(e), "fix the setting named above (see `benchsync config docs`)") from e
-    client = ControlClient(
-        socket_path=config.control_socket, timeout=getattr(args, "timeout", None) or 300.0
-    )
-    return client if client.available() else None
+    timeout = getattr(args, "timeout", None) or 300.0
+    for path in control_sockets(home, config.control_socket, config.sources.get("control_socket")):
+        client = ControlClient(socket_path=path, timeout=timeout)
+        if client.available():
+            return client
+    return None
+
+
+def control_sockets(home: Path, configured: Path, source: str | None) -> list[Path]:
+    """Where the node of `home` may listen: the configured socket, then, unless it
+    was set explicitly, the systemd unit's (RuntimeDirectory) for its StateDirectory."""
+    from benchsync.daemon.config import CONTROL_SOCKET_NAME
+
+    out = [configured]
+    if source in (None, "default", "$RUNTIME_DIRECTORY"):
+        with contextlib.suppress(OSError):
+            if home.resolve() == SYSTEMD_STATE_DIR.resolve():
+                out.append(SYSTEMD_RUNTIME_DIR / CONTROL_SOCKET_NAME)
+    return list(dict.fromkeys(out))
 
 
 def call_node(client: ControlClient, method: str, path: str, body: Any = None) -> Any:

@@ -14,7 +14,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from benchsync.daemon.cli.common import CLIError, call_node, data_dir, node_client
+from benchsync.daemon.cli.common import (
+    CLIError,
+    call_node,
+    data_dir,
+    node_client,
+    require_home,
+)
 from benchsync.daemon.control import ControlClient
 from benchsync.storage.db import DB_FILENAME, BenchmarkDB, DatabaseLocked
 from benchsync.storage.errors import InvalidRecord, StorageError
@@ -76,8 +82,8 @@ def run(args: argparse.Namespace) -> int:
     client = node_client(args)
     if client is not None:  # the running node owns the database: record through it
         return _record_via_node(client, kind, args.from_file, fields)
+    require_home(data_dir(args.home))  # only init and up create a data directory
     path = data_dir(args.home) / DB_FILENAME
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
         with BenchmarkDB(path) as db:
             if args.from_file:
