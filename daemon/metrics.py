@@ -51,6 +51,7 @@ class NodeCounters:
     announcements_rejected: int
     bans: int
     replica_lag: Mapping[str, int]  # dataset -> versions behind its owner's announced head
+    strangers_refused: int = 0  # streams and gossip refused because the peer is not in our lab
 
 
 class Metrics:
@@ -98,6 +99,10 @@ class Metrics:
         )  # fmt: skip
         self.verification_failures = Counter(
             "verification_failures", "Data from peers that failed verification", ["kind"],
+            namespace=ns, registry=r,
+        )  # fmt: skip
+        self.strangers_refused = Counter(
+            "strangers_refused", "Streams and gossip refused because the peer is not in our lab",
             namespace=ns, registry=r,
         )  # fmt: skip
         self.peers = Gauge("peers", "Connected peers", namespace=ns, registry=r)
@@ -185,6 +190,7 @@ class Metrics:
         self.fetch_bytes.labels("sent").inc(grown("bytes_sent"))
         self.verification_failures.labels("announcement").inc(grown("announcements_rejected"))
         self.verification_failures.labels("block").inc(grown("bans"))
+        self.strangers_refused.inc(grown("strangers_refused"))
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric of this node."""

@@ -390,6 +390,7 @@ class Node:
             blocks_sent=served.blocks, bytes_sent=served.block_bytes,
             announcements_rejected=self.p2p.announcer.rejected,
             bans=self.p2p.policy.bans_total,
+            strangers_refused=self.p2p.lab.strangers_refused,
             replica_lag={s.dataset: s.lag_seq for s in self.p2p.replica_states()},
         )  # fmt: skip
 

@@ -175,5 +175,7 @@ def run_peers(args: argparse.Namespace) -> int:
         head = p.get("head") or {}
         seq = head.get("seq", "-") if isinstance(head, dict) else "-"
         root = head.get("root") if isinstance(head, dict) else None
-        print(f"{p['peer_id']}  head {_short(root)} seq {seq}  {' '.join(p.get('addrs', [])[:1])}")
+        lab = p.get("membership", "-")  # member, stranger or pending (issue 20)
+        print(f"{p['peer_id']}  {lab}  head {_short(root)} seq {seq}  "
+              f"{' '.join(p.get('addrs', [])[:1])}")
     return 0
