@@ -82,7 +82,8 @@ async def run(args: argparse.Namespace, tmp: Path) -> None:
     union_sandbox = QuerySandbox(memory_limit=MEMORY_LIMIT, threads=1)
     union_sandbox.load({t: union_db.query(f"SELECT * FROM {t}") for t in union_tables})
 
-    nodes = [P2PNode(tmp / f"n{i}", network=NETWORK, blockstore=MemoryBlockstore())
+    nodes = [P2PNode(tmp / f"n{i}", network=NETWORK, blockstore=MemoryBlockstore(),
+                     lab_key=bytes(32))  # one lab
              for i in range(args.nodes)]  # fmt: skip
     services = [QueryService(n, db, network=NETWORK, max_rows=2_000_000)
                 for n, db in zip(nodes, dbs, strict=True)]  # fmt: skip

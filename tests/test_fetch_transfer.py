@@ -43,6 +43,7 @@ from benchsync.protocol.heads import Head
 from benchsync.storage import car, unixfs
 from benchsync.storage.blockstore import Blockstore, FsBlockstore, MemoryBlockstore
 from benchsync.storage.cid import DAG_PB, RAW, block_cid, cid_text
+from tests.test_p2p import LAB_KEY, join_lab
 
 NETWORK = "lab"
 TIMEOUT = 30  # seconds: bound for one two-node scenario on a loaded 2-core box
@@ -113,7 +114,8 @@ def p2p_node(
     tmp: Path, name: str, store: Blockstore | None = None, limits: FetchLimits | None = None
 ) -> P2PNode:
     blocks = store or FsBlockstore(tmp / name / "blocks", fsync=False)
-    return P2PNode(tmp / name, network=NETWORK, blockstore=blocks, retry_delay=0.2, limits=limits)
+    return P2PNode(tmp / name, network=NETWORK, blockstore=blocks, retry_delay=0.2, limits=limits,
+                   lab_key=LAB_KEY)  # fmt: skip
 
 
 class CorruptsOneLeaf(MemoryBlockstore):
@@ -190,6 +192,7 @@ async def test_provider_stalling_mid_batch_costs_no_complete_block(
         await release.wait()
 
     host = new_benchsync_host(create_new_key_pair())
+    join_lab(host, LAB_KEY)  # a scripted provider inside the lab
     r = p2p_node(tmp_path, "r")
     with trio.fail_after(TIMEOUT):
         async with host.run([multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):

@@ -28,7 +28,7 @@ from libp2p.utils.varint import encode_uvarint
 from multiaddr import Multiaddr
 
 from benchsync.daemon.host import new_benchsync_host
-from tests.test_p2p import TIMEOUT, Node, head_for, make_dag, running, wait_for
+from tests.test_p2p import TIMEOUT, Node, head_for, join_lab, make_dag, running, wait_for
 
 SHA2_256 = 0x12  # multihash code: a peer ID of this kind does not embed its key
 
@@ -36,6 +36,7 @@ SHA2_256 = 0x12  # multihash code: a peer ID of this kind does not embed its key
 @asynccontextmanager
 async def hostile_host() -> AsyncIterator[IHost]:
     host = new_benchsync_host(create_new_key_pair())
+    join_lab(host)  # a member (issue 20): its attacks reach the gossip code they test
     async with host.run([Multiaddr("/ip4/127.0.0.1/tcp/0")]):
         try:
             yield host

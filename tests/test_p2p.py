@@ -17,12 +17,14 @@ from typing import Any
 
 import pytest
 import trio
-from libp2p.abc import INetStream
+from libp2p.abc import IHost, INetStream
 from libp2p.network.exceptions import SwarmException
 from multiformats import CID
 
 from benchsync.daemon.host import AccessPolicy
+from benchsync.daemon.lab import Lab
 from benchsync.daemon.network import P2PNode
+from benchsync.daemon.streams import StreamAdapter
 from benchsync.protocol.fetch import missing_blocks
 from benchsync.protocol.frames import Refused
 from benchsync.protocol.heads import Head, encode_head
@@ -105,6 +107,14 @@ async def running(*nodes: Node) -> AsyncIterator[trio.Nursery]:
             await nursery.start(n.p2p.run)
         yield nursery
         nursery.cancel_scope.cancel()
+
+
+def join_lab(host: IHost, key: bytes = LAB_KEY) -> Lab:
+    """Make a bare scripted host answer the membership proof as a member holding `key`."""
+    policy = AccessPolicy()
+    lab = Lab((key,), me=host.get_id().to_base58(), policy=policy)
+    lab.attach(StreamAdapter(host, network=NETWORK, policy=policy, membership=lab))
+    return lab
 
 
 async def wait_for(node: Node, predicate: Callable[[], bool]) -> None:
