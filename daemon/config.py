@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import ipaddress
 import os
 import re
 import tomllib
@@ -412,10 +413,24 @@ SETTINGS: tuple[Setting, ...] = (
             default_doc="unset"),
     Setting("metrics", BOOL, True,
             "Serve Prometheus metrics at GET /metrics on the control API."),
+    Setting("web_listen", _str_kind("host:port", "HOST:PORT", _check_host_port), None,
+            "Serve the read-only lab dashboard (HTML pages, SVG charts, CSV and JSON) on "
+            "this TCP address, e.g. 127.0.0.1:7480. An address other than loopback needs "
+            "web_token, or web_public to serve it to anyone who can connect.",
+            "HOST:PORT", default_doc="unset (no dashboard)"),
+    Setting("web_token", _str_kind("string", "a token", _check_token), None,
+            f"Token the dashboard asks for (at least {MIN_TOKEN_LENGTH} characters): a "
+            "browser gives it as the password of HTTP Basic authentication (any user "
+            "name), a script as `Authorization: Bearer <token>`.", "TOKEN",
+            default_doc="unset"),
+    Setting("web_public", BOOL, False,
+            "Serve the dashboard on a non-loopback web_listen without a token (it is "
+            "read-only, but shows every result and peer of the lab)."),
     Setting("log_level", _str_kind("level", "a log level", _check_log_level), "info",
             f"Log verbosity: {', '.join(LOG_LEVELS)}.", "LEVEL"),
 )  # fmt: skip
 SETTINGS_BY_NAME: Mapping[str, Setting] = {s.name: s for s in SETTINGS}
+SECRET_SETTINGS = frozenset({"control_token", "web_token"})  # shown as "***"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -449,6 +464,9 @@ class Config:
     control_tcp: str | None
     control_token: str | None
     metrics: bool
+    web_listen: str | None
+    web_token: str | None
+    web_public: bool
     log_level: str
     # Where each setting's value came from: "default", "<file>:<line>", "$ENV", "--flag".
     sources: Mapping[str, str] = dataclasses.field(default_factory=dict, compare=False)
@@ -461,6 +479,14 @@ class Config:
         host, _, port = self.control_tcp.rpartition(":")
         return host.strip("[]"), int(port)
 
+    @property
+    def web_address(self) -> tuple[str, int] | None:
+        """`web_listen` split into (host, port), or None."""
+        if self.web_listen is None:
+            return None
+        host, _, port = self.web_listen.rpartition(":")
+        return host.strip("[]"), int(port)
+
     def to_dict(self, *, redact: bool = True) -> dict[str, Any]:
         """The settings as JSON-able values (the token shown as "***" unless redact=False)."""
         out: dict[str, Any] = {"home": str(self.home)}
@@ -470,7 +496,7 @@ class Config:
                 v = list(v)
             elif isinstance(v, Path):
                 v = str(v)
-            if s.name == "control_token" and v is not None and redact:
+            if s.name in SECRET_SETTINGS and v is not None and redact:
                 v = "***"
             out[s.name] = v
         return out
@@ -554,7 +580,37 @@ def load_config(
                  f"{MIN_TOKEN_LENGTH} characters (e.g. `openssl rand -hex 32`), or unset "
                  "control_tcp",
         )  # fmt: skip
+    _check_web_exposure(values, sources)
     return Config(home=home_path, sources=sources, **values)
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether `host` (a name or an IP address) is this machine's loopback only."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to any interface
+
+
+def _check_web_exposure(values: Mapping[str, Any], sources: Mapping[str, str]) -> None:
+    """A dashboard beyond loopback needs a token or an explicit web_public."""
+    listen = values["web_listen"]
+    if listen is None or values["web_token"] is not None or values["web_public"]:
+        return
+    host = listen.rpartition(":")[0]
+    if _is_loopback(host):
+        return
+    raise ConfigError(
+        "web_listen", listen,
+        "not a loopback address, so anyone who can reach it would see every result of "
+        "the lab; it needs web_token (or web_public)",
+        source=sources["web_listen"],
+        hint=f"set BENCHSYNC_WEB_TOKEN to a random string of at least {MIN_TOKEN_LENGTH} "
+             "characters (e.g. `openssl rand -hex 32`), pass --web-public to serve it to "
+             "anyone, or listen on 127.0.0.1",
+    )  # fmt: skip
 
 
 def _read_file(path: Path) -> dict[str, tuple[Any, str]]:

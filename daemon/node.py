@@ -146,6 +146,7 @@ class Node:
         self.dataset.on_write.append(self.metrics.writes.inc)
         self._head_lock = trio.Lock()  # snapshot, restore and migrate replace the head / the DB
         self.endpoints: ControlEndpoints | None = None
+        self.web_address: tuple[str, int] | None = None  # the dashboard's, once it listens
         self.started_at = time.time()
 
     # --- lifecycle --------------------------------------------------------------------------
@@ -164,6 +165,8 @@ class Node:
         (DatabaseDamaged) or a listener cannot be opened (ListenError,
         ControlSocketError); the database is closed either way.
         """
+        from benchsync.daemon.web import web_server
+
         if router is None:
             from benchsync.daemon.api import control_router
 
@@ -183,6 +186,9 @@ class Node:
                 server = ControlServer.from_config(router, self.config)
                 endpoints: ControlEndpoints = await nursery.start(server.run)
                 self.endpoints = endpoints
+                web = web_server(self)  # the dashboard, when web_listen is set
+                if web is not None:
+                    self.web_address = await nursery.start(web.run)
                 await nursery.start(self.snapshot_policy.run)
                 if self.notifier.watchdog_interval:
                     await nursery.start(run_watchdog, self.notifier)

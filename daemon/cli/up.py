@@ -83,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = config_mod.config_from_args(home, args)
     except config_mod.ConfigError as e:
-        raise CLIError(str(e), "fix the setting named above (see `benchsync config docs`)") from e
+        raise CLIError(str(e), e.hint or "fix the setting named above (see `benchsync config docs`)"
+                       ) from e
     setup_logging(config.log_level)
     return trio.run(serve, config)
 
@@ -148,6 +149,12 @@ async def serve(config: config_mod.Config) -> int:
                 outer.cancel_scope.cancel()
                 return code
             # One machine-readable line on stdout, for scripts and the demo.
+            web = f" web=http://{_host_port(*node.web_address)}/" if node.web_address else ""
             print(f"ready peer_id={node.peer_id} control={endpoints.socket_path} "
-                  f"addrs={','.join(node.p2p.addrs)}", flush=True)  # fmt: skip
+                  f"addrs={','.join(node.p2p.addrs)}{web}", flush=True)  # fmt: skip
     return 0
+
+
+def _host_port(host: str, port: int) -> str:
+    """`host:port` for a URL (an IPv6 address in brackets)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
