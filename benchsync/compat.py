@@ -25,10 +25,10 @@ every field either maps onto a benchsync setting or is reported once, as a
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import logging
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +40,7 @@ from benchsync.storage.dataset import LocalDataset, sidecar_path
 from benchsync.storage.db import BenchmarkDB
 from benchsync.storage.errors import NotFound, StorageError
 from benchsync.storage.migrate import MigrationError, backup_file, validate_legacy
-from benchsync.storage.snapshot import Version, atomic_write
+from benchsync.storage.snapshot import IncompleteSnapshot, Version, atomic_write
 
 __all__ = [
     "BenchmarkDBAPI",
@@ -191,6 +191,21 @@ def _node_client() -> Any:
     return None
 
 
+def _node_dataset() -> LocalDataset:
+    """The local node's data directory, for its blocks only (no lock, no database)."""
+    from benchsync.daemon.cli.common import data_dir
+
+    return LocalDataset(data_dir(), "compat", read_only=True)
+
+
+def _copy_version(src: LocalDataset, dst: LocalDataset, cid: str) -> None:
+    """Copy the blocks of version `cid` as a verified CAR; the importer pins the root."""
+    with tempfile.TemporaryFile(dir=src.tmp) as car_file:
+        src.export_car(car_file, cid)
+        car_file.seek(0)
+        dst.import_cars([(f"{cid}.car", car_file)])
+
+
 def _require_node() -> Any:
     client = _node_client()
     if client is None:
@@ -232,6 +247,7 @@ class IPFSDBBackend:
         if pin:
             self.dataset.pin(version.cid)
         _old_sidecar(self.dataset)
+        self._publish(version.cid)
         return version.cid
 
     def restore_from_ipfs(self, cid: str | None = None) -> bool:
@@ -248,7 +264,7 @@ class IPFSDBBackend:
         try:
             try:
                 self.dataset.restore(cid)
-            except NotFound:
+            except (NotFound, IncompleteSnapshot):  # not here (or only partly): ask the lab
                 if not self._fetch_from_node(cid):
                     return False
                 self.dataset.restore(cid)
@@ -268,23 +284,26 @@ class IPFSDBBackend:
                         "runs to fetch it (start one with `benchsync up`)", cid)
             return False
         try:
-            answer = client.post("/v1/fetch", {"cid": cid})
-            node_home = Path(answer["home"])
-        except (ControlAPIError, KeyError, TypeError) as e:
+            client.post("/v1/fetch", {"cid": cid})
+            node = _node_dataset()
+            try:
+                _copy_version(node, self.dataset, cid)
+            finally:
+                node.close()
+        except (ControlAPIError, StorageError) as e:
             log.warning("restore_from_ipfs(%s): the local node could not fetch it: %s", cid, e)
             return False
-        node_dataset = LocalDataset(node_home, "compat-reader", read_only=True)
-        try:
-            buf = io.BytesIO()
-            node_dataset.export_car(buf, cid)
-        except StorageError as e:
-            log.warning("restore_from_ipfs(%s): reading the node's copy failed: %s", cid, e)
-            return False
-        finally:
-            node_dataset.close()
-        buf.seek(0)
-        self.dataset.import_cars([(f"{cid}.car", buf)])
         return True
+
+    def _publish(self, cid: str) -> None:
+        """Put version `cid` in the local node's blockstore (pinned), where peers fetch it."""
+        if _node_client() is None:
+            return
+        node = _node_dataset()
+        try:
+            _copy_version(self.dataset, node, cid)
+        finally:
+            node.close()
 
     def get_current_cid(self) -> str | None:
         head = self.dataset.head()

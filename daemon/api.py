@@ -120,6 +120,7 @@ class ControlAPI:
         r.add("POST", "/v1/snapshot", self.snapshot)
         r.add("GET", "/v1/history", self.history)
         r.add("POST", "/v1/restore", self.restore)
+        r.add("POST", "/v1/fetch", self.fetch)
         r.add("POST", "/v1/migrate", self.migrate)
         if self.node.config.metrics:
             r.add("GET", "/metrics", self.metrics)
@@ -215,6 +216,25 @@ class ControlAPI:
         with answering(RESTORE_FAILED):
             version = await self.node.restore(body["cid"])
         return 200, version.to_json()
+
+    async def fetch(self, request: Request) -> tuple[int, Any]:
+        """Make the DAG under a CID present in our blockstore, from the connected peers."""
+        from multiformats import CID
+
+        from benchsync.daemon.fetch import FetchFailed
+
+        body = request.json()
+        try:
+            root = CID.decode(body["cid"])
+        except (TypeError, KeyError, ValueError) as e:
+            raise ApiError(400, "bad_request", 'expected {"cid": "..."}', str(e)) from None
+        providers = [p["peer_id"] for p in self.node.peers()]
+        try:
+            with answering():
+                result = await self.node.p2p.fetcher.fetch(root, providers)
+        except FetchFailed as e:
+            raise ApiError(404, "not_found", str(e), "is a node holding it connected?") from e
+        return 200, {"cid": str(root), "blocks": result.stats.blocks}
 
     async def migrate(self, request: Request) -> tuple[int, Any]:
         """Migrate legacy files into the running node's dataset (the node owns the database)."""

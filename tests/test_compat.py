@@ -218,3 +218,64 @@ def test_benchsync_migrate_accepts_the_old_json_config(workdir: Path) -> None:
                         "--verbose"], env=env, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     assert "migrated" in p.stdout and not (workdir / "old2.duckdb.pre-benchsync-backup").exists()
+
+
+# --- against real nodes ---------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_any_machine_restore_and_distributed_query_through_nodes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two machines of one lab: a version made on A restores on B (B's node fetches it from
+    A's), and a distributed query on B answers with both nodes' rows."""
+    import time
+
+    from benchsync.daemon.demo import NodeProcess, free_port, lab_key_file
+
+    key = lab_key_file(tmp_path)  # one lab
+    a, b = (NodeProcess(tmp_path / n, free_port(), f"compat-{os.getpid()}", lab_key=key,
+                        extra_args=["--snapshot-interval", "0"]) for n in ("a", "b"))
+    a.bootstrap, b.bootstrap = [b.addr], [a.addr]
+    try:
+        a.start(), b.start()
+        a.wait_ready(), b.wait_ready()
+        deadline = time.monotonic() + 30
+        while not b.client.get("/v1/peers")["peers"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        # machine A: a version of its own file, which its node now holds for the lab
+        (tmp_path / "work-a").mkdir()
+        monkeypatch.chdir(tmp_path / "work-a")
+        monkeypatch.setenv("BENCHSYNC_HOME", str(a.home))
+        ns = run_example("versions.py")
+        cid_v1 = ns["cid_v1"]
+        close_all(ns)
+        # machine B: never had it
+        (tmp_path / "work-b").mkdir()
+        monkeypatch.chdir(tmp_path / "work-b")
+        monkeypatch.setenv("BENCHSYNC_HOME", str(b.home))
+        ns = run_example("any_machine.py", CID_V1=cid_v1)
+        api2 = ns["api2"]
+        assert api2.restore_from_ipfs(cid_v1) is True  # (again: now it is here)
+        assert [r["model_name"] for r in api2.query_performance_results()] == [
+            "bert-base-uncased"]
+        # the distributed query: each node's own rows, from B
+        a.client.post("/v1/record/perf", {"model_name": "on-a", "hardware_type": "cpu",
+                                            "batch_size": 1, "throughput": 1.0})
+        b.client.post("/v1/record/perf", {"model_name": "on-b", "hardware_type": "cpu",
+                                            "batch_size": 1, "throughput": 2.0})
+        api = BenchmarkDBAPIIPFS(db_path="dist.duckdb", enable_distributed=True)
+        rows = api.execute_distributed_query(
+            "SELECT model_name, sum(throughput_items_per_second) AS t FROM performance_results "
+            "JOIN models USING (model_id) GROUP BY model_name ORDER BY model_name")
+        assert rows == [{"model_name": "on-a", "t": 1.0}, {"model_name": "on-b", "t": 2.0}]
+        assert api.get_status()["node"]["peer_id"] == b.peer_id
+        api.close()
+        close_all(ns)
+    except BaseException:
+        for node in (a, b):
+            print(f"--- {node.home.name} log ---\n{node.tail_log(40)}", file=sys.stderr)
+        raise
+    finally:
+        for node in (a, b):
+            node.stop()
