@@ -397,6 +397,11 @@ SETTINGS: tuple[Setting, ...] = (
             "Bytes of Arrow data one query may return.", "SIZE"),
     Setting("query_memory_limit", _size_kind(16 * MiB), QUERY_MEMORY_LIMIT,
             "DuckDB memory limit for queries served to peers.", "SIZE"),
+    Setting("query_ship_max_bytes", _size_kind(MiB), 1 * GiB,
+            "Bytes of table rows a network query may gather from all nodes when it cannot "
+            "be split (CTEs, subqueries, ...: the query then runs here over every node's "
+            "rows). Each node still answers within its own query_max_bytes and "
+            "query_max_rows.", "SIZE"),
     Setting("db_memory_limit", _size_kind(64 * MiB), 1 * GiB,
             "DuckDB memory limit of the node's own database; larger sorts (the snapshot "
             "export) spill to disk instead of growing with the database.", "SIZE"),
@@ -459,6 +464,7 @@ class Config:
     query_max_rows: int
     query_max_bytes: int
     query_memory_limit: int
+    query_ship_max_bytes: int
     db_memory_limit: int
     control_socket: Path
     control_tcp: str | None

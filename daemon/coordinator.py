@@ -21,6 +21,16 @@ Every node answers for its dataset as the `replicas` scope shows it (an
 `origin` column, globally unique ids: `benchsync.storage.scopes`), so an
 origin's answer and a replica's are interchangeable. The partial answers
 are merged in a sandbox worker.
+
+A `shipped` plan (CTEs, subqueries, ...: see the planner) has one node part
+per base table the query reads: each dataset ships those tables' named
+columns, one request after the other on its own stream each (so a peer's
+fairness limits hold), asking for up to `query_ship_max_bytes` and clamped
+by the peer's own limits (a peer's refusal leaves its dataset to its
+replica, else missing: a partial answer, never a wrong one). The bytes of
+every dataset's shipped tables together are bounded by `ship_max_bytes`
+(`ResultTooLarge` naming the setting); the coordinator runs the caller's
+query over the union of each table.
 """
 
 from __future__ import annotations
@@ -36,6 +46,7 @@ import trio
 from libp2p.abc import INetStream
 
 from benchsync.daemon.answers import table_json
+from benchsync.daemon.config import SETTINGS_BY_NAME
 from benchsync.daemon.host import remote_peer
 from benchsync.daemon.local_query import LocalQueryService
 from benchsync.daemon.network import P2PNode
@@ -43,6 +54,8 @@ from benchsync.daemon.streams import Channel
 from benchsync.protocol.frames import Interrupted, ProtocolError, Refused
 from benchsync.protocol.planner import PARTIALS_TABLE, PlanError, QueryPlan, check_partial, plan_sql
 from benchsync.protocol.query import (
+    MAX_RESULT_BYTES,
+    MAX_ROWS,
     MAX_TIMEOUT,
     QUERY_PROTOCOL_ID,
     QueryMessageError,
@@ -54,7 +67,13 @@ from benchsync.protocol.query import (
 from benchsync.protocol.session import REQUESTER
 from benchsync.storage.distquery import DUCKDB, PartialsMismatch, union_partials
 from benchsync.storage.replicas import Replica
-from benchsync.storage.sandbox import InvalidSQL, QueryError, QueryRefused, QueryTimeout
+from benchsync.storage.sandbox import (
+    InvalidSQL,
+    QueryError,
+    QueryRefused,
+    QueryTimeout,
+    ResultTooLarge,
+)
 from benchsync.storage.sandbox_worker import from_ipc
 
 # Part of the remaining time kept back when asking a peer, so that its own
@@ -64,6 +83,9 @@ DEADLINE_MARGIN_SHARE = 0.2  # of the remaining time, when that is less
 # Of the remaining time, what dialling an unconnected origin may take when we hold
 # a replica of its dataset: the rest is the replica's.
 REPLICA_DIAL_SHARE = 0.5
+# Bytes of shipped base-table rows one network query may gather (all datasets together).
+DEFAULT_SHIP_MAX_BYTES: int = SETTINGS_BY_NAME["query_ship_max_bytes"].default
+SHIP_SETTING = "query_ship_max_bytes"
 
 PeerState = Literal["answered", "timed_out", "refused", "unreachable", "error"]
 ANSWERED: PeerState = "answered"
@@ -202,10 +224,12 @@ class _NoAnswer(Exception):
 class Coordinator:
     """Runs network queries for one node: its own part in `local`, the peers' over `p2p`."""
 
-    def __init__(self, p2p: P2PNode, local: LocalQueryService, *, network: str) -> None:
+    def __init__(self, p2p: P2PNode, local: LocalQueryService, *, network: str,
+                 ship_max_bytes: int = DEFAULT_SHIP_MAX_BYTES) -> None:  # fmt: skip
         self.p2p = p2p
         self.local = local
         self.network = network
+        self.ship_max_bytes = ship_max_bytes
 
     def default_peers(self) -> list[str]:
         """Every dataset of the network we know of, but our own: connected peers,
@@ -243,6 +267,8 @@ class Coordinator:
         `allow_partial` (its `.result` is the partial answer), and
         `DistributedQueryError` when no dataset answered at all.
         `require_all` is accepted and ignored: requiring every dataset is the default.
+        A `shipped` plan raises ResultTooLarge when the shipped rows exceed
+        `ship_max_bytes` (the `query_ship_max_bytes` setting).
         """
         del require_all  # the default behaviour now; kept so that old callers still work
         if isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float) \
@@ -252,21 +278,30 @@ class Coordinator:
                                   or not all(isinstance(p, str) for p in peers)):
             raise ValueError("peers must be a list of peer ID strings")
         started = time.monotonic()
+        answer_rows, answer_bytes = max_rows, max_bytes
         deadline = trio.current_time() + timeout_s
         plan = await trio.to_thread.run_sync(plan_sql, sql, params, DUCKDB)
         targets = list(dict.fromkeys(peers if peers is not None else self.default_peers()))
         targets = [p for p in targets if p != self.p2p.peer_id]
         statuses: dict[str, PeerResult] = {}
-        partials: dict[str, pa.Table] = {}
+        partials: dict[str, dict[str, pa.Table]] = {}  # dataset -> node part name -> answer
+        if plan.strategy == "shipped":  # bounded by bytes (the setting), not by the answer's rows
+            max_rows, max_bytes = MAX_ROWS, min(self.ship_max_bytes, MAX_RESULT_BYTES)
+        shipped_bytes = [0]
+
+        def count_shipped(tables: Mapping[str, pa.Table]) -> None:
+            if plan.strategy != "shipped":
+                return
+            shipped_bytes[0] += sum(t.nbytes for t in tables.values())
+            if shipped_bytes[0] > self.ship_max_bytes:
+                fatal.append(_ship_too_large(shipped_bytes[0], self.ship_max_bytes))
+                nursery.cancel_scope.cancel()
 
         async def ask_local() -> None:
             t0 = time.monotonic()
             me = self.p2p.peer_id
             try:
-                table = await self.local.execute(
-                    plan.node_sql, timeout_s=max(0.001, deadline - trio.current_time()),
-                    max_rows=max_rows, max_bytes=max_bytes, scope="dataset", dataset=me,
-                )  # fmt: skip
+                tables = await self._run_parts(plan, me, deadline, max_rows, max_bytes)
             except (InvalidSQL, QueryRefused) as e:
                 # The caller's SQL: every node would say the same. Stop asking.
                 fatal.append(e)
@@ -277,9 +312,10 @@ class Coordinator:
                 statuses[me] = PeerResult(me, state, f"{e.kind}: {e}",
                                           elapsed_s=time.monotonic() - t0, local=True)  # fmt: skip
                 return
-            partials[me] = table
-            statuses[me] = PeerResult(me, ANSWERED, rows=table.num_rows, source=ORIGIN,
+            partials[me] = tables
+            statuses[me] = PeerResult(me, ANSWERED, rows=_rows(tables), source=ORIGIN,
                                       elapsed_s=time.monotonic() - t0, local=True)  # fmt: skip
+            count_shipped(tables)
 
         async def ask(peer: str) -> None:
             replica = self._replica(peer)
@@ -296,6 +332,7 @@ class Coordinator:
             statuses[peer] = result
             if table is not None:
                 partials[peer] = table
+                count_shipped(table)
 
         fatal: list[QueryError] = []
         async with trio.open_nursery() as nursery:
@@ -315,12 +352,17 @@ class Coordinator:
         # Local first, then by peer ID: the merge input order is deterministic.
         inputs = [partials[p.peer_id] for p in ordered if p.peer_id in partials]
         for i, t in enumerate(inputs):
-            check_partial(plan, i, t.column_names)
+            check_partial(plan, i, t[PARTIALS_TABLE].column_names if PARTIALS_TABLE in t else [])
+        unions: dict[str, pa.Table] = {}
         try:
-            union = await trio.to_thread.run_sync(union_partials, inputs)
+            for name, _ in plan.node_parts():
+                unions[name] = await trio.to_thread.run_sync(
+                    union_partials, [t[name] for t in inputs])
         except PartialsMismatch as e:
             raise PlanError(str(e)) from None
-        table = await self.local.merge(plan.merge_sql, {PARTIALS_TABLE: union},
+        if plan.strategy == "shipped":  # the caller's limits bound the answer, not the input
+            max_rows, max_bytes = answer_rows, answer_bytes
+        table = await self.local.merge(plan.merge_sql, unions,
                                        max_rows=max_rows, max_bytes=max_bytes,
                                        timeout_s=max(1.0, deadline - trio.current_time()))
         result = DistributedResult(table, ordered, plan.strategy, plan.reason,
@@ -336,27 +378,57 @@ class Coordinator:
     async def _ask_replica(
         self, result: PeerResult, replica: Replica, plan: QueryPlan, deadline: float,
         max_rows: int, max_bytes: int,
-    ) -> pa.Table | None:  # fmt: skip
-        """The plan's node part over our replica of `result`'s dataset (its origin did
+    ) -> dict[str, pa.Table] | None:  # fmt: skip
+        """The plan's node parts over our replica of `result`'s dataset (its origin did
         not answer); fills in `result`'s source, seq and lag. None when it fails too."""
         try:
-            table = await self.local.execute(
-                plan.node_sql, timeout_s=max(0.001, deadline - trio.current_time()),
-                max_rows=max_rows, max_bytes=max_bytes, scope="dataset",
-                dataset=replica.dataset,
-            )  # fmt: skip
+            tables = await self._run_parts(plan, replica.dataset, deadline, max_rows, max_bytes)
         except QueryError as e:
             result.message += f"; its replica (seq {replica.seq}) failed too: {e.kind}: {e}"
             return None
         state = next((s for s in self.p2p.replica_states() if s.dataset == replica.dataset), None)
-        result.source, result.seq, result.rows = REPLICA, replica.seq, table.num_rows
+        result.source, result.seq, result.rows = REPLICA, replica.seq, _rows(tables)
         result.lag_seq = 0 if state is None else state.lag_seq
         result.lag_s = 0.0 if state is None else state.lag_seconds
-        return table
+        return tables
+
+    async def _run_parts(self, plan: QueryPlan, dataset: str, deadline: float,
+                         max_rows: int, max_bytes: int) -> dict[str, pa.Table]:  # fmt: skip
+        """Every node part of `plan` over `dataset` here (own data or replica), in turn."""
+        out = {}
+        for name, sql in plan.node_parts():
+            out[name] = await self.local.execute(
+                sql, timeout_s=max(0.001, deadline - trio.current_time()),
+                max_rows=max_rows, max_bytes=max_bytes, scope="dataset", dataset=dataset,
+            )  # fmt: skip
+        return out
 
     async def _ask_peer(
         self, peer: str, plan: QueryPlan, deadline: float, max_rows: int, max_bytes: int,
         *, open_deadline: float | None = None,
+    ) -> tuple[PeerResult, dict[str, pa.Table] | None]:  # fmt: skip
+        """Every node part of `plan` from `peer`, one stream each, in turn: all
+        of them, or None and why (the first part that failed)."""
+        t0 = time.monotonic()
+        out: dict[str, pa.Table] = {}
+        wire = 0
+        for name, sql in plan.node_parts():
+            result, table = await self._ask_peer_part(peer, plan, sql, deadline, max_rows,
+                                                      max_bytes, open_deadline=open_deadline)
+            wire += result.bytes
+            if table is None:
+                if len(plan.node_parts()) > 1:
+                    result.message = f"table {name}: {result.message}"
+                result.bytes, result.elapsed_s = wire, time.monotonic() - t0
+                return result, None
+            out[name] = table
+            open_deadline = None  # connected now
+        return PeerResult(peer, ANSWERED, rows=_rows(out), bytes=wire, source=ORIGIN,
+                          elapsed_s=time.monotonic() - t0), out
+
+    async def _ask_peer_part(
+        self, peer: str, plan: QueryPlan, sql: str, deadline: float, max_rows: int,
+        max_bytes: int, *, open_deadline: float | None = None,
     ) -> tuple[PeerResult, pa.Table | None]:  # fmt: skip
         t0 = time.monotonic()
 
@@ -377,7 +449,7 @@ class Coordinator:
                         remaining = deadline - trio.current_time()
                         margin = min(DEADLINE_MARGIN, remaining * DEADLINE_MARGIN_SHARE)
                         request = QueryRequest(
-                            sql=plan.node_sql, max_rows=max_rows, max_bytes=max_bytes,
+                            sql=sql, max_rows=max_rows, max_bytes=max_bytes,
                             timeout_s=min(MAX_TIMEOUT, max(0.001, remaining - margin)),
                         )  # fmt: skip
                         response, wire = await ask(channel, request, network=self.network)
@@ -424,7 +496,18 @@ class Coordinator:
         return result, table
 
 
-def _drop_mistyped(partials: dict[str, pa.Table], ordered: list[PeerResult], me: str) -> None:
+def _rows(tables: Mapping[str, pa.Table]) -> int:
+    return sum(t.num_rows for t in tables.values())
+
+
+def _ship_too_large(got: int, limit: int) -> ResultTooLarge:
+    return ResultTooLarge(f"rows shipped to the coordinator, in bytes (setting {SHIP_SETTING})",
+                          limit=limit, got=got)  # fmt: skip
+
+
+def _drop_mistyped(
+    partials: dict[str, dict[str, pa.Table]], ordered: list[PeerResult], me: str
+) -> None:
     """Turn a peer whose partial answer cannot be unified with ours into an error.
 
     One peer answering with the wrong column types (a bug or a lie) would
@@ -432,13 +515,15 @@ def _drop_mistyped(partials: dict[str, pa.Table], ordered: list[PeerResult], me:
     """
     if me not in partials:
         return
-    ours = partials[me].schema.empty_table()
+    ours = partials[me]
     for result in ordered:
-        table = partials.get(result.peer_id)
-        if result.peer_id == me or table is None:
+        tables = partials.get(result.peer_id)
+        if result.peer_id == me or tables is None:
             continue
         try:
-            pa.concat_tables([ours, table.schema.empty_table()], promote_options="permissive")
+            for name, table in tables.items():
+                pa.concat_tables([ours[name].schema.empty_table(), table.schema.empty_table()],
+                                 promote_options="permissive")  # fmt: skip
         except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
             del partials[result.peer_id]
             result.status, result.source = ERROR, None

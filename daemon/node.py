@@ -134,6 +134,7 @@ class Node:
             memory_limit=f"{max(16, config.query_memory_limit // 2**20)}MiB",
             replicas=self.dataset.replicas,
             dataset=self.peer_id,
+            ship_max_bytes=config.query_ship_max_bytes,
         )
         self.snapshot_policy = SnapshotPolicy(
             self.snapshot,

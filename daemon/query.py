@@ -19,7 +19,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from benchsync.daemon.coordinator import Coordinator, DistributedResult
+from benchsync.daemon.coordinator import DEFAULT_SHIP_MAX_BYTES, Coordinator, DistributedResult
 from benchsync.daemon.local_query import (
     DEFAULT_LIMITS,
     DEFAULT_MEMORY_LIMIT,
@@ -56,6 +56,7 @@ class QueryService:
         limits: ServerLimits | None = None,
         replicas: ReplicaStore | None = None,
         dataset: str | None = None,
+        ship_max_bytes: int = DEFAULT_SHIP_MAX_BYTES,
     ) -> None:
         """`db` is the node's BenchmarkDB or a callable returning the current one;
         `replicas` and `dataset` (the own dataset ID, default the node's peer ID)
@@ -63,7 +64,8 @@ class QueryService:
 
         `timeout_s`, `max_rows` and `max_bytes` are the defaults of `execute`
         and (with `memory_limit`) what this node grants to peers' queries,
-        unless `limits` spells the latter out.
+        unless `limits` spells the latter out. `ship_max_bytes` bounds the
+        rows a network query that cannot be split gathers from all nodes.
         """
         self.p2p = p2p
         self.network = network or p2p.network
@@ -77,7 +79,8 @@ class QueryService:
         self.local = LocalQueryService(db, limits=limits, replicas=replicas,
                                        dataset=dataset or p2p.peer_id)  # fmt: skip
         self.server = QueryServer(self.local)
-        self.coordinator = Coordinator(p2p, self.local, network=self.network)
+        self.coordinator = Coordinator(p2p, self.local, network=self.network,
+                                       ship_max_bytes=ship_max_bytes)
 
     def database_replaced(self) -> None:
         """The node swapped its database object (restore): re-read it on the next query."""

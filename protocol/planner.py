@@ -22,13 +22,21 @@ Two strategies:
   the rest of the query references; the coordinator runs the rest of the query
   over the union. Still exact, just more bytes. The plan's `reason` says why.
 
-Joins are evaluated inside each node: cross-node grouping is by values, never
-by local ids. Subqueries, CTEs, set operations, table functions and sampling
-are refused with `PlanError` (each would be evaluated per node and give a
-different answer than one database).
+- ``shipped``: what neither splits (CTEs, derived tables, scalar and IN
+  subqueries, set operations, table functions, SELECT * over a join). Each
+  node ships the columns the query names of every base table it reads
+  (`ShippedTable`: ``SELECT COLUMNS('(?i)^(origin|...)$') FROM t``, rows in
+  the replicas scope's shape: an `origin` column and origin-tagged ids, so
+  joins stay within one origin); the coordinator runs the original query over
+  the union of each table. Exact whatever the SQL, and the most bytes: the
+  daemon bounds them (`query_ship_max_bytes`).
+
+Joins are evaluated inside each node in the first two strategies: cross-node
+grouping is by values, never by local ids.
 
 The node part reads the node's tables; the merge part reads one table named
-`PARTIALS_TABLE` holding the union of the nodes' answers.
+`PARTIALS_TABLE` holding the union of the nodes' answers (``shipped``: the
+base tables' own names, each the union of the nodes' shipped rows).
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
@@ -43,6 +52,9 @@ from typing import Any, Literal, Protocol
 PARTIALS_TABLE = "partials"  # the coordinator's name for the union of node answers
 PREFIX = "__bs_"  # prefix of planner-made column names; user aliases never start with it
 MAX_SQL_AST_DEPTH = 200  # nesting levels; deeper ASTs are refused (recursion guard)
+ORIGIN_COLUMN = "origin"  # every shipped table carries it (the replicas scope's shape)
+# Names a shipped table or column may have: pasted into the node's SQL, so nothing else.
+_PLAIN_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 # Aggregates with an exact merge, by DuckDB function name.
 DECOMPOSABLE = frozenset(
@@ -70,7 +82,7 @@ DEFAULT_AGGREGATES = DECOMPOSABLE | frozenset(
     }
 )  # fmt: skip
 
-Strategy = Literal["decomposed", "rows"]
+Strategy = Literal["decomposed", "rows", "shipped"]
 NameOf = Callable[[dict[str, Any]], str]
 
 
@@ -81,6 +93,25 @@ class PlanError(ValueError):
 
 class _NotDecomposable(Exception):
     """Internal: this query needs the `rows` strategy; the message is the reason."""
+
+
+class _NeedsShipping(Exception):
+    """Internal: this query needs the `shipped` strategy; the message is the reason."""
+
+
+@dataclass(frozen=True)
+class ShippedTable:
+    """One base table every node ships for a `shipped` plan.
+
+    `sql` is what each node runs over its dataset (the replicas scope's
+    shape); `columns` the lower-case names it keeps (always `origin`), or
+    None for every column. The coordinator loads the union of the nodes'
+    answers under `table`.
+    """
+
+    table: str
+    columns: tuple[str, ...] | None
+    sql: str
 
 
 @dataclass(frozen=True)
@@ -98,6 +129,7 @@ class AstPlan:
     merge_ast: dict[str, Any]
     output_columns: tuple[str, ...]
     partial_columns: tuple[str, ...] = ()
+    shipped: tuple[ShippedTable, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -107,6 +139,8 @@ class QueryPlan:
     Every node runs `node_sql` over its own tables and answers with columns
     `partial_columns`; the coordinator runs `merge_sql` over one table named
     `PARTIALS_TABLE`, the union of those answers, giving `output_columns`.
+    A `shipped` plan has no `node_sql`: every node runs each of `shipped`'s
+    queries, and `merge_sql` (the caller's query) reads the union of each.
     """
 
     strategy: Strategy
@@ -115,6 +149,13 @@ class QueryPlan:
     merge_sql: str
     output_columns: tuple[str, ...]
     partial_columns: tuple[str, ...]
+    shipped: tuple[ShippedTable, ...] = ()
+
+    def node_parts(self) -> tuple[tuple[str, str], ...]:
+        """(table name at the coordinator, SQL every node runs) of each node part."""
+        if self.strategy == "shipped":
+            return tuple((t.table, t.sql) for t in self.shipped)
+        return ((PARTIALS_TABLE, self.node_sql),)
 
 
 class SqlDialect(Protocol):
@@ -300,21 +341,17 @@ def _check_from(table: dict[str, Any], depth: int = 0) -> None:
     kind = table.get("type")
     if kind == "BASE_TABLE":
         if table.get("sample") is not None:
-            raise PlanError("TABLESAMPLE cannot be split across nodes; remove the sample")
+            raise _NeedsShipping("TABLESAMPLE samples every node's rows at the coordinator")
         return
     if kind == "JOIN":
         _check_from(table["left"], depth + 1)
         _check_from(table["right"], depth + 1)
         return
     if kind == "EMPTY":
-        raise PlanError("a distributed query must read a table; add FROM <table>")
-    what = {"SUBQUERY": "subqueries in FROM", "TABLE_FUNCTION": "table functions"}.get(
-        str(kind), f"FROM items of type {kind}"
-    )
-    raise PlanError(
-        f"{what} cannot be split across nodes (each node would evaluate it on its own rows); "
-        "query the tables directly"
-    )
+        raise _NeedsShipping("no FROM table: the query runs at the coordinator")
+    what = {"SUBQUERY": "a derived table (subquery in FROM)",
+            "TABLE_FUNCTION": "a table function"}.get(str(kind), f"a FROM item of type {kind}")
+    raise _NeedsShipping(f"{what} is evaluated over every node's rows at the coordinator")
 
 
 def _the_select(ast: Mapping[str, Any]) -> dict[str, Any]:
@@ -324,24 +361,18 @@ def _the_select(ast: Mapping[str, Any]) -> dict[str, Any]:
     if len(statements) != 1:
         raise PlanError(f"expected exactly one statement, got {len(statements)}")
     node = statements[0].get("node") or {}
-    if node.get("type") != "SELECT_NODE":
-        raise PlanError(
-            f"only a single SELECT can run across nodes, not {node.get('type')}; "
-            "run set operations (UNION, ...) as separate queries"
-        )
-    if (node.get("cte_map") or {}).get("map"):
-        raise PlanError("WITH (CTEs) cannot be split across nodes; inline the query")
-    if node.get("sample") is not None:
-        raise PlanError("USING SAMPLE cannot be split across nodes; remove the sample")
-    _check_from(node["from_table"])
     for e in _walk(node):
-        if e.get("class") == "SUBQUERY":
-            raise PlanError(
-                "subqueries cannot be split across nodes (each node would evaluate "
-                "them on its own rows); run them as separate queries"
-            )
         if e.get("class") == "PARAMETER":
             raise PlanError("unbound query parameter; pass params (bind_parameters)")
+    if node.get("type") != "SELECT_NODE":
+        raise _NeedsShipping(f"a {node.get('type')} (UNION, ...) runs at the coordinator")
+    if (node.get("cte_map") or {}).get("map"):
+        raise _NeedsShipping("WITH (CTEs) are evaluated over every node's rows at the coordinator")
+    if node.get("sample") is not None:
+        raise _NeedsShipping("USING SAMPLE samples every node's rows at the coordinator")
+    _check_from(node["from_table"])
+    if any(e.get("class") == "SUBQUERY" for e in _walk(node)):
+        raise _NeedsShipping("subqueries are evaluated over every node's rows at the coordinator")
     return copy.deepcopy(node)
 
 
@@ -426,23 +457,32 @@ def plan_query(
     `aggregates` names every aggregate function (distquery passes DuckDB's
     catalog); `name_of` returns DuckDB's column name for an unaliased
     expression (its SQL text), so the merged answer has the original names.
-    Returns an AstPlan; raises PlanError for SQL that cannot run across nodes.
+    Returns an AstPlan; raises PlanError for SQL that is not one SELECT.
     """
-    node = _the_select(ast)
+    try:
+        node = _the_select(ast)
+    except _NeedsShipping as why:
+        return _plan_shipped(ast, str(why))
     aggregates = frozenset(a.lower() for a in aggregates) | DECOMPOSABLE
     if any(e.get("class") == "STAR" for e in node["select_list"]):
-        return _plan_rows(node, "SELECT * ships whole rows", name_of)
+        try:
+            return _plan_rows(node, "SELECT * ships whole rows", name_of)
+        except _NeedsShipping as why:
+            return _plan_shipped(ast, str(why))
     is_aggregate = (
         bool(node["group_expressions"])
         or node["aggregate_handling"] == "FORCE_AGGREGATES"
         or _has_aggregate([node["select_list"], node["having"], node["modifiers"]], aggregates)
     )
-    if not is_aggregate:
-        return _plan_rows(node, "not an aggregate query: the rows are the answer", name_of)
     try:
-        return _plan_decomposed(node, aggregates, name_of)
-    except _NotDecomposable as why:
-        return _plan_rows(node, str(why), name_of)
+        if not is_aggregate:
+            return _plan_rows(node, "not an aggregate query: the rows are the answer", name_of)
+        try:
+            return _plan_decomposed(node, aggregates, name_of)
+        except _NotDecomposable as why:
+            return _plan_rows(node, str(why), name_of)
+    except _NeedsShipping as why:
+        return _plan_shipped(ast, str(why))
 
 
 def plan_sql(
@@ -459,6 +499,11 @@ def plan_sql(
         ast = bind_parameters(ast, params)
     aggregates = dialect.aggregate_names() | DEFAULT_AGGREGATES
     p = plan_query(ast, aggregates=aggregates, name_of=dialect.expression_name)
+    if p.strategy == "shipped":  # the caller's own query, over the shipped tables
+        merge_sql = dialect.render(p.merge_ast) if params else sql
+        return QueryPlan(strategy=p.strategy, reason=p.reason, node_sql="",
+                         merge_sql=merge_sql, output_columns=(), partial_columns=(),
+                         shipped=p.shipped)  # fmt: skip
     return QueryPlan(
         strategy=p.strategy, reason=p.reason,
         node_sql=dialect.render(p.node_ast), merge_sql=dialect.render(p.merge_ast),
@@ -677,8 +722,7 @@ def _plan_rows(node: dict[str, Any], reason: str, name_of: NameOf | None) -> Ast
     if has_star:
         table = node["from_table"]
         if table["type"] != "BASE_TABLE":
-            raise PlanError("SELECT * over a join cannot be shipped between nodes "
-                            "(duplicate column names); name the columns you need")  # fmt: skip
+            raise _NeedsShipping("SELECT * over a join runs at the coordinator")
         node_part = _select_node([_star()], table)
         node_part["where_clause"] = node["where_clause"]
         merge = copy.deepcopy(node)
@@ -725,3 +769,63 @@ def _plan_rows(node: dict[str, Any], reason: str, name_of: NameOf | None) -> Ast
     node_part["where_clause"] = node["where_clause"]
     return AstPlan("rows", reason, _doc(node_part), _doc(merge), tuple(names),
                    partial_columns=tuple(e["alias"] for e in ref_exprs))  # fmt: skip
+
+
+def _plan_shipped(ast: Mapping[str, Any], reason: str) -> AstPlan:
+    """Every node ships the named columns of each base table the query reads;
+    the coordinator runs the query itself over their unions (exact for any SELECT)."""
+    tables: dict[str, dict[str, Any]] = {}  # lower-case name -> a BASE_TABLE reference
+    ctes: set[str] = set()
+    names: set[str] = {ORIGIN_COLUMN}  # every part of every column reference (a superset)
+    bare: set[str] = set()  # one-part column references (`SELECT t FROM t`: the whole row)
+    every_column = False
+
+    def visit(o: Any, depth: int = 0) -> None:
+        nonlocal every_column
+        if depth > MAX_SQL_AST_DEPTH:
+            raise PlanError("query nests too deeply; simplify it")
+        if isinstance(o, list):
+            for x in o:
+                visit(x, depth + 1)
+            return
+        if not isinstance(o, dict):
+            return
+        if o.get("class") == "PARAMETER":
+            raise PlanError("unbound query parameter; pass params (bind_parameters)")
+        if o.get("class") == "STAR":  # *, t.*, COLUMNS(...): whichever columns exist
+            every_column = True
+        elif o.get("class") == "COLUMN_REF":
+            names.update(str(n).lower() for n in o["column_names"])
+            if len(o["column_names"]) == 1:
+                bare.add(str(o["column_names"][0]).lower())
+        elif o.get("type") == "BASE_TABLE" and "table_name" in o:
+            tables.setdefault(str(o["table_name"]).lower(), o)
+        elif o.get("type") == "JOIN":
+            names.update(str(n).lower() for n in o.get("using_columns") or [])
+            if o.get("ref_type") == "NATURAL":  # joins on every shared column
+                every_column = True
+        cte_map = o.get("cte_map")
+        if not isinstance(cte_map, dict):
+            cte_map = {}
+        ctes.update(str(entry["key"]).lower() for entry in cte_map.get("map") or [])
+        for v in o.values():
+            visit(v, depth + 1)
+
+    visit(ast.get("statements") or [])
+    shipped = []
+    for name, ref in sorted(tables.items()):
+        if name in ctes:
+            continue  # a CTE's name: evaluated at the coordinator from the tables it reads
+        if (ref.get("schema_name") or "main").lower() != "main" or ref.get("catalog_name") \
+                or ref.get("at_clause") is not None or not _PLAIN_NAME.match(name):
+            raise PlanError(f"table {'.'.join(ref['qualified_name']['path'])} cannot be read "
+                            "across nodes; name one of the benchmark tables")  # fmt: skip
+        # A bare name equal to the table's (its whole row as a struct) needs every column.
+        whole = every_column or name in bare or (ref.get("alias") or "").lower() in bare \
+            or not all(_PLAIN_NAME.match(n) for n in names)
+        columns = None if whole else tuple(sorted(names))
+        # sql: `name` and every column name match _PLAIN_NAME (letters, digits, _),
+        # so neither the quoted identifier nor the regex literal can be escaped.
+        select = "*" if columns is None else f"COLUMNS('(?i)^({'|'.join(columns)})$')"
+        shipped.append(ShippedTable(name, columns, f'SELECT {select} FROM "{name}"'))
+    return AstPlan("shipped", reason, {}, copy.deepcopy(dict(ast)), (), shipped=tuple(shipped))

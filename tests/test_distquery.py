@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from benchsync.protocol.planner import PARTIALS_TABLE, PlanError, QueryPlan, check_partial, plan_sql
+from benchsync.protocol.planner import PARTIALS_TABLE, QueryPlan, check_partial, plan_sql
 from benchsync.storage.distquery import DUCKDB, union_partials
 from benchsync.storage.sandbox import QueryLimits, QueryRefused, QuerySandbox, run_once
 from benchsync.storage.sandbox_worker import from_ipc, to_ipc
@@ -197,16 +197,19 @@ def test_parameters_are_bound() -> None:
 
 @pytest.mark.parametrize("sql, words", [
     ("WITH c AS (SELECT 1 AS x) SELECT x FROM c", "WITH"),
-    ("SELECT count(*) FROM (SELECT * FROM models) s", "subqueries"),
+    ("SELECT count(*) FROM (SELECT * FROM models) s", "derived table"),
     ("SELECT * FROM models WHERE model_id IN (SELECT model_id FROM performance_results)",
      "subqueries"),
     ("SELECT model_name FROM models UNION SELECT hardware_type FROM hardware_platforms",
      "UNION"),
-    ("SELECT count(*) FROM range(10)", "table functions"),
+    ("SELECT count(*) FROM range(10)", "table function"),
 ])  # fmt: skip
-def test_unsplittable_queries_raise_plan_error(sql: str, words: str) -> None:
-    with pytest.raises(PlanError, match=words):
-        plan(sql)
+def test_unsplittable_queries_ship_their_tables(sql: str, words: str) -> None:
+    """What cannot be split runs at the coordinator over the shipped base tables
+    (issue 10, observation 4: these were refused)."""
+    p = plan(sql)
+    assert p.strategy == "shipped" and words in p.reason
+    assert p.merge_sql == sql and not p.node_sql
 
 
 def test_planning_passes_the_sandbox_gate_first() -> None:
