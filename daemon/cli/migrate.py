@@ -4,6 +4,12 @@ Thin wiring over `benchsync.storage.migrate`: it opens the data directory
 offline, runs the batch (or `--snapshot-only`), prints progress on stderr and a
 summary table (or one JSON document with `--json`) on stdout. The exit code is
 non-zero when any file failed; the others are still migrated.
+
+`--config` also takes the original migration script's JSON configuration
+(detected by a `.json` name or a leading `{`): each field present is reported
+on stderr with what it does for a migration, or that it has no effect. The
+`migrate_to_ipfs` console script (`old_script_main`) is this command under the
+original script's name and options.
 """
 
 from __future__ import annotations
@@ -54,7 +60,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,
     p.add_argument(
         "--config",
         metavar="FILE",
-        help="node config file; its data directory is used (default: <home>/config.toml)",
+        help="node config file; its data directory is used (default: <home>/config.toml); "
+        "or the original migration script's JSON configuration",
     )
     p.add_argument(
         "--no-backup",
@@ -93,7 +100,51 @@ def _progress(verbose: bool) -> Callable[[str], None]:
     return say
 
 
+# What the original JSON configuration's fields do for a migration (the API's own use of
+# them is `benchsync.compat.FIELD_EFFECTS`): an effect, or None and why there is none.
+JSON_FIELD_EFFECTS: dict[str, tuple[str | None, str]] = {
+    "enable_ipfs_storage": ("the dataset is snapshotted after the import; its CID is printed", ""),
+    "auto_pin": ("snapshots are kept as the dataset's history", ""),
+}
+
+
+def is_json_config(path: str) -> bool:
+    """Whether `path` is the original JSON configuration rather than a node's TOML file."""
+    if path.lower().endswith(".json"):
+        return True
+    try:
+        with open(path, "rb") as f:
+            return f.read(64).lstrip().startswith(b"{")
+    except OSError:
+        return False  # the TOML loader reports the missing file
+
+
+def _json_config(path: str) -> None:
+    """Read the original JSON configuration and say, on stderr, what each field does."""
+    from benchsync.compat import FIELD_EFFECTS, CompatError, IPFSConfig
+
+    try:
+        config = IPFSConfig.from_file(path)
+        with open(path, encoding="utf-8") as f:
+            present = json.load(f)
+    except CompatError as e:
+        raise CLIError(str(e), "fix the JSON file, or give a node config.toml") from None
+    for name in present:
+        effect, why = JSON_FIELD_EFFECTS.get(name) or (None, FIELD_EFFECTS[name][1])
+        if name == "enable_ipfs_storage" and not config.enable_ipfs_storage:
+            effect, why = None, "benchsync always snapshots the dataset after a migration"
+        if effect:
+            print(f"{path}: {name}: {effect}", file=sys.stderr)
+        else:
+            why = why or "it configures the Python API (benchsync.compat), not a migration"
+            print(f"warning: {path}: {name} has no effect on a migration: {why}",
+                  file=sys.stderr)
+
+
 def _home(args: argparse.Namespace) -> None:
+    if args.config and is_json_config(args.config):
+        _json_config(args.config)
+        args.config = None  # the node's own config (and data directory) as without --config
     if args.config:
         from benchsync.daemon.config import ConfigError, load_config
 
@@ -196,3 +247,30 @@ def _print_summary(results: list[dict[str, Any]]) -> None:
     for r in results:
         for w in r["warnings"]:
             print(f"warning: {r['path']}: {w}", file=sys.stderr)
+
+
+def old_script_main(argv: list[str] | None = None) -> int:
+    """`migrate_to_ipfs`: the original migration script's command line, run as `migrate`.
+
+    `--db FILE` (repeatable), `--config FILE.json`, `--no-backup`, `--verbose`;
+    the files are imported into this machine's node ($BENCHSYNC_HOME).
+    """
+    from benchsync.daemon.cli import main
+
+    parser = argparse.ArgumentParser(
+        prog="migrate_to_ipfs",
+        description="Import benchmark .duckdb files into this machine's benchsync node "
+        "(the original script's name for `benchsync migrate`).",
+    )
+    parser.add_argument("--db", action="append", required=True, metavar="FILE",
+                        help="database file (repeatable)")
+    parser.add_argument("--config", metavar="FILE.json", help="the original JSON configuration")
+    parser.add_argument("--no-backup", action="store_true", help="do not back the files up")
+    parser.add_argument("--verbose", "-v", action="store_true", help="progress per table")
+    args = parser.parse_args(argv)
+    forwarded = ["migrate"] + [a for p in args.db for a in ("--db", p)]
+    if args.config:
+        forwarded += ["--config", args.config]
+    forwarded += ["--no-backup"] * args.no_backup + ["--verbose"] * args.verbose
+    return main(forwarded)
+
