@@ -21,8 +21,8 @@ exist, so a renamed-but-unsynced block that a crash emptied would be trusted
 forever. Without syncfs(2) (not Linux) the batch fsyncs each temp file, then
 each touched shard directory. While a batch runs, a helper thread starts the
 disk writeback of each finished temp file (sync_file_range), so the disk can
-work while the caller hashes the next chunk. `gc` deletes temp files: run it
-only while no batch is open (it already requires no concurrent puts).
+work while the caller hashes the next chunk. `gc` deletes temp files older than
+its `temp_grace`: a running node passes TEMP_GRACE, so open batches keep theirs.
 """
 
 from __future__ import annotations
@@ -38,13 +38,14 @@ import os
 import queue
 import secrets
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from multiformats import CID, multihash
 
 from benchsync.storage import unixfs
-from benchsync.storage.cid import IDENTITY, cid_bytes_v1
+from benchsync.storage.cid import IDENTITY, RAW, cid_bytes_v1
 from benchsync.storage.errors import CorruptBlock, NotFound, StorageError
 
 SHARD_CHARS = 2  # characters of the key per shard directory (32**2 = 1024 directories)
@@ -56,6 +57,8 @@ _SYNC_FILE_RANGE_WRITE = 2
 # Written-but-unflushed temp files a batch's flusher thread may hold open: bounds the
 # open descriptors (and lets the writer run at most this far ahead of the disk).
 FLUSH_QUEUE_BLOCKS = 32  # files (32 x 256 KiB chunks = 8 MiB)
+# A temp file older than this is a crashed put's leftover, not a write in progress.
+TEMP_GRACE = 3600.0  # seconds
 
 
 def _libc_function(name: str) -> Callable[..., int] | None:
@@ -217,21 +220,37 @@ class Blockstore(abc.ABC):
         """Sum of the sizes of all stored blocks, in bytes."""
         return sum(self._size(key) or 0 for key in self._keys())
 
-    def gc(self, keep: Iterable[CID]) -> tuple[int, int]:
-        """Delete every block not reachable from the roots in `keep`.
+    def reachable(self, roots: Iterable[CID]) -> set[CID]:
+        """The held blocks reachable from `roots` by dag-pb links.
 
-        Reachability follows dag-pb links; roots or children that are absent
-        (a DAG still being fetched) are skipped, and what is present of their
-        DAG is kept. Not safe against concurrent puts: the caller (one writer)
-        must not store blocks while collecting.
+        Absent roots or children (a DAG still being fetched) are skipped, and
+        what is present of their DAG counts. Raw leaves are never read (they
+        link nowhere), so the cost is one stat per leaf and one read per node.
+        A malformed block links nowhere but counts, since a root named it.
+        """
+        def get(cid: CID) -> bytes:
+            return b"" if cid.codec.code == RAW else self.get(cid)
+
+        # storage's one DAG walk
+        return {cid for cid, _ in unixfs.walk(
+            get, *roots, has=self.has, malformed_as_leaf=True)}  # fmt: skip
+
+    def gc(self, keep: Iterable[CID], *, keep_blocks: Iterable[CID] = ()) -> tuple[int, int]:
+        """Delete every block not reachable from the roots in `keep`, nor in `keep_blocks`.
+
+        `keep_blocks` are kept themselves, without what they link to (a thinned
+        version's root: its manifest stays, its tables go). Reachability is
+        `reachable`'s. Blocks stored after the collection starts are never
+        deleted (the candidates are listed first), but a block whose parent
+        arrives during the collection may be: a fetch then fetches it again.
+        The caller must not put blocks it needs kept without naming them.
         Returns (blocks removed, bytes freed).
         """
-        # storage's one DAG walk; a malformed block links nowhere but is kept,
-        # since a root named it
-        live = {block_key(cid) for cid, _ in unixfs.walk(
-            self.get, *keep, has=self.has, malformed_as_leaf=True)}  # fmt: skip
+        candidates = list(self._keys())  # first: later puts are not candidates
+        live = {block_key(cid) for cid in self.reachable(keep)}
+        live.update(block_key(cid) for cid in keep_blocks)
         removed = freed = 0
-        for key in list(self._keys()):
+        for key in candidates:
             if key not in live:
                 freed += self._remove(key)
                 removed += 1
@@ -553,8 +572,18 @@ class FsBlockstore(Blockstore):
                 if not entry.name.startswith(TMP_PREFIX):
                     yield entry.name
 
-    def gc(self, keep: Iterable[CID]) -> tuple[int, int]:
-        # Temporary files are left only by a crash mid-put; they are garbage too.
+    def gc(
+        self, keep: Iterable[CID], *, keep_blocks: Iterable[CID] = (), temp_grace: float = 0.0
+    ) -> tuple[int, int]:
+        """As `Blockstore.gc`; also deletes temporary files older than `temp_grace` seconds.
+
+        Temporary files are left only by a crash mid-put, or belong to a put or
+        batch in progress: a running node passes a grace (TEMP_GRACE) so that
+        in-flight writes keep theirs; an offline collection passes 0.
+        """
+        cutoff = time.time() - temp_grace
         for tmp in self.root.glob(f"*/{TMP_PREFIX}*"):
-            tmp.unlink(missing_ok=True)
-        return super().gc(keep)
+            with contextlib.suppress(FileNotFoundError):
+                if temp_grace <= 0 or tmp.stat().st_mtime < cutoff:
+                    tmp.unlink()
+        return super().gc(keep, keep_blocks=keep_blocks)

@@ -7,14 +7,22 @@ open on a data directory. It owns the layout::
     <home>/.benchsync.duckdb.ipfs.json  sidecar: current snapshot CID, time, size
     <home>/blocks/                   content-addressed blocks (own and peers')
     <home>/snapshots/HEAD.json       the head of the version history
-    <home>/snapshots/pins.json       roots imported from CARs, kept through GC
+    <home>/snapshots/pins.json       pinned roots (`pin add`, imported CARs): kept forever
+    <home>/snapshots/tags.json       tag name -> version (kept forever, `restore NAME`)
+    <home>/snapshots/thinned.json    versions whose tables retention gave up (`retention`)
     <home>/replicas/<peer>/          installed replicas
     <home>/tmp/                      scratch space for exports and restores
     <home>/benchsync.lock            held by the one process that writes the home
 
 and the operations that span them: snapshot, restore (atomic file swap),
-CAR export/import, garbage collection and queries in the local and replicas
+CAR export/import, pins and tags, maintenance (history thinning, replica
+expiry, block GC, disk accounting) and queries in the local and replicas
 scopes.
+
+Block GC never runs beside anything that writes blocks it needs kept: the
+snapshot, restore, CAR import, replica install, pin and tag changes and
+`maintain` hold one lock (`_blocks_lock`). Database writes and queries never
+take it.
 
 One process at a time writes a home: opening the database for writing (or
 opening the dataset `exclusive`, as a node does) takes the home lock, and a
@@ -42,8 +50,8 @@ import duckdb
 import pyarrow as pa
 from multiformats import CID
 
-from benchsync.storage import car, distquery, rowdigest
-from benchsync.storage.blockstore import FsBlockstore
+from benchsync.storage import car, distquery, retention, rowdigest, unixfs
+from benchsync.storage.blockstore import TEMP_GRACE, FsBlockstore, block_key
 from benchsync.storage.db import DB_FILENAME, BenchmarkDB, DatabaseClosed
 from benchsync.storage.errors import NotFound, StorageError
 from benchsync.storage.homelock import HomeLock
@@ -113,6 +121,58 @@ def write_sidecar(db_path: Path, version: Version) -> Path:
     return path
 
 
+@dataclass(frozen=True)
+class DiskUsage:
+    """Where a home's bytes are (`status`, `/metrics`, the disk budget)."""
+
+    database_bytes: int  # the live database file (and its write-ahead log)
+    history_bytes: int  # blocks of the own history: kept versions, thinned manifests
+    replica_bytes: int  # replicas' Parquet files and the blocks only they reference
+    other_bytes: int  # other blocks: pins of foreign DAGs, fetches in flight
+    blocks_bytes: int  # the whole blockstore
+    free_bytes: int  # free space of the home's file system
+
+    @property
+    def total_bytes(self) -> int:
+        return self.database_bytes + self.history_bytes + self.replica_bytes + self.other_bytes
+
+    def to_json(self) -> dict[str, int]:
+        return {
+            "database_bytes": self.database_bytes, "history_bytes": self.history_bytes,
+            "replica_bytes": self.replica_bytes, "other_bytes": self.other_bytes,
+            "blocks_bytes": self.blocks_bytes, "total_bytes": self.total_bytes,
+            "free_bytes": self.free_bytes,
+        }  # fmt: skip
+
+
+@dataclass(frozen=True)
+class MaintenanceReport:
+    """What one `LocalDataset.maintain` pass did and found."""
+
+    versions: int  # in the history
+    kept: int  # versions that keep their tables (restorable)
+    thinned_now: int  # versions thinned by this pass
+    thinned: int  # thinned versions in all
+    removed_blocks: int
+    freed_bytes: int
+    expired_replicas: list[str]
+    usage: DiskUsage
+    budget: int | None  # bytes; None: no budget
+    over_budget: bool  # thinned to the minimum and still above the budget
+    finished_at: float  # seconds since the epoch
+    seconds: float  # how long the pass took
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "versions": self.versions, "kept": self.kept, "thinned_now": self.thinned_now,
+            "thinned": self.thinned, "removed_blocks": self.removed_blocks,
+            "freed_bytes": self.freed_bytes, "expired_replicas": self.expired_replicas,
+            "usage": self.usage.to_json(), "budget": self.budget,
+            "over_budget": self.over_budget, "finished_at": self.finished_at,
+            "seconds": round(self.seconds, 3),
+        }  # fmt: skip
+
+
 @dataclass
 class ImportResult:
     roots: list[str]
@@ -155,6 +215,8 @@ class LocalDataset:
         self._db: BenchmarkDB | None = None
         self._closed = False
         self._swap_lock = threading.RLock()  # held while a restore swaps the database file
+        # Held by whatever writes blocks that must survive GC, and by GC (module docstring).
+        self._blocks_lock = threading.RLock()
         self.lock = HomeLock(self.home)
         if exclusive:
             self._take_lock()
@@ -249,6 +311,10 @@ class LocalDataset:
         return self._snapshot(self.db)
 
     def _snapshot(self, db: BenchmarkDB) -> SnapshotResult:
+        with self._blocks_lock:  # its blocks are referenced by nothing until the head moves
+            return self._snapshot_locked(db)
+
+    def _snapshot_locked(self, db: BenchmarkDB) -> SnapshotResult:
         try:
             with db.reader() as conn:
                 result = self.snapshots.snapshot(conn, tmp_dir=self.tmp)
@@ -290,8 +356,18 @@ class LocalDataset:
         """
         # A write: the home lock first (taking it clears leftovers, so not after staging).
         self._take_lock()
-        target = self.snapshots.find(cid)
+        with self._blocks_lock:  # the target's tables must not be collected halfway
+            return self._restore(cid)
+
+    def _restore(self, cid: str) -> Version:
+        target = self.find(cid)
         missing = missing_blocks(self.blocks, CID.decode(target.cid))
+        if missing and target.cid in self.thinned():
+            raise RestoreError(
+                f"version {target.cid} was thinned by history retention: its tables were "
+                "deleted, only its manifest is kept. Restore a kept version (`benchsync log` "
+                "marks thinned ones); pin or tag versions to keep them forever"
+            )
         if missing:
             raise RestoreError(
                 f"version {target.cid} is incomplete here ({len(missing)} block(s) missing); "
@@ -537,7 +613,7 @@ class LocalDataset:
             if head is None:
                 raise NotFound("nothing to export: no snapshot yet (run `benchsync snapshot`)")
             return CID.decode(head.cid)
-        version = self.snapshots.find(cid)
+        version = self.find(cid)
         return CID.decode(version.cid)
 
     def import_cars(self, streams: Iterable[tuple[str, IO[bytes]]]) -> ImportResult:
@@ -547,6 +623,10 @@ class LocalDataset:
         completeness check exposes nothing: a root only becomes available (pinned,
         restorable, exportable) once all of its blocks are present.
         """
+        with self._blocks_lock:  # blocks unreferenced until pinned: no GC meanwhile
+            return self._import_cars(streams)
+
+    def _import_cars(self, streams: Iterable[tuple[str, IO[bytes]]]) -> ImportResult:
         result = ImportResult(roots=[])
         roots: list[CID] = []
         for name, stream in streams:
@@ -575,11 +655,63 @@ class LocalDataset:
         return result
 
     def pin(self, *roots: CID | str) -> None:
-        """Keep `roots` (and every block under them) through garbage collection."""
-        pins = self._pins()
-        for root in roots:
-            pins.setdefault(str(root), time.time())
-        self._save_pins(pins)
+        """Keep `roots` (and every block under them) through garbage collection, forever."""
+        with self._blocks_lock:
+            pins = self._pins()
+            for root in roots:
+                pins.setdefault(str(root), time.time())
+            self._save_pins(pins)
+
+    def pin_version(self, name: str) -> str:
+        """Pin a version of ours (CID, prefix or tag) or any complete DAG held here; its root.
+
+        Raises NotFound, or RestoreError for a DAG that is incomplete here (a
+        thinned version: its tables are gone).
+        """
+        self._take_lock()  # a write: not beside another process's collection
+        with self._blocks_lock:
+            root = self._complete_root(name)
+            self.pin(root)
+            return root
+
+    def unpin(self, cid: str) -> bool:
+        """Stop keeping `cid` forever (retention and GC decide again); False if not pinned."""
+        self._take_lock()  # a write: not beside another process's collection
+        with self._blocks_lock:
+            pins = self._pins()
+            root = cid if cid in pins else self._resolve_pinned(cid, pins)
+            if root is None:
+                return False
+            del pins[root]
+            self._save_pins(pins)
+            return True
+
+    def pins(self) -> dict[str, float]:
+        """Pinned root -> when it was pinned."""
+        return self._pins()
+
+    def _resolve_pinned(self, cid: str, pins: dict[str, float]) -> str | None:
+        try:
+            root = self.find(cid).cid
+        except (NotFound, SnapshotError):
+            return None
+        return root if root in pins else None
+
+    def _complete_root(self, name: str) -> str:
+        """The root `name` names (a version or any DAG), checked complete in the blockstore."""
+        try:
+            root = self.find(name).cid
+        except NotFound:
+            try:
+                root = str(CID.decode(name))
+            except (ValueError, KeyError) as e:
+                raise NotFound(f"{name!r} is neither a version, a tag nor a CID") from e
+        missing = missing_blocks(self.blocks, CID.decode(root))
+        if missing:
+            why = ("it was thinned by history retention (its tables are gone)"
+                   if root in self.thinned() else f"{len(missing)} block(s) are missing here")
+            raise RestoreError(f"{root} cannot be kept forever: {why}")  # fmt: skip
+        return root
 
     def _pins_path(self) -> Path:
         return self.home / "snapshots" / "pins.json"
@@ -593,13 +725,195 @@ class LocalDataset:
     def _save_pins(self, pins: dict[str, float]) -> None:
         atomic_write(self._pins_path(), json.dumps(pins, sort_keys=True).encode())
 
+    # tags -------------------------------------------------------------------------
+    def tags(self) -> dict[str, str]:
+        """Tag name -> root CID of the version it names."""
+        return retention.read_tags(self.snapshots.state_dir)
+
+    def tag(self, name: str, cid: str | None = None) -> Version:
+        """Name version `cid` (default: the head) `name`, moving the tag if it exists.
+
+        A tagged version is kept forever and `restore NAME` restores it.
+        Raises BadTag, NotFound, RestoreError (a thinned version).
+        """
+        self._take_lock()  # a write: not beside another process's collection
+        retention.check_tag(name)
+        with self._blocks_lock:
+            if cid is None:
+                version = self.head()
+                if version is None:
+                    raise NotFound("nothing to tag: no snapshot yet (run `benchsync snapshot`)")
+            else:
+                version = self.find(cid)
+            self._complete_root(version.cid)
+            tags = self.tags()
+            tags[name] = version.cid
+            retention.write_tags(self.snapshots.state_dir, tags)
+            return version
+
+    def untag(self, name: str) -> bool:
+        """Remove tag `name`; False if there was none."""
+        self._take_lock()  # a write: not beside another process's collection
+        with self._blocks_lock:
+            tags = self.tags()
+            if tags.pop(name, None) is None:
+                return False
+            retention.write_tags(self.snapshots.state_dir, tags)
+            return True
+
+    def find(self, name: str) -> Version:
+        """A version by tag, root CID or unique CID prefix (`SnapshotStore.find`)."""
+        cid = self.tags().get(name)
+        return self.snapshots.find(cid if cid is not None else name)
+
+    def thinned(self) -> dict[str, float]:
+        """Versions whose tables history retention gave up -> when."""
+        return retention.read_thinned(self.snapshots.state_dir)
+
+    # maintenance ------------------------------------------------------------------
     def gc(self, extra_keep: Iterable[CID] = ()) -> tuple[int, int]:
-        """Delete blocks no kept root references: history, pins, replicas, `extra_keep`."""
-        keep = [CID.decode(v.cid) for v in self.history()]
+        """Delete blocks nothing kept references: versions not thinned (their whole DAG),
+        thinned versions' roots and manifests, pins, replicas, `extra_keep`. Thins nothing."""
+        self._take_lock()
+        with self._blocks_lock:
+            history = self.history()
+            gone = self.thinned()
+            full = [v for v in history if v.cid not in gone]
+            return self._collect(full, [v for v in history if v.cid in gone], extra_keep, 0.0)
+
+    def _collect(self, full: list[Version], thinned: list[Version],
+                 extra_keep: Iterable[CID], temp_grace: float) -> tuple[int, int]:  # fmt: skip
+        keep = [CID.decode(v.cid) for v in full]
         keep += [CID.decode(c) for c in self._pins()]
+        keep += [CID.decode(c) for c in self.tags().values()]
         keep += self.replicas.roots()
         keep += list(extra_keep)
-        return self.blocks.gc(keep)
+        shallow = [CID.decode(v.cid) for v in thinned]
+        keep += self._manifests(shallow)
+        return self.blocks.gc(keep, keep_blocks=shallow, temp_grace=temp_grace)
+
+    def _manifests(self, roots: list[CID]) -> list[CID]:
+        """The manifest file CIDs of version roots (what a thinned version keeps)."""
+        out = []
+        for root in roots:
+            with contextlib.suppress(StorageError, ValueError, KeyError):
+                out += [cid for name, cid, _ in unixfs.list_directory(self.blocks.get, root)
+                        if name == "manifest.json"]  # fmt: skip
+        return out
+
+    def maintain(
+        self,
+        policy: retention.RetentionPolicy,
+        *,
+        now: float | None = None,
+        budget: int | None = None,
+        extra_keep: Iterable[CID] = (),
+        seen: Iterable[str] = (),
+        replica_expiry: float = retention.REPLICA_EXPIRY,
+        temp_grace: float = TEMP_GRACE,
+    ) -> MaintenanceReport:
+        """Thin the history, expire replicas, collect blocks and count the disk; one pass.
+
+        Crash-safe in this order: the versions to keep are decided first, the
+        ones given up are recorded (`thinned.json`), and only then are blocks
+        deleted that no kept version, thinned manifest, pin, tag, replica or
+        `extra_keep` root (a node's fetches in flight) references. A kill at
+        any point leaves every kept version whole. `seen` are datasets whose
+        owner is in the lab now; a replica unseen for `replica_expiry` seconds
+        is dropped. With a `budget` (bytes of the whole home) the oldest kept
+        versions are thinned too, never the head, a pin or a tag.
+        """
+        self._take_lock()  # one process collects a home's blocks
+        started = time.monotonic()
+        now = time.time() if now is None else now
+        extra = list(extra_keep)
+        with self._blocks_lock:
+            for dataset in seen:
+                with contextlib.suppress(StorageError, OSError):
+                    self.replicas.mark_seen(dataset, now)
+            expired = self.replicas.expire(now, replica_expiry)
+            history = self.history()
+            protected = set(self._pins()) | set(self.tags().values())
+            plan = retention.plan(history, now, policy, protected=protected,
+                                  thinned=self.thinned())  # fmt: skip
+            over = False
+            if budget is not None:
+                over = not self._fit_budget(plan, budget, extra)
+            retention.record_thinned(self.snapshots.state_dir, plan.thin, now)
+            removed, freed = self._collect(
+                plan.keep, plan.thin + plan.thinned, extra, temp_grace
+            )
+            usage = self.disk_usage(history)
+        return MaintenanceReport(
+            versions=len(history), kept=len(plan.keep), thinned_now=len(plan.thin),
+            thinned=len(plan.thin) + len(plan.thinned), removed_blocks=removed,
+            freed_bytes=freed, expired_replicas=expired, usage=usage, budget=budget,
+            over_budget=over or (budget is not None and usage.total_bytes > budget),
+            finished_at=time.time(), seconds=time.monotonic() - started,
+        )  # fmt: skip
+
+    def _fit_budget(self, plan: retention.RetentionPlan, budget: int, extra: list[CID]) -> bool:
+        """Thin `plan` harder until the home fits `budget`; whether it does."""
+        sizes: dict[str, int] = {}
+
+        def cost(version: Version) -> set[str]:
+            keys = set()
+            for cid in self.blocks.reachable([CID.decode(version.tables_cid)]):
+                key = block_key(cid)
+                if key not in sizes:
+                    sizes[key] = self.blocks.size(cid)
+                keys.add(key)
+            return keys
+
+        usage = self.disk_usage(plan.keep + plan.thin + plan.thinned)
+        # What stays whatever is thinned: the database, replicas, other blocks and the
+        # history's manifests and roots (approximated by the history minus its tables).
+        tables = set().union(*(cost(v) for v in plan.keep)) if plan.keep else set()
+        manifests = max(0, usage.history_bytes - sum(sizes[k] for k in tables))
+        fixed = usage.database_bytes + usage.replica_bytes + usage.other_bytes + manifests
+        _, fits = retention.tighten(plan, cost, sizes, fixed, budget)
+        return fits
+
+    def disk_usage(self, history: list[Version] | None = None) -> DiskUsage:
+        """Bytes of the database, own history, replicas and other blocks, and free space.
+
+        Walks the DAGs (one stat per block): call it from maintenance, not per request.
+        """
+        history = self.history() if history is None else history
+        gone = self.thinned()
+        full = [CID.decode(v.cid) for v in history if v.cid not in gone]
+        shallow = [CID.decode(v.cid) for v in history if v.cid in gone]
+        own_keys = self.blocks.reachable(full + self._manifests(shallow))
+        own_keys |= {c for c in shallow if self.blocks.has(c)}
+        own = {block_key(c) for c in own_keys}
+        theirs = {block_key(c) for c in self.blocks.reachable(self.replicas.roots())} - own
+        history_bytes = replica_block_bytes = other = total = 0
+        for cid in self.blocks.cids():
+            key = block_key(cid)
+            try:
+                size = self.blocks.size(cid)
+            except NotFound:
+                continue  # collected meanwhile
+            total += size
+            if key in own:
+                history_bytes += size
+            elif key in theirs:
+                replica_block_bytes += size
+            else:
+                other += size
+        return DiskUsage(
+            database_bytes=self.database_bytes(), history_bytes=history_bytes,
+            replica_bytes=replica_block_bytes + self.replicas.disk_bytes(),
+            other_bytes=other, blocks_bytes=total, free_bytes=shutil.disk_usage(self.home).free,
+        )  # fmt: skip
+
+    def database_bytes(self) -> int:
+        """Bytes of the live database file and its write-ahead log."""
+        total = 0
+        for path in (self.db_path, self.db_path.with_name(self.db_path.name + ".wal")):
+            with contextlib.suppress(FileNotFoundError):
+                total += path.stat().st_size
+        return total
 
     # queries ----------------------------------------------------------------------
     def query_inputs(self, scope: str = "local") -> ScopeInput:
@@ -643,7 +957,7 @@ class LocalDataset:
         version = read_version(self.blocks, root)
         if version.manifest.dataset == self.dataset:
             raise BadSnapshot(f"{root} is our own dataset ({self.dataset}), not a peer's")
-        with self.db.reader() as conn:
+        with self._blocks_lock, self.db.reader() as conn:  # not beside `expire`'s clean-up
             return self.replicas.install(version, conn)
 
 

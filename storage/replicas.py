@@ -6,6 +6,11 @@ schema, and only then does the dataset's `CURRENT.json` pointer switch to it
 (atomically). A reader therefore sees either the previous replica or the new
 one, never a partial one.
 
+Only the latest version of each dataset is kept: installing a new one removes
+the previous folder (and block GC its blocks, since `roots` names only the
+current ones). A dataset whose owner has not been seen for a while (it left
+the lab) is dropped by `expire`.
+
 Queries in the `replicas` scope see union views: each table name resolves to
 the node's own rows plus every replica's, with an `origin` column naming the
 dataset (peer ID) each row came from.
@@ -13,6 +18,7 @@ dataset (peer ID) each row came from.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -37,6 +43,8 @@ from benchsync.storage.snapshot import (
 from benchsync.storage.sqlnames import TABLE_NAME_RE, check_table_name, ident, literal
 
 CURRENT_FILENAME = "CURRENT.json"
+SEEN_FILENAME = "SEEN.json"  # when the dataset's owner or head was last seen in the lab
+DROPPED_PREFIX = ".dropped-"  # a dataset folder being removed (a crash leaves it: removed later)
 # (file type, table type) pairs whose values load exactly: a version or replica written
 # before a migration widened a column (schema 3: FLOAT -> DOUBLE) still loads and reads.
 LOSSLESS_WIDENING = frozenset({
@@ -207,6 +215,61 @@ class ReplicaStore:
                 if replica is not None:
                     out.append(replica)
         return out
+
+    def mark_seen(self, dataset: str, when: float) -> None:
+        """Record that `dataset`'s owner (or a head of it) was seen in the lab at `when`."""
+        folder = self.root / _safe_component(dataset)
+        if (folder / CURRENT_FILENAME).exists():
+            atomic_write(folder / SEEN_FILENAME, json.dumps({"seen_at": when}).encode())
+
+    def last_seen(self, replica: Replica) -> float:
+        """When `replica`'s dataset was last installed or seen, whichever is later."""
+        try:
+            seen = float(json.loads((self.root / replica.dataset / SEEN_FILENAME).read_text())
+                         ["seen_at"])  # fmt: skip
+        except (OSError, ValueError, KeyError, TypeError):
+            seen = 0.0
+        return max(replica.installed_at, seen)
+
+    def expire(self, now: float, max_age: float) -> list[str]:
+        """Drop the replicas not installed or seen for `max_age` seconds; their datasets.
+
+        Also removes what a crash left: folders being dropped, and version
+        folders beside a dataset's current one. Call it where no `install`
+        runs at the same time (the dataset's lock).
+        """
+        for leftover in self.root.glob(f"{DROPPED_PREFIX}*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        dropped = []
+        for replica in self.all():
+            folder = self.root / replica.dataset
+            if max_age > 0 and now - self.last_seen(replica) > max_age:
+                self.drop(replica.dataset)
+                dropped.append(replica.dataset)
+                continue
+            for child in folder.iterdir():
+                if child.is_dir() and not child.name.startswith(".") and child.name != replica.root:
+                    shutil.rmtree(child, ignore_errors=True)  # a crash between switch and remove
+        return dropped
+
+    def drop(self, dataset: str) -> None:
+        """Remove `dataset`'s replica: its pointer goes first (one rename), then its files."""
+        folder = self.root / _safe_component(dataset)
+        if not folder.exists():
+            return
+        gone = self.root / f"{DROPPED_PREFIX}{dataset}"
+        shutil.rmtree(gone, ignore_errors=True)
+        folder.rename(gone)
+        shutil.rmtree(gone, ignore_errors=True)
+
+    def disk_bytes(self) -> int:
+        """Bytes of the installed replicas' files (their Parquet, not their blocks)."""
+        total = 0
+        for path in self.root.rglob("*"):
+            with contextlib.suppress(FileNotFoundError):  # an install or drop going on
+                if path.is_file():
+                    total += path.stat().st_size
+        return total
 
     def roots(self) -> list[CID]:
         """Roots to keep through garbage collection."""
