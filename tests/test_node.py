@@ -10,6 +10,7 @@ import trio
 
 from benchsync.daemon.config import load_config
 from benchsync.daemon.control import ControlAPIError, ControlClient
+from benchsync.daemon.demo import lab_key_file
 from benchsync.daemon.node import Node
 
 NETWORK = "node-test"
@@ -19,7 +20,9 @@ SYNC_TIMEOUT = 30.0  # seconds
 def make_node(home: Path, bootstrap: list[str] | None = None, **overrides: Any) -> Node:
     config = load_config(home, env={}, overrides={
         "network": NETWORK, "listen": ["/ip4/127.0.0.1/tcp/0"], "bootstrap": bootstrap or [],
-        "snapshot_interval": 0, "snapshot_after_writes": 0, **overrides,
+        "snapshot_interval": 0, "snapshot_after_writes": 0,
+        "lab_key": str(lab_key_file(home.parent)),  # the test's nodes are one lab
+        **overrides,
     })  # fmt: skip
     return Node(config)
 
