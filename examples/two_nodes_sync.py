@@ -22,6 +22,7 @@ from pathlib import Path
 import trio
 
 from benchsync.daemon.config import load_config
+from benchsync.daemon.demo import lab_key_file
 from benchsync.daemon.node import Node
 
 SYNC_TIMEOUT = 30.0  # seconds for both nodes to install each other's snapshot
@@ -54,6 +55,8 @@ def make_node(home: Path, bootstrap: Sequence[str] = ()) -> Node:
         "bootstrap": list(bootstrap),
         "snapshot_interval": 0,  # this example snapshots explicitly
         "log_level": "warning",
+        # Both nodes hold one lab key; other peers are strangers and get nothing.
+        "lab_key": str(lab_key_file(home.parent)),
     })  # fmt: skip
     return Node(config)
 
