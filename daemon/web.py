@@ -34,8 +34,8 @@ import logging
 import math
 import time
 from collections.abc import Mapping
-from http import HTTPStatus
 from functools import partial
+from http import HTTPStatus
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 

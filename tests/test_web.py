@@ -1,0 +1,359 @@
+"""The lab dashboard (issue 15) in a real browser, against real nodes.
+
+Two `benchsync up` processes share a lab key; node0 serves the dashboard on
+loopback (`--web-listen`), node1 records other hardware and is replicated
+into node0. Debian's headless Chromium loads each page and dumps the DOM it
+rendered; the tests assert on that DOM (rows, chart marks, links), on the
+CSV, and on what the listener refuses: other methods than GET, a missing
+token, a non-loopback address without one, hostile text in every filter and
+in a model name (it stays text: no element comes of it).
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from benchsync.daemon.demo import (
+    NodeProcess,
+    free_port,
+    lab_key_file,
+    sample_results,
+    wait_converged,
+)
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+BROWSER_TIMEOUT = 60.0  # seconds for Chromium to load and dump one page
+VIRTUAL_TIME_BUDGET = 5000  # milliseconds of page time before the DOM is dumped
+HTTP_TIMEOUT = 30.0  # seconds per plain HTTP request
+START_TIMEOUT = 30.0  # seconds for `benchsync up` to refuse a bad setting
+PER_NODE = 20  # results recorded on each node (5 models x one hardware type each)
+HOSTILE_MODEL = '<script>document.title="pwned"</script><img src=x onerror=alert(1)>"\'&'
+TOKEN = "dashboard-token-0123456789abcdef"
+NETWORK = "webtest"
+
+
+
+# --- a DOM from Chromium's dump ------------------------------------------------------------
+
+
+@dataclass
+class Element:
+    tag: str
+    attrs: dict[str, str]
+    children: list[Element] = field(default_factory=list)
+    text_parts: list[str] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.text_parts) + "".join(c.text for c in self.children)
+
+    def iter(self) -> Iterator[Element]:
+        yield self
+        for c in self.children:
+            yield from c.iter()
+
+    def find_all(self, tag: str, **attrs: str) -> list[Element]:
+        return [e for e in self.iter() if e.tag == tag
+                and all(e.attrs.get(k.rstrip("_")) == v for k, v in attrs.items())]
+
+    def by_id(self, id_: str) -> Element:
+        found = [e for e in self.iter() if e.attrs.get("id") == id_]
+        assert len(found) == 1, f"{len(found)} elements with id {id_!r}"
+        return found[0]
+
+    def classed(self, tag: str, cls: str) -> list[Element]:
+        return [e for e in self.iter() if e.tag == tag and cls in e.attrs.get("class", "").split()]
+
+
+VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source",
+        "track", "wbr"}  # fmt: skip
+
+
+class _TreeBuilder(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.root = Element("#document", {})
+        self.stack = [self.root]
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        element = Element(tag, {k: v or "" for k, v in attrs})
+        self.stack[-1].children.append(element)
+        if tag not in VOID:
+            self.stack.append(element)
+
+    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.stack[-1].children.append(Element(tag, {k: v or "" for k, v in attrs}))
+
+    def handle_endtag(self, tag: str) -> None:
+        for i in range(len(self.stack) - 1, 0, -1):
+            if self.stack[i].tag == tag:
+                del self.stack[i:]
+                return
+
+    def handle_data(self, data: str) -> None:
+        self.stack[-1].text_parts.append(data)
+
+
+def parse(html: str) -> Element:
+    builder = _TreeBuilder()
+    builder.feed(html)
+    builder.close()
+    return builder.root
+
+
+def chromium_args(profile: Path) -> list[str]:
+    assert CHROMIUM is not None
+    return [
+        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        "--disable-quic", "--no-first-run", f"--user-data-dir={profile}",
+        f"--virtual-time-budget={VIRTUAL_TIME_BUDGET}",
+    ]  # fmt: skip
+
+
+def browse(url: str, profile: Path, screenshot: Path | None = None) -> Element:
+    """The DOM Chromium renders for `url` (and, with `screenshot`, a PNG of the page)."""
+    result = subprocess.run([*chromium_args(profile), "--dump-dom", url], capture_output=True,
+                            text=True, timeout=BROWSER_TIMEOUT)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    if screenshot is not None:
+        subprocess.run([*chromium_args(profile), "--window-size=1280,1000",
+                        f"--screenshot={screenshot}", url],
+                       capture_output=True, timeout=BROWSER_TIMEOUT, check=True)  # fmt: skip
+        assert screenshot.stat().st_size > 0
+    return parse(result.stdout)
+
+
+def http(method: str, url: str, headers: dict[str, str] | None = None,
+         body: bytes | None = None) -> tuple[int, dict[str, str], bytes]:  # fmt: skip
+    request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+# --- the lab -------------------------------------------------------------------------------
+
+
+@dataclass
+class WebLab:
+    nodes: list[NodeProcess]
+    url: str  # node0's dashboard, ending in "/"
+    profile: Path
+    shots: Path
+
+    def page(self, path: str, shot: str | None = None) -> Element:
+        return browse(self.url + path.lstrip("/"), self.profile,
+                      self.shots / shot if shot else None)  # fmt: skip
+
+    def rows(self, path: str) -> list[list[str]]:
+        dom = self.page(path)
+        return [[td.text.strip() for td in tr.find_all("td")]
+                for tr in dom.by_id("results").classed("tr", "group")]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def weblab() -> Iterator[WebLab]:
+    if CHROMIUM is None:
+        pytest.skip("Debian's chromium is not installed (CI installs it in .ci/run when root)")
+    with tempfile.TemporaryDirectory(prefix="bs-web-") as tmp:
+        base = Path(tmp)
+        key = lab_key_file(base)
+        web_port = free_port()
+        nodes = [NodeProcess(base / f"node{i}", free_port(), NETWORK, lab_key=key)
+                 for i in range(2)]  # fmt: skip
+        nodes[0].extra_args = ["--web-listen", f"127.0.0.1:{web_port}"]
+        nodes[0].bootstrap, nodes[1].bootstrap = [nodes[1].addr], [nodes[0].addr]
+        try:
+            for n in nodes:
+                n.start()
+            for n in nodes:
+                n.wait_ready()
+            for i, n in enumerate(nodes):
+                records = sample_results(i, PER_NODE)
+                if i == 0:
+                    records.append({**records[0], "model_name": HOSTILE_MODEL})
+                n.client.post("/v1/record/perf", {"records": records})
+                n.client.post("/v1/snapshot")
+            wait_converged(nodes)
+            (base / "profile").mkdir()
+            (base / "shots").mkdir()
+            yield WebLab(nodes, f"http://127.0.0.1:{web_port}/", base / "profile", base / "shots")
+        finally:
+            for n in nodes:
+                n.stop()
+
+
+# --- pages in the browser ------------------------------------------------------------------
+
+
+def test_results_page_shows_every_nodes_groups_with_one_bar_each(weblab: WebLab) -> None:
+    dom = weblab.page("/results", shot="results.png")
+    rows = [[td.text.strip() for td in tr.find_all("td")]
+            for tr in dom.by_id("results").classed("tr", "group")]  # fmt: skip
+    models = {r["model_name"] for r in sample_results(0, PER_NODE)} | {HOSTILE_MODEL}
+    expected = {(m, "cuda") for m in models} | {(r["model_name"], "rocm")
+                                               for r in sample_results(1, PER_NODE)}
+    assert {(r[0], r[1]) for r in rows} == expected  # node1's rows come from its replica
+    assert len(rows) == len(expected)
+    for chart in ("throughput-chart", "latency-chart"):
+        bars = dom.by_id(chart).classed("rect", "bar")
+        assert len(bars) == len(rows)
+        assert all(float(b.attrs["width"]) > 0 for b in bars)
+    # default sort: throughput, largest first
+    throughput = [float(r[4].replace(",", "")) for r in rows]
+    assert throughput == sorted(throughput, reverse=True)
+
+
+def test_filters_and_sort_links_narrow_and_order_the_rows(weblab: WebLab) -> None:
+    rocm = weblab.rows("/results?hardware=rocm")
+    assert rocm and all(r[1] == "rocm" for r in rocm)
+    only_node1 = weblab.rows("/results?" + urllib.parse.urlencode(
+        {"origin": weblab.nodes[1].peer_id}))  # fmt: skip
+    assert {r[1] for r in only_node1} == {"rocm"}
+    two = weblab.rows("/results?model=bert-base-uncased&batch_size=4&precision=fp16")
+    assert sorted((r[0], r[1]) for r in two) == [("bert-base-uncased", "cuda"),
+                                                 ("bert-base-uncased", "rocm")]
+    one = weblab.rows("/results?model=bert-base-uncased&batch_size=4&precision=fp16&"
+                      + urllib.parse.urlencode({"origin": weblab.nodes[0].peer_id}))
+    assert [(r[0], r[1]) for r in one] == [("bert-base-uncased", "cuda")]
+    assert weblab.rows("/results?precision=int4") == []
+    # the table's own sort link for latency, followed twice, flips the order
+    dom = weblab.page("/results?hardware=cuda")
+    link = next(a for a in dom.classed("a", "sort") if a.attrs["data-sort"] == "latency_ms")
+    ascending = weblab.rows(link.attrs["href"])
+    values = [float(r[5].replace(",", "")) for r in ascending]
+    assert values == sorted(values, reverse=True)  # a numeric column opens largest first
+    again = weblab.page(link.attrs["href"])
+    flip = next(a for a in again.classed("a", "sort") if a.attrs["data-sort"] == "latency_ms")
+    flipped = [float(r[5].replace(",", "")) for r in weblab.rows(flip.attrs["href"])]
+    assert flipped == sorted(values)
+
+
+def test_csv_download_is_what_the_page_shows(weblab: WebLab) -> None:
+    path = "/results?hardware=cuda&sort=model&order=asc"
+    dom = weblab.page(path)
+    shown = [[td.text.strip() for td in tr.find_all("td")]
+             for tr in dom.by_id("results").classed("tr", "group")]  # fmt: skip
+    href = dom.by_id("csv").attrs["href"]
+    status, headers, body = http("GET", weblab.url + href.lstrip("/"))
+    assert status == 200 and headers["Content-Type"].startswith("text/csv")
+    assert "attachment" in headers["Content-Disposition"]
+    table = list(csv.reader(io.StringIO(body.decode())))
+    assert table[0] == ["model", "hardware", "runs", "nodes", "throughput", "latency_ms"]
+    assert [(r[0], r[1], r[2]) for r in table[1:]] == [(r[0], r[1], r[2]) for r in shown]
+    assert HOSTILE_MODEL in [r[0] for r in table[1:]]
+
+
+def test_lab_page_shows_both_nodes(weblab: WebLab) -> None:
+    dom = weblab.page("/", shot="lab.png")
+    nodes = {tr.attrs["data-peer"]: tr for tr in dom.by_id("nodes").classed("tr", "node")}
+    assert set(nodes) == {n.peer_id for n in weblab.nodes}
+    for n in weblab.nodes:
+        abbr = nodes[n.peer_id].classed("abbr", "peer")[0]
+        assert abbr.attrs["title"] == n.peer_id and len(abbr.text) < len(n.peer_id)
+    models1 = nodes[weblab.nodes[1].peer_id].classed("td", "models")[0].text
+    assert "whisper-tiny" in models1
+    assert any(m.attrs.get("http-equiv") == "refresh" for m in dom.find_all("meta"))
+
+
+def test_hostile_model_name_stays_text(weblab: WebLab) -> None:
+    dom = weblab.page("/results?" + urllib.parse.urlencode({"model": HOSTILE_MODEL}))
+    assert dom.find_all("script") == [] and dom.find_all("img") == []
+    rows = [[td.text for td in tr.find_all("td")]
+            for tr in dom.by_id("results").classed("tr", "group")]  # fmt: skip
+    assert [r[0] for r in rows] == [HOSTILE_MODEL]
+    assert "pwned" not in dom.find_all("title")[0].text  # the document's, not a bar's
+    lab = weblab.page("/")
+    assert lab.find_all("script") == [] and HOSTILE_MODEL in lab.by_id("nodes").text
+
+
+# --- what the listener refuses -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH"])
+def test_writes_are_refused(weblab: WebLab, method: str) -> None:
+    for path in ("results", "api/results", "v1/record/perf", "nowhere"):
+        status, headers, _ = http(method, weblab.url + path, {"Content-Type": "application/json"},
+                                  b'{"model_name": "x"}')  # fmt: skip
+        assert status == 405 and headers["Allow"] == "GET, HEAD"
+    status, _, body = http("GET", weblab.url + "api/results?model=x")
+    assert status == 200 and b'"groups": []' in body  # nothing was recorded
+
+
+def test_hostile_query_string_in_every_filter(weblab: WebLab) -> None:
+    hostile = "' OR 1=1; DROP TABLE models; --<script>x</script>"
+    for name in ("model", "hardware", "precision", "origin", "batch_size", "sort", "order"):
+        url = weblab.url + "results?" + urllib.parse.urlencode({name: hostile})
+        status, _, body = http("GET", url)
+        assert status in (200, 400), (name, status)
+        assert b"<script>x" not in body
+        if status == 200:  # a filter nobody matches
+            assert 'class="group"' not in body.decode()
+    status, _, _ = http("GET", weblab.url + "results?model=" + "x" * 10_000)
+    assert status == 400
+    assert len(weblab.rows("/results")) > 0  # the tables are still there
+
+
+def test_head_answers_without_body(weblab: WebLab) -> None:
+    status, headers, body = http("HEAD", weblab.url + "results")
+    assert status == 200 and body == b"" and int(headers["Content-Length"]) > 0
+
+
+def _up(home: Path, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "benchsync.daemon.cli", "up", "--home", str(home),
+         "--listen", "/ip4/127.0.0.1/tcp/0", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def test_non_loopback_without_token_is_refused_at_start(tmp_path: Path) -> None:
+    proc = _up(tmp_path / "home", "--web-listen", f"0.0.0.0:{free_port()}")
+    out, err = proc.communicate(timeout=START_TIMEOUT)
+    assert proc.returncode == 1 and "ready" not in out
+    assert "Error:" in err and "web_listen" in err
+    assert "Try:" in err and "BENCHSYNC_WEB_TOKEN" in err and "--web-public" in err
+
+
+def test_token_is_asked_of_every_request(tmp_path: Path) -> None:
+    port = free_port()
+    node = NodeProcess(tmp_path / "home", free_port(), NETWORK,
+                       extra_args=["--web-listen", f"0.0.0.0:{port}"],
+                       env={"BENCHSYNC_WEB_TOKEN": TOKEN})  # fmt: skip
+    node.start()
+    try:
+        node.wait_ready()
+        url = f"http://127.0.0.1:{port}/results"
+        status, headers, _ = http("GET", url)
+        assert status == 401 and headers["WWW-Authenticate"].startswith("Basic")
+        wrong = base64.b64encode(b"lab:not-the-token-at-all").decode()
+        assert http("GET", url, {"Authorization": f"Basic {wrong}"})[0] == 401
+        basic = base64.b64encode(f"anyone:{TOKEN}".encode()).decode()
+        assert http("GET", url, {"Authorization": f"Basic {basic}"})[0] == 200
+        assert http("GET", url, {"Authorization": f"Bearer {TOKEN}"})[0] == 200
+        # the token is checked before the method: a stranger learns nothing
+        assert http("POST", url, body=b"x")[0] == 401
+    finally:
+        code = node.stop(signal.SIGTERM)
+    assert code == 0, node.tail_log()  # a clean stop with the dashboard open
