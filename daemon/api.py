@@ -25,6 +25,7 @@ from benchsync.daemon.coordinator import DistributedQueryError, PartialAnswer
 from benchsync.daemon.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from benchsync.protocol.planner import PlanError
 from benchsync.storage.errors import InvalidRecord, NotFound, StorageError
+from benchsync.storage.retention import BadTag
 from benchsync.storage.sandbox import QueryError
 from benchsync.storage.snapshot import DiskFull
 
@@ -56,6 +57,7 @@ ERRORS: tuple[tuple[type[Exception], Failure], ...] = (
         "free disk space (e.g. `benchsync gc`); the database and history are unchanged",
     )),  # fmt: skip
     (NotFound, Failure(404, "not_found", "list versions with `benchsync log`")),
+    (BadTag, Failure(400, "bad_tag", "choose another name")),
     (QueryError, Failure(400, None, "only single read-only SELECTs run")),  # refused, SQL, limits
     (PlanError, Failure(400, "cannot_distribute", "rewrite it without the construct named above")),
     # a dataset's rows missing (and allow_partial not given), or no node answered
@@ -97,6 +99,8 @@ WRITE_FAILED = Failure(
 )  # fmt: skip
 SNAPSHOT_FAILED = Failure(500, "snapshot_failed", "the database and history are unchanged")
 RESTORE_FAILED = Failure(409, "restore_failed", "the live database is unchanged")
+KEEP_FAILED = Failure(409, "cannot_keep", "pin or tag a version `benchsync log` shows as kept")
+MAINTENANCE_FAILED = Failure(500, "maintenance_failed", "see the node's log; nothing kept was lost")
 
 
 def control_router(node: Node) -> Router:
@@ -122,6 +126,11 @@ class ControlAPI:
         r.add("POST", "/v1/restore", self.restore)
         r.add("POST", "/v1/fetch", self.fetch)
         r.add("POST", "/v1/migrate", self.migrate)
+        r.add("GET", "/v1/pins", self.pins)
+        r.add("POST", "/v1/pins", self.pin)
+        r.add("GET", "/v1/tags", self.tags)
+        r.add("POST", "/v1/tags", self.tag)
+        r.add("POST", "/v1/maintenance", self.maintenance)
         if self.node.config.metrics:
             r.add("GET", "/metrics", self.metrics)
         return r
@@ -246,6 +255,49 @@ class ControlAPI:
         backup, verify = bool(body.get("backup", True)), bool(body.get("verify", True))
         results = await self.node.migrate(paths, backup=backup, verify=verify)
         return 200, {"results": [r.to_json() for r in results], "ok": all(r.ok for r in results)}
+
+    async def pins(self, request: Request) -> tuple[int, Any]:
+        pins = self.node.dataset.pins()
+        return 200, {"pins": [{"cid": c, "pinned_at": t} for c, t in sorted(pins.items())]}
+
+    async def pin(self, request: Request) -> tuple[int, Any]:
+        """{"cid": ..., "action": "add"|"rm"}: keep a version (or any complete DAG) forever,
+        or stop keeping it."""
+        body = request.json()
+        if not (isinstance(body, dict) and isinstance(body.get("cid"), str)
+                and body.get("action", "add") in ("add", "rm")):  # fmt: skip
+            raise ApiError(400, "bad_request", 'expected {"cid": "...", "action": "add|rm"}')
+        with answering(KEEP_FAILED):
+            if body.get("action", "add") == "add":
+                return 200, {"pinned": await self.node.keep("pin", body["cid"])}
+            return 200, {"unpinned": await self.node.keep("unpin", body["cid"])}
+
+    async def tags(self, request: Request) -> tuple[int, Any]:
+        return 200, {"tags": self.node.dataset.tags()}
+
+    async def tag(self, request: Request) -> tuple[int, Any]:
+        """{"name": ..., "cid": ... (default: the head)} tags a version; {"name": ...,
+        "remove": true} removes the tag."""
+        body = request.json()
+        cid = body.get("cid") if isinstance(body, dict) else None
+        if not (isinstance(body, dict) and isinstance(body.get("name"), str)
+                and (cid is None or isinstance(cid, str))):  # fmt: skip
+            raise ApiError(400, "bad_request", 'expected {"name": "...", "cid": "..."}')
+        with answering(KEEP_FAILED):
+            if body.get("remove") is True:
+                return 200, {"removed": await self.node.keep("untag", body["name"])}
+            version = await self.node.keep("tag", body["name"], cid)
+        return 200, {"name": body["name"], **version.to_json()}
+
+    async def maintenance(self, request: Request) -> tuple[int, Any]:
+        """Run a maintenance pass now (thin, expire, collect, count); its report."""
+        service = self.node.maintenance
+        report = await service.run_now()  # after a pass in progress; reported as scheduled
+        if report is None:
+            failure = MAINTENANCE_FAILED
+            raise ApiError(failure.status, str(failure.code), service.error or "failed",
+                           failure.hint)  # fmt: skip
+        return 200, report.to_json()
 
     async def metrics(self, request: Request) -> tuple[int, Any]:
         return 200, Text(self.node.metrics_text(), METRICS_CONTENT_TYPE)

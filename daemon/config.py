@@ -35,6 +35,7 @@ from benchsync.storage.limits import (
     QUERY_MEMORY_LIMIT,
     QUERY_TIMEOUT,
 )
+from benchsync.storage.retention import HISTORY_INTERVAL, HISTORY_RETENTION, REPLICA_EXPIRY
 
 CONFIG_FILE_NAME = "config.toml"
 CONTROL_SOCKET_NAME = "control.sock"
@@ -47,6 +48,7 @@ MiB = 1024 * KiB  # bytes
 GiB = 1024 * MiB  # bytes
 MAX_PORT = 65535
 MAX_INLINED_KEY = 42  # bytes; libp2p inlines public keys up to this size in the peer ID
+MAINTENANCE_INTERVAL = 3600.0  # seconds between scheduled maintenance passes
 
 _SIZE_UNITS = {
     "": 1, "b": 1,
@@ -377,6 +379,26 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("snapshot_interval", _seconds_kind(0, zero_disables=True), 300.0,
             "Take a snapshot this often when there are unsnapshotted writes; 0 disables.",
             "SECONDS"),
+    Setting("history_retention", _seconds_kind(0), HISTORY_RETENTION,
+            "Every version of the own history newer than this keeps its tables (is "
+            "restorable); older ones are thinned to one per history_interval. A thinned "
+            "version keeps its manifest (`log` lists it, marked) but not its tables. "
+            "Pinned and tagged versions and the head are kept forever.", "SECONDS"),
+    Setting("history_interval", _seconds_kind(0), HISTORY_INTERVAL,
+            "Versions older than history_retention are thinned to one per this interval "
+            "(the newest of each).", "SECONDS"),
+    Setting("replica_expiry", _seconds_kind(0, zero_disables=True), REPLICA_EXPIRY,
+            "Drop a peer's replica when neither its owner nor a new version of it was "
+            "seen for this long (it left the lab); 0 keeps replicas forever.", "SECONDS"),
+    Setting("disk_budget", _size_kind(1 * MiB), None,
+            "Bytes the data directory may use (database, history, replicas). Over it, "
+            "maintenance thins the oldest versions beyond history_retention, never "
+            "pinned or tagged ones or the head; `status` warns when that is not "
+            "enough.", "SIZE", default_doc="unset (no budget)"),
+    Setting("maintenance_interval", _seconds_kind(0), MAINTENANCE_INTERVAL,
+            "How often the node thins its history, expires replicas and deletes "
+            "unreferenced blocks (also after large changes), in the background.",
+            "SECONDS"),
     Setting("reannounce_interval", _seconds_kind(0), 30.0,
             "Re-announce our head this often (gossip is lossy).", "SECONDS"),
     Setting("max_block_bytes", _size_kind(1024, MAX_BLOCK_SIZE), MAX_BLOCK_SIZE,
@@ -455,6 +477,11 @@ class Config:
     mdns: bool
     snapshot_after_writes: int
     snapshot_interval: float
+    history_retention: float
+    history_interval: float
+    replica_expiry: float
+    disk_budget: int | None
+    maintenance_interval: float
     reannounce_interval: float
     max_block_bytes: int
     max_response_bytes: int

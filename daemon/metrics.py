@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import time
 from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CollectorRegistry,
@@ -26,11 +27,17 @@ from prometheus_client import (
     generate_latest,
 )
 
+if TYPE_CHECKING:
+    from benchsync.storage.dataset import MaintenanceReport
+
 NAMESPACE = "benchsync"
 QUERY_SCOPES = ("local", "replicas", "network")
 QUERY_OUTCOMES = ("ok", "error", "timeout", "refused", "too_large")
 DIRECTIONS = ("sent", "received")
 VERIFICATION_KINDS = ("block", "announcement", "snapshot")
+# Where the data directory's bytes are (`LocalDataset.disk_usage`).
+DISK_KINDS = ("database", "history", "replicas", "other", "free")
+VERSION_STATES = ("kept", "thinned")
 # Latencies from a cached local aggregate (ms) to a slow network fan-out (s).
 QUERY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)  # s
 SNAPSHOT_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0)  # seconds
@@ -117,6 +124,32 @@ class Metrics:
             "query_duration_seconds", "Query latency", ["scope", "outcome"],
             namespace=ns, registry=r, buckets=QUERY_BUCKETS,
         )  # fmt: skip
+        self.disk_bytes = Gauge(
+            "disk_bytes", "Bytes of the data directory by kind (free: of its file system)",
+            ["kind"], namespace=ns, registry=r,
+        )  # fmt: skip
+        self.disk_budget = Gauge(
+            "disk_budget_bytes", "The disk_budget setting (0: none)", namespace=ns, registry=r
+        )
+        self.over_budget = Gauge(
+            "disk_over_budget", "1 when the data directory stays over its budget though "
+            "thinned to the minimum", namespace=ns, registry=r,
+        )  # fmt: skip
+        self.versions = Gauge(
+            "history_versions", "Versions of the own history (kept: restorable)", ["state"],
+            namespace=ns, registry=r,
+        )  # fmt: skip
+        self.maintenance_passes = Counter(
+            "maintenance_passes", "Maintenance passes (thinning, replica expiry, block GC)",
+            namespace=ns, registry=r,
+        )  # fmt: skip
+        self.gc_freed_bytes = Counter(
+            "gc_freed_bytes", "Bytes of blocks deleted by maintenance", namespace=ns, registry=r
+        )
+        for kind in DISK_KINDS:
+            self.disk_bytes.labels(kind)
+        for state in VERSION_STATES:
+            self.versions.labels(state)
         # Pre-create the fixed label sets so that dashboards see zeros, not gaps.
         for d in DIRECTIONS:
             self.announcements.labels(d)
@@ -191,6 +224,25 @@ class Metrics:
         self.verification_failures.labels("announcement").inc(grown("announcements_rejected"))
         self.verification_failures.labels("block").inc(grown("bans"))
         self.strangers_refused.inc(grown("strangers_refused"))
+
+    def maintained(self, report: MaintenanceReport) -> None:
+        """Take in one maintenance pass's report: disk usage, versions, freed bytes."""
+        usage = report.usage
+        for kind, value in (("history", usage.history_bytes), ("replicas", usage.replica_bytes),
+                            ("other", usage.other_bytes)):  # fmt: skip
+            self.disk_bytes.labels(kind).set(value)
+        self.disk_now(usage.database_bytes, usage.free_bytes)
+        self.disk_budget.set(report.budget or 0)
+        self.over_budget.set(1 if report.over_budget else 0)
+        self.versions.labels("kept").set(report.kept)
+        self.versions.labels("thinned").set(report.thinned)
+        self.maintenance_passes.inc()
+        self.gc_freed_bytes.inc(report.freed_bytes)
+
+    def disk_now(self, database_bytes: int, free_bytes: int) -> None:
+        """The two disk figures cheap enough to measure at every scrape."""
+        self.disk_bytes.labels("database").set(database_bytes)
+        self.disk_bytes.labels("free").set(free_bytes)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric of this node."""

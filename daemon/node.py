@@ -2,7 +2,9 @@
 
 `Node` owns the local dataset (database, blocks, history, replicas), the
 libp2p side (`P2PNode`), the query service, the snapshot policy
-(`SnapshotPolicy`), the control server and the systemd notifications, and
+(`SnapshotPolicy`), disk maintenance (`Maintenance`: history retention,
+replica expiry, block GC, accounting), the control server and the systemd
+notifications, and
 offers the operations the control API's routes (`benchsync.daemon.api`) call:
 `status`, `record_one`/`record_many`, `snapshot`, `history`, `restore`,
 `migrate`, `metrics_text`. `Node.run` is a trio service: it returns
@@ -34,16 +36,18 @@ from benchsync.daemon.fetch import FetchLimits
 from benchsync.daemon.host import check_listening
 from benchsync.daemon.identity import load_or_create_identity, peer_id_of
 from benchsync.daemon.lab import LabKeyError, load_lab_keys
+from benchsync.daemon.maintenance import Maintenance
 from benchsync.daemon.metrics import Metrics, NodeCounters
 from benchsync.daemon.network import P2PNode
 from benchsync.daemon.query import QueryService
 from benchsync.daemon.sdnotify import Notifier, run_watchdog
 from benchsync.daemon.snapshot_policy import SnapshotPolicy
 from benchsync.protocol.heads import Head, encode_head
-from benchsync.storage.dataset import LocalDataset
+from benchsync.storage.dataset import LocalDataset, MaintenanceReport
 from benchsync.storage.db import BenchmarkDB
 from benchsync.storage.errors import StorageError
 from benchsync.storage.migrate import MigrationResult, migrate_files
+from benchsync.storage.retention import RetentionPolicy
 from benchsync.storage.snapshot import DiskFull, Version, read_version
 
 if TYPE_CHECKING:
@@ -143,6 +147,10 @@ class Node:
             interval=config.snapshot_interval,
             on_change=lambda: self.notifier.status(self._status_line()),
         )
+        self.maintenance = Maintenance(
+            self.maintain, interval=config.maintenance_interval,
+            on_report=self.metrics.maintained,
+        )  # fmt: skip
         self.dataset.on_write.append(self.snapshot_policy.wrote)
         self.dataset.on_write.append(self.metrics.writes.inc)
         self._head_lock = trio.Lock()  # snapshot, restore and migrate replace the head / the DB
@@ -191,6 +199,7 @@ class Node:
                 if web is not None:
                     self.web_address = await nursery.start(web.run)
                 await nursery.start(self.snapshot_policy.run)
+                await nursery.start(self.maintenance.run)
                 if self.notifier.watchdog_interval:
                     await nursery.start(run_watchdog, self.notifier)
                 log.info(
@@ -214,10 +223,12 @@ class Node:
     def _status_line(self) -> str:
         head = self.dataset.snapshots.head()
         paused = " snapshots=paused(disk full)" if self.snapshot_policy.pause is not None else ""
+        report = self.maintenance.last
+        budget = " disk=over-budget" if report is not None and report.over_budget else ""
         return (
             f"peers={len(self.p2p.connected_peers())} "
             f"head={head.seq if head else '-'} replicas={len(self.dataset.replicas.all())}"
-            f"{paused}"
+            f"{paused}{budget}"
         )
 
     # --- writes ---------------------------------------------------------------------------------
@@ -270,6 +281,7 @@ class Node:
                 result.version.seq, result.version.cid, result.new_blocks, result.new_bytes,
             )  # fmt: skip
             await self._announce(result.version)
+            self.maintenance.changed(result.new_bytes)
         return result.version, result.created
 
     async def history(self, limit: int | None = None) -> list[Version]:
@@ -304,6 +316,37 @@ class Node:
             await self._announce(head)
         return results
 
+    async def maintain(self) -> MaintenanceReport:
+        """One maintenance pass (`LocalDataset.maintain`) in a worker thread: thin the
+        history, expire replicas that left the lab, delete unreferenced blocks, count
+        the disk. Heads being fetched are kept; datasets whose owner is connected
+        count as seen. Raises StorageError."""
+        states = self.p2p.replica_states()
+        fetching = [s.head_seen.root for s in states if s.head_seen is not None]
+        connected = set(self.p2p.connected_peers())
+        seen = [s.dataset for s in states if s.dataset in connected]
+        policy = RetentionPolicy(self.config.history_retention, self.config.history_interval)
+        return await trio.to_thread.run_sync(
+            lambda: self.dataset.maintain(
+                policy, budget=self.config.disk_budget, extra_keep=fetching, seen=seen,
+                replica_expiry=self.config.replica_expiry,
+            )
+        )  # fmt: skip
+
+    async def keep(self, action: str, name: str, cid: str | None = None) -> Any:
+        """Pins and tags: "pin" / "unpin" a CID, "tag" NAME [CID] / "untag" NAME.
+
+        Returns the pinned root, the tagged version or whether something was
+        removed. Raises NotFound, BadTag, RestoreError (a thinned version)."""
+        ds = self.dataset
+        calls = {
+            "pin": lambda: ds.pin_version(name),
+            "unpin": lambda: ds.unpin(name),
+            "tag": lambda: ds.tag(name, cid),
+            "untag": lambda: ds.untag(name),
+        }
+        return await trio.to_thread.run_sync(calls[action])
+
     async def _announce(self, version: Version) -> None:
         head = head_of(version)
         self.p2p.set_local_head(head)
@@ -324,6 +367,7 @@ class Node:
             return self.dataset.install_replica(str(head.root))
 
         replica = await trio.to_thread.run_sync(install)
+        self.maintenance.changed(replica.bytes)
         log.info(
             "replica %s seq=%d installed (%d bytes)", replica.dataset, replica.seq, replica.bytes
         )
@@ -348,6 +392,7 @@ class Node:
             "uptime_seconds": round(time.time() - self.started_at, 3),
             "rows": rows,
             "snapshots": self.snapshot_policy.status(),
+            "disk": await self.disk_status(),
             "trusted_peers": list(self.config.trusted_peers),
             "peers": self.peers(),
             "dials": self.p2p.dial_states(),  # known peers not connected: last error, next retry
@@ -356,6 +401,14 @@ class Node:
             "received_bytes": self.p2p.fetcher.stats.block_bytes,
             "served_bytes": self.p2p.provider.served.block_bytes,
         }
+
+    async def disk_status(self) -> dict[str, Any]:
+        """`status`'s "disk": the last maintenance pass's accounting (history, replicas,
+        blocks) with the database size and free space measured now."""
+        db, free = await trio.to_thread.run_sync(
+            lambda: (self.dataset.database_bytes(), _free_bytes(self.home))
+        )
+        return self.maintenance.status(database_bytes=db, free_bytes=free)
 
     def peers(self) -> list[dict[str, Any]]:
         """Connected and known peers, as `status` and `peers` show them."""
@@ -404,4 +457,5 @@ class Node:
     def metrics_text(self) -> bytes:
         """The Prometheus exposition of this node's metrics, brought up to date."""
         self.metrics.fold(self.counters())
+        self.metrics.disk_now(self.dataset.database_bytes(), _free_bytes(self.home))
         return self.metrics.render()

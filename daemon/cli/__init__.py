@@ -26,6 +26,7 @@ COMMAND_MODULES = [
     "status",
     "demo",
     "snapshots",
+    "pin",
     "config_cmd",
     "cid",
     "record",

@@ -10,6 +10,8 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
+from multiformats import CID
+
 from benchsync.daemon.cli.common import (
     CLIError,
     add_home_argument,
@@ -36,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("restore", help="make an old version's content current (history is kept)")
     add_home_argument(p)
-    p.add_argument("cid", help="root CID of the version (from `benchsync log`)")
+    p.add_argument("cid", help="root CID of the version (from `benchsync log`), or a tag")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(func=run_restore)
 
@@ -61,8 +63,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(func=run_import)
 
-    p = sub.add_parser("gc", help="delete blocks no kept version, pin or replica references")
+    p = sub.add_parser(
+        "gc", help="thin the history by the retention settings, expire replicas, delete "
+        "blocks nothing kept references",
+    )  # fmt: skip
     add_home_argument(p)
+    p.add_argument("--config", metavar="FILE", help="config file (default: <home>/config.toml)")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(func=run_gc)
 
 
@@ -90,16 +97,29 @@ def run_snapshot(args: argparse.Namespace) -> int:
 def run_log(args: argparse.Namespace) -> int:
     with open_dataset(args) as ds:
         versions = ds.history(args.limit)
+        thinned, pins = ds.thinned(), ds.pins()
+        tags: dict[str, list[str]] = {}
+        for name, cid in sorted(ds.tags().items()):
+            tags.setdefault(cid, []).append(name)
+        # Thinned by retention and its tables gone (another kept version may share them).
+        gone = {v.cid for v in versions
+                if v.cid in thinned and not ds.blocks.has(CID.decode(v.tables_cid))}  # fmt: skip
+    docs = [v.to_json() | {"tags": tags.get(v.cid, []), "pinned": v.cid in pins,
+                           "thinned": v.cid in gone} for v in versions]  # fmt: skip
     if args.json:
-        print(json.dumps([v.to_json() for v in versions]))
+        print(json.dumps(docs))
         return 0
     if not versions:
         print("no versions yet (run `benchsync snapshot`)", file=sys.stderr)
         return 0
-    for v in versions:
+    for v, doc in zip(versions, docs, strict=True):
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v.created_at))
         rows = ", ".join(f"{t}={i.rows}" for t, i in sorted(v.manifest.tables.items()) if i.rows)
-        print(f"{v.seq:>5}  {v.cid}  {when}  parent={v.parent or '-'}")
+        marks = [f"tag: {', '.join(doc['tags'])}"] if doc["tags"] else []
+        marks += ["pinned"] if doc["pinned"] else []
+        marks += ["thinned: tables deleted, not restorable"] if doc["thinned"] else []
+        extra = f"  ({'; '.join(marks)})" if marks else ""
+        print(f"{v.seq:>5}  {v.cid}  {when}  parent={v.parent or '-'}{extra}")
         print(f"       rows: {rows or '(empty)'}")
     return 0
 
@@ -181,7 +201,28 @@ def run_import(args: argparse.Namespace) -> int:
 
 
 def run_gc(args: argparse.Namespace) -> int:
-    with open_dataset(args) as ds:
-        removed, freed = ds.gc()
-    print(f"removed {removed} block(s), freed {freed} bytes")
+    client = node_client(args)
+    if client is not None:  # the node collects: it knows the blocks being fetched
+        doc = call_node(client, "POST", "/v1/maintenance", {})
+    else:
+        from benchsync.daemon.config import load_config
+        from benchsync.storage.retention import RetentionPolicy
+
+        with open_dataset(args) as ds:
+            config = load_config(ds.home, getattr(args, "config", None))
+            policy = RetentionPolicy(config.history_retention, config.history_interval)
+            # Offline nothing is being written: temporary files are all crash leftovers.
+            doc = ds.maintain(policy, budget=config.disk_budget, temp_grace=0.0,
+                              replica_expiry=config.replica_expiry).to_json()  # fmt: skip
+    if args.json:
+        print(json.dumps(doc))
+        return 0
+    print(f"thinned {doc['thinned_now']} version(s) ({doc['kept']} of {doc['versions']} "
+          f"kept), removed {doc['removed_blocks']} block(s), freed {doc['freed_bytes']} "
+          "bytes")  # fmt: skip
+    if doc["expired_replicas"]:
+        print(f"expired replicas: {', '.join(doc['expired_replicas'])}")
+    if doc["over_budget"]:
+        print(f"warning: {doc['usage']['total_bytes']} bytes used, over the disk budget "
+              f"of {doc['budget']}", file=sys.stderr)  # fmt: skip
     return 0

@@ -64,6 +64,8 @@ def offline_status(args: argparse.Namespace) -> dict[str, Any]:
                 for r in ds.replicas.all()
             ],  # fmt: skip
             "transfers": [],
+            # Offline there is time to walk the blockstore: the accounting, measured now.
+            "disk": ds.disk_usage().to_json(),
         }
 
 
@@ -94,6 +96,8 @@ def run_status(args: argparse.Namespace) -> int:
     )
     for line in _snapshot_lines(doc.get("snapshots")):
         print(line)
+    for line in _disk_lines(doc.get("disk")):
+        print(line)
     if doc["running"]:
         print(f"peers     {len(doc['peers'])} connected")
     if doc["replicas"]:
@@ -121,6 +125,37 @@ def _snapshot_lines(snapshots: dict[str, Any] | None) -> list[str]:
         lines.append(f"          {snapshots['free_bytes'] / 1e6:.1f} MB free at the last attempt")
     if snapshots.get("hint"):
         lines.append(f"          try: {snapshots['hint']}")
+    return lines
+
+
+def _mb(n: int | None) -> str:
+    return "?" if n is None else f"{n / 1e6:.1f} MB"
+
+
+def _disk_lines(disk: dict[str, Any] | None) -> list[str]:
+    """The "disk" lines of `status`: where the bytes are, the budget, and a warning
+    when the node stays over it."""
+    if not disk:
+        return []
+    parts = [f"database {_mb(disk.get('database_bytes'))}"]
+    if "history_bytes" in disk:
+        parts += [f"history {_mb(disk['history_bytes'])}", f"replicas {_mb(disk['replica_bytes'])}"]
+        if disk.get("other_bytes"):
+            parts.append(f"other {_mb(disk['other_bytes'])}")
+    parts.append(f"free {_mb(disk.get('free_bytes'))}")
+    lines = [f"disk      {', '.join(parts)}"]
+    if disk.get("versions") is not None:
+        lines.append(f"          {disk['versions']} versions, {disk['versions_kept']} restorable, "
+                     f"{disk['versions_thinned']} thinned")  # fmt: skip
+    if disk.get("budget"):
+        used = _mb(disk.get("total_bytes"))
+        lines.append(f"          budget {_mb(disk['budget'])}, using {used}")
+    if disk.get("warning"):
+        lines.append(f"WARNING   {disk['warning']}")
+        if disk.get("hint"):
+            lines.append(f"          try: {disk['hint']}")
+    if disk.get("error"):
+        lines.append(f"          maintenance failed: {disk['error']}")
     return lines
 
 
