@@ -20,7 +20,7 @@ from benchsync.daemon.svg import Bar, bar_chart
 
 SHORT_ID_HEAD = 8  # characters of a peer ID shown before the ellipsis
 SHORT_ID_TAIL = 6  # characters shown after it
-LAB_REFRESH = 5  # seconds between reloads of the Lab page (meta refresh, no JavaScript)
+LAB_REFRESH = 10  # seconds between reloads of the Lab page (meta refresh, no JavaScript)
 MAX_MODELS_SHOWN = 12  # models listed per node on the Lab page
 
 STYLE = """

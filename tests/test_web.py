@@ -18,7 +18,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -173,35 +172,34 @@ class WebLab:
 
 
 @pytest.fixture(scope="module")
-def weblab() -> Iterator[WebLab]:
+def weblab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebLab]:
     if CHROMIUM is None:
         pytest.skip("Debian's chromium is not installed (CI installs it in .ci/run when root)")
-    with tempfile.TemporaryDirectory(prefix="bs-web-") as tmp:
-        base = Path(tmp)
-        key = lab_key_file(base)
-        web_port = free_port()
-        nodes = [NodeProcess(base / f"node{i}", free_port(), NETWORK, lab_key=key)
-                 for i in range(2)]  # fmt: skip
-        nodes[0].extra_args = ["--web-listen", f"127.0.0.1:{web_port}"]
-        nodes[0].bootstrap, nodes[1].bootstrap = [nodes[1].addr], [nodes[0].addr]
-        try:
-            for n in nodes:
-                n.start()
-            for n in nodes:
-                n.wait_ready()
-            for i, n in enumerate(nodes):
-                records = sample_results(i, PER_NODE)
-                if i == 0:
-                    records.append({**records[0], "model_name": HOSTILE_MODEL})
-                n.client.post("/v1/record/perf", {"records": records})
-                n.client.post("/v1/snapshot")
-            wait_converged(nodes)
-            (base / "profile").mkdir()
-            (base / "shots").mkdir()
-            yield WebLab(nodes, f"http://127.0.0.1:{web_port}/", base / "profile", base / "shots")
-        finally:
-            for n in nodes:
-                n.stop()
+    base = tmp_path_factory.mktemp("web")  # screenshots stay in shots/ after the run
+    key = lab_key_file(base)
+    web_port = free_port()
+    nodes = [NodeProcess(base / f"node{i}", free_port(), NETWORK, lab_key=key)
+             for i in range(2)]  # fmt: skip
+    nodes[0].extra_args = ["--web-listen", f"127.0.0.1:{web_port}"]
+    nodes[0].bootstrap, nodes[1].bootstrap = [nodes[1].addr], [nodes[0].addr]
+    try:
+        for n in nodes:
+            n.start()
+        for n in nodes:
+            n.wait_ready()
+        for i, n in enumerate(nodes):
+            records = sample_results(i, PER_NODE)
+            if i == 0:
+                records.append({**records[0], "model_name": HOSTILE_MODEL})
+            n.client.post("/v1/record/perf", {"records": records})
+            n.client.post("/v1/snapshot")
+        wait_converged(nodes)
+        (base / "profile").mkdir()
+        (base / "shots").mkdir()
+        yield WebLab(nodes, f"http://127.0.0.1:{web_port}/", base / "profile", base / "shots")
+    finally:
+        for n in nodes:
+            n.stop()
 
 
 # --- pages in the browser ------------------------------------------------------------------
