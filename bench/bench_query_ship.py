@@ -20,6 +20,7 @@ Run: .venv/bin/python bench/bench_query_ship.py [--nodes 4] [--rows 50000] [--re
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
@@ -102,8 +103,8 @@ def main() -> None:
         got, wire = network(sql)
         want = union.execute(sql, limits=LIMITS)
         assert _rows(got) == _rows(want), label
-        t_net = timed(lambda sql=sql: network(sql), args.repeat)
-        t_one = timed(lambda sql=sql: union.execute(sql, limits=LIMITS), args.repeat)
+        t_net = timed(functools.partial(network, sql), args.repeat)
+        t_one = timed(functools.partial(union.execute, sql, limits=LIMITS), args.repeat)
         print(f"{label:28s} strategy={strategy:10s} network {t_net * 1000:8.1f} ms   "
               f"one DuckDB {t_one * 1000:7.1f} ms   ratio {t_net / t_one:5.2f}x   "
               f"shipped {wire / 2**20:8.2f} MiB")
