@@ -29,7 +29,13 @@ from typing import Any
 import pytest
 
 from benchsync.daemon.control import ControlClient
-from benchsync.daemon.demo import NodeProcess, free_port, sample_results, wait_converged
+from benchsync.daemon.demo import (
+    NodeProcess,
+    free_port,
+    lab_key_file,
+    sample_results,
+    wait_converged,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -192,8 +198,9 @@ def perf_count(home: Path) -> int:
 def test_three_nodes_sync_query_survive_kill_and_stop_cleanly(tmp_path: Path) -> None:
     network = f"e2e-{os.getpid()}"
     listeners = [NotifyListener(tmp_path / f"n{i}.sock") for i in range(3)]
+    key = lab_key_file(tmp_path)  # one lab
     nodes = [
-        NodeProcess(tmp_path / f"node{i}", free_port(), network,
+        NodeProcess(tmp_path / f"node{i}", free_port(), network, lab_key=key,
                     extra_args=["--snapshot-interval", "0", "--reannounce-interval", "1"],
                     env={"NOTIFY_SOCKET": str(listeners[i].path),
                          "WATCHDOG_USEC": str(WATCHDOG_USEC),
