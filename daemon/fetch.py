@@ -232,6 +232,9 @@ class Fetcher:
         matching its CID); refusals, interruptions and oversized answers of an
         older node cost it nothing else. Raises `FetchFailed` when none is left
         while blocks are still missing. Verified blocks stay stored either way.
+        A provider whose lab membership is still being proven is waited for
+        (at most the adapter's `membership_timeout`), then skipped if `admit`
+        refuses it.
         Raises `StorageError` when the local store fails (a full disk): no
         provider can fix that.
         """
@@ -248,7 +251,10 @@ class Fetcher:
             if not candidates:
                 raise FetchFailed(root, len(want), errors)
             peer = candidates[0]
-            reason = self.streams.admit(peer, CAR_PROTOCOL_ID)
+            # A provider still proving its lab membership (it connected just
+            # now) is waited for, not skipped; the adapter bounds the wait.
+            await self.streams.settle(peer)
+            reason = self.streams.admit(peer, CAR_PROTOCOL_ID, asking=True)
             if reason is not None:
                 errors[peer] = reason
                 candidates.remove(peer)

@@ -1,5 +1,6 @@
-"""The fetcher's timers on trio's virtual clock, at exact virtual times (hosts joined
-by in-memory streams, `memnet`)."""
+"""The fetcher's timers on trio's virtual clock: the stall timeout, and waiting for a
+provider's lab membership to be proven, at exact virtual times (hosts joined by
+in-memory streams, `memnet`)."""
 
 from __future__ import annotations
 
@@ -12,15 +13,16 @@ from libp2p.abc import INetStream
 from memnet import MemoryNet, memory_net
 from multiformats import CID
 
-from benchsync.daemon.fetch import STALL_TIMEOUT, Fetcher
+from benchsync.daemon.fetch import STALL_TIMEOUT, BlockProvider, Fetcher, FetchFailed
 from benchsync.daemon.host import AccessPolicy, remote_peer
-from benchsync.daemon.streams import Channel, Membership, StreamAdapter
+from benchsync.daemon.streams import MEMBERSHIP_TIMEOUT, Channel, Membership, StreamAdapter
 from benchsync.protocol.fetch import (
     CAR_PROTOCOL_ID,
     Block,
     FetchRequest,
     FetchSession,
     FetchStatus,
+    missing_blocks,
 )
 from benchsync.protocol.frames import Interrupted
 from benchsync.protocol.session import RESPONDER
@@ -86,3 +88,71 @@ async def test_a_stall_fails_the_round_stall_timeout_after_the_last_byte(
     assert fetcher.store.has(leaves[0]) and fetcher.store.has(leaves[1])
     assert not fetcher.store.has(leaves[2])
     assert not fetcher.policy.is_banned(provider.get_id().to_base58())
+
+
+# --- a provider still proving its lab membership ----------------------------------------
+
+
+class SlowProof:
+    """Lab membership whose verdict (member) arrives only when `decide()` is called."""
+
+    def __init__(self) -> None:
+        self.member = False
+        self.decided = trio.Event()
+
+    async def settle(self, peer: str) -> None:
+        await self.decided.wait()
+
+    def decide(self) -> None:
+        self.member = True
+        self.decided.set()
+
+    def refusal(self, peer: str, protocol: str, *, asking: bool = False) -> str | None:
+        return None if self.member else f"peer {peer} has not proven membership of this lab"
+
+    def failure(self, peer: str) -> Exception | None:
+        return None
+
+
+async def provider_on(net: MemoryNet, payload: bytes) -> tuple[str, CID]:
+    """A real `BlockProvider` serving a DAG of `payload`; returns its peer ID and the root."""
+    host = net.host()
+    store = MemoryBlockstore()
+    root = make_dag(store, payload)
+    provider = BlockProvider(store)
+    streams = StreamAdapter(host, network=NETWORK, policy=AccessPolicy())
+    streams.serve(CAR_PROTOCOL_ID, provider.new_session, provider.answer)
+    return host.get_id().to_base58(), root
+
+
+async def test_a_provider_mid_proof_is_waited_for_not_skipped(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    proof = SlowProof()
+    async with memory_net() as net:
+        peer, root = await provider_on(net, os.urandom(2 * CHUNK))
+        fetcher = fetcher_on(net, MemoryBlockstore(), proof)
+        start = trio.current_time()
+
+        async def verdict_later() -> None:
+            await trio.sleep(3)
+            proof.decide()
+
+        net.nursery.start_soon(verdict_later)
+        result = await fetcher.fetch(root, [peer])
+        assert trio.current_time() - start == 3.0
+    assert result.providers_used == [peer]
+    assert not missing_blocks(root, fetcher.store.has, fetcher.store.get)
+
+
+async def test_a_provider_never_proven_is_skipped_after_the_membership_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with memory_net() as net:
+        peer, root = await provider_on(net, os.urandom(CHUNK))
+        fetcher = fetcher_on(net, MemoryBlockstore(), SlowProof())
+        start = trio.current_time()
+        with pytest.raises(FetchFailed, match="has not proven membership") as failed:
+            await fetcher.fetch(root, [peer])
+        assert trio.current_time() - start == MEMBERSHIP_TIMEOUT
+    assert list(failed.value.errors) == [peer]
