@@ -9,10 +9,27 @@ late joiners and lost gossip do not matter).
 Trust model: a gossip message is signed by its origin (StrictSign), and the
 validator accepts it only when the origin is the dataset's owner, is allowed
 by the `AccessPolicy` (trusted, not banned), the head parses, and its seq
-grows. A head response's own head must be the responder's dataset. The
-replica heads in a head response are not signed by their owner, so they are
-only *provider hints* (this peer can serve that root); they never move a
-dataset's head. Accepted heads are handed to `on_head(head, peer)`.
+grows. A head response's own head must be the responder's dataset (Noise
+authenticated the connection as its writer). Accepted heads are handed to
+`on_head(head, peer)`.
+
+Replica heads (fast catch-up): a head response also lists the heads of the
+datasets the responder holds. Each must come with the GossipSub message in
+which its writer announced it, which this node keeps, for the datasets it
+follows, from the gossip it accepted (`signed_heads`, the latest
+`MAX_SIGNED_PER_DATASET` heads per dataset) and serves alongside the replicas
+it holds. The receiver checks the envelope exactly as gossip input: the
+signature holds for its key and the key is `from` (`open_signed_message`,
+`daemon/gossip.py`), `from` is the head's dataset, the topic is this
+network's heads topic and the body is that very head (`check_signed_hint`);
+then the access policy, the lab, the seq (`HeadBook`) and `admit` as for a
+gossip head. Only then is it that dataset's head, handed to
+`on_replica_hint(head, peer)` (`peer` holds it). A replica head without a
+verifiable envelope is hearsay: ignored and counted (`unverified_hints`),
+never followed, so no peer can make this node install a fake snapshot of
+another writer's dataset. Signed envelopes live in memory only: after a
+restart a node lists no replica heads until gossip delivers their writers'
+announcements again (at most a re-announce interval).
 
 Identities are free, so a head of a dataset not yet followed must also pass
 `admit(dataset, source)` (the syncer's follow limit and per-connection rate
@@ -43,7 +60,7 @@ from libp2p.pubsub.pb import rpc_pb2
 from libp2p.tools.anyio_service import background_trio_service
 
 from benchsync.daemon.config import SETTINGS_BY_NAME
-from benchsync.daemon.gossip import GuardedPubsub
+from benchsync.daemon.gossip import GuardedPubsub, UnverifiableMessage, open_signed_message
 from benchsync.daemon.host import AccessPolicy
 from benchsync.daemon.lab import MEMBER, STRANGER, Lab
 from benchsync.daemon.streams import Channel, StreamAdapter
@@ -56,6 +73,7 @@ from benchsync.protocol.heads import (
     HeadSession,
     InvalidHead,
     check_announcement,
+    check_signed_hint,
     decode_head,
     encode_head,
     topic_for,
@@ -75,6 +93,7 @@ MESH_DEGREE_HIGH = 12  # D_hi: prune above this
 REQUEST_TIMEOUT = 10.0  # seconds for a whole head request/response exchange
 JOIN_ANNOUNCE_DELAY = 2.0  # seconds after a peer joins before we re-announce (2 heartbeats)
 DISCONNECT_TIMEOUT = 2.0  # seconds granted to hanging up on a misbehaving peer
+MAX_SIGNED_PER_DATASET = 2  # signed announcements kept per dataset (the head seen and installed)
 
 HeadCallback = Callable[[Head, str], Awaitable[None]]
 # (dataset, peer that delivered its head) -> why it is not followed, or None
@@ -118,6 +137,9 @@ class Announcer:
         self.book = HeadBook()
         self.local_head: Head | None = None
         self.rejected = 0  # gossip messages the validator refused (for status and tests)
+        self.unverified_hints = 0  # replica heads ignored: no or a bad writer's signature
+        # dataset -> its latest accepted heads -> the writer's signed message (serialized)
+        self.signed_heads: dict[str, dict[Head, bytes]] = {}
         self._rejected_event = trio.Event()
         self.my_id = host.get_id().to_base58()
         self.gossipsub = GossipSub(
@@ -173,7 +195,27 @@ class Announcer:
             except InvalidHead as e:
                 log.debug("dropping stale announcement from %s: %s", signer, e)
                 continue
+            self._keep_signed(head, msg.SerializeToString())
             await self.on_head(head, signer)
+
+    def _keep_signed(self, head: Head, envelope: bytes) -> None:
+        """Remember the writer's signed announcement of `head` (the dataset's current head).
+
+        Only heads that passed the validator (a followed, admitted dataset)
+        or a verified hint get here, so the datasets are bounded by the follow
+        limit; per dataset the `MAX_SIGNED_PER_DATASET` latest are kept.
+        """
+        if self.book.get(head.dataset) != head:
+            return  # superseded meanwhile
+        kept = self.signed_heads.setdefault(head.dataset, {})
+        kept.pop(head, None)
+        kept[head] = envelope
+        while len(kept) > MAX_SIGNED_PER_DATASET:
+            del kept[next(iter(kept))]
+
+    def signed_head(self, head: Head) -> bytes | None:
+        """The writer's signed announcement of `head`, when this node accepted one."""
+        return self.signed_heads.get(head.dataset, {}).get(head)
 
     def _validate(self, forwarder: ID, msg: rpc_pb2.Message) -> bool:
         """GossipSub topic validator: True lets the message be delivered and forwarded."""
@@ -315,14 +357,23 @@ class Announcer:
     # --- /benchsync/head/1.0.0 ---------------------------------------------------
 
     async def _answer_head(self, channel: Channel, request: object) -> None:
-        """Answer an admitted head request (the adapter checked the peer and the network)."""
-        await channel.send(HeadResponse(self.local_head, tuple(self.replicas())))
+        """Answer an admitted head request (the adapter checked the peer and the network).
+
+        Only replicas whose writer's signed announcement we kept are listed:
+        anything else would be hearsay, which the requester ignores.
+        """
+        replicas = [(h, self.signed_head(h)) for h in self.replicas()]
+        signed = [(h, e) for h, e in replicas if e is not None]
+        await channel.send(
+            HeadResponse(self.local_head, tuple(h for h, _ in signed), tuple(e for _, e in signed))
+        )
 
     async def request_head(self, peer: ID) -> HeadResponse:
         """Ask `peer` for its head and the replicas it serves.
 
-        Accepted heads go to `on_head` and replica hints to `on_replica_hint`
-        as for gossip. Raises `Refused` (by us or with the peer's reason),
+        Accepted heads go to `on_head`, and replica heads whose writer's
+        signature verifies to `on_replica_hint` (see the module docstring).
+        Raises `Refused` (by us or with the peer's reason),
         `RemoteProtocolError` for a malformed answer, `Interrupted`,
         `trio.TooSlowError`, or the libp2p error of a failed dial.
         """
@@ -343,8 +394,40 @@ class Announcer:
                 log.info("ignoring head from %s: %s", peer_s, e)
             else:
                 await self.on_head(response.head, peer_s)
-        if self.on_replica_hint is not None:
-            for rep in response.replicas:
-                if rep.dataset != self.my_id:
-                    await self.on_replica_hint(rep, peer_s)
+        for rep, envelope in zip(response.replicas, response.signed, strict=True):
+            if rep.dataset == self.my_id:
+                continue
+            problem = self._hint_problem(rep, envelope, peer_s)
+            if problem is not None:
+                log.info("ignoring replica head of %s from %s: %s", rep.dataset, peer_s, problem)
+                continue
+            assert envelope is not None
+            self.book.accept(rep)
+            self._keep_signed(rep, envelope)
+            await (self.on_replica_hint or self.on_head)(rep, peer_s)
         return response
+
+    def _hint_problem(self, head: Head, envelope: bytes | None, peer: str) -> str | None:
+        """Why replica `head`, listed by `peer` with `envelope`, is not that dataset's head.
+
+        The checks of a gossip head (`_validate`), the relay being `peer`: a
+        missing or unverifiable signature is counted in `unverified_hints`.
+        """
+        try:
+            if envelope is None:
+                raise UnverifiableMessage("no signed announcement from its writer")
+            msg, signer = open_signed_message(envelope)
+            check_signed_hint(head, signer, msg.topicIDs, msg.data, self.topic)
+        except (UnverifiableMessage, InvalidHead) as e:
+            self.unverified_hints += 1
+            return str(e)
+        reason = self.policy.refusal(signer)
+        if reason is None and self.lab is not None and self.lab.state(signer) == STRANGER:
+            reason = f"signer {signer} is not a member of this node's lab"
+        if reason is not None:
+            return reason
+        try:
+            self.book.classify(head)
+        except InvalidHead as e:  # an older head (or a fork): not news
+            return str(e)
+        return self.admit(head.dataset, peer)

@@ -19,6 +19,10 @@ entry points, so that any error rejects the input and reports the peer to
 membership: a stranger gets no pubsub stream from us, so nothing we publish or
 forward reaches it, and its own stream is reset unread). It is awaited before
 py-libp2p opens its stream to a new peer and before a peer's stream is read.
+
+`open_signed_message(blob)` applies the same signature check to a serialized
+message that arrived some other way (a replica head's envelope in a head
+response, `daemon/announce.py`).
 """
 
 from __future__ import annotations
@@ -63,6 +67,32 @@ def message_problem(msg: rpc_pb2.Message) -> str | None:
     except Exception as e:  # DecodeError, ValueError, ...: the bytes are the peer's
         return f"unverifiable message ({type(e).__name__}: {e})"
     return None
+
+
+class UnverifiableMessage(Exception):
+    """A serialized GossipSub message that does not parse or whose signature does not hold."""
+
+
+def open_signed_message(blob: bytes) -> tuple[rpc_pb2.Message, str]:
+    """Parse a serialized GossipSub message and verify it as gossip input is verified.
+
+    Returns the message and its signer (the base58 of `from`, whose key made
+    the signature: `signature_validator` checks that the key, inlined in the
+    peer ID or given in `key`, derives `from`). Raises `UnverifiableMessage`,
+    never anything else, whatever the bytes.
+    """
+    msg = rpc_pb2.Message()
+    try:
+        msg.ParseFromString(blob)
+    except Exception as e:  # DecodeError and whatever else protobuf raises on hostile bytes
+        raise UnverifiableMessage(f"not a GossipSub message ({type(e).__name__})") from None
+    problem = message_problem(msg)
+    if problem is not None:
+        raise UnverifiableMessage(problem)
+    try:
+        return msg, ID(msg.from_id).to_base58()
+    except Exception as e:  # message_problem parsed it already; kept total all the same
+        raise UnverifiableMessage(f"bad from ({type(e).__name__})") from None
 
 
 class GuardedPubsub(Pubsub):

@@ -19,13 +19,13 @@ exponentially up to `MAX_RETRY_DELAY`, cut short only by a newer head or a
 provider not known before, never by the same head announced again.
 
 Fast catch-up: a peer's head response lists the heads of the datasets it
-holds (`replica_hint`). Those are not signed by their writers, yet waiting
-for the writer's own announcement made a late joiner wait up to a
-re-announce interval. So a hint for a dataset we have no state for starts
-following it at once, within the same bounds (`admit`: `max_followed` and
-the source's rate of new datasets), and is fetched from the peer that holds
-it. Such a head is marked `hinted`: the writer's own (signed) head replaces
-it whatever its seq, and a hint never moves a dataset whose head came signed.
+holds, each with its writer's signed announcement, so a late joiner need not
+wait up to a re-announce interval for every writer. The announcer verifies
+that signature as it verifies gossip (`daemon/announce.py`) and hands only
+verified heads to `replica_hint`: such a head is its writer's word, relayed by
+a peer that holds it, and is followed like a gossip head (`admit`:
+`max_followed` and the source's rate of new datasets). An unsigned replica
+head never reaches the syncer.
 """
 
 from __future__ import annotations
@@ -72,7 +72,6 @@ class ReplicaState:
     bytes: int = 0  # block bytes fetched for this dataset so far
     last_error: str | None = None
     syncing: bool = False
-    hinted: bool = False  # head_seen came from a replica holder, not (yet) from its writer
 
     @property
     def lag_seq(self) -> int:
@@ -103,7 +102,6 @@ class ReplicaState:
             "lag_seconds": round(self.lag_seconds, 3),
             "last_error": self.last_error,
             "syncing": self.syncing,
-            "hinted": self.hinted,
         }
 
 
@@ -187,15 +185,6 @@ class Syncer:
             return
         state = self._state(head.dataset)
         new_provider = self.add_provider(head.root, peer)
-        if state.hinted:
-            # The writer's signed head beats hearsay, even with a lower seq.
-            state.hinted = False
-            if head != state.head_seen:
-                if state.head_seen is not None:
-                    self.providers.pop(state.head_seen.root, None)
-                state.head_seen = head
-                self._notify(head.dataset)
-                return
         if state.head_seen is None or head.seq > state.head_seen.seq:
             if state.head_seen is not None and state.head_seen.root != head.root:
                 # Nobody will fetch the old root for this dataset again.
@@ -208,28 +197,12 @@ class Syncer:
             self._notify(head.dataset)
 
     async def replica_hint(self, head: Head, peer: str) -> None:
-        """`peer` says it holds the DAG of `head.root` (its head response listed it).
+        """`peer` holds `head` and relayed its writer's signed announcement of it.
 
-        For a followed dataset, `peer` becomes a provider of that root. A
-        dataset we have no state for is followed from this hint at once, if
-        `admit` lets `peer` introduce it (the same bounds as a signed head);
-        the head stays `hinted` until its writer's own head replaces it.
+        The announcer verified that signature and admitted the dataset, so
+        this is a signed head heard from `peer`, a provider of its root.
         """
-        state = self.states.get(head.dataset)
-        if state is None:
-            if not self.follows(head.dataset) or self.admit(head.dataset, peer) is not None:
-                return
-            state = self._state(head.dataset)
-        if state.head_seen is None:
-            state.head_seen = head
-            state.hinted = True
-            self.add_provider(head.root, peer)
-            self._notify(head.dataset)
-            return
-        if state.head_seen.root != head.root:
-            return
-        if self.add_provider(head.root, peer) and state.head_installed != state.head_seen:
-            self._notify(head.dataset)
+        await self.head_seen(head, peer)
 
     def peer_connected(self, peer: str) -> None:
         """`peer` (re)connected: retry now the datasets it is known to hold and we lack."""

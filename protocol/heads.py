@@ -16,11 +16,22 @@ Wire formats:
   `{"network": ...}`; the responder answers `{"status": "ok", "head": <head or
   null>, "replicas": [<head>, ...]}` (the heads of other datasets it holds
   completely, so it can serve them) or `{"status": "refused", "reason": ...}`.
+  Each replica entry also carries `"signed"`: the base64 of the GossipSub
+  message in which that dataset's writer announced the head (the serialized
+  protobuf, signature and key included, at most `MAX_SIGNED_HEAD` bytes). It is
+  opaque here; the daemon verifies it as it verifies gossip (`daemon/gossip.py`)
+  and `check_signed_hint` checks that it announces that very head on the
+  network's topic. A replica head without a verifiable envelope is hearsay and
+  is ignored. The responder's own head needs none: Noise authenticated the
+  connection as its writer. The whole response is at most `MAX_HEAD_RESPONSE`
+  bytes: the responder leaves out the replicas that do not fit.
   `HeadSession` is that exchange as a sans-IO session (`protocol/session.py`).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import math
 from collections.abc import Iterable, Mapping
@@ -47,7 +58,9 @@ HEAD_PROTOCOL_ID = "/benchsync/head/1.0.0"
 TOPIC_TEMPLATE = "benchsync/{network}/heads/1"
 MAX_HEAD_MESSAGE = 2048  # bytes: one announcement (a few CIDs and numbers)
 MAX_REPLICAS_IN_RESPONSE = 256  # heads of replicated datasets in one head response
-MAX_HEAD_RESPONSE = (MAX_REPLICAS_IN_RESPONSE + 1) * MAX_HEAD_MESSAGE  # bytes
+MAX_SIGNED_HEAD = 4096  # bytes: one writer-signed GossipSub message (a head, key, signature)
+MAX_SIGNED_HEAD_B64 = 4 * -(-MAX_SIGNED_HEAD // 3)  # characters of its base64
+MAX_HEAD_RESPONSE = 1024 * 1024  # bytes: a head response; replicas that do not fit are left out
 MAX_SEQ = 2**63 - 1  # the seq is a signed 64-bit integer in the snapshot manifest
 MAX_DATASET_LEN = 128  # characters: an Ed25519 peer ID in base58 is 52
 NEW_DATASETS_BURST = 64  # datasets one source (a connection) may introduce at once
@@ -213,10 +226,37 @@ def head_request(network: str) -> dict[str, Any]:
     return {"network": check_network_name(network)}
 
 
-def head_response(head: Head | None, replicas: Iterable[Head]) -> dict[str, Any]:
-    """The head response body: our own head (or null) and the replicas we hold."""
-    reps = [h.to_json() for h in list(replicas)[:MAX_REPLICAS_IN_RESPONSE]]
-    return {"status": "ok", "head": None if head is None else head.to_json(), "replicas": reps}
+def head_response(
+    head: Head | None, replicas: Iterable[Head], signed: Iterable[bytes | None] = ()
+) -> dict[str, Any]:
+    """The head response body: our own head (or null) and the replicas we hold.
+
+    `signed` holds, in the order of `replicas`, each replica's signed
+    announcement (or None: the entry then has no `signed` field). At most
+    `MAX_REPLICAS_IN_RESPONSE` replicas are listed, and only as many as fit
+    in `MAX_HEAD_RESPONSE` bytes once encoded.
+    """
+    reps = list(replicas)[:MAX_REPLICAS_IN_RESPONSE]
+    envelopes = list(signed)
+    envelopes += [None] * (len(reps) - len(envelopes))
+    own = None if head is None else head.to_json()
+    budget = MAX_HEAD_RESPONSE - 256 - len(_compact({"head": own}))  # framing, status, keys
+    entries: list[dict[str, Any]] = []
+    for rep, envelope in zip(reps, envelopes, strict=False):
+        entry = rep.to_json()
+        if envelope is not None:
+            if len(envelope) > MAX_SIGNED_HEAD:
+                raise ValueError(f"signed head of {len(envelope)} bytes exceeds {MAX_SIGNED_HEAD}")
+            entry["signed"] = base64.b64encode(envelope).decode("ascii")
+        budget -= len(_compact(entry)) + 1
+        if budget < 0:
+            break
+        entries.append(entry)
+    return {"status": "ok", "head": own, "replicas": entries}
+
+
+def _compact(obj: object) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), sort_keys=True).encode()
 
 
 @dataclass(frozen=True)
@@ -228,10 +268,38 @@ class HeadRequest:
 
 @dataclass(frozen=True)
 class HeadResponse:
-    """A head response: the responder's own head and the heads it replicates."""
+    """A head response: the responder's own head and the heads it replicates.
+
+    `signed[i]` is the serialized GossipSub message in which the writer of
+    `replicas[i]` announced it (None when the entry had none); it is empty
+    (all None) when not given.
+    """
 
     head: Head | None
     replicas: tuple[Head, ...]
+    signed: tuple[bytes | None, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.signed:
+            object.__setattr__(self, "signed", (None,) * len(self.replicas))
+        if len(self.signed) != len(self.replicas):
+            raise ValueError("signed must hold one entry (or None) per replica")
+
+
+def parse_signed(entry: Mapping[str, Any]) -> bytes | None:
+    """The signed announcement of a replica entry (None when absent); raises `InvalidHead`."""
+    raw = entry.get("signed")
+    if raw is None:
+        return None
+    if not isinstance(raw, str) or not 0 < len(raw) <= MAX_SIGNED_HEAD_B64:
+        raise InvalidHead(f"signed must be base64 of at most {MAX_SIGNED_HEAD} bytes")
+    try:
+        blob = base64.b64decode(raw.encode("ascii"), validate=True)
+    except (ValueError, binascii.Error):  # non-ASCII, bad alphabet or padding
+        raise InvalidHead("signed is not base64") from None
+    if len(blob) > MAX_SIGNED_HEAD:
+        raise InvalidHead(f"signed head of {len(blob)} bytes exceeds {MAX_SIGNED_HEAD}")
+    return blob
 
 
 def parse_head_response(obj: Mapping[str, Any], responder: str) -> HeadResponse:
@@ -240,7 +308,8 @@ def parse_head_response(obj: Mapping[str, Any], responder: str) -> HeadResponse:
     Raises `InvalidHead` when it is malformed (a refusal is the session's
     `Refusal` event, never passed here), or when `head` is not the
     responder's own dataset (a replica must never be passed off as the
-    writer's head).
+    writer's head). The replicas' signed envelopes are only decoded here:
+    `check_signed_hint` and the daemon's signature check judge them.
     """
     status = obj.get("status")
     if status != "ok":
@@ -252,7 +321,26 @@ def parse_head_response(obj: Mapping[str, Any], responder: str) -> HeadResponse:
     raw_reps = obj.get("replicas", [])
     if not isinstance(raw_reps, list) or len(raw_reps) > MAX_REPLICAS_IN_RESPONSE:
         raise InvalidHead(f"replicas must be a list of at most {MAX_REPLICAS_IN_RESPONSE} heads")
-    return HeadResponse(head=head, replicas=tuple(Head.from_json(r) for r in raw_reps))
+    replicas = tuple(Head.from_json(r) for r in raw_reps)  # each one a Mapping from here on
+    return HeadResponse(head, replicas, tuple(parse_signed(r) for r in raw_reps))
+
+
+def check_signed_hint(
+    head: Head, signer: str, topics: Iterable[str], data: bytes, topic: str
+) -> None:
+    """Check that a signed message (signature already verified) announces replica `head`.
+
+    `signer` is the message's verified `from`, `topics` its topic IDs and
+    `data` its body. Raises `InvalidHead` unless the signer is the head's
+    dataset (its writer), the message was published on `topic` only, and its
+    body decodes to exactly `head`.
+    """
+    if signer != head.dataset:
+        raise InvalidHead(f"replica head of {head.dataset} comes with a message signed by {signer}")
+    if list(topics) != [topic]:
+        raise InvalidHead(f"replica head of {head.dataset} was signed for another topic")
+    if decode_head(data) != head:
+        raise InvalidHead(f"replica head of {head.dataset} differs from what its writer signed")
 
 
 class HeadSession(Session):
@@ -279,7 +367,7 @@ class HeadSession(Session):
         if isinstance(event, HeadRequest):
             return encode_json_frame(head_request(str(event.network)))
         if isinstance(event, HeadResponse):
-            body = head_response(event.head, event.replicas)
+            body = head_response(event.head, event.replicas, event.signed)
             return encode_json_frame(body, max_frame=MAX_HEAD_RESPONSE)
         return super()._encode(event)
 

@@ -3,9 +3,10 @@
 A node that connects to anyone learns every dataset head that peer holds
 (its head response lists them) and starts fetching at once, instead of
 waiting for each writer's next announcement (up to the 30 s re-announce
-interval: the late joiner took up to 26 s). The Sybil bounds still hold: a
-hint starts following only within `max_followed_datasets` and the source's
-rate of new datasets, and a writer's own signed head beats a hint.
+interval: the late joiner took up to 26 s). Each listed head carries its
+writer's signed announcement (tests/test_signed_hints.py: hearsay is ignored).
+The Sybil bounds still hold: a hint starts following only within
+`max_followed_datasets` and the source's rate of new datasets.
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ async def hub_holding_heads_of_gone_writers(
 ) -> AsyncIterator[tuple[Node, dict[str, Head]]]:
     """A running hub that replicated two writers' heads; the writers are gone.
 
-    The writers never published: the hub learned their heads from its head
-    requests, so no gossip about them exists anywhere.
+    The hub holds each writer's signed announcement (gossiped once, when the
+    hub joined); the writers then leave, so the late joiner cannot hear them.
     """
     hub = Node(tmp_path, "hub", reannounce_interval=3600)
     writers = [Node(tmp_path, f"w{i}") for i in range(2)]
@@ -50,10 +51,13 @@ async def hub_holding_heads_of_gone_writers(
             for w in writers:
                 head = head_for(w.p2p, 1, make_dag(w.store, os.urandom(100_000), w.home.name))
                 heads[w.peer_id] = head
-                w.p2p.set_local_head(head)
+                await w.p2p.announce(head)  # nobody hears this one: re-announced on join
                 await hub.p2p.connect(w.p2p.addrs[0])
             for peer, head in heads.items():
                 await wait_for(hub, partial(has, hub, peer, head))
+            with trio.fail_after(TIMEOUT):
+                while any(hub.p2p.announcer.signed_head(h) is None for h in heads.values()):
+                    await trio.sleep(0.05)  # polled: the gossip of a known head changes no state
         yield hub, heads
 
 
@@ -67,16 +71,20 @@ async def test_a_late_joiner_installs_every_head_its_peer_holds_at_once(tmp_path
                 for peer, head in heads.items():
                     await wait_for(late, partial(has, late, peer, head))
             assert time.monotonic() - started < CATCH_UP
-            states = {s.dataset: s for s in late.p2p.replica_states()}
-            assert all(states[p].hinted for p in heads)  # no writer has confirmed them yet
+            # Each is its writer's word: the late joiner took (and can pass on) the signature.
+            for head in heads.values():
+                assert late.p2p.announcer.book.get(head.dataset) == head
+                assert late.p2p.announcer.signed_head(head) is not None
+            assert late.p2p.announcer.unverified_hints == 0
 
 
 async def test_hints_start_following_only_within_the_sybil_bounds(tmp_path: Path) -> None:
     capped = Node(tmp_path, "capped", max_followed=1)
     slow = Node(tmp_path, "slow", limiter=NewDatasetLimiter(burst=1, per_second=0.0))
     with trio.fail_after(TIMEOUT * 2):
-        async with hub_holding_heads_of_gone_writers(tmp_path) as (hub, heads), running(
-            capped, slow
+        async with (
+            hub_holding_heads_of_gone_writers(tmp_path) as (hub, heads),
+            running(capped, slow),
         ):
             for node in (capped, slow):
                 await node.p2p.connect(hub.p2p.addrs[0])

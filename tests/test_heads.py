@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 from collections.abc import Callable
@@ -12,14 +13,22 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from multiformats import CID, multihash
 
+from benchsync.protocol.frames import encode_json_frame
 from benchsync.protocol.heads import (
     MAX_HEAD_MESSAGE,
+    MAX_HEAD_RESPONSE,
+    MAX_REPLICAS_IN_RESPONSE,
+    MAX_SIGNED_HEAD,
+    MAX_SIGNED_HEAD_B64,
     NEW,
     REPEAT,
     Head,
     HeadBook,
+    HeadRequest,
+    HeadResponse,
     InvalidHead,
     check_announcement,
+    check_signed_hint,
     decode_head,
     encode_head,
     head_response,
@@ -134,7 +143,7 @@ def test_decoding_odd_objects_only_raises_invalid_head(doc: dict[str, object]) -
 def test_head_session_pair_round_trips_and_refuses() -> None:
     from session_pair import SessionPair
 
-    from benchsync.protocol.heads import HeadRequest, HeadResponse, HeadSession
+    from benchsync.protocol.heads import HeadSession
     from benchsync.protocol.session import REQUESTER, RESPONDER, Refusal
 
     pair = SessionPair(HeadSession(REQUESTER, responder=ALICE), HeadSession(RESPONDER))
@@ -154,3 +163,86 @@ def test_head_session_pair_round_trips_and_refuses() -> None:
     pair.send(REQUESTER, HeadRequest("lab"))
     with pytest.raises(InvalidHead, match="answered with the head"):
         pair.send(RESPONDER, HeadResponse(head(ALICE), ()))
+
+
+# --- signed replica heads ---------------------------------------------------------------
+
+
+def test_head_response_carries_each_replicas_signed_envelope_as_base64() -> None:
+    signed = b"\x0a\x02from\x12\x05bytes"  # opaque here: the daemon verifies it
+    body = json.loads(json.dumps(head_response(head(ALICE), [head(BOB)], [signed])))
+    assert body["replicas"][0]["signed"] == base64.b64encode(signed).decode()
+    assert {k for k in body["replicas"][0] if k != "signed"} == set(head(BOB).to_json())
+    parsed = parse_head_response(body, ALICE)
+    assert parsed.replicas == (head(BOB),) and parsed.signed == (signed,)
+    # No envelope: no field (an older peer's answer), parsed as None.
+    body = json.loads(json.dumps(head_response(None, [head(BOB), head(ALICE)], [None, signed])))
+    assert "signed" not in body["replicas"][0]
+    assert parse_head_response(body, ALICE).signed == (None, signed)
+    assert HeadResponse(None, (head(BOB),)).signed == (None,)
+    with pytest.raises(ValueError):
+        HeadResponse(None, (head(BOB),), (signed, signed))
+
+
+@pytest.mark.parametrize(
+    "value, reason",
+    [
+        (17, "base64"),
+        ("", "base64"),
+        ("not base64!", "not base64"),
+        ("QUJD\n", "not base64"),
+        ("QUJ", "not base64"),  # bad padding
+        ("é", "not base64"),
+        ("A" * (MAX_SIGNED_HEAD_B64 + 4), "at most"),
+        (base64.b64encode(b"x" * (MAX_SIGNED_HEAD + 1)).decode()[:MAX_SIGNED_HEAD_B64], "exceeds"),
+    ],
+)
+def test_malformed_envelopes_make_the_response_invalid(value: object, reason: str) -> None:
+    entry = {**head(BOB).to_json(), "signed": value}
+    with pytest.raises(InvalidHead, match=reason):
+        parse_head_response({"status": "ok", "head": None, "replicas": [entry]}, ALICE)
+
+
+def test_head_response_stays_within_its_size_limit() -> None:
+    big = b"\xff" * MAX_SIGNED_HEAD
+    reps = [head(f"12D3KooW{i:044d}", tag=str(i)) for i in range(MAX_REPLICAS_IN_RESPONSE + 5)]
+    body = head_response(head(ALICE), reps, [big] * len(reps))
+    frame = encode_json_frame(body, max_frame=MAX_HEAD_RESPONSE)  # raises when it would not fit
+    assert len(frame) <= MAX_HEAD_RESPONSE + 8  # the body, and its varint length
+    kept = len(body["replicas"])
+    assert 0 < kept < MAX_REPLICAS_IN_RESPONSE  # the ones that do not fit are left out
+    assert [Head.from_json(r) for r in body["replicas"]] == reps[:kept]
+    # Small envelopes: every replica up to the count limit.
+    small = head_response(None, reps, [b"sig"] * len(reps))
+    assert len(small["replicas"]) == MAX_REPLICAS_IN_RESPONSE
+    with pytest.raises(ValueError, match="exceeds"):
+        head_response(None, [head(BOB)], [big + b"!"])
+
+
+def test_a_requester_refuses_a_head_response_beyond_the_limit() -> None:
+    from benchsync.protocol.frames import RemoteProtocolError, encode_frame
+    from benchsync.protocol.heads import HeadSession
+    from benchsync.protocol.session import REQUESTER
+
+    session = HeadSession(REQUESTER, responder=ALICE)
+    session.send(HeadRequest("lab"))
+    too_big = encode_frame(b" " * (MAX_HEAD_RESPONSE + 1), max_frame=MAX_HEAD_RESPONSE + 1)
+    with pytest.raises(RemoteProtocolError):
+        session.receive_data(too_big)
+        session.next_event()
+
+
+def test_a_signed_hint_must_announce_that_very_head_on_our_topic() -> None:
+    topic = topic_for("lab")
+    data = encode_head(head(BOB))
+    check_signed_hint(head(BOB), BOB, [topic], data, topic)
+    with pytest.raises(InvalidHead, match="signed by"):
+        check_signed_hint(head(BOB), ALICE, [topic], encode_head(head(ALICE)), topic)
+    with pytest.raises(InvalidHead, match="another topic"):
+        check_signed_hint(head(BOB), BOB, [topic_for("other")], data, topic)
+    with pytest.raises(InvalidHead, match="another topic"):
+        check_signed_hint(head(BOB), BOB, [topic, topic_for("other")], data, topic)
+    with pytest.raises(InvalidHead, match="differs"):
+        check_signed_hint(head(BOB, seq=2, tag="fake"), BOB, [topic], data, topic)
+    with pytest.raises(InvalidHead, match="JSON"):
+        check_signed_hint(head(BOB), BOB, [topic], b"\x00", topic)
