@@ -23,6 +23,7 @@ from benchsync.daemon.answers import table_json
 from benchsync.daemon.control import ApiError, Request, Router, Text
 from benchsync.daemon.coordinator import DistributedQueryError, PartialAnswer
 from benchsync.daemon.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from benchsync.daemon.staging import StagingRoutes
 from benchsync.protocol.planner import PlanError
 from benchsync.storage.errors import InvalidRecord, NotFound, StorageError
 from benchsync.storage.retention import BadTag
@@ -113,6 +114,7 @@ class ControlAPI:
 
     def __init__(self, node: Node) -> None:
         self.node = node
+        self.staging = StagingRoutes(node, RECORD_KINDS)  # bulk records: daemon/staging.py
 
     def router(self) -> Router:
         r = Router()
@@ -120,6 +122,7 @@ class ControlAPI:
         r.add("GET", "/v1/peers", self.peers)
         r.add("GET", "/v1/replicas", self.replicas)
         r.add("POST", "/v1/record/{kind}", self.record)
+        self.staging.add_to(r)
         r.add("POST", "/v1/query", self.query)
         r.add("POST", "/v1/snapshot", self.snapshot)
         r.add("GET", "/v1/history", self.history)

@@ -10,7 +10,9 @@ so `--help`, the flag parsing and the record fields cannot drift apart.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +23,16 @@ from benchsync.daemon.cli.common import (
     node_client,
     require_home,
 )
-from benchsync.daemon.control import ControlClient
+from benchsync.daemon.cli.progress import Progress
+from benchsync.daemon.control import MAX_BODY_BYTES, ControlAPIError, ControlClient
 from benchsync.storage.db import DB_FILENAME, BenchmarkDB, DatabaseLocked
 from benchsync.storage.errors import InvalidRecord, StorageError
-from benchsync.storage.records import RULES
+from benchsync.storage.records import RULES, check_known_fields, validate
+
+# `--from` through a running node goes in staged batches of at most this many bytes
+# of request body (half the control API's limit: room for a node with a smaller one).
+BATCH_BYTES = MAX_BODY_BYTES // 2
+_ENVELOPE = '{"records": []}'
 
 # `benchsync record KIND` flags: the record fields that have a flag in storage's one
 # field table (records.FIELD_FLAGS), in field order, parsed by the field's kind.
@@ -111,23 +119,83 @@ def run(args: argparse.Namespace) -> int:
 def _record_via_node(client: ControlClient, kind: str, from_file: str | None,
                      fields: dict[str, Any]) -> int:
     if from_file:
-        source = Path(from_file)
-        if not source.is_file():
-            raise CLIError(f"no such file: {source}", "check the path given to --from")
-        records = []
-        with open(source) as f:
+        return _record_file_via_node(client, kind, Path(from_file))
+    answer = call_node(client, "POST", f"/v1/record/{kind}", fields)
+    print(f"Recorded {kind} record {answer.get('id')} through the running node")
+    return 0
+
+
+def read_jsonl(kind: str, source: Path) -> list[dict[str, Any]]:
+    """The records of a JSONL file, each checked by the record rules (as the node will
+    again); CLIError naming the line of the first bad one (nothing is sent)."""
+    if not source.is_file():
+        raise CLIError(f"no such file: {source}", "check the path given to --from")
+    records: list[dict[str, Any]] = []
+    try:
+        with open(source, encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        records.append(json.loads(line))
-                    except ValueError as e:
-                        raise CLIError(f"{source}:{n}: not JSON: {e}",
-                                       "one JSON object per line; nothing was written") from None
-        if not records:
-            raise CLIError(f"{source} holds no records", "one JSON object per line")
-        answer = call_node(client, "POST", f"/v1/record/{kind}", {"records": records})
-        print(f"Recorded {answer['stored']} {kind} record(s) from {source} through the node")
-    else:
-        answer = call_node(client, "POST", f"/v1/record/{kind}", fields)
-        print(f"Recorded {kind} record {answer.get('id')} through the running node")
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except ValueError as e:
+                    raise CLIError(f"{source}:{n}: not JSON: {e}",
+                                   "one JSON object per line; nothing was written") from None
+                try:
+                    if not isinstance(obj, dict):
+                        raise InvalidRecord("record", obj, "expected a JSON object per line")
+                    check_known_fields(kind, obj)
+                    validate(kind, obj)
+                except InvalidRecord as e:
+                    raise CLIError(f"{source}:{n}: {e}",
+                                   f"fix field {e.field!r}; nothing was written") from None
+                records.append(obj)
+    except UnicodeDecodeError as e:
+        raise CLIError(f"{source} is not UTF-8 text: {e}", "one JSON object per line") from None
+    if not records:
+        raise CLIError(f"{source} holds no records", "one JSON object per line")
+    return records
+
+
+def batches(records: list[dict[str, Any]],
+            max_bytes: int = BATCH_BYTES) -> Iterator[tuple[list[dict[str, Any]], int]]:
+    """`records` in runs whose body `{"records": [...]}`, as the control client encodes
+    it (`json.dumps`: ASCII, so characters are bytes), fits in `max_bytes`; with that size."""
+    run: list[dict[str, Any]] = []
+    size = len(_ENVELOPE)
+    for record in records:
+        n = len(json.dumps(record))
+        if len(_ENVELOPE) + n > max_bytes:
+            raise CLIError(f"one record is {n} bytes of JSON, more than the {max_bytes} bytes "
+                           "of one control API request", "shorten its metadata")  # fmt: skip
+        if run and size + n + 2 > max_bytes:
+            yield run, size
+            run, size = [], len(_ENVELOPE)
+        size += n + (2 if run else 0)
+        run.append(record)
+    if run:
+        yield run, size
+
+
+def _record_file_via_node(client: ControlClient, kind: str, source: Path) -> int:
+    """Stage the file's records in the node in batches, then commit them in one
+    transaction (daemon/staging.py): any size, all or nothing, progress on stderr."""
+    records = read_jsonl(kind, source)
+    runs = list(batches(records))
+    base = f"/v1/record/{kind}/batches"
+    batch = call_node(client, "POST", base, {})["batch"]
+    progress = Progress(f"record {source.name}", sum(size for _, size in runs))
+    committed = False
+    try:
+        for run, size in runs:
+            call_node(client, "POST", f"{base}/{batch}", {"records": run})
+            progress.update(size)
+        progress.close()
+        committed = True  # from here the node drops the batch, whatever the answer
+        answer = call_node(client, "POST", f"{base}/{batch}/commit", {})
+    finally:
+        if not committed:  # best effort: an abandoned batch also expires on its own
+            with contextlib.suppress(ControlAPIError):
+                client.request("DELETE", f"{base}/{batch}")
+    print(f"Recorded {answer['stored']} {kind} record(s) from {source} through the node")
     return 0
