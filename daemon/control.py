@@ -43,7 +43,7 @@ import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import h11
 import trio
@@ -296,7 +296,12 @@ class ControlServer:
     Each listener has its own connection limit: Unix-socket connections over
     the limit wait for a slot, TCP ones are answered 503 at once. On TCP the
     token is checked as soon as the request head is in, before any body is read.
+
+    A server answering with other bodies (the dashboard, `benchsync.daemon.web`)
+    keeps this serving loop and overrides `connection` and `refuse_busy`.
     """
+
+    name: ClassVar[str] = "control API"  # what the log calls it
 
     router: Router
     socket_path: Path
@@ -369,21 +374,29 @@ class ControlServer:
                 try:
                     limiter.acquire_nowait()
                 except trio.WouldBlock:
-                    await _refuse_busy(stream, self.max_tcp_connections)
+                    await self.refuse_busy(stream)
                     return
             else:
                 await limiter.acquire()
             try:
-                await _Connection(self, stream, transport).serve()
+                await self.connection(stream, transport).serve()
             except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
                 pass  # the client went away; nothing to answer
             except Exception:  # never let one connection take the server down
-                log.exception("control API connection failed")
+                log.exception("%s connection failed", self.name)
             finally:
                 limiter.release()
         finally:
             with contextlib.suppress(Exception):
                 await stream.aclose()
+
+    def connection(self, stream: trio.abc.Stream, transport: str) -> Connection:
+        """The `Connection` that serves one accepted `stream`."""
+        return Connection(self, stream, transport)
+
+    async def refuse_busy(self, stream: trio.abc.Stream) -> None:
+        """Answer 503 on a TCP connection over the limit, without reading its request."""
+        await _refuse_busy(stream, self.max_tcp_connections)
 
     async def dispatch(self, request: Request) -> tuple[int, Any]:
         """Route one request: (status, body) where body is JSON-able or `Text`."""
@@ -419,7 +432,7 @@ class ControlServer:
             )  # fmt: skip
 
 
-class _Connection:
+class Connection:
     """One HTTP/1.1 connection: read a request, answer it, repeat while keep-alive holds.
 
     Reading a request has three deadlines: `idle_timeout` until its first byte

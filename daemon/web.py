@@ -37,7 +37,7 @@ from collections.abc import Mapping
 from functools import partial
 from http import HTTPStatus
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import h11
 import trio
@@ -49,12 +49,12 @@ from benchsync.daemon.control import (
     REFUSE_TIMEOUT,
     SERVER_NAME,
     ApiError,
+    Connection,
     ControlServer,
     ControlSocketError,
     Request,
     Router,
     Text,
-    _Connection,
 )
 from benchsync.daemon.web_pages import error_page, lab_page, results_page
 
@@ -109,6 +109,8 @@ class WebServer(ControlServer):
     `token`, when set, is asked of every request (`authorize`).
     """
 
+    name: ClassVar[str] = "dashboard"
+
     def __init__(self, router: Router, address: tuple[str, int], token: str | None = None,
                  *, max_connections: int = MAX_WEB_CONNECTIONS) -> None:  # fmt: skip
         super().__init__(router, Path(), token=token, max_body_bytes=MAX_WEB_BODY_BYTES,
@@ -142,25 +144,20 @@ class WebServer(ControlServer):
             log.info("dashboard on http://%s:%d/", host, bound[1])
             task_status.started((host, int(bound[1])))
 
-    async def _serve(self, stream: trio.abc.Stream, *, transport: str) -> None:
-        limiter = self._limiters["tcp"]
-        try:
-            try:
-                limiter.acquire_nowait()
-            except trio.WouldBlock:
-                await _refuse_busy(stream, self.max_tcp_connections)
-                return
-            try:
-                await _WebConnection(self, stream, transport).serve()
-            except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
-                pass  # the client went away; nothing to answer
-            except Exception:  # never let one connection take the server down
-                log.exception("dashboard connection failed")
-            finally:
-                limiter.release()
-        finally:
-            with contextlib.suppress(Exception):
-                await stream.aclose()
+    def connection(self, stream: trio.abc.Stream, transport: str) -> Connection:
+        return _WebConnection(self, stream, transport)
+
+    async def refuse_busy(self, stream: trio.abc.Stream) -> None:
+        """Answer 503 (plain text) on a connection over the limit, without reading its request."""
+        limit = self.max_tcp_connections
+        payload = f"the dashboard serves at most {limit} connections at once; retry\n".encode()
+        head = (
+            "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            f"Content-Length: {len(payload)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
+        )
+        with trio.move_on_after(REFUSE_TIMEOUT), contextlib.suppress(trio.BrokenResourceError,
+                                                                     trio.ClosedResourceError):
+            await stream.send_all(head.encode("ascii") + payload)
 
     async def dispatch(self, request: Request) -> tuple[int, Any]:
         """Route a GET (HEAD as GET); any other method is 405 on every path."""
@@ -196,7 +193,7 @@ class WebServer(ControlServer):
             )  # fmt: skip
 
 
-class _WebConnection(_Connection):
+class _WebConnection(Connection):
     """The control API's connection handling, answering with the dashboard's bodies:
     HTML (an error on a page path is an HTML page), CSV, JSON; no body for HEAD."""
 
@@ -236,18 +233,6 @@ class _WebConnection(_Connection):
         if request is None or request.method != "HEAD":
             await self._send(h11.Data(data=payload))
         await self._send(h11.EndOfMessage())
-
-
-async def _refuse_busy(stream: trio.abc.Stream, limit: int) -> None:
-    """Answer 503 on a connection over the limit, without reading its request."""
-    payload = f"the dashboard serves at most {limit} connections at once; retry\n".encode()
-    head = (
-        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
-        f"Content-Length: {len(payload)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
-    )
-    with trio.move_on_after(REFUSE_TIMEOUT), contextlib.suppress(trio.BrokenResourceError,
-                                                                 trio.ClosedResourceError):
-        await stream.send_all(head.encode("ascii") + payload)
 
 
 # --- the data ---------------------------------------------------------------------------------
