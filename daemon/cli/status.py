@@ -100,6 +100,8 @@ def run_status(args: argparse.Namespace) -> int:
         print(line)
     if doc["running"]:
         print(f"peers     {len(doc['peers'])} connected")
+        for line in _dial_lines(doc.get("dials")):
+            print(line)
     if doc["replicas"]:
         print("replicas")
         for r in doc["replicas"]:
@@ -125,6 +127,31 @@ def _snapshot_lines(snapshots: dict[str, Any] | None) -> list[str]:
         lines.append(f"          {snapshots['free_bytes'] / 1e6:.1f} MB free at the last attempt")
     if snapshots.get("hint"):
         lines.append(f"          try: {snapshots['hint']}")
+    return lines
+
+
+MAX_DIAL_LINES = 5  # failing dials shown by `status`; --json has them all
+MAX_DIAL_ERROR = 72  # characters of a dial's last error shown by `status`
+
+
+def _dial_lines(dials: list[dict[str, Any]] | None) -> list[str]:
+    """The "dials" lines of `status`: known peers we fail to reach (bootstrap or not),
+    each with its last error and when the next attempt is; short, one line each."""
+    failing = [d for d in dials or [] if d.get("last_error")]
+    if not failing:
+        return []
+    lines = [f"dials     {len(failing)} failing (known peers not reachable)"]
+    for d in failing[:MAX_DIAL_LINES]:
+        kind = "bootstrap" if d.get("bootstrap") else "peer"
+        error = " ".join(str(d["last_error"]).split())
+        if len(error) > MAX_DIAL_ERROR:
+            error = error[: MAX_DIAL_ERROR - 1] + "…"
+        retry = d.get("next_retry_seconds")
+        when = "?" if retry is None else f"{retry:.0f} s"
+        lines.append(f"  {_short(d.get('peer_id'))} {kind}, {d.get('failures', '?')} failed, "
+                     f"retry in {when}: {error}")  # fmt: skip
+    if len(failing) > MAX_DIAL_LINES:
+        lines.append(f"  … and {len(failing) - MAX_DIAL_LINES} more (`benchsync status --json`)")
     return lines
 
 
