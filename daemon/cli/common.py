@@ -76,6 +76,18 @@ def add_home_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_node_arguments(parser: argparse.ArgumentParser) -> None:
+    """--home and --control-socket, for a command that talks to the node running on a
+    data directory (`node_client`): found by its socket, else the command works offline."""
+    add_home_argument(parser)
+    parser.add_argument(
+        "--control-socket", metavar="PATH",
+        help="the running node's control socket (default: $BENCHSYNC_CONTROL_SOCKET, the "
+             "control_socket setting, else <home>/control.sock or the systemd unit's); "
+             "given, a node must answer there",
+    )  # fmt: skip
+
+
 def parse_size(text: str) -> int:
     """`64M`, `1G`, `300000` -> bytes (binary multiples)."""
     units = {"K": 1024, "M": 1024**2, "G": 1024**3}
@@ -124,8 +136,10 @@ def node_client(args: argparse.Namespace) -> ControlClient | None:
     from benchsync.daemon.control import ControlClient
 
     home = data_dir(getattr(args, "home", None))
+    explicit = getattr(args, "control_socket", None)  # --control-socket (add_node_arguments)
+    overrides = {"control_socket": explicit} if explicit else None
     try:
-        config = load_config(home, getattr(args, "config", None))
+        config = load_config(home, getattr(args, "config", None), overrides=overrides)
     except ConfigError as e:
         raise CLIError(str(e), "fix the setting named above (see `benchsync config docs`)") from e
     timeout = getattr(args, "timeout", None) or 300.0
@@ -133,6 +147,11 @@ def node_client(args: argparse.Namespace) -> ControlClient | None:
         client = ControlClient(socket_path=path, timeout=timeout)
         if client.available():
             return client
+    if explicit:  # asked for a node there: never fall back to the data directory itself
+        raise CLIError(f"no node answers on control socket {config.control_socket}",
+                       "check the path (`benchsync status` on the node's machine shows it), "
+                       "that the node runs, and that this user may use the socket "
+                       "(group benchsync for the systemd unit)")  # fmt: skip
     return None
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from benchsync.daemon.cli.common import (
     CLIError,
-    add_home_argument,
+    add_node_arguments,
     call_node,
     data_dir,
     node_client,
@@ -49,7 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,
         "ids are remapped, models and hardware merged by name, provenance recorded in "
         "migrated_rows, and the import verified before it is committed. Re-running is safe.",
     )
-    add_home_argument(p)
+    add_node_arguments(p)
     p.add_argument(
         "--db",
         action="append",

@@ -14,7 +14,7 @@ import time
 
 from benchsync.daemon.cli.common import (
     CLIError,
-    add_home_argument,
+    add_node_arguments,
     call_node,
     node_client,
     open_dataset,
@@ -33,19 +33,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         ("rm", "stop keeping CID forever (retention decides again)"),
     ):
         q = pin_sub.add_parser(name, help=helptext)
-        add_home_argument(q)
+        add_node_arguments(q)
         q.add_argument("cid")
         q.add_argument("--json", action="store_true", help="print one JSON document")
         q.set_defaults(func=run_pin)
     q = pin_sub.add_parser("ls", help="list pinned roots")
-    add_home_argument(q)
+    add_node_arguments(q)
     q.add_argument("--json", action="store_true", help="print one JSON document")
     q.set_defaults(func=run_pin)
 
     p = sub.add_parser(
         "tag", help="name a version (default: the head); tagged versions are kept forever"
     )
-    add_home_argument(p)
+    add_node_arguments(p)
     p.add_argument("name", nargs="?", help="the tag (without it: list tags)")
     p.add_argument("cid", nargs="?", help="the version (default: the head)")
     p.add_argument("-d", "--delete", action="store_true", help="remove the tag NAME")

@@ -28,7 +28,13 @@ from typing import Any
 import pyarrow as pa
 
 from benchsync.daemon.answers import json_value
-from benchsync.daemon.cli.common import CLIError, call_node, data_dir, node_client
+from benchsync.daemon.cli.common import (
+    CLIError,
+    add_node_arguments,
+    call_node,
+    data_dir,
+    node_client,
+)
 from benchsync.daemon.config import load_config
 from benchsync.daemon.control import ControlClient
 from benchsync.storage.db import DB_FILENAME, DatabaseLocked
@@ -60,7 +66,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--peer", action="append", metavar="PEER_ID",
                    help="network scope: ask only this peer (repeatable)")
     p.add_argument("--timeout", type=float, help="network scope: seconds to wait for peers")
-    p.add_argument("--home", help="data directory (default: $BENCHSYNC_HOME, else XDG data dir)")
+    add_node_arguments(p)
     p.set_defaults(func=run)
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from benchsync.daemon.cli.common import (
     CLIError,
+    add_node_arguments,
     call_node,
     data_dir,
     node_client,
@@ -61,8 +62,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     kinds.required = True
     for kind, flags in _FLAGS.items():
         k = kinds.add_parser(kind, help=_KIND_HELP[kind])
-        k.add_argument("--home",
-                       help="data directory (default: $BENCHSYNC_HOME, else XDG data dir)")
+        add_node_arguments(k)
         k.add_argument("--from", dest="from_file", metavar="FILE.jsonl",
                        help="read records from a JSONL file (keyword names), all or nothing")
         for flag, dest, type_, help_ in flags:

@@ -15,6 +15,7 @@ from multiformats import CID
 from benchsync.daemon.cli.common import (
     CLIError,
     add_home_argument,
+    add_node_arguments,
     call_node,
     node_client,
     open_dataset,
@@ -26,7 +27,7 @@ from benchsync.storage.errors import NotFound, StorageError
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("snapshot", help="snapshot the database; prints the version's CID")
-    add_home_argument(p)
+    add_node_arguments(p)
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(func=run_snapshot)
 
@@ -37,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_log)
 
     p = sub.add_parser("restore", help="make an old version's content current (history is kept)")
-    add_home_argument(p)
+    add_node_arguments(p)
     p.add_argument("cid", help="root CID of the version (from `benchsync log`), or a tag")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(func=run_restore)
@@ -67,7 +68,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "gc", help="thin the history by the retention settings, expire replicas, delete "
         "blocks nothing kept references",
     )  # fmt: skip
-    add_home_argument(p)
+    add_node_arguments(p)
     p.add_argument("--config", metavar="FILE", help="config file (default: <home>/config.toml)")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(func=run_gc)

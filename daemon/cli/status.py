@@ -8,14 +8,14 @@ import sys
 import time
 from typing import Any
 
-from benchsync.daemon.cli.common import CLIError, add_home_argument, call_node, node_client
+from benchsync.daemon.cli.common import CLIError, add_node_arguments, call_node, node_client
 
 WATCH_INTERVAL = 1.0  # seconds between status polls of `status --watch`
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("status", help="peer ID, addresses, network, head, peers and replica lag")
-    add_home_argument(p)
+    add_node_arguments(p)
     p.add_argument("--config", metavar="FILE", help="config file (default: <home>/config.toml)")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.add_argument(
@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_status)
 
     p = sub.add_parser("peers", help="connected peers and their heads")
-    add_home_argument(p)
+    add_node_arguments(p)
     p.add_argument("--config", metavar="FILE", help="config file (default: <home>/config.toml)")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(func=run_peers)
