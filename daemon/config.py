@@ -421,9 +421,12 @@ SETTINGS: tuple[Setting, ...] = (
             "DuckDB memory limit for queries served to peers.", "SIZE"),
     Setting("query_ship_max_bytes", _size_kind(MiB), 1 * GiB,
             "Bytes of table rows a network query may gather from all nodes when it cannot "
-            "be split (CTEs, subqueries, ...: the query then runs here over every node's "
-            "rows). Each node still answers within its own query_max_bytes and "
-            "query_max_rows.", "SIZE"),
+            "be split into per-node aggregates (median, CTEs, subqueries, ...: the query "
+            "then runs here over every node's rows), and the bytes this node ships to "
+            "such a query of a peer's (no row limit: query_max_rows and query_max_bytes "
+            "bound answers, not shipped rows). One node ships at most 256 MiB per table "
+            "(the query protocol's largest answer), within its query_memory_limit and "
+            "query_timeout.", "SIZE"),
     Setting("db_memory_limit", _size_kind(64 * MiB), 1 * GiB,
             "DuckDB memory limit of the node's own database; larger sorts (the snapshot "
             "export) spill to disk instead of growing with the database.", "SIZE"),

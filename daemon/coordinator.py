@@ -22,15 +22,21 @@ Every node answers for its dataset as the `replicas` scope shows it (an
 origin's answer and a replica's are interchangeable. The partial answers
 are merged in a sandbox worker.
 
-A `shipped` plan (CTEs, subqueries, ...: see the planner) has one node part
-per base table the query reads: each dataset ships those tables' named
-columns, one request after the other on its own stream each (so a peer's
-fairness limits hold), asking for up to `query_ship_max_bytes` and clamped
-by the peer's own limits (a peer's refusal leaves its dataset to its
-replica, else missing: a partial answer, never a wrong one). The bytes of
-every dataset's shipped tables together are bounded by `ship_max_bytes`
-(`ResultTooLarge` naming the setting); the coordinator runs the caller's
-query over the union of each table.
+A plan that ships rows (`rows`: median, ...; `shipped`: CTEs, subqueries,
+...: see the planner) is bounded by bytes, not by rows: its requests say
+`purpose: "ship"`, ask for up to `query_ship_max_bytes` (at most the
+protocol's MAX_RESULT_BYTES, 256 MiB, per request) and no row count, and
+each peer clamps them to its own `query_ship_max_bytes` (a peer from before
+the field clamps them to its query_max_rows/query_max_bytes, as it always
+did); the own part and a replica's run likewise. A `shipped` plan has one
+node part per base table the query reads: each dataset ships those tables'
+named columns, one request after the other on its own stream each (so a
+peer's fairness limits hold). A peer's refusal leaves its dataset to its
+replica, else missing: a partial answer, never a wrong one. The bytes of
+every dataset's shipped rows together are bounded by `ship_max_bytes`
+(`ResultTooLarge` naming the setting); the coordinator runs the rest of the
+query (`rows`) or the caller's query (`shipped`) over the union, and the
+caller's max_rows/max_bytes bound that answer only.
 """
 
 from __future__ import annotations
@@ -58,6 +64,7 @@ from benchsync.protocol.query import (
     MAX_ROWS,
     MAX_TIMEOUT,
     QUERY_PROTOCOL_ID,
+    Purpose,
     QueryMessageError,
     QueryOpen,
     QueryRequest,
@@ -285,12 +292,14 @@ class Coordinator:
         targets = [p for p in targets if p != self.p2p.peer_id]
         statuses: dict[str, PeerResult] = {}
         partials: dict[str, dict[str, pa.Table]] = {}  # dataset -> node part name -> answer
-        if plan.strategy == "shipped":  # bounded by bytes (the setting), not by the answer's rows
+        purpose: Purpose = "answer"
+        if plan.ships_rows:  # bounded by bytes (the setting), not by the answer's rows
             max_rows, max_bytes = MAX_ROWS, min(self.ship_max_bytes, MAX_RESULT_BYTES)
+            purpose = "ship"
         shipped_bytes = [0]
 
         def count_shipped(tables: Mapping[str, pa.Table]) -> None:
-            if plan.strategy != "shipped":
+            if not plan.ships_rows:
                 return
             shipped_bytes[0] += sum(t.nbytes for t in tables.values())
             if shipped_bytes[0] > self.ship_max_bytes:
@@ -301,7 +310,8 @@ class Coordinator:
             t0 = time.monotonic()
             me = self.p2p.peer_id
             try:
-                tables = await self._run_parts(plan, me, deadline, max_rows, max_bytes)
+                tables = await self._run_parts(plan, me, deadline, max_rows, max_bytes,
+                                               purpose)  # fmt: skip
             except (InvalidSQL, QueryRefused) as e:
                 # The caller's SQL: every node would say the same. Stop asking.
                 fatal.append(e)
@@ -325,10 +335,10 @@ class Coordinator:
                 open_deadline = trio.current_time() + (deadline - trio.current_time()) \
                     * REPLICA_DIAL_SHARE
             result, table = await self._ask_peer(peer, plan, deadline, max_rows, max_bytes,
-                                                 open_deadline=open_deadline)  # fmt: skip
+                                                 purpose, open_deadline=open_deadline)
             if table is None and replica is not None:
                 table = await self._ask_replica(result, replica, plan, deadline,
-                                                max_rows, max_bytes)  # fmt: skip
+                                                max_rows, max_bytes, purpose)  # fmt: skip
             statuses[peer] = result
             if table is not None:
                 partials[peer] = table
@@ -360,7 +370,7 @@ class Coordinator:
                     union_partials, [t[name] for t in inputs])
         except PartialsMismatch as e:
             raise PlanError(str(e)) from None
-        if plan.strategy == "shipped":  # the caller's limits bound the answer, not the input
+        if plan.ships_rows:  # the caller's limits bound the answer, not the input
             max_rows, max_bytes = answer_rows, answer_bytes
         table = await self.local.merge(plan.merge_sql, unions,
                                        max_rows=max_rows, max_bytes=max_bytes,
@@ -377,12 +387,13 @@ class Coordinator:
 
     async def _ask_replica(
         self, result: PeerResult, replica: Replica, plan: QueryPlan, deadline: float,
-        max_rows: int, max_bytes: int,
+        max_rows: int, max_bytes: int, purpose: Purpose,
     ) -> dict[str, pa.Table] | None:  # fmt: skip
         """The plan's node parts over our replica of `result`'s dataset (its origin did
         not answer); fills in `result`'s source, seq and lag. None when it fails too."""
         try:
-            tables = await self._run_parts(plan, replica.dataset, deadline, max_rows, max_bytes)
+            tables = await self._run_parts(plan, replica.dataset, deadline, max_rows, max_bytes,
+                                           purpose)  # fmt: skip
         except QueryError as e:
             result.message += f"; its replica (seq {replica.seq}) failed too: {e.kind}: {e}"
             return None
@@ -393,19 +404,21 @@ class Coordinator:
         return tables
 
     async def _run_parts(self, plan: QueryPlan, dataset: str, deadline: float,
-                         max_rows: int, max_bytes: int) -> dict[str, pa.Table]:  # fmt: skip
+                         max_rows: int, max_bytes: int,
+                         purpose: Purpose) -> dict[str, pa.Table]:  # fmt: skip
         """Every node part of `plan` over `dataset` here (own data or replica), in turn."""
         out = {}
         for name, sql in plan.node_parts():
             out[name] = await self.local.execute(
                 sql, timeout_s=max(0.001, deadline - trio.current_time()),
                 max_rows=max_rows, max_bytes=max_bytes, scope="dataset", dataset=dataset,
+                purpose=purpose,
             )  # fmt: skip
         return out
 
     async def _ask_peer(
         self, peer: str, plan: QueryPlan, deadline: float, max_rows: int, max_bytes: int,
-        *, open_deadline: float | None = None,
+        purpose: Purpose = "answer", *, open_deadline: float | None = None,
     ) -> tuple[PeerResult, dict[str, pa.Table] | None]:  # fmt: skip
         """Every node part of `plan` from `peer`, one stream each, in turn: all
         of them, or None and why (the first part that failed)."""
@@ -414,7 +427,8 @@ class Coordinator:
         wire = 0
         for name, sql in plan.node_parts():
             result, table = await self._ask_peer_part(peer, plan, sql, deadline, max_rows,
-                                                      max_bytes, open_deadline=open_deadline)
+                                                      max_bytes, purpose,
+                                                      open_deadline=open_deadline)  # fmt: skip
             wire += result.bytes
             if table is None:
                 if len(plan.node_parts()) > 1:
@@ -428,7 +442,7 @@ class Coordinator:
 
     async def _ask_peer_part(
         self, peer: str, plan: QueryPlan, sql: str, deadline: float, max_rows: int,
-        max_bytes: int, *, open_deadline: float | None = None,
+        max_bytes: int, purpose: Purpose = "answer", *, open_deadline: float | None = None,
     ) -> tuple[PeerResult, pa.Table | None]:  # fmt: skip
         t0 = time.monotonic()
 
@@ -449,7 +463,7 @@ class Coordinator:
                         remaining = deadline - trio.current_time()
                         margin = min(DEADLINE_MARGIN, remaining * DEADLINE_MARGIN_SHARE)
                         request = QueryRequest(
-                            sql=sql, max_rows=max_rows, max_bytes=max_bytes,
+                            sql=sql, max_rows=max_rows, max_bytes=max_bytes, purpose=purpose,
                             timeout_s=min(MAX_TIMEOUT, max(0.001, remaining - margin)),
                         )  # fmt: skip
                         response, wire = await ask(channel, request, network=self.network)
@@ -488,7 +502,7 @@ class Coordinator:
             return done(ERROR, f"answer has columns {table.column_names}, expected "
                                f"{list(plan.partial_columns)} (a different benchsync version?)",
                         bytes=wire)  # fmt: skip
-        if table.num_rows > max_rows:
+        if purpose != "ship" and table.num_rows > max_rows:
             return done(ERROR, f"answer of {table.num_rows} rows exceeds max_rows={max_rows}",
                         bytes=wire)  # fmt: skip
         result = PeerResult(peer, ANSWERED, rows=table.num_rows, bytes=wire, source=ORIGIN,

@@ -41,6 +41,8 @@ DEFAULT_LIMITS = QueryLimits(
     max_bytes=SETTINGS_BY_NAME["query_max_bytes"].default,
 )
 DEFAULT_MEMORY_LIMIT: int = SETTINGS_BY_NAME["query_memory_limit"].default  # bytes per sandbox
+DEFAULT_SHIP_MAX_BYTES: int = SETTINGS_BY_NAME["query_ship_max_bytes"].default
+SHIP_ROWS = 2**62  # "no row limit", for rows shipped to a coordinator (bounded by bytes)
 MAX_SERVED_TIMEOUT = 60.0  # seconds: the longest time limit this node grants a peer
 MAX_CONCURRENT_QUERIES = 2  # peers' queries running at once (one sandbox worker each)
 MAX_QUERIES_PER_PEER = 2  # query streams one peer may have open to us at once
@@ -55,6 +57,10 @@ class ServerLimits:
     max_timeout_s: float = MAX_SERVED_TIMEOUT  # seconds
     max_rows: int = DEFAULT_LIMITS.max_rows  # rows in one answer
     max_bytes: int = DEFAULT_LIMITS.max_bytes  # bytes of Arrow data in one answer
+    # bytes of Arrow data in one answer of purpose "ship" (base-table rows for a
+    # network query's coordinator: no row limit); the query protocol carries at most
+    # MAX_RESULT_BYTES of them per answer
+    ship_max_bytes: int = DEFAULT_SHIP_MAX_BYTES
     memory_limit: str | int = DEFAULT_MEMORY_LIMIT  # DuckDB size string or bytes, per sandbox
     max_concurrent: int = MAX_CONCURRENT_QUERIES  # peers' queries running at once
     max_per_peer: int = MAX_QUERIES_PER_PEER  # streams one peer may have open
@@ -65,6 +71,7 @@ class ServerLimits:
 
 DatabaseSource: TypeAlias = BenchmarkDB | Callable[[], BenchmarkDB]
 Scope = Literal["local", "replicas", "dataset"]
+Purpose = Literal["answer", "ship"]  # as the query protocol's (`benchsync.protocol.query`)
 
 
 class LocalQueryService:
@@ -214,6 +221,7 @@ class LocalQueryService:
         scope: Scope = "local",
         dataset: str | None = None,
         requester: str | None = None,
+        purpose: Purpose = "answer",
     ) -> pa.Table:
         """Run `sql` over `scope` in a sandbox worker for `requester`; returns the answer.
 
@@ -223,14 +231,20 @@ class LocalQueryService:
         `requester` is the asking peer's ID, or None for the node itself (its
         own slots: peers never starve it). The limits are clamped to this
         node's `ServerLimits` (rows and bytes left as None are those); the time
-        limit covers waiting for a slot, reloading and running. Raises
+        limit covers waiting for a slot, reloading and running. Purpose "ship"
+        (rows a network query's coordinator merges) is bounded by bytes only:
+        `ship_max_bytes` instead of `max_bytes`, and no row limit (`max_rows`
+        does not apply); same sandbox, memory and time limits, same slots. Raises
         QueryRefused, InvalidSQL, QueryTimeout, ResultTooLarge or QueryError;
         when cancelled, the worker is killed.
         """
         timeout_s = min(timeout_s, self.limits.max_timeout_s)
-        max_rows = self.limits.max_rows if max_rows is None else min(max_rows, self.limits.max_rows)
-        max_bytes = (self.limits.max_bytes if max_bytes is None
-                     else min(max_bytes, self.limits.max_bytes))  # fmt: skip
+        if purpose == "ship":  # bytes only: no row limit applies to shipped rows
+            max_rows, top_bytes = SHIP_ROWS, self.limits.ship_max_bytes
+        else:
+            top_rows, top_bytes = self.limits.max_rows, self.limits.max_bytes
+            max_rows = top_rows if max_rows is None else min(max_rows, top_rows)
+        max_bytes = top_bytes if max_bytes is None else min(max_bytes, top_bytes)
         deadline = trio.current_time() + timeout_s
         await trio.to_thread.run_sync(DUCKDB.parse, sql)  # the gate, before taking a worker
         key, produce = await trio.to_thread.run_sync(self._scope, scope, dataset)

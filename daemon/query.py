@@ -65,7 +65,8 @@ class QueryService:
         `timeout_s`, `max_rows` and `max_bytes` are the defaults of `execute`
         and (with `memory_limit`) what this node grants to peers' queries,
         unless `limits` spells the latter out. `ship_max_bytes` bounds the
-        rows a network query that cannot be split gathers from all nodes.
+        rows a network query that cannot be split gathers from all nodes, and
+        (unless `limits` is given) what this node ships to a peer's such query.
         """
         self.p2p = p2p
         self.network = network or p2p.network
@@ -74,7 +75,7 @@ class QueryService:
         self.max_bytes = max_bytes
         limits = limits or ServerLimits(
             max_timeout_s=max(timeout_s, MAX_SERVED_TIMEOUT), max_rows=max_rows,
-            max_bytes=max_bytes, memory_limit=memory_limit,
+            max_bytes=max_bytes, memory_limit=memory_limit, ship_max_bytes=ship_max_bytes,
         )  # fmt: skip
         self.local = LocalQueryService(db, limits=limits, replicas=replicas,
                                        dataset=dataset or p2p.peer_id)  # fmt: skip

@@ -74,13 +74,21 @@ class QueryServer:
                 del self.active[peer]
 
     async def answer(self, request: QueryRequest, peer: str) -> QueryResponse:
-        """The response to `peer`'s `request` from the own dataset (never raises for bad SQL)."""
-        max_bytes = min(request.max_bytes, self.limits.max_bytes)
+        """The response to `peer`'s `request` from the own dataset (never raises for bad SQL).
+
+        A request of purpose "ship" (rows for a network query's coordinator) is
+        bounded by this node's `ship_max_bytes` (query_ship_max_bytes), not by
+        its row and answer limits; it runs in the same sandbox, under the same
+        memory and time limits, in the same per-peer slots."""
+        limits = self.local.limits
+        top = limits.ship_max_bytes if request.purpose == "ship" else limits.max_bytes
+        max_bytes = min(request.max_bytes, top)
         try:
             table = await self.local.execute(
                 request.sql, request.params or None, timeout_s=request.timeout_s,
                 max_rows=request.max_rows, max_bytes=max_bytes, requester=peer,
                 scope="dataset",  # the own dataset as the replicas scope shows it
+                purpose=request.purpose,
             )  # fmt: skip
             ipc = await trio.to_thread.run_sync(to_ipc, table)
         except QueryError as e:

@@ -157,6 +157,13 @@ class QueryPlan:
             return tuple((t.table, t.sql) for t in self.shipped)
         return ((PARTIALS_TABLE, self.node_sql),)
 
+    @property
+    def ships_rows(self) -> bool:
+        """True when the node parts answer with rows, not one row per group
+        (`rows`, `shipped`): they are bounded by bytes (`query_ship_max_bytes`,
+        a query request with purpose "ship"), not by the answer's row limit."""
+        return self.strategy in ("rows", "shipped")
+
 
 class SqlDialect(Protocol):
     """The SQL text <-> AST conversions the planner needs (DuckDB's parser)."""

@@ -70,6 +70,13 @@ MAX_HELLO_FRAME = 4 * 1024  # bytes: the JSON hello holds a network name only
 MAX_REQUEST_FRAME = _PREFIX.size + MAX_HEADER_BYTES  # bytes: magic + length + JSON header
 MAX_RESPONSE_OVERHEAD = 64 * 1024  # bytes of response header around the Arrow IPC body
 
+# Why a request is asked: "answer" (the default, and what a request without the field
+# means: an old peer's) is clamped by the server's query_max_rows/query_max_bytes;
+# "ship" (base-table rows for the coordinator of a network query that cannot be split)
+# by its query_ship_max_bytes and no row count (max_rows does not apply).
+Purpose = Literal["answer", "ship"]
+PURPOSES: tuple[str, ...] = get_args(Purpose)
+
 Status = Literal["ok", "refused", "invalid_sql", "timeout", "too_large", "internal"]
 STATUSES: tuple[str, ...] = get_args(Status)
 ERROR_KINDS: tuple[str, ...] = tuple(s for s in STATUSES if s != "ok")
@@ -136,6 +143,10 @@ class QueryRequest:
 
     A limit left out is the protocol's maximum: the server clamps every
     request to its own settings (`query_timeout`, `query_max_rows`, ...).
+    `purpose` "ship" asks for base-table rows a coordinator merges (see
+    `Purpose`): the server bounds it by its `query_ship_max_bytes` and by no
+    row count (`max_rows` does not apply); still at most MAX_RESULT_BYTES,
+    the wire's largest answer.
     """
 
     sql: str
@@ -143,6 +154,7 @@ class QueryRequest:
     timeout_s: float = MAX_TIMEOUT  # seconds
     max_rows: int = MAX_ROWS
     max_bytes: int = MAX_RESULT_BYTES  # bytes of Arrow IPC
+    purpose: Purpose = "answer"  # "ship": rows for a coordinator, bounded by bytes only
 
     def __post_init__(self) -> None:
         if not isinstance(self.sql, str) or not self.sql.strip():
@@ -170,12 +182,17 @@ class QueryRequest:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= top:
                 raise QueryMessageError(f"{name} must be an integer in [0, {top}], got {value!r}")
+        if self.purpose not in PURPOSES:
+            raise QueryMessageError(f"purpose must be one of {PURPOSES}, got {self.purpose!r}")
 
     def to_bytes(self) -> bytes:
-        return _pack(REQUEST_MAGIC, {
+        header: dict[str, Any] = {
             "sql": self.sql, "params": self.params, "timeout_s": self.timeout_s,
             "max_rows": self.max_rows, "max_bytes": self.max_bytes,
-        })  # fmt: skip
+        }  # fmt: skip
+        if self.purpose != "answer":  # left out otherwise: the bytes old peers send
+            header["purpose"] = self.purpose
+        return _pack(REQUEST_MAGIC, header)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> QueryRequest:
@@ -189,6 +206,8 @@ class QueryRequest:
             timeout_s=_field(header, "timeout_s", (int, float)),
             max_rows=_field(header, "max_rows", int),
             max_bytes=_field(header, "max_bytes", int),
+            # optional: a peer from before the field asks for answers
+            purpose=_field(header, "purpose", str) if "purpose" in header else "answer",
         )
 
 

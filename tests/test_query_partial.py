@@ -27,6 +27,7 @@ from benchsync.daemon.query import QueryService
 from benchsync.storage.blockstore import MemoryBlockstore
 from benchsync.storage.dataset import LocalDataset
 from benchsync.storage.db import BenchmarkDB
+from benchsync.storage.sandbox import ResultTooLarge
 
 COUNT = "SELECT count(*) AS n, sum(batch_size) AS bs FROM performance_results"
 # Nodes of one test share a lab key, when nodes have one (lab membership, issue 18).
@@ -38,7 +39,8 @@ LAB: dict[str, Any] = (
 
 async def test_too_large_and_dead_peers_make_the_answer_partial(tmp_path: Path) -> None:
     rng = random.Random(3)
-    small = ServerLimits(max_bytes=256)  # c answers too_large to anything row-shaped
+    # c answers too_large to anything row-shaped (shipped rows: its query_ship_max_bytes)
+    small = ServerLimits(max_bytes=256, ship_max_bytes=256)
     a, b = QNode(tmp_path, "a", **LAB), QNode(tmp_path, "b", **LAB)
     c = QNode(tmp_path, "c", limits=small, **LAB)
     for node in (a, b, c):
@@ -125,3 +127,61 @@ async def test_unreachable_origin_is_answered_from_its_replica(tmp_path: Path) -
         a_data.close()
         union.close()
     assert c_p2p_home.exists()
+
+
+SHIP_CTE = (
+    "WITH r AS (SELECT hardware_id, throughput_items_per_second AS t FROM performance_results) "
+    "SELECT h.hardware_type, median(r.t) AS med, count(*) AS n "
+    "FROM r JOIN hardware_platforms h USING (hardware_id) GROUP BY 1 ORDER BY 1"
+)
+
+
+async def test_row_shipping_is_bounded_by_bytes_not_by_query_max_rows(tmp_path: Path) -> None:
+    """median() over more rows per node than query_max_rows: the rows ship (a request
+    with purpose "ship", bounded by the peer's query_ship_max_bytes), and the answer is
+    complete and equals one DuckDB over the union. Before: each node's part hit
+    max_rows (too_large) and the answer was partial (exit 3)."""
+    rng = random.Random(11)
+    union = BenchmarkDB(tmp_path / "union.duckdb")
+    nodes = []
+    for name in "ab":
+        p2p = P2PNode(tmp_path / name, network=NETWORK, blockstore=MemoryBlockstore(), **LAB)
+        db = BenchmarkDB(tmp_path / name / "bench.duckdb")
+        recs = records(rng, 3000)
+        db.ingest_records("perf", recs)
+        union.ingest_records("perf", recs)
+        # as the node builds it from query_max_rows = 1000 (and the default ship bytes)
+        service = QueryService(p2p, db, max_rows=1000)
+        service.register()
+        nodes.append((p2p, db, service))
+    (a, _, a_service), (b, _, b_service) = nodes
+    try:
+        async with trio.open_nursery() as nursery:
+            for p2p, _, _ in nodes:
+                await nursery.start(p2p.run)
+            with trio.fail_after(TIMEOUT):
+                await b.connect(a.addrs[0])
+                for sql, strategy in ((MEDIAN, "rows"), (SHIP_CTE, "shipped")):
+                    result = await a_service.execute(sql, peers=[b.peer_id], timeout_s=20)
+                    assert result.strategy == strategy
+                    assert result.complete, result.to_json()["peers"]
+                    assert result.table.to_pylist() == union.query(sql).to_pylist()
+                    assert sum(r["n"] for r in result.table.to_pylist()) == 6000
+                    assert all(p.rows >= 3000 for p in result.peers)  # + hardware rows
+                assert b_service.server.stats.errors == {}
+                # The answer itself is still bounded by the caller's rows.
+                with pytest.raises(ResultTooLarge, match="rows"):
+                    await a_service.execute("SELECT DISTINCT throughput_items_per_second "
+                                            "FROM performance_results", peers=[b.peer_id],
+                                            timeout_s=20)  # fmt: skip
+                # A node's own query_ship_max_bytes bounds what it ships: b refuses.
+                b_service.local.limits = b_service.server.limits = ServerLimits(
+                    max_rows=1000, ship_max_bytes=4096)  # fmt: skip
+                with pytest.raises(PartialAnswer, match="too_large"):
+                    await a_service.execute(MEDIAN, peers=[b.peer_id], timeout_s=20)
+            nursery.cancel_scope.cancel()
+    finally:
+        for _, db, service in nodes:
+            service.close()
+            db.close()
+        union.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from multiformats import varint
 
@@ -19,6 +21,7 @@ from benchsync.protocol.query import (
     MAX_RESULT_BYTES,
     MAX_ROWS,
     MAX_TIMEOUT,
+    QueryMessageError,
     QueryOpen,
     QueryRequest,
     QueryResponse,
@@ -156,3 +159,25 @@ def test_request_limits_default_to_the_protocol_maxima() -> None:
     request = QueryRequest("SELECT 1")
     assert (request.timeout_s, request.max_rows, request.max_bytes) == (
         MAX_TIMEOUT, MAX_ROWS, MAX_RESULT_BYTES)  # fmt: skip
+
+
+def test_a_ship_request_says_so_and_an_old_peers_request_asks_for_an_answer() -> None:
+    """`purpose` "ship" crosses intact; a request without the field (an old peer's, byte
+    for byte what it sends) is an "answer" request; anything else is the sender's fault."""
+    ship = QueryRequest("SELECT x FROM t", max_bytes=1 << 20, purpose="ship")
+    assert QueryRequest.from_bytes(ship.to_bytes()) == ship
+    old = REQUEST.to_bytes()
+    assert b"purpose" not in old and QueryRequest.from_bytes(old).purpose == "answer"
+    for bad in ("all", "", 1, None, ["ship"]):
+        with pytest.raises(QueryMessageError, match="purpose"):
+            QueryRequest.from_bytes(_with_header(old, purpose=bad))
+        with pytest.raises(QueryMessageError, match="purpose"):
+            QueryRequest("SELECT 1", purpose=bad)
+
+
+def _with_header(request: bytes, **fields: object) -> bytes:
+    """`request`'s bytes with `fields` added to its JSON header."""
+    header = json.loads(request[8:])
+    header.update(fields)
+    raw = json.dumps(header).encode()
+    return request[:4] + len(raw).to_bytes(4, "big") + raw
