@@ -23,20 +23,19 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from benchsync.daemon.control import ControlClient, ControlUnavailable
 from benchsync.daemon.demo import lab_key_file
+from tests.waiting import wait_for
 
 PREFIX = "bsnl"  # every namespace of ours: bsnl<pid>-<lab>-<machine>; .ci/run removes bsnl*
 SUBNET4 = "10.77.0"
 SUBNET6 = "fd00:77::"
 IP_TIMEOUT = 10.0  # seconds for one `ip` command
 STOP_TIMEOUT = 10.0  # seconds a node gets to exit after SIGTERM before SIGKILL
-POLL = 0.2  # seconds between two polls of a condition
 
 
 def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -83,18 +82,6 @@ def remove_stale() -> None:
         alive = pid.isdigit() and Path(f"/proc/{pid}").exists()
         if not alive:
             _delete_namespace(name)
-
-
-def wait_for(what: str, condition: Callable[[], Any], timeout: float) -> Any:
-    """Poll `condition` until it returns something truthy; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        got = condition()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(POLL)
 
 
 class Machine:

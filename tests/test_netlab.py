@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.netlab import SUBNET4, SUBNET6, Lab, Machine, lab, netns_skip_reason, wait_for
+from tests.netlab import SUBNET4, SUBNET6, Lab, Machine, lab, netns_skip_reason
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.slow
 

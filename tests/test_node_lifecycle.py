@@ -15,8 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ import pytest
 
 from benchsync.daemon.control import ControlAPIError, ControlClient
 from benchsync.daemon.demo import NodeProcess, free_port
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -87,17 +87,6 @@ def running(node: NodeProcess) -> Iterator[NodeProcess]:
         yield node
     finally:
         node.stop()
-
-
-def wait_for(what: str, cond: Callable[[], Any], timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.1)
 
 
 # --- finding 11: a single instance per home ------------------------------------------------
