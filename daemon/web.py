@@ -26,7 +26,6 @@ import binascii
 import contextlib
 import csv
 import dataclasses
-import errno
 import hmac
 import io
 import json
@@ -44,7 +43,6 @@ import trio
 
 from benchsync.daemon.api import answering
 from benchsync.daemon.control import (
-    BACKLOG,
     JSON_TYPE,
     REFUSE_TIMEOUT,
     SERVER_NAME,
@@ -55,6 +53,7 @@ from benchsync.daemon.control import (
     Request,
     Router,
     Text,
+    open_tcp_listeners,
 )
 from benchsync.daemon.web_pages import error_page, lab_page, results_page
 
@@ -123,20 +122,12 @@ class WebServer(ControlServer):
         """Listen and serve until cancelled; `task_status.started((host, port))` with the
         port resolved. Raises `WebListenError` before serving if the address cannot be
         listened on."""
-        host, port = self.address
-        try:
-            listeners = list(await trio.open_tcp_listeners(port, host=host, backlog=BACKLOG))
-        except OSError as e:
-            if e.errno == errno.EADDRINUSE:
-                reason, hint = "the port is in use", (
-                    "stop the program using it (`ss -ltnp` shows it), or give --web-listen "
-                    "(BENCHSYNC_WEB_LISTEN) another port"
-                )
-            else:
-                reason, hint = f"cannot listen: {e.strerror or e}", (
-                    "give --web-listen (BENCHSYNC_WEB_LISTEN) an address of this machine"
-                )
-            raise WebListenError(self.address, reason, hint) from e
+        host = self.address[0]
+        listeners = await open_tcp_listeners(
+            self.address, partial(WebListenError, self.address),
+            other_port="give --web-listen (BENCHSYNC_WEB_LISTEN) another port",
+            other_address="give --web-listen (BENCHSYNC_WEB_LISTEN) an address of this machine",
+        )  # fmt: skip
         async with trio.open_nursery() as nursery:
             await nursery.start(trio.serve_listeners, partial(self._serve, transport="tcp"),
                                 listeners)  # fmt: skip

@@ -27,7 +27,9 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+import trio
 
+from benchsync.daemon.control import Router
 from benchsync.daemon.demo import (
     NodeProcess,
     free_port,
@@ -35,6 +37,7 @@ from benchsync.daemon.demo import (
     sample_results,
     wait_converged,
 )
+from benchsync.daemon.web import WebListenError, WebServer
 
 pytestmark = pytest.mark.slow
 
@@ -332,6 +335,24 @@ def test_non_loopback_without_token_is_refused_at_start(tmp_path: Path) -> None:
     assert proc.returncode == 1 and "ready" not in out
     assert "Error:" in err and "web_listen" in err
     assert "Try:" in err and "BENCHSYNC_WEB_TOKEN" in err and "--web-public" in err
+
+
+async def test_a_used_port_is_a_typed_error_naming_the_setting() -> None:
+    taken = trio.socket.socket()
+    await taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    try:
+        with pytest.raises(WebListenError) as info:
+            await WebServer(Router(), ("127.0.0.1", port)).run()
+    finally:
+        taken.close()
+    assert info.value.address == ("127.0.0.1", port)
+    assert info.value.message == f"web_listen 127.0.0.1:{port}: the port is in use"
+    assert info.value.hint == (
+        "stop the program using it (`ss -ltnp` shows it), or give --web-listen "
+        "(BENCHSYNC_WEB_LISTEN) another port"
+    )
 
 
 def test_token_is_asked_of_every_request(tmp_path: Path) -> None:
