@@ -289,6 +289,12 @@ def _check_host_port(s: str) -> str:
     return s
 
 
+def _check_group(s: str) -> str:
+    if not s or any(c.isspace() or c in ":/" for c in s):
+        raise ValueError('expected a group name or number, e.g. "benchsync"')
+    return s
+
+
 def _check_log_level(s: str) -> str:
     level = s.lower()
     if level not in LOG_LEVELS:
@@ -431,9 +437,16 @@ SETTINGS: tuple[Setting, ...] = (
             "DuckDB memory limit of the node's own database; larger sorts (the snapshot "
             "export) spill to disk instead of growing with the database.", "SIZE"),
     Setting("control_socket", PATH, None,
-            "Unix socket of the control API (mode 0600).", "PATH",
+            "Unix socket of the control API (mode 0600; 0660 with control_socket_group).",
+            "PATH",
             default_doc="$RUNTIME_DIRECTORY/control.sock under systemd, else "
                         "<home>/control.sock"),
+    Setting("control_socket_group", _str_kind("group", "a group name or number", _check_group),
+            None,
+            "Group that owns the control socket, which is then mode 0660: its members may "
+            "use the CLI against this node (the systemd unit sets benchsync). The node's "
+            "user must be in the group; set after bind, before the node serves.", "GROUP",
+            default_doc="unset (the socket is mode 0600: the node's user only)"),
     Setting("control_tcp", _str_kind("host:port", "HOST:PORT", _check_host_port), None,
             "Also serve the control API on this TCP address; needs control_token.",
             "HOST:PORT", default_doc="unset (Unix socket only)"),
@@ -497,6 +510,7 @@ class Config:
     query_ship_max_bytes: int
     db_memory_limit: int
     control_socket: Path
+    control_socket_group: str | None
     control_tcp: str | None
     control_token: str | None
     metrics: bool

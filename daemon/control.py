@@ -1,7 +1,8 @@
 """The control API: HTTP/1.1 + JSON for the CLI and for operators.
 
 Owns the server (h11 on trio streams) that listens on a Unix socket (mode
-0600: file permissions are the authentication) and optionally on TCP (every
+0600, or 0660 for the group `control_socket_group`: file permissions are the
+authentication) and optionally on TCP (every
 request needs `Authorization: Bearer <token>`), the `Router` that maps
 (method, path) to handlers, the one error shape every route answers with, and
 the synchronous `ControlClient` the CLI uses.
@@ -74,6 +75,7 @@ BACKLOG = 64  # pending connections per listener
 SOCKET_PROBE_TIMEOUT = 1.0  # seconds to decide whether a socket file has a live server
 MAX_UNIX_PATH = 107  # bytes; sun_path holds 108 including the terminating NUL
 SOCKET_MODE = 0o600  # only the node's user may talk to it
+GROUP_SOCKET_MODE = 0o660  # with a socket group (setting control_socket_group): its members too
 SOCKET_DIR_MODE = 0o700  # for a directory we create to hold the socket
 CLIENT_TIMEOUT = 60.0  # seconds a ControlClient waits for an answer
 SERVER_NAME = b"benchsync"
@@ -307,6 +309,7 @@ class ControlServer:
     socket_path: Path
     tcp: tuple[str, int] | None = None
     token: str | None = None
+    socket_group: str | None = None  # group owning the socket (then GROUP_SOCKET_MODE)
     max_body_bytes: int = MAX_BODY_BYTES
     idle_timeout: float = IDLE_TIMEOUT
     header_timeout: float = HEADER_TIMEOUT
@@ -327,7 +330,8 @@ class ControlServer:
     @classmethod
     def from_config(cls, router: Router, config: Any) -> ControlServer:
         """A server for a `benchsync.daemon.config.Config`."""
-        return cls(router, config.control_socket, config.control_tcp_address, config.control_token)
+        return cls(router, config.control_socket, config.control_tcp_address, config.control_token,
+                   socket_group=config.control_socket_group)
 
     async def run(
         self, *, task_status: TaskStatus[ControlEndpoints] = trio.TASK_STATUS_IGNORED
@@ -340,7 +344,7 @@ class ControlServer:
         `ControlTCPError` if the TCP address cannot be listened on; all three
         before anything is served.
         """
-        unix_listener = await _open_unix_listener(self.socket_path)
+        unix_listener = await _open_unix_listener(self.socket_path, self.socket_group)
         ino = os.stat(self.socket_path).st_ino
         try:
             tcp_listeners = (
@@ -701,8 +705,9 @@ async def _open_tcp_listeners(
     )  # fmt: skip
 
 
-async def _open_unix_listener(path: Path) -> trio.SocketListener:
-    """Bind a Unix socket at `path` (mode 0600), replacing a stale socket file."""
+async def _open_unix_listener(path: Path, group: str | None = None) -> trio.SocketListener:
+    """Bind a Unix socket at `path` (mode 0600), replacing a stale socket file; with a
+    `group`, hand the socket to that group and make it 0660 (`_share_with_group`)."""
     if len(os.fsencode(path)) > MAX_UNIX_PATH:
         raise ControlSocketError(
             path, f"path longer than {MAX_UNIX_PATH} bytes",
@@ -744,9 +749,41 @@ async def _open_unix_listener(path: Path) -> trio.SocketListener:
         ) from e  # fmt: skip
     finally:
         os.umask(old_umask)
-    os.chmod(path, SOCKET_MODE)
+    try:
+        os.chmod(path, SOCKET_MODE)
+        if group is not None:
+            _share_with_group(path, group)
+    except ControlSocketError:
+        sock.close()
+        with contextlib.suppress(OSError):
+            path.unlink()
+        raise
     sock.listen(BACKLOG)
     return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+
+
+def _share_with_group(path: Path, group: str) -> None:
+    """chgrp the (0600) socket to `group`, then chmod it 0660: in that order, so that
+    no other group ever has access. `ControlSocketError` when the group does not
+    exist or the node's user may not give the socket to it."""
+    import grp
+
+    try:
+        gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ControlSocketError(
+            path, f"control_socket_group {group!r}: no such group",
+            f"create it (`groupadd --system {group}`), or unset control_socket_group",
+        ) from None  # fmt: skip
+    try:
+        os.chown(path, -1, gid)
+        os.chmod(path, GROUP_SOCKET_MODE)
+    except OSError as e:
+        raise ControlSocketError(
+            path, f"cannot give it to group {group!r}: {e.strerror or e}",
+            f"make the node's user a member of {group} (the systemd unit: "
+            f"SupplementaryGroups={group}), or unset control_socket_group",
+        ) from e  # fmt: skip
 
 
 async def _socket_is_live(path: Path) -> bool:
