@@ -13,8 +13,10 @@ Run: .venv/bin/python bench/bench_query.py [--rows 1000000] [--nodes 10] [--repe
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
+from collections.abc import Callable
 
 import duckdb
 import pyarrow as pa
@@ -60,7 +62,10 @@ def make_node(gen: duckdb.DuckDBPyConnection, rows: int, id_offset: int = 0
     return {"models": models, "hardware_platforms": hw, "performance_results": perf}
 
 
-def timed(fn, repeat: int) -> float:  # type: ignore[no-untyped-def]
+def timed(fn: Callable[[], object], repeat: int, *, warm_up: bool = False) -> float:
+    """Median seconds of `repeat` calls of `fn` (after one untimed call with `warm_up`)."""
+    if warm_up:
+        fn()
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
@@ -110,7 +115,7 @@ def main() -> None:
 
         total = timed(distributed, args.repeat)
         parallel = max(node_times[:-1]) + node_times[-1]
-        one = timed(lambda sql=sql: baseline.execute(sql, limits=LIMITS), args.repeat)
+        one = timed(functools.partial(baseline.execute, sql, limits=LIMITS), args.repeat)
         partials = [sb.execute(plan.node_sql, limits=LIMITS) for sb in sandboxes]
         moved = sum(len(to_ipc(p)) for p in partials)
         results[label] = (total, parallel, one, moved)

@@ -22,21 +22,21 @@ from __future__ import annotations
 
 import argparse
 import random
-import statistics
+import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from benchsync.storage.sandbox import QueryLimits, QuerySandbox
-from benchsync.storage.scopes import ReplicaTables, ScopeInput, scope_tables
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_query import LIMITS, MEMORY_LIMIT, timed  # noqa: E402
+
+from benchsync.storage.sandbox import QuerySandbox  # noqa: E402
+from benchsync.storage.scopes import ReplicaTables, ScopeInput, scope_tables  # noqa: E402
 
 MODELS = [f"model-{i}" for i in range(50)]
 HARDWARE = ["cpu", "cuda", "rocm", "mps", "tpu"]
-MEMORY_LIMIT = "4GB"
-LIMITS = QueryLimits(timeout_s=600.0, max_rows=10**9, max_bytes=2**40)
 SQL = (
     "SELECT m.model_name, h.hardware_type, count(*) AS n, "
     "avg(r.throughput_items_per_second) AS tput, max(r.batch_size) AS bs "
@@ -65,18 +65,6 @@ def node_tables(rng: random.Random, rows: int, id_base: int = 0) -> dict[str, pa
     return {"models": models, "hardware_platforms": hardware, "performance_results": perf}
 
 
-def timed(fn: object, repeat: int) -> float:
-    """Median seconds of `repeat` calls of `fn` (after one warm-up)."""
-    assert callable(fn)
-    fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--nodes", type=int, default=6)
@@ -103,7 +91,7 @@ def main() -> None:
         scope = ScopeInput(own, origin="12D3KooWnode0", replicas=replicas)
         union = {name: pa.concat_tables([p[name] for p in union_parts]) for name in own}
 
-        scope_s = timed(lambda: scope_tables(scope), args.repeat)
+        scope_s = timed(lambda: scope_tables(scope), args.repeat, warm_up=True)
         with QuerySandbox(memory_limit=MEMORY_LIMIT) as box, \
                 QuerySandbox(memory_limit=MEMORY_LIMIT) as base:  # fmt: skip
             box.load(scope_tables(scope))
@@ -111,8 +99,8 @@ def main() -> None:
             got = box.execute(SQL, limits=LIMITS)
             want = base.execute(SQL, limits=LIMITS)
             assert got.column("n").to_pylist() == want.column("n").to_pylist(), "wrong answer"
-            query_s = timed(lambda: box.execute(SQL, limits=LIMITS), args.repeat)
-            base_s = timed(lambda: base.execute(SQL, limits=LIMITS), args.repeat)
+            query_s = timed(lambda: box.execute(SQL, limits=LIMITS), args.repeat, warm_up=True)
+            base_s = timed(lambda: base.execute(SQL, limits=LIMITS), args.repeat, warm_up=True)
     total = args.nodes * args.rows
     print(f"{args.nodes} origins x {args.rows} rows = {total} performance_results rows")
     print(f"scope build (Parquet read + id remap + union): {scope_s * 1000:8.1f} ms")

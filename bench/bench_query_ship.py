@@ -21,17 +21,14 @@ from __future__ import annotations
 
 import argparse
 import functools
-import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import duckdb
 import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_query import LIMITS, MEMORY_LIMIT, SQL, make_node  # noqa: E402
+from bench_query import LIMITS, MEMORY_LIMIT, SQL, make_node, timed  # noqa: E402
 
 from benchsync.protocol.planner import plan_sql  # noqa: E402
 from benchsync.storage.distquery import DUCKDB, union_partials  # noqa: E402
@@ -53,15 +50,6 @@ def _rows(table: pa.Table) -> list[str]:
     """Rows as comparable text, floats to 6 significant digits (merge order differs)."""
     return sorted(str([f"{v:.6g}" if isinstance(v, float) else v for v in r.values()])
                   for r in table.to_pylist())
-
-
-def timed(fn: Callable[[], object], repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> None:
