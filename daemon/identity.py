@@ -18,7 +18,6 @@ from libp2p.identity_utils import load_identity, save_identity
 from libp2p.peer.id import ID
 
 IDENTITY_FILENAME = "identity.key"
-IDENTITY_MODE = 0o600  # owner read/write: the key signs every announcement of our dataset
 
 
 class IdentityError(Exception):

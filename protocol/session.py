@@ -187,15 +187,3 @@ def parse_refusal(obj: Mapping[str, Any]) -> Refusal | None:
     if obj.get("status") != "refused":
         return None
     return Refusal(str(obj.get("reason", "no reason given"))[:MAX_REASON])
-
-
-def opening_network(event: object) -> str:
-    """The network a request event names (every protocol's request has one).
-
-    Raises `LocalProtocolError` for an event without a `network` string: a
-    session that hands out such a request is a bug of ours.
-    """
-    network = getattr(event, "network", None)
-    if not isinstance(network, str):
-        raise LocalProtocolError(f"{type(event).__name__} names no network")
-    return network

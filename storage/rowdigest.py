@@ -68,7 +68,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 DIGEST_SPEC = b"benchsync-rows/1\n"
-DIGEST_HEX_LEN = 64  # characters of a SHA-256 digest in hex
 
 _INTS = {
     pa.int8(): "int8", pa.int16(): "int16", pa.int32(): "int32", pa.int64(): "int64",

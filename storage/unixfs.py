@@ -58,10 +58,6 @@ HAMT_SHARDING_THRESHOLD = 256 * 1024  # bytes
 # this for any file a disk can hold: deeper is a hand-made DAG.
 MAX_DAG_DEPTH = 32
 
-# ipfs-car 3.x (ipfs-unixfs-importer defaults as ipfs-car sets them).
-IPFSCAR_CHUNK_SIZE = 1024 * 1024  # bytes
-IPFSCAR_MAX_LINKS = 1024
-
 # `walk` orders
 WalkOrder = Literal["depth", "breadth"]
 DEPTH_FIRST: WalkOrder = "depth"  # parents before children, links in order (CAR order)
