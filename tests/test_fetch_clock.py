@@ -5,6 +5,8 @@ in-memory streams, `memnet`)."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import TypeVar
 
 import pytest
 import trio
@@ -31,6 +33,24 @@ from benchsync.storage.blockstore import Blockstore, MemoryBlockstore
 
 NETWORK = "lab"
 CHUNK = 256 * 1024  # bytes: a UnixFS leaf
+T = TypeVar("T")
+
+
+@pytest.fixture(autouse=True)
+def inline_worker_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run the fetcher's and provider's worker-thread hops inline.
+
+    The autojump clock jumps whenever every task waits, and a task waiting on a
+    worker thread counts as waiting: a pending deadline (the request timeout)
+    would fire while a thread hashes a block. Inline, the clock moves only
+    when the protocol really waits.
+    """
+
+    async def inline(fn: Callable[..., T], *args: object, **_: object) -> T:
+        await trio.lowlevel.checkpoint()
+        return fn(*args)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", inline)
 
 
 def make_dag(store: Blockstore, payload: bytes) -> CID:
