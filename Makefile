@@ -21,7 +21,7 @@ test: $(BIN)/.installed
 
 # Full-count fuzzing (>= 10,000 inputs per decoder); the default test run fuzzes fewer.
 fuzz: $(BIN)/.installed
-	$(BIN)/python -m pytest -q -m fuzz
+	$(BIN)/python -m pytest -q -m fuzz $(FUZZ_ARGS)
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check benchsync storage protocol daemon tests bench
