@@ -4,7 +4,8 @@
 records a realistic set of results on each (different hardware per node),
 snapshots, waits until every node holds every other node's replica, runs a
 cross-node aggregate query and prints it, shows each node's head, then stops
-every node with SIGTERM.
+every node with SIGTERM. With `serve`, node 0 also serves the dashboard on
+127.0.0.1 and the lab keeps running (its URL printed) until Ctrl-C.
 
 `NodeProcess` is also what the end-to-end tests use to drive real nodes.
 """
@@ -171,13 +172,15 @@ def lab_key_file(base: Path) -> Path:
 
 
 def start_lab(
-    base: Path, n: int, network: str, extra_args: Iterable[str] = ()
+    base: Path, n: int, network: str, extra_args: Iterable[str] = (),
+    first_args: Iterable[str] = (),
 ) -> list[NodeProcess]:
     """Start n nodes in parallel, each bootstrapping to every other, all holding one lab
-    key (`<base>/lab.key`, created if missing); wait until all are ready."""
+    key (`<base>/lab.key`, created if missing); wait until all are ready. Node 0 also
+    gets `first_args`."""
     key = lab_key_file(base)
-    nodes = [NodeProcess(base / f"node{i}", free_port(), network, extra_args=list(extra_args),
-                         lab_key=key)
+    nodes = [NodeProcess(base / f"node{i}", free_port(), network,
+                         extra_args=[*extra_args, *(first_args if i == 0 else ())], lab_key=key)
              for i in range(n)]  # fmt: skip
     for node in nodes:
         node.bootstrap = [o.addr for o in nodes if o is not node]
@@ -244,11 +247,26 @@ def render_table(columns: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
-def run_demo(n: int, base: Path, say: Callable[[str], None] = print, per_node: int = 200) -> int:
+def serve_until_interrupted(node: NodeProcess, url: str, say: Callable[[str], None]) -> None:
+    """Say the dashboard's URL and wait for Ctrl-C (SIGINT), or for `node` to exit."""
+    assert node.proc is not None
+    say(f"\ndashboard of node0: {url}\nthe lab keeps running; Ctrl-C stops it")
+    try:
+        code = node.proc.wait()
+        say(f"node0 exited (code {code}); stopping the lab")
+    except KeyboardInterrupt:
+        say("\nstopping the lab…")
+
+
+def run_demo(n: int, base: Path, say: Callable[[str], None] = print, per_node: int = 200,
+             *, serve: bool = False) -> int:  # fmt: skip
     started = time.monotonic()
     network = f"demo-{os.getpid()}"
     say(f"starting {n} nodes on 127.0.0.1 (network {network!r}, data in {base})")
-    nodes = start_lab(base, n, network, extra_args=["--snapshot-interval", "0"])
+    web_port = free_port() if serve else None
+    web_args = ["--web-listen", f"127.0.0.1:{web_port}"] if serve else []
+    nodes = start_lab(base, n, network, extra_args=["--snapshot-interval", "0"],
+                      first_args=web_args)  # fmt: skip
     try:
         for i, node in enumerate(nodes):
             hw = HARDWARE[i % len(HARDWARE)][0]
@@ -268,6 +286,8 @@ def run_demo(n: int, base: Path, say: Callable[[str], None] = print, per_node: i
         say("\nheads:")
         for i, node in enumerate(nodes):
             say(f"  node{i}  {heads[node.peer_id]}")
+        if serve:
+            serve_until_interrupted(nodes[0], f"http://127.0.0.1:{web_port}/", say)
     finally:
         codes = [node.stop() for node in nodes]
     if any(codes):

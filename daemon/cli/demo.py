@@ -1,4 +1,5 @@
-"""`benchsync demo [--nodes N]`: the local lab on loopback, start to finish."""
+"""`benchsync demo [--nodes N] [--serve]`: the local lab on loopback, start to finish
+(with --serve, left running with node 0's dashboard until Ctrl-C)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--results", type=int, default=200, help="results recorded per node (default 200)"
     )
     p.add_argument("--keep", action="store_true", help="keep the temporary data directories")
+    p.add_argument("--serve", action="store_true",
+                   help="keep the lab running and serve node 0's dashboard on 127.0.0.1 (its "
+                        "URL is printed) until Ctrl-C")  # fmt: skip
     p.set_defaults(func=run)
 
 
@@ -29,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--nodes {args.nodes} is out of range", f"use 1 to {MAX_NODES}")
     base = Path(tempfile.mkdtemp(prefix="benchsync-demo-"))
     try:
-        return run_demo(args.nodes, base, per_node=args.results)
+        return run_demo(args.nodes, base, per_node=args.results, serve=args.serve)
     finally:
         if args.keep:
             print(f"data directories kept in {base}")
