@@ -194,6 +194,27 @@ def _size_kind(lo: int, hi: int | None = None) -> Kind:
     return Kind("size", allowed, check, parse)
 
 
+def _percent_kind(lo: float, hi: float) -> Kind:
+    allowed = f"a percentage above {lo:g} and at most {hi:g} (a number, e.g. 10 or 2.5)"
+
+    def check(v: Any) -> float:
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            raise ValueError(f"expected {allowed}")
+        f = float(v)
+        if not lo < f <= hi:  # NaN fails too
+            raise ValueError(f"out of range, expected {allowed}")
+        return f
+
+    def parse(s: str) -> float:
+        try:
+            f = float(s.strip().removesuffix("%"))
+        except ValueError:
+            raise ValueError(f"expected {allowed}") from None
+        return check(f)
+
+    return Kind("percent", allowed, check, parse)
+
+
 def _parse_bool(s: str) -> bool:
     t = s.strip().lower()
     if t in _TRUE:
@@ -469,6 +490,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("web_public", BOOL, False,
             "Serve the dashboard on a non-loopback web_listen without a token (it is "
             "read-only, but shows every result and peer of the lab)."),
+    Setting("web_regression_threshold", _percent_kind(0, 1000), 10.0,
+            "The dashboard's Trends page flags a series (model x hardware) whose latest "
+            "point is worse than the median of its previous points by more than this "
+            "percentage: lower throughput, higher latency.", "PERCENT"),
     Setting("log_level", _str_kind("level", "a log level", _check_log_level), "info",
             f"Log verbosity: {', '.join(LOG_LEVELS)}.", "LEVEL"),
 )  # fmt: skip
@@ -517,6 +542,7 @@ class Config:
     web_listen: str | None
     web_token: str | None
     web_public: bool
+    web_regression_threshold: float
     log_level: str
     # Where each setting's value came from: "default", "<file>:<line>", "$ENV", "--flag".
     sources: Mapping[str, str] = dataclasses.field(default_factory=dict, compare=False)

@@ -4,7 +4,11 @@ Owns the dashboard's listener (`WebServer`), its routes (`web_router`) and the
 data behind each page (`Dashboard`): the Lab page reads the node's own state
 (no query), the Results page aggregates every node's rows in DuckDB, in the
 `replicas` scope, through the node's one query gate and sandbox workers
-(`QueryService.query`): rows never reach the browser, only groups.
+(`QueryService.query`): rows never reach the browser, only groups. The
+Trends page aggregates a metric per model x hardware per time bucket (one
+point each) and flags a series whose latest point is worse than the median of
+its previous points by more than `web_regression_threshold` percent; the
+Versions page reads the node's own history (`Node.history`, tags, pins).
 
 The listener is the control API's server (`benchsync.daemon.control`: h11,
 deadlines, connection limits, a watched handler) on TCP only, with its own
@@ -16,7 +20,8 @@ read. Pages are HTML with SVG charts drawn on the server (`web_pages`,
 `svg`), so they need no JavaScript and no network beyond the node; a strict
 Content-Security-Policy forbids scripts altogether.
 
-Routes: `/` (Lab), `/results`, `/results.csv`, `/api/lab`, `/api/results`.
+Routes: `/` (Lab), `/results`, `/results.csv`, `/trends`, `/versions`, and
+`/api/lab`, `/api/results`, `/api/trends`, `/api/versions` (the same data as JSON).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import io
 import json
 import logging
 import math
+import statistics
 import time
 from collections.abc import Mapping
 from functools import partial
@@ -55,7 +61,13 @@ from benchsync.daemon.control import (
     Text,
     open_tcp_listeners,
 )
-from benchsync.daemon.web_pages import error_page, lab_page, results_page
+from benchsync.daemon.web_pages import (
+    error_page,
+    lab_page,
+    results_page,
+    trends_page,
+    versions_page,
+)
 
 if TYPE_CHECKING:
     from trio_typing import TaskStatus
@@ -68,6 +80,11 @@ MAX_FILTER_CHARS = 200  # characters of one filter value (longer: 400)
 MAX_GROUPS_SHOWN = 200  # groups (model x hardware) on the page, in the chart and the CSV
 MAX_GROUPS = 10_000  # groups aggregated at most; more is an error asking for filters
 MAX_OPTIONS = 5_000  # distinct values offered in the filter menus, all fields together
+TREND_BUCKETS = 120  # points per series at most: the time range in this many equal buckets
+TREND_BASELINE = 10  # previous points whose median is a series' baseline
+MAX_TREND_POINTS = 50_000  # points aggregated at most; more is an error asking for filters
+MAX_SERIES_SHOWN = 24  # series drawn in the Trends chart (the table lists them all)
+MAX_VERSIONS_SHOWN = 200  # versions on the Versions page, newest first
 READ_METHODS = ("GET", "HEAD")
 HTTP_STATUSES = frozenset(s.value for s in HTTPStatus)
 HTML_TYPE = "text/html; charset=utf-8"
@@ -286,14 +303,7 @@ class ResultFilters:
     def from_request(cls, request: Request) -> ResultFilters:
         """The filters of a request's query string; ApiError 400 for a value too long,
         a batch size that is not an integer, or an unknown sort column or order."""
-        values: dict[str, Any] = {}
-        for name in TEXT_FILTERS:
-            text = request.query.get(name) or None
-            if text is not None and len(text) > MAX_FILTER_CHARS:
-                raise ApiError(400, "bad_query", f"filter {name} is longer than "
-                               f"{MAX_FILTER_CHARS} characters", "pick a value from the menu")
-            values[name] = text
-        values["batch_size"] = request.query_int("batch_size", minimum=0, maximum=2**31 - 1)
+        values = _filter_values(request)
         sort = request.query.get("sort") or "throughput"
         order = request.query.get("order") or "desc"
         if sort not in SORT_KEYS or order not in ("asc", "desc"):
@@ -308,6 +318,92 @@ class ResultFilters:
 
     def to_json(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in (*TEXT_FILTERS, "batch_size")}
+
+
+def _filter_values(request: Request) -> dict[str, Any]:
+    """The filters (TEXT_FILTERS and batch_size) of a request's query string, None
+    for any; ApiError 400 for a value too long or a batch size not an integer."""
+    values: dict[str, Any] = {}
+    for name in TEXT_FILTERS:
+        text = request.query.get(name) or None
+        if text is not None and len(text) > MAX_FILTER_CHARS:
+            raise ApiError(400, "bad_query", f"filter {name} is longer than "
+                           f"{MAX_FILTER_CHARS} characters", "pick a value from the menu")
+        values[name] = text
+    values["batch_size"] = request.query_int("batch_size", minimum=0, maximum=2**31 - 1)
+    return values
+
+
+# A metric over time: per model x hardware, the filtered rows' time range cut into
+# $buckets equal buckets, one point (the mean, at the bucket's latest time) per bucket.
+TRENDS_SQL = """
+WITH f AS (
+  SELECT m.model_name AS model, h.hardware_type AS hardware, epoch(p.created_at) AS t,
+         CASE WHEN $metric = 'latency_ms' THEN p.average_latency_ms
+              ELSE p.throughput_items_per_second END AS v
+  FROM performance_results p
+  JOIN models m ON p.model_id = m.model_id
+  JOIN hardware_platforms h ON p.hardware_id = h.hardware_id
+  WHERE p.created_at IS NOT NULL
+    AND ($model IS NULL OR m.model_name = $model)
+    AND ($hardware IS NULL OR h.hardware_type = $hardware)
+    AND ($precision IS NULL OR p.precision = $precision)
+    AND ($batch_size IS NULL OR p.batch_size = $batch_size)
+    AND ($origin IS NULL OR p.origin = $origin)
+), span AS (SELECT min(t) AS lo, greatest(max(t) - min(t), 1e-9) AS width FROM f)
+SELECT model, hardware,
+       least(floor((t - lo) / width * $buckets), $buckets - 1)::BIGINT AS bucket,
+       max(t) AS t, avg(v) AS value, count(*) AS runs
+FROM f, span
+WHERE v IS NOT NULL AND isfinite(v)
+GROUP BY model, hardware, bucket
+ORDER BY model, hardware, bucket
+LIMIT $limit
+"""
+HIGHER_IS_BETTER = {"throughput": True, "latency_ms": False}  # the Trends page's metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class TrendFilters:
+    """What the Trends page shows: the metric and the filters (None: any)."""
+
+    metric: str = "throughput"
+    model: str | None = None
+    hardware: str | None = None
+    precision: str | None = None
+    batch_size: int | None = None
+    origin: str | None = None
+
+    @classmethod
+    def from_request(cls, request: Request) -> TrendFilters:
+        """ApiError 400 for an unknown metric or a bad filter (see `_filter_values`)."""
+        metric = request.query.get("metric") or "throughput"
+        if metric not in HIGHER_IS_BETTER:
+            raise ApiError(400, "bad_query", "unknown metric",
+                           f"metric is one of {', '.join(HIGHER_IS_BETTER)}")  # fmt: skip
+        return cls(metric, **_filter_values(request))
+
+    def params(self) -> dict[str, Any]:
+        """The SQL parameters of TRENDS_SQL."""
+        return {**self.to_json(), "buckets": TREND_BUCKETS, "limit": MAX_TREND_POINTS + 1}
+
+    def to_json(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in ("metric", *TEXT_FILTERS, "batch_size")}
+
+
+def regression(values: list[float], threshold: float, higher_is_better: bool
+               ) -> dict[str, Any]:  # fmt: skip
+    """A series' latest value against its baseline (the median of the TREND_BASELINE
+    values before it): {"latest", "baseline", "change" (percent, None without a
+    baseline), "regressed" (worse by more than `threshold` percent)}."""
+    latest = values[-1] if values else None
+    previous = values[-1 - TREND_BASELINE:-1]
+    baseline = statistics.median(previous) if previous else None
+    change = None
+    if latest is not None and baseline is not None and baseline > 0:
+        change = (latest - baseline) / baseline * 100.0
+    worse = change is not None and (-change if higher_is_better else change) > threshold
+    return {"latest": latest, "baseline": baseline, "change": change, "regressed": worse}
 
 
 def _sort_key(sort: str) -> Any:
@@ -340,6 +436,10 @@ class Dashboard:
         r.add("GET", "/results.csv", self.results_csv)
         r.add("GET", "/api/lab", self.lab_json)
         r.add("GET", "/api/results", self.results_json)
+        r.add("GET", "/trends", self.trends_html)
+        r.add("GET", "/api/trends", self.trends_json)
+        r.add("GET", "/versions", self.versions_html)
+        r.add("GET", "/api/versions", self.versions_json)
         return r
 
     async def _query(self, sql: str, params: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -444,6 +544,80 @@ class Dashboard:
         for g in data["groups"]:
             writer.writerow(["" if g[c] is None else g[c] for c in CSV_COLUMNS])
         return 200, Download(out.getvalue(), CSV_TYPE, filename="benchsync-results.csv")
+
+
+    # --- Trends
+
+    async def trends(self, filters: TrendFilters) -> dict[str, Any]:
+        """Series (model x hardware) of the metric over time, each with its points
+        (oldest first) and its regression check; regressed series first."""
+        rows = await self._query(TRENDS_SQL, filters.params())
+        if len(rows) > MAX_TREND_POINTS:
+            raise ApiError(400, "too_many_points",
+                           f"more than {MAX_TREND_POINTS} points match",
+                           "filter by model or hardware")  # fmt: skip
+        threshold = self.node.config.web_regression_threshold
+        higher_is_better = HIGHER_IS_BETTER[filters.metric]
+        by_key: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        for row in rows:
+            if row["value"] is not None and row["t"] is not None:
+                by_key.setdefault((row["model"], row["hardware"]), []).append(row)
+        series = []
+        for (model, hardware), points in by_key.items():
+            check = regression([p["value"] for p in points], threshold, higher_is_better)
+            series.append({
+                "model": model, "hardware": hardware, **check,
+                "runs": sum(p["runs"] for p in points),
+                "points": [{"t": p["t"], "value": p["value"], "runs": p["runs"]} for p in points],
+            })  # fmt: skip
+        series.sort(key=lambda s: (not s["regressed"], s["model"], s["hardware"]))
+        return {
+            "scope": "replicas", "filters": filters.to_json(), "metric": filters.metric,
+            "threshold_percent": threshold, "higher_is_better": higher_is_better,
+            "baseline_points": TREND_BASELINE, "buckets": TREND_BUCKETS, "series": series,
+        }  # fmt: skip
+
+    async def trends_html(self, request: Request) -> tuple[int, Any]:
+        data = await self.trends(TrendFilters.from_request(request))
+        return 200, Text(trends_page(data, await self.options(), MAX_SERIES_SHOWN), HTML_TYPE)
+
+    async def trends_json(self, request: Request) -> tuple[int, Any]:
+        return 200, await self.trends(TrendFilters.from_request(request))
+
+    # --- Versions
+
+    async def versions(self) -> dict[str, Any]:
+        """This node's own history, newest first (at most MAX_VERSIONS_SHOWN), each
+        version with its tags, whether it is pinned or thinned, and the change of
+        each table's row count since the version before it."""
+        dataset = self.node.dataset
+
+        def read() -> tuple[list[Any], dict[str, str], dict[str, float], dict[str, float]]:
+            history = dataset.history(MAX_VERSIONS_SHOWN + 1)
+            return history, dataset.tags(), dataset.pins(), dataset.thinned()
+
+        history, tags, pins, thinned = await trio.to_thread.run_sync(read)
+        names: dict[str, list[str]] = {}
+        for name, cid in sorted(tags.items()):
+            names.setdefault(cid, []).append(name)
+        entries = [v.to_json() for v in history]
+        for i, v in enumerate(entries):
+            before = entries[i + 1]["rows"] if i + 1 < len(entries) else None
+            v["rows_change"] = None if before is None else {
+                t: n - before.get(t, 0) for t, n in v["rows"].items() if n != before.get(t, 0)
+            }  # fmt: skip
+            v.update(tags=names.get(v["cid"], []), pinned=v["cid"] in pins,
+                     thinned=v["cid"] in thinned)  # fmt: skip
+        return {
+            "peer_id": self.node.peer_id, "truncated": len(entries) > MAX_VERSIONS_SHOWN,
+            "versions": entries[:MAX_VERSIONS_SHOWN],
+        }  # fmt: skip
+
+    async def versions_html(self, request: Request) -> tuple[int, Any]:
+        return 200, Text(versions_page(await self.versions()), HTML_TYPE)
+
+    async def versions_json(self, request: Request) -> tuple[int, Any]:
+        return 200, await self.versions()
 
 
 def web_router(node: Node) -> Router:

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from html import escape
 from typing import Any
 
-from benchsync.daemon.svg import Bar, bar_chart
+from benchsync.daemon.svg import Bar, Series, bar_chart, line_chart
 
 SHORT_ID_HEAD = 8  # characters of a peer ID shown before the ellipsis
 SHORT_ID_TAIL = 6  # characters shown after it
@@ -39,9 +39,11 @@ code{font-size:12px}
 form label{margin-right:10px}
 .chart text{font:12px system-ui,sans-serif}
 .chart .chart-title{font-weight:bold}
+tr.regressed td{background:#fde7e9}
 """
 
-NAV = (("lab", "/", "Lab"), ("results", "/results", "Results"))
+NAV = (("lab", "/", "Lab"), ("results", "/results", "Results"), ("trends", "/trends", "Trends"),
+       ("versions", "/versions", "Versions"))
 
 
 def _e(value: Any) -> str:
@@ -168,6 +170,33 @@ def _query(params: Mapping[str, Any]) -> str:
     return urllib.parse.urlencode({k: v for k, v in params.items() if v not in (None, "")})
 
 
+def _select(name: str, label: str, current: str, values: Sequence[tuple[str, str]],
+            any_label: str | None = "all") -> str:  # fmt: skip
+    """A labelled <select> of (value, shown) pairs, `current` selected ("" with
+    `any_label`: a first choice meaning any)."""
+    choices = [] if any_label is None else [
+        f'<option value=""{" selected" if current == "" else ""}>{_e(any_label)}</option>']
+    for v, shown in values:
+        selected = " selected" if v == current else ""
+        choices.append(f'<option value="{_attr(v)}"{selected}>{_e(shown)}</option>')
+    return f'<label>{_e(label)} <select name="{name}">{"".join(choices)}</select></label>'
+
+
+def _filter_selects(filters: Mapping[str, Any], options: Mapping[str, Sequence[str]]) -> str:
+    """One menu per filter (FILTER_LABELS), the current value selected even when no
+    row has it any more."""
+    selects = []
+    for key, label in FILTER_LABELS:
+        current = "" if filters.get(key) is None else str(filters[key])
+        values = list(options.get(key, ()))
+        if current and current not in values:
+            values.append(current)
+        shown = [(v, v if key != "origin" else f"{v[:SHORT_ID_HEAD]}…{v[-SHORT_ID_TAIL:]}")
+                 for v in values]  # fmt: skip
+        selects.append(_select(key, label, current, shown))
+    return "".join(selects)
+
+
 def results_page(results: Mapping[str, Any], options: Mapping[str, Sequence[str]]) -> str:
     """Filters (a GET form), bar charts of throughput and latency (one bar per group
     shown), the sortable table and a link to the CSV of the same groups."""
@@ -175,22 +204,8 @@ def results_page(results: Mapping[str, Any], options: Mapping[str, Sequence[str]
     sort, order = results["sort"], results["order"]
     groups = results["groups"]
 
-    selects = []
-    for key, label in FILTER_LABELS:
-        current = "" if filters.get(key) is None else str(filters[key])
-        choices = [f'<option value=""{" selected" if current == "" else ""}>all</option>']
-        values = list(options.get(key, ()))
-        if current and current not in values:
-            values.append(current)
-        for v in values:
-            selected = " selected" if v == current else ""
-            shown = v if key != "origin" else f"{v[:SHORT_ID_HEAD]}…{v[-SHORT_ID_TAIL:]}"
-            choices.append(f'<option value="{_attr(v)}"{selected}>{_e(shown)}</option>')
-        selects.append(
-            f'<label>{_e(label)} <select name="{key}">{"".join(choices)}</select></label>'
-        )
     form = (
-        f'<form id="filters" method="get" action="/results">{"".join(selects)}'
+        f'<form id="filters" method="get" action="/results">{_filter_selects(filters, options)}'
         f'<input type="hidden" name="sort" value="{_attr(sort)}">'
         f'<input type="hidden" name="order" value="{_attr(order)}">'
         '<button type="submit">Filter</button> <a href="/results">clear</a></form>'
@@ -241,3 +256,124 @@ def results_page(results: Mapping[str, Any], options: Mapping[str, Sequence[str]
     if not groups:
         charts = '<p class="muted" id="empty">No results match these filters.</p>'
     return layout("Results", "results", form + summary + charts + table)
+
+
+# --- Trends --------------------------------------------------------------------------------
+
+
+TREND_METRICS = {"throughput": ("Throughput", "items/s"), "latency_ms": ("Latency", "ms")}
+
+
+def _percent(change: float | None) -> str:
+    return "" if change is None else f"{change:+.1f} %"
+
+
+def trends_page(trends: Mapping[str, Any], options: Mapping[str, Sequence[str]],
+                max_shown: int) -> str:  # fmt: skip
+    """The metric over time (one line per model x hardware, at most `max_shown`,
+    regressed ones first), the list of regressions and a table of every series."""
+    filters: Mapping[str, Any] = trends["filters"]
+    metric = trends["metric"]
+    heading, unit = TREND_METRICS[metric]
+    metrics = [(key, f"{h} ({u})") for key, (h, u) in TREND_METRICS.items()]
+    form = (
+        '<form id="filters" method="get" action="/trends">'
+        f"{_select('metric', 'Metric', metric, metrics, any_label=None)}"
+        f'{_filter_selects(filters, options)}<button type="submit">Show</button> '
+        '<a href="/trends">clear</a></form>'
+    )
+    series = trends["series"]
+    threshold = trends["threshold_percent"]
+    worse = "lower" if trends["higher_is_better"] else "higher"
+    regressed = [s for s in series if s["regressed"]]
+    summary = (
+        f'<p id="summary">{len(series)} series (model × hardware) from every node\'s rows; '
+        f"a point is the mean of the results in one of {trends['buckets']} equal spans of "
+        f"time. A series is flagged when its latest point is {worse} than the median of "
+        f"its previous {trends['baseline_points']} points by more than {threshold:g} % "
+        "(setting web_regression_threshold).</p>"
+    )
+    if regressed:
+        items = "".join(
+            f'<li class="regression">{_e(s["model"])} · {_e(s["hardware"])}: '
+            f"{_number(s['latest'], 2)} vs {_number(s['baseline'], 2)} {_e(unit)} "
+            f"({_e(_percent(s['change']))})</li>" for s in regressed
+        )
+        summary += f'<h2>Regressions</h2><ul id="regressions">{items}</ul>'
+    else:
+        summary += '<p id="no-regressions">No regressions.</p>'
+    shown = series[:max_shown]
+    if len(series) > len(shown):
+        summary += (f'<p class="err">Drawing the first {len(shown)} of {len(series)} series: '
+                    "narrow the filters.</p>")  # fmt: skip
+    chart = line_chart(
+        [Series(f"{s['model']} · {s['hardware']}", [(p["t"], p["value"]) for p in s["points"]],
+                s["regressed"]) for s in shown],
+        title=heading, unit=unit, chart_id="trend-chart",
+    ) if series else '<p class="muted" id="empty">No results match these filters.</p>'  # fmt: skip
+    head = "".join(f"<th>{_e(c)}</th>" for c in (
+        "Model", "Hardware", "Points", "Runs", f"Latest ({unit})", f"Baseline ({unit})",
+        "Change", "Regression",
+    ))  # fmt: skip
+    rows = []
+    for s in series:
+        flag = "yes" if s["regressed"] else "no"
+        rows.append(
+            f'<tr class="series{" regressed" if s["regressed"] else ""}" data-regressed="{flag}">'
+            f"<td>{_e(s['model'])}</td><td>{_e(s['hardware'])}</td>"
+            f'<td class="num">{len(s["points"])}</td><td class="num">{_number(s["runs"])}</td>'
+            f'<td class="num">{_number(s["latest"], 2)}</td>'
+            f'<td class="num">{_number(s["baseline"], 2)}</td>'
+            f'<td class="num">{_e(_percent(s["change"]))}</td><td>{flag}</td></tr>'
+        )
+    table = (f'<table id="series"><thead><tr>{head}</tr></thead>'
+             f'<tbody>{"".join(rows)}</tbody></table>')  # fmt: skip
+    return layout("Trends", "trends", form + summary + chart + table)
+
+
+# --- Versions ------------------------------------------------------------------------------
+
+
+def short_cid(cid: str) -> str:
+    """A CID's short form, with the whole CID on hover."""
+    shown = cid if len(cid) <= 2 * SHORT_ID_TAIL + 1 else f"{cid[:8]}…{cid[-SHORT_ID_TAIL:]}"
+    return f'<code class="cid" title="{_attr(cid)}">{_e(shown)}</code>'
+
+
+def versions_page(versions: Mapping[str, Any]) -> str:
+    """This node's history, newest first: seq, CID, time, rows per table with the
+    change since the version before, tags, pinned, thinned."""
+    entries = versions["versions"]
+    tables = sorted({t for v in entries for t, n in v["rows"].items() if n})
+    head = "".join(f"<th>{_e(c)}</th>" for c in ("Seq", "CID", "Created", *tables, "Bytes",
+                                                 "Tags", "Kept"))  # fmt: skip
+    rows = []
+    for v in entries:
+        change = v["rows_change"] or {}
+        cells = []
+        for t in tables:
+            delta = change.get(t)
+            more = f' <span class="muted delta">({delta:+,})</span>' if delta else ""
+            cells.append(f'<td class="num rows" data-table="{_attr(t)}">'
+                         f"{_number(v['rows'].get(t, 0))}{more}</td>")  # fmt: skip
+        kept = [w for w, on in (("pinned", v["pinned"]), ("thinned", v["thinned"])) if on]
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v["created_at"]))
+        tags = ", ".join(f'<span class="tag">{_e(t)}</span>' for t in v["tags"])
+        rows.append(
+            f'<tr class="version" data-seq="{int(v["seq"])}" data-cid="{_attr(v["cid"])}">'
+            f'<td class="num">{int(v["seq"])}</td><td>{short_cid(v["cid"])}</td>'
+            f"<td>{_e(created)}</td>{''.join(cells)}"
+            f'<td class="num">{_bytes(v["bytes"])}</td><td>{tags}</td>'
+            f"<td>{_e(', '.join(kept))}</td></tr>"
+        )
+    body = (
+        f"<p>The history of this node ({short_id(versions['peer_id'])}), newest first: "
+        f"{len(entries)} versions. Rows per table, with the change since the version "
+        "before in brackets. Thinned versions keep only their manifest.</p>"
+    )
+    if versions["truncated"]:
+        body += (f'<p class="muted">Showing the newest {len(entries)}; `benchsync log` '
+                 "lists all.</p>")  # fmt: skip
+    body += (f'<table id="versions"><thead><tr>{head}</tr></thead>'
+             f'<tbody>{"".join(rows)}</tbody></table>')  # fmt: skip
+    return layout("Versions", "versions", body)

@@ -4,9 +4,12 @@ Two `benchsync up` processes share a lab key; node0 serves the dashboard on
 loopback (`--web-listen`), node1 records other hardware and is replicated
 into node0. Debian's headless Chromium loads each page and dumps the DOM it
 rendered; the tests assert on that DOM (rows, chart marks, links), on the
-CSV, and on what the listener refuses: other methods than GET, a missing
-token, a non-loopback address without one, hostile text in every filter and
-in a model name (it stays text: no element comes of it).
+CSV, on the Trends page (one line and one point per series and point of
+planted data, a planted regression flagged and a steady series not), the
+Versions page, `benchsync demo --serve`, and on what the listener refuses:
+other methods than GET, a missing token, a non-loopback address without one,
+hostile text in every filter and in a model name (it stays text: no element
+comes of it).
 """
 
 from __future__ import annotations
@@ -14,17 +17,23 @@ from __future__ import annotations
 import base64
 import csv
 import io
+import json
+import os
+import select
 import shutil
 import signal
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -50,6 +59,15 @@ PER_NODE = 20  # results recorded on each node (5 models x one hardware type eac
 HOSTILE_MODEL = '<script>document.title="pwned"</script><img src=x onerror=alert(1)>"\'&'
 TOKEN = "dashboard-token-0123456789abcdef"
 NETWORK = "webtest"
+DEMO_TIMEOUT = 120.0  # seconds for `benchsync demo --serve` to print its dashboard URL
+TREND_MODEL = "trend-net"
+# (throughput, latency) per day, oldest first. node0 (cuda): throughput falls 30 % on the
+# last day (a regression), latency steady; node1 (rocm): throughput steady, latency up 60 %.
+TREND_POINTS = (
+    [(100.0, 10.0), (104.0, 10.2), (98.0, 9.9), (102.0, 10.1), (99.0, 10.0), (70.0, 10.0)],
+    [(50.0, 5.0), (51.0, 5.1), (49.0, 4.9), (50.0, 5.0), (52.0, 8.0)],
+)
+
 
 
 
@@ -194,6 +212,7 @@ def weblab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebLab]:
             records = sample_results(i, PER_NODE)
             if i == 0:
                 records.append({**records[0], "model_name": HOSTILE_MODEL})
+            records += trend_records(records[0], i)
             n.client.post("/v1/record/perf", {"records": records})
             n.client.post("/v1/snapshot")
         wait_converged(nodes)
@@ -205,6 +224,15 @@ def weblab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebLab]:
             n.stop()
 
 
+def trend_records(template: dict[str, Any], node_index: int) -> list[dict[str, Any]]:
+    """TREND_POINTS[node_index] as results of TREND_MODEL, one a day (at a different hour
+    on each node, so every result is a point of its own)."""
+    start = datetime(2026, 12, 1, 6 + 12 * node_index)
+    return [{**template, "model_name": TREND_MODEL, "throughput": tput, "latency_avg": latency,
+             "created_at": (start + timedelta(days=day)).isoformat()}
+            for day, (tput, latency) in enumerate(TREND_POINTS[node_index])]  # fmt: skip
+
+
 # --- pages in the browser ------------------------------------------------------------------
 
 
@@ -213,8 +241,9 @@ def test_results_page_shows_every_nodes_groups_with_one_bar_each(weblab: WebLab)
     rows = [[td.text.strip() for td in tr.find_all("td")]
             for tr in dom.by_id("results").classed("tr", "group")]  # fmt: skip
     models = {r["model_name"] for r in sample_results(0, PER_NODE)} | {HOSTILE_MODEL}
-    expected = {(m, "cuda") for m in models} | {(r["model_name"], "rocm")
-                                               for r in sample_results(1, PER_NODE)}
+    expected = ({(m, "cuda") for m in models | {TREND_MODEL}}
+                | {(r["model_name"], "rocm") for r in sample_results(1, PER_NODE)}
+                | {(TREND_MODEL, "rocm")})  # fmt: skip
     assert {(r[0], r[1]) for r in rows} == expected  # node1's rows come from its replica
     assert len(rows) == len(expected)
     for chart in ("throughput-chart", "latency-chart"):
@@ -287,6 +316,115 @@ def test_hostile_model_name_stays_text(weblab: WebLab) -> None:
     assert "pwned" not in dom.find_all("title")[0].text  # the document's, not a bar's
     lab = weblab.page("/")
     assert lab.find_all("script") == [] and HOSTILE_MODEL in lab.by_id("nodes").text
+
+
+def _lines(dom: Element) -> dict[str, Element]:
+    """The Trends chart's lines by their series label."""
+    lines = dom.by_id("trend-chart").classed("g", "line")
+    return {g.find_all("title")[0].text: g for g in lines}
+
+
+def test_trends_draw_one_line_per_series_and_one_point_per_point(weblab: WebLab) -> None:
+    dom = weblab.page("/trends?" + urllib.parse.urlencode({"model": TREND_MODEL}),
+                      shot="trends.png")  # fmt: skip
+    chart = dom.by_id("trend-chart")
+    assert len(chart.classed("polyline", "series")) == len(TREND_POINTS)
+    lines = _lines(dom)
+    assert set(lines) == {f"{TREND_MODEL} · cuda", f"{TREND_MODEL} · rocm"}
+    for hw, points in zip(("cuda", "rocm"), TREND_POINTS, strict=True):
+        line = lines[f"{TREND_MODEL} · {hw}"]
+        assert len(line.classed("circle", "point")) == len(points)
+        assert len(line.classed("polyline", "series")[0].attrs["points"].split()) == len(points)
+    assert len(chart.classed("circle", "point")) == sum(len(p) for p in TREND_POINTS)
+    # every series of the lab: as many lines as model x hardware pairs, and points as the JSON
+    everything = weblab.page("/trends")
+    status, _, body = http("GET", weblab.url + "api/trends")
+    series = json.loads(body)["series"]
+    assert status == 200 and len(series) == len(weblab.rows("/results"))
+    assert len(everything.by_id("trend-chart").classed("polyline", "series")) == len(series)
+    assert len(everything.by_id("trend-chart").classed("circle", "point")) == sum(
+        len(s["points"]) for s in series)
+    assert everything.find_all("script") == [] and everything.find_all("img") == []
+
+
+def test_trends_flag_a_planted_regression_and_not_a_steady_series(weblab: WebLab) -> None:
+    query = {"model": TREND_MODEL}
+    for metric, regressed, steady in (("throughput", "cuda", "rocm"),  # lower is worse
+                                      ("latency_ms", "rocm", "cuda")):  # higher is worse
+        dom = weblab.page("/trends?" + urllib.parse.urlencode({**query, "metric": metric}))
+        lines = _lines(dom)
+        assert "regressed" in lines[f"{TREND_MODEL} · {regressed}"].attrs["class"].split()
+        assert "regressed" not in lines[f"{TREND_MODEL} · {steady}"].attrs["class"].split()
+        assert len(dom.by_id("trend-chart").classed("circle", "flag")) == 1
+        flags = {tr.find_all("td")[1].text: tr.attrs["data-regressed"]
+                 for tr in dom.by_id("series").classed("tr", "series")}  # fmt: skip
+        assert flags == {regressed: "yes", steady: "no"}
+        listed = [li.text for li in dom.by_id("regressions").classed("li", "regression")]
+        assert len(listed) == 1 and f"{TREND_MODEL} · {regressed}" in listed[0]
+    # the threshold (10 % by default) is what separates them: -30 % flagged, +4 % not
+    status, _, body = http("GET", weblab.url + "api/trends?model=" + TREND_MODEL)
+    doc = json.loads(body)
+    assert status == 200 and doc["threshold_percent"] == 10.0
+    change = {s["hardware"]: round(s["change"]) for s in doc["series"]}
+    assert change == {"cuda": -30, "rocm": 4}
+    steady_only = weblab.page("/trends?" + urllib.parse.urlencode({**query, "hardware": "rocm"}))
+    steady_only.by_id("no-regressions")
+    assert steady_only.by_id("trend-chart").classed("circle", "flag") == []
+
+
+def test_versions_page_lists_the_history_with_rows_and_tags(weblab: WebLab) -> None:
+    node = weblab.nodes[0]
+    head = node.client.post("/v1/tags", {"name": "web-test"})
+    history = node.client.get("/v1/history")["versions"]
+    dom = weblab.page("/versions", shot="versions.png")
+    rows = dom.by_id("versions").classed("tr", "version")
+    assert [(int(tr.attrs["data-seq"]), tr.attrs["data-cid"]) for tr in rows] == [
+        (v["seq"], v["cid"]) for v in history]
+    top = rows[0]
+    cid = top.classed("code", "cid")[0]
+    assert cid.attrs["title"] == history[0]["cid"] and len(cid.text) < len(history[0]["cid"])
+    assert head["cid"] == history[0]["cid"]  # the tag names the head
+    assert "web-test" in [t.text for t in top.classed("span", "tag")]
+    perf = {td.attrs["data-table"]: td for td in top.classed("td", "rows")}["performance_results"]
+    recorded = PER_NODE + 1 + len(TREND_POINTS[0])
+    assert perf.text.split()[0] == str(history[0]["rows"]["performance_results"]) == str(recorded)
+
+
+def test_demo_serve_keeps_the_lab_and_prints_the_dashboard_url(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BENCHSYNC_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "benchsync.daemon.cli", "demo", "--nodes", "2", "--results", "10",
+         "--serve"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    out, url = [], None
+    deadline = time.monotonic() + DEMO_TIMEOUT
+    try:
+        while url is None and (left := deadline - time.monotonic()) > 0:
+            if not select.select([proc.stdout], [], [], left)[0]:
+                break
+            line = proc.stdout.readline()
+            if not line:
+                break
+            out.append(line)
+            if line.startswith("dashboard of node0: "):
+                url = line.split(": ", 1)[1].strip()
+        if url is None:
+            proc.kill()
+            rest, err = proc.communicate()
+            pytest.fail(f"no dashboard URL within {DEMO_TIMEOUT:g} s:\n{''.join(out)}{rest}{err}")
+        assert url.startswith("http://127.0.0.1:")
+        assert proc.poll() is None  # still running
+        status, _, body = http("GET", url + "api/results")
+        assert status == 200 and len(json.loads(body)["groups"]) > 0
+        proc.send_signal(signal.SIGINT)
+        rest, err = proc.communicate(timeout=DEMO_TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, "".join(out) + rest + err
+    assert "all nodes stopped cleanly" in rest
 
 
 # --- what the listener refuses -------------------------------------------------------------
