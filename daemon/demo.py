@@ -251,6 +251,7 @@ def serve_until_interrupted(node: NodeProcess, url: str, say: Callable[[str], No
     """Say the dashboard's URL and wait for Ctrl-C (SIGINT), or for `node` to exit."""
     assert node.proc is not None
     say(f"\ndashboard of node0: {url}\nthe lab keeps running; Ctrl-C stops it")
+    sys.stdout.flush()  # a pipe (`| tee`) gets the URL now, not when the lab stops
     try:
         code = node.proc.wait()
         say(f"node0 exited (code {code}); stopping the lab")

@@ -391,28 +391,34 @@ def test_versions_page_lists_the_history_with_rows_and_tags(weblab: WebLab) -> N
 
 
 def test_demo_serve_keeps_the_lab_and_prints_the_dashboard_url(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BENCHSYNC_")}
+    # stdout block-buffered, as in a pipe to `tee`: the URL must be flushed anyway
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("BENCHSYNC_") and k != "PYTHONUNBUFFERED"}  # fmt: skip
     proc = subprocess.Popen(
         [sys.executable, "-m", "benchsync.daemon.cli", "demo", "--nodes", "2", "--results", "10",
-         "--serve"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+         "--serve"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
     )  # fmt: skip
     assert proc.stdout is not None
-    out, url = [], None
+    # Raw reads of the pipe: a buffered readline() could hold the URL line in its
+    # buffer while select() waits on the (empty) pipe.
+    out, url = b"", None
     deadline = time.monotonic() + DEMO_TIMEOUT
     try:
         while url is None and (left := deadline - time.monotonic()) > 0:
             if not select.select([proc.stdout], [], [], left)[0]:
                 break
-            line = proc.stdout.readline()
-            if not line:
+            chunk = os.read(proc.stdout.fileno(), 65536)
+            if not chunk:
                 break
-            out.append(line)
-            if line.startswith("dashboard of node0: "):
-                url = line.split(": ", 1)[1].strip()
+            out += chunk
+            for line in out.decode(errors="replace").splitlines():
+                if line.startswith("dashboard of node0: "):
+                    url = line.split(": ", 1)[1].strip()
         if url is None:
             proc.kill()
             rest, err = proc.communicate()
-            pytest.fail(f"no dashboard URL within {DEMO_TIMEOUT:g} s:\n{''.join(out)}{rest}{err}")
+            pytest.fail(f"no dashboard URL within {DEMO_TIMEOUT:g} s:\n"
+                        + (out + rest + err).decode(errors="replace"))  # fmt: skip
         assert url.startswith("http://127.0.0.1:")
         assert proc.poll() is None  # still running
         status, _, body = http("GET", url + "api/results")
@@ -423,8 +429,8 @@ def test_demo_serve_keeps_the_lab_and_prints_the_dashboard_url(tmp_path: Path) -
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 0, "".join(out) + rest + err
-    assert "all nodes stopped cleanly" in rest
+    assert proc.returncode == 0, (out + rest + err).decode(errors="replace")
+    assert b"all nodes stopped cleanly" in rest
 
 
 # --- what the listener refuses -------------------------------------------------------------
@@ -442,13 +448,19 @@ def test_writes_are_refused(weblab: WebLab, method: str) -> None:
 
 def test_hostile_query_string_in_every_filter(weblab: WebLab) -> None:
     hostile = "' OR 1=1; DROP TABLE models; --<script>x</script>"
-    for name in ("model", "hardware", "precision", "origin", "batch_size", "sort", "order"):
-        url = weblab.url + "results?" + urllib.parse.urlencode({name: hostile})
-        status, _, body = http("GET", url)
-        assert status in (200, 400), (name, status)
-        assert b"<script>x" not in body
-        if status == 200:  # a filter nobody matches
-            assert 'class="group"' not in body.decode()
+    for page, names, row in (
+        ("results", ("model", "hardware", "precision", "origin", "batch_size", "sort", "order"),
+         'class="group"'),
+        ("trends", ("model", "hardware", "precision", "origin", "batch_size", "metric"),
+         'class="series'),
+    ):  # fmt: skip
+        for name in names:
+            url = weblab.url + page + "?" + urllib.parse.urlencode({name: hostile})
+            status, _, body = http("GET", url)
+            assert status in (200, 400), (page, name, status)
+            assert b"<script>x" not in body
+            if status == 200:  # a filter nobody matches
+                assert row not in body.decode()
     status, _, _ = http("GET", weblab.url + "results?model=" + "x" * 10_000)
     assert status == 400
     assert len(weblab.rows("/results")) > 0  # the tables are still there
