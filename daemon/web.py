@@ -491,8 +491,28 @@ class Dashboard:
         return {
             "peer_id": me, "network": status["network"], "generated_at": time.time(),
             "received_bytes": status["received_bytes"], "served_bytes": status["served_bytes"],
-            "nodes": ordered,
+            "nodes": ordered, **await self.regressions(),
         }  # fmt: skip
+
+    async def regressions(self) -> dict[str, Any]:
+        """The current regressions across the lab: every metric's series (model x
+        hardware, every node's rows) that the Trends page flags, from `trends` itself.
+        {"regressions": [{"metric", "model", "hardware", "latest", "baseline",
+        "change"}], "regressions_unchecked": [metrics with too many points to check]}."""
+        found: list[dict[str, Any]] = []
+        unchecked: list[str] = []
+        for metric in HIGHER_IS_BETTER:
+            try:
+                data = await self.trends(TrendFilters(metric))
+            except ApiError as e:
+                if e.code != "too_many_points":
+                    raise
+                unchecked.append(metric)
+                continue
+            found += [{"metric": metric, **{k: s[k] for k in (
+                "model", "hardware", "latest", "baseline", "change")}}
+                for s in data["series"] if s["regressed"]]  # fmt: skip
+        return {"regressions": found, "regressions_unchecked": unchecked}
 
     async def lab_html(self, request: Request) -> tuple[int, Any]:
         return 200, Text(lab_page(await self.lab()), HTML_TYPE)

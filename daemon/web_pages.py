@@ -147,7 +147,33 @@ def lab_page(lab: Mapping[str, Any]) -> str:
         f'<span class="muted">Updated {_e(generated)}; reloads every {LAB_REFRESH} s.</span></p>'
         f'<table id="nodes"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
     )
-    return layout("Lab", "lab", body, refresh=LAB_REFRESH)
+    return layout("Lab", "lab", body + _lab_regressions(lab), refresh=LAB_REFRESH)
+
+
+def _lab_regressions(lab: Mapping[str, Any]) -> str:
+    """The current regressions across the lab (the Trends page's flags), each a link
+    to its Trends view."""
+    items = []
+    for r in lab.get("regressions", ()):
+        heading, unit = TREND_METRICS[r["metric"]]
+        href = "/trends?" + _query({"metric": r["metric"], "model": r["model"],
+                                    "hardware": r["hardware"]})  # fmt: skip
+        items.append(
+            f'<li class="regression" data-metric="{_attr(r["metric"])}">'
+            f'<a href="{_attr(href)}">{_e(r["model"])} · {_e(r["hardware"])}</a>: '
+            f"{_e(heading.lower())} {_number(r['latest'], 2)} vs {_number(r['baseline'], 2)} "
+            f"{_e(unit)} ({_e(_percent(r['change']))})</li>"
+        )
+    out = "<h2>Regressions</h2>"
+    if items:
+        out += f'<ul id="regressions">{"".join(items)}</ul>'
+    else:
+        out += '<p id="no-regressions">No regressions.</p>'
+    unchecked = lab.get("regressions_unchecked") or []
+    if unchecked:
+        out += (f'<p class="err" id="regressions-unchecked">Not checked (too many points): '
+                f"{_e(', '.join(unchecked))}; see Trends with filters.</p>")  # fmt: skip
+    return out
 
 
 # --- Results -------------------------------------------------------------------------------

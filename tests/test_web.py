@@ -370,6 +370,24 @@ def test_trends_flag_a_planted_regression_and_not_a_steady_series(weblab: WebLab
     steady_only = weblab.page("/trends?" + urllib.parse.urlencode({**query, "hardware": "rocm"}))
     steady_only.by_id("no-regressions")
     assert steady_only.by_id("trend-chart").classed("circle", "flag") == []
+    # the Lab page lists the same regressions across the lab, each linking to its Trends view
+    lab = weblab.page("/")
+    on_lab = {(li.attrs["data-metric"], li.find_all("a")[0].text): li.find_all("a")[0]
+              for li in lab.by_id("regressions").classed("li", "regression")}  # fmt: skip
+    planted = {("throughput", f"{TREND_MODEL} · cuda"), ("latency_ms", f"{TREND_MODEL} · rocm")}
+    steady_series = {("throughput", f"{TREND_MODEL} · rocm"),
+                     ("latency_ms", f"{TREND_MODEL} · cuda")}
+    assert planted <= set(on_lab) and not steady_series & set(on_lab)
+    for metric, label in planted:
+        hardware = label.rsplit(" · ", 1)[1]
+        href = on_lab[(metric, label)].attrs["href"]
+        assert urllib.parse.parse_qs(urllib.parse.urlsplit(href).query) == {
+            "metric": [metric], "model": [TREND_MODEL], "hardware": [hardware]}
+        linked = weblab.page(href)
+        assert len(linked.by_id("trend-chart").classed("circle", "flag")) == 1
+    status, _, body = http("GET", weblab.url + "api/lab")
+    flagged = {(r["metric"], r["model"], r["hardware"]) for r in json.loads(body)["regressions"]}
+    assert status == 200 and len(flagged) == len(on_lab)
 
 
 def test_versions_page_lists_the_history_with_rows_and_tags(weblab: WebLab) -> None:
