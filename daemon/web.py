@@ -339,6 +339,7 @@ def _filter_values(request: Request) -> dict[str, Any]:
 TRENDS_SQL = """
 WITH f AS (
   SELECT m.model_name AS model, h.hardware_type AS hardware, epoch(p.created_at) AS t,
+         CASE WHEN $by = 'origin' THEN p.origin END AS origin,
          CASE WHEN $metric = 'latency_ms' THEN p.average_latency_ms
               ELSE p.throughput_items_per_second END AS v
   FROM performance_results p
@@ -351,16 +352,17 @@ WITH f AS (
     AND ($batch_size IS NULL OR p.batch_size = $batch_size)
     AND ($origin IS NULL OR p.origin = $origin)
 ), span AS (SELECT min(t) AS lo, greatest(max(t) - min(t), 1e-9) AS width FROM f)
-SELECT model, hardware,
+SELECT model, hardware, origin,
        least(floor((t - lo) / width * $buckets), $buckets - 1)::BIGINT AS bucket,
        max(t) AS t, avg(v) AS value, count(*) AS runs
 FROM f, span
 WHERE v IS NOT NULL AND isfinite(v)
-GROUP BY model, hardware, bucket
-ORDER BY model, hardware, bucket
+GROUP BY model, hardware, origin, bucket
+ORDER BY model, hardware, origin, bucket
 LIMIT $limit
 """
 HIGHER_IS_BETTER = {"throughput": True, "latency_ms": False}  # the Trends page's metrics
+TREND_SPLITS = ("origin",)  # `by`: one line per model x hardware x this (None: per model x hw)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -373,22 +375,28 @@ class TrendFilters:
     precision: str | None = None
     batch_size: int | None = None
     origin: str | None = None
+    by: str | None = None  # "origin": one line per origin node too
 
     @classmethod
     def from_request(cls, request: Request) -> TrendFilters:
-        """ApiError 400 for an unknown metric or a bad filter (see `_filter_values`)."""
+        """ApiError 400 for an unknown metric or split, or a bad filter (`_filter_values`)."""
         metric = request.query.get("metric") or "throughput"
         if metric not in HIGHER_IS_BETTER:
             raise ApiError(400, "bad_query", "unknown metric",
                            f"metric is one of {', '.join(HIGHER_IS_BETTER)}")  # fmt: skip
-        return cls(metric, **_filter_values(request))
+        by = request.query.get("by") or None
+        if by is not None and by not in TREND_SPLITS:
+            raise ApiError(400, "bad_query", "unknown split (by)",
+                           f"by is one of {', '.join(TREND_SPLITS)}")  # fmt: skip
+        return cls(metric, **_filter_values(request), by=by)
 
     def params(self) -> dict[str, Any]:
         """The SQL parameters of TRENDS_SQL."""
         return {**self.to_json(), "buckets": TREND_BUCKETS, "limit": MAX_TREND_POINTS + 1}
 
     def to_json(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in ("metric", *TEXT_FILTERS, "batch_size")}
+        return {name: getattr(self, name)
+                for name in ("metric", *TEXT_FILTERS, "batch_size", "by")}  # fmt: skip
 
 
 def regression(values: list[float], threshold: float, higher_is_better: bool
@@ -569,8 +577,9 @@ class Dashboard:
     # --- Trends
 
     async def trends(self, filters: TrendFilters) -> dict[str, Any]:
-        """Series (model x hardware) of the metric over time, each with its points
-        (oldest first) and its regression check; regressed series first."""
+        """Series (model x hardware, and origin node with `by=origin`) of the metric
+        over time, each with its points (oldest first) and its regression check;
+        regressed series first."""
         rows = await self._query(TRENDS_SQL, filters.params())
         if len(rows) > MAX_TREND_POINTS:
             raise ApiError(400, "too_many_points",
@@ -578,22 +587,24 @@ class Dashboard:
                            "filter by model or hardware")  # fmt: skip
         threshold = self.node.config.web_regression_threshold
         higher_is_better = HIGHER_IS_BETTER[filters.metric]
-        by_key: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        by_key: dict[tuple[str, str, str | None], list[dict[str, Any]]] = {}
         for row in rows:
             if row["value"] is not None and row["t"] is not None:
-                by_key.setdefault((row["model"], row["hardware"]), []).append(row)
+                by_key.setdefault((row["model"], row["hardware"], row["origin"]), []).append(row)
         series = []
-        for (model, hardware), points in by_key.items():
+        for (model, hardware, origin), points in by_key.items():
             check = regression([p["value"] for p in points], threshold, higher_is_better)
             series.append({
-                "model": model, "hardware": hardware, **check,
+                "model": model, "hardware": hardware, "origin": origin, **check,
                 "runs": sum(p["runs"] for p in points),
                 "points": [{"t": p["t"], "value": p["value"], "runs": p["runs"]} for p in points],
             })  # fmt: skip
-        series.sort(key=lambda s: (not s["regressed"], s["model"], s["hardware"]))
+        series.sort(key=lambda s: (not s["regressed"], s["model"], s["hardware"],
+                                   s["origin"] or ""))  # fmt: skip
         return {
             "scope": "replicas", "filters": filters.to_json(), "metric": filters.metric,
-            "threshold_percent": threshold, "higher_is_better": higher_is_better,
+            "by": filters.by, "threshold_percent": threshold,
+            "higher_is_better": higher_is_better,
             "baseline_points": TREND_BASELINE, "buckets": TREND_BUCKETS, "series": series,
         }  # fmt: skip
 

@@ -290,22 +290,38 @@ def results_page(results: Mapping[str, Any], options: Mapping[str, Sequence[str]
 TREND_METRICS = {"throughput": ("Throughput", "items/s"), "latency_ms": ("Latency", "ms")}
 
 
+def _series_label(s: Mapping[str, Any]) -> str:
+    """A series' label (plain text): model · hardware, and the short origin node if split."""
+    label = f"{s['model']} · {s['hardware']}"
+    origin = s.get("origin")
+    if origin:
+        short = origin if len(origin) <= SHORT_ID_HEAD + SHORT_ID_TAIL + 1 else (
+            f"{origin[:SHORT_ID_HEAD]}…{origin[-SHORT_ID_TAIL:]}")  # fmt: skip
+        label += f" · {short}"
+    return label
+
+
 def _percent(change: float | None) -> str:
     return "" if change is None else f"{change:+.1f} %"
 
 
 def trends_page(trends: Mapping[str, Any], options: Mapping[str, Sequence[str]],
                 max_shown: int) -> str:  # fmt: skip
-    """The metric over time (one line per model x hardware, at most `max_shown`,
-    regressed ones first), the list of regressions and a table of every series."""
+    """The metric over time (one line per model x hardware, or per model x hardware x
+    origin node with `by=origin`; at most `max_shown`, regressed ones first), the list
+    of regressions and a table of every series."""
     filters: Mapping[str, Any] = trends["filters"]
     metric = trends["metric"]
     heading, unit = TREND_METRICS[metric]
     metrics = [(key, f"{h} ({u})") for key, (h, u) in TREND_METRICS.items()]
+    by_origin = trends.get("by") == "origin"
+    splits = [("", "model × hardware"), ("origin", "model × hardware × origin node")]
     form = (
         '<form id="filters" method="get" action="/trends">'
         f"{_select('metric', 'Metric', metric, metrics, any_label=None)}"
-        f'{_filter_selects(filters, options)}<button type="submit">Show</button> '
+        f"{_filter_selects(filters, options)}"
+        f"{_select('by', 'One line per', 'origin' if by_origin else '', splits, any_label=None)}"
+        '<button type="submit">Show</button> '
         '<a href="/trends">clear</a></form>'
     )
     series = trends["series"]
@@ -313,7 +329,8 @@ def trends_page(trends: Mapping[str, Any], options: Mapping[str, Sequence[str]],
     worse = "lower" if trends["higher_is_better"] else "higher"
     regressed = [s for s in series if s["regressed"]]
     summary = (
-        f'<p id="summary">{len(series)} series (model × hardware) from every node\'s rows; '
+        f'<p id="summary">{len(series)} series '
+        f"(model × hardware{' × origin node' if by_origin else ''}) from every node's rows; "
         f"a point is the mean of the results in one of {trends['buckets']} equal spans of "
         f"time. A series is flagged when its latest point is {worse} than the median of "
         f"its previous {trends['baseline_points']} points by more than {threshold:g} % "
@@ -321,7 +338,7 @@ def trends_page(trends: Mapping[str, Any], options: Mapping[str, Sequence[str]],
     )
     if regressed:
         items = "".join(
-            f'<li class="regression">{_e(s["model"])} · {_e(s["hardware"])}: '
+            f'<li class="regression">{_e(_series_label(s))}: '
             f"{_number(s['latest'], 2)} vs {_number(s['baseline'], 2)} {_e(unit)} "
             f"({_e(_percent(s['change']))})</li>" for s in regressed
         )
@@ -333,20 +350,22 @@ def trends_page(trends: Mapping[str, Any], options: Mapping[str, Sequence[str]],
         summary += (f'<p class="err">Drawing the first {len(shown)} of {len(series)} series: '
                     "narrow the filters.</p>")  # fmt: skip
     chart = line_chart(
-        [Series(f"{s['model']} · {s['hardware']}", [(p["t"], p["value"]) for p in s["points"]],
+        [Series(_series_label(s), [(p["t"], p["value"]) for p in s["points"]],
                 s["regressed"]) for s in shown],
         title=heading, unit=unit, chart_id="trend-chart",
     ) if series else '<p class="muted" id="empty">No results match these filters.</p>'  # fmt: skip
     head = "".join(f"<th>{_e(c)}</th>" for c in (
-        "Model", "Hardware", "Points", "Runs", f"Latest ({unit})", f"Baseline ({unit})",
-        "Change", "Regression",
+        "Model", "Hardware", *(("Origin",) if by_origin else ()), "Points", "Runs",
+        f"Latest ({unit})", f"Baseline ({unit})", "Change", "Regression",
     ))  # fmt: skip
     rows = []
     for s in series:
         flag = "yes" if s["regressed"] else "no"
+        origin = f'<td class="origin">{short_id(s["origin"] or "")}</td>' if by_origin else ""
         rows.append(
             f'<tr class="series{" regressed" if s["regressed"] else ""}" data-regressed="{flag}">'
             f"<td>{_e(s['model'])}</td><td>{_e(s['hardware'])}</td>"
+            f"{origin}"
             f'<td class="num">{len(s["points"])}</td><td class="num">{_number(s["runs"])}</td>'
             f'<td class="num">{_number(s["latest"], 2)}</td>'
             f'<td class="num">{_number(s["baseline"], 2)}</td>'

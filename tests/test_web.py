@@ -347,6 +347,32 @@ def test_trends_draw_one_line_per_series_and_one_point_per_point(weblab: WebLab)
     assert everything.find_all("script") == [] and everything.find_all("img") == []
 
 
+def test_trends_by_origin_draw_one_line_per_origin_node(weblab: WebLab) -> None:
+    ids = [n.peer_id for n in weblab.nodes]
+    for query, origins in (({"model": TREND_MODEL}, set(ids)),  # cuda on node0, rocm on node1
+                           ({"model": TREND_MODEL, "hardware": "cuda"}, {ids[0]}),
+                           ({}, set(ids))):  # fmt: skip
+        by = {**query, "by": "origin"}
+        dom = weblab.page("/trends?" + urllib.parse.urlencode(by))
+        status, _, body = http("GET", weblab.url + "api/trends?" + urllib.parse.urlencode(by))
+        series = json.loads(body)["series"]
+        assert status == 200 and {s["origin"] for s in series} == origins
+        with_rows = {(s["model"], s["hardware"], s["origin"]) for s in series}
+        assert len(with_rows) == len(series)  # one series per model x hardware x origin
+        polylines = dom.by_id("trend-chart").classed("polyline", "series")
+        assert len(polylines) == len(series)
+        if query:  # each model x hardware here has rows from one node: a line per origin
+            assert len(polylines) == len(origins)
+        shown = {abbr.attrs["title"] for td in dom.by_id("series").classed("td", "origin")
+                 for abbr in td.find_all("abbr")}  # fmt: skip
+        assert shown == origins
+    # the planted regression is flagged on its origin's line
+    dom = weblab.page("/trends?" + urllib.parse.urlencode({"model": TREND_MODEL, "by": "origin"}))
+    assert len(dom.by_id("trend-chart").classed("circle", "flag")) == 1
+    status, _, _ = http("GET", weblab.url + "trends?by=nonsense")
+    assert status == 400
+
+
 def test_trends_flag_a_planted_regression_and_not_a_steady_series(weblab: WebLab) -> None:
     query = {"model": TREND_MODEL}
     for metric, regressed, steady in (("throughput", "cuda", "rocm"),  # lower is worse
@@ -469,7 +495,7 @@ def test_hostile_query_string_in_every_filter(weblab: WebLab) -> None:
     for page, names, row in (
         ("results", ("model", "hardware", "precision", "origin", "batch_size", "sort", "order"),
          'class="group"'),
-        ("trends", ("model", "hardware", "precision", "origin", "batch_size", "metric"),
+        ("trends", ("model", "hardware", "precision", "origin", "batch_size", "metric", "by"),
          'class="series'),
     ):  # fmt: skip
         for name in names:
