@@ -135,7 +135,7 @@ class Node:
             timeout_s=config.query_timeout,
             max_rows=config.query_max_rows,
             max_bytes=config.query_max_bytes,
-            memory_limit=f"{max(16, config.query_memory_limit // 2**20)}MiB",
+            memory_limit=f"{config.query_memory_limit // 2**20}MiB",  # >= 16 MiB by the setting
             replicas=self.dataset.replicas,
             dataset=self.peer_id,
             ship_max_bytes=config.query_ship_max_bytes,
