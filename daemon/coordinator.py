@@ -281,7 +281,7 @@ class Coordinator:
         if isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float) \
                 or not 0 < timeout_s <= MAX_TIMEOUT:
             raise ValueError(f"timeout_s must be in (0, {MAX_TIMEOUT}] seconds, got {timeout_s!r}")
-        if peers is not None and (isinstance(peers, str)
+        if peers is not None and (not isinstance(peers, list | tuple)
                                   or not all(isinstance(p, str) for p in peers)):
             raise ValueError("peers must be a list of peer ID strings")
         started = time.monotonic()

@@ -139,6 +139,11 @@ async def test_bad_requests_get_one_error_shape(tmp_path: Path) -> None:
             ("POST", "/v1/query", {"sql": "DROP TABLE models"}, 400, "refused"),
             ("POST", "/v1/query", {"sql": "SELECT * FROM nowhere"}, 400, "invalid_sql"),
             ("POST", "/v1/query", {"sql": "SELECT 1", "scope": "moon"}, 400, "bad_scope"),
+            # Found by the control API fuzz: a peer list that is not a list was a 500.
+            ("POST", "/v1/query", {"sql": "SELECT 1", "scope": "network", "peers": True},
+             400, "bad_request"),
+            ("POST", "/v1/query", {"sql": "SELECT 1", "scope": "network", "peers": {"a": 1}},
+             400, "bad_request"),
             ("POST", "/v1/restore", {"cid": "bafynothing"}, 404, "not_found"),
         ]  # fmt: skip
         for method, path, body, status, code in cases:
