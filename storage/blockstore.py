@@ -23,6 +23,25 @@ each touched shard directory. While a batch runs, a helper thread starts the
 disk writeback of each finished temp file (sync_file_range), so the disk can
 work while the caller hashes the next chunk. `gc` deletes temp files older than
 its `temp_grace`: a running node passes TEMP_GRACE, so open batches keep theirs.
+
+A batch is a handle, not only a `with` block: `begin_batch()` returns one,
+`joined(batch)` routes the calling thread's puts into it (one thread at a time,
+any thread), `commit_batch`/`abort_batch` end it. A fetch receives a response
+across many worker-thread calls and commits every few MiB, not per block.
+
+Transfer marks: `begin_transfer(root)` durably notes that blocks of `root` are
+arriving, `end_transfer(root)` clears it; `interrupted_transfers()` lists the
+roots whose transfer a crash cut short, so the fetcher re-hashes what they left
+(`verify`) before trusting it, whatever the filesystem did with its syncs.
+
+File references (Kubo's filestore, `--nocopy`): `put_ref(cid, path, offset,
+length)` stores a block as a pointer into a file already on disk (a Parquet
+segment), so its bytes are not written twice. Reading one re-hashes the range
+and raises `FileRefChanged` if the file no longer holds those bytes. `get`,
+`size`, `cids`, `gc` and `total_bytes` treat a reference like any block (the
+bytes served and their CID are identical); `disk_bytes` counts what the store
+itself holds, so a reference costs only its small record. Hand-written: no
+Python library offers a content-addressed store with file references.
 """
 
 from __future__ import annotations
@@ -34,12 +53,14 @@ import ctypes
 import ctypes.util
 import errno
 import hashlib
+import json
 import os
 import queue
 import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from multiformats import CID, multihash
@@ -50,6 +71,8 @@ from benchsync.storage.errors import CorruptBlock, NotFound, StorageError
 
 SHARD_CHARS = 2  # characters of the key per shard directory (32**2 = 1024 directories)
 TMP_PREFIX = ".tmp-"  # in-flight writes; never a valid key (keys are base32 CIDs)
+REF_SUFFIX = ".ref"  # a file-reference block's record, beside where its block file would be
+TRANSFERS_DIR = ".transfers"  # marks of transfers in progress (never a shard: shards are base32)
 
 _SHA2_256_PREFIX = b"\x12\x20"  # multihash header: sha2-256, 32 bytes
 # sync_file_range(2) flag: start writeback of the range now, do not wait for it.
@@ -109,6 +132,56 @@ class BlockWriteError(StorageError):
     """Storing a block failed on disk (disk full, permissions, ...); nothing was stored."""
 
 
+class FileRefChanged(CorruptBlock):
+    """A file-reference block's file no longer holds the block's bytes (changed, cut or gone)."""
+
+    def __init__(self, cid: object, ref: FileRef, detail: str) -> None:
+        StorageError.__init__(
+            self,
+            f"block {cid} is stored as a reference to {ref.path} (bytes {ref.offset}.."
+            f"{ref.offset + ref.length}) and {detail}: the file changed after it was added "
+            "(add the file again, or run gc and fetch the block again)",
+        )
+        self.cid = cid
+        self.ref = ref
+
+
+@dataclass(frozen=True)
+class FileRef:
+    """Where a file-reference block's bytes are: `length` bytes at `offset` of `path`."""
+
+    path: Path  # absolute
+    offset: int  # bytes
+    length: int  # bytes
+
+    def to_bytes(self) -> bytes:
+        doc = {"path": str(self.path), "offset": self.offset, "length": self.length}
+        return json.dumps(doc, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> FileRef:
+        doc = json.loads(raw)
+        return cls(Path(doc["path"]), int(doc["offset"]), int(doc["length"]))
+
+    def read(self, cid: CID) -> bytes:
+        """The referenced bytes, verified against `cid`. Raises FileRefChanged."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise FileRefChanged(cid, self, "that file is gone") from None
+        try:
+            data = os.pread(fd, self.length, self.offset)
+        finally:
+            os.close(fd)
+        if len(data) != self.length:
+            raise FileRefChanged(cid, self, f"that file now ends {len(data)} bytes into the range")
+        try:
+            verify_block(cid, data)
+        except CorruptBlock:
+            raise FileRefChanged(cid, self, "those bytes no longer hash to it") from None
+        return data
+
+
 def verify_block(cid: CID, data: bytes) -> None:
     """Check that `data` hashes to `cid`.
 
@@ -135,46 +208,85 @@ def block_key(cid: CID) -> str:
     return "b" + base64.b32encode(raw).decode("ascii").lower().rstrip("=")
 
 
+class WriteBatch:
+    """Puts that become durable together (`Blockstore.begin_batch`); the stores subclass it."""
+
+
 class Blockstore(abc.ABC):
     """A content-addressed store of blocks, keyed by CID (CIDv0 and v1 of a block are one key).
 
-    Subclasses implement the key-level primitives (`_get`, `_size`, `_store`,
-    `_remove`, `_keys`); verification, CID handling and GC live here once.
+    Subclasses implement the key-level primitives (`_lookup`, `_size`,
+    `_store`, `_remove`, `_keys`, the batch and transfer-mark hooks);
+    verification, CID handling, file references and GC live here once.
     """
 
+    _local: threading.local  # .batch: the WriteBatch this thread's puts go to, if any
+
     @abc.abstractmethod
-    def _get(self, key: str) -> bytes | None:
-        """The bytes under `key`, or None if absent."""
+    def _lookup(self, key: str) -> bytes | FileRef | None:
+        """The bytes under `key`, its file reference, or None if absent."""
 
     @abc.abstractmethod
     def _size(self, key: str) -> int | None:
         """The size in bytes of the block under `key`, or None if absent."""
 
     @abc.abstractmethod
-    def _store(self, key: str, data: bytes) -> bool:
-        """Store `data` under `key` unless present; True if newly stored."""
+    def _store(self, key: str, data: bytes | FileRef) -> bool:
+        """Store `data` (bytes, or a file reference) under `key` unless present; True if new."""
 
     @abc.abstractmethod
     def _remove(self, key: str) -> int:
-        """Remove the block under `key`; return the bytes freed (0 if absent)."""
+        """Remove the block under `key`; return the bytes of this store's disk freed."""
 
     @abc.abstractmethod
     def _keys(self) -> Iterator[str]:
         """Every stored key."""
 
+    @abc.abstractmethod
+    def _new_batch(self) -> WriteBatch: ...
+
+    @abc.abstractmethod
+    def _commit_batch(self, batch: WriteBatch) -> None: ...
+
+    @abc.abstractmethod
+    def _abort_batch(self, batch: WriteBatch) -> None: ...
+
+    @abc.abstractmethod
+    def disk_bytes(self) -> int:
+        """Bytes this store holds on its own medium: blocks' bytes, and only the small
+        record of a file reference (the referenced file is its owner's)."""
+
+    @abc.abstractmethod
+    def begin_transfer(self, root: CID) -> None:
+        """Durably note that blocks of `root` are arriving (see `interrupted_transfers`)."""
+
+    @abc.abstractmethod
+    def end_transfer(self, root: CID) -> None:
+        """Clear `begin_transfer`'s mark: the transfer ended (completed or failed cleanly)."""
+
+    @abc.abstractmethod
+    def interrupted_transfers(self) -> list[CID]:
+        """Roots whose transfer began and never ended: a crash cut it short."""
+
     def _missing(self, cid: CID) -> BlockNotFound:
         return BlockNotFound(f"block {cid} is not in {self}")
+
+    def _current(self) -> WriteBatch | None:
+        return getattr(self._local, "batch", None)
 
     def has(self, cid: CID) -> bool:
         """Whether the block is stored."""
         return self._size(block_key(cid)) is not None
 
     def get(self, cid: CID) -> bytes:
-        """The block's bytes. Raises BlockNotFound if absent."""
-        data = self._get(block_key(cid))
-        if data is None:
+        """The block's bytes. Raises BlockNotFound if absent, FileRefChanged if it is a
+        file reference whose file no longer holds its bytes."""
+        found = self._lookup(block_key(cid))
+        if found is None:
             raise self._missing(cid)
-        return data
+        if isinstance(found, FileRef):
+            return found.read(cid)
+        return found
 
     def size(self, cid: CID) -> int:
         """The block's size in bytes. Raises BlockNotFound if absent."""
@@ -194,9 +306,74 @@ class Blockstore(abc.ABC):
             verify_block(cid, data)
         return self._store(block_key(cid), data)
 
+    def put_ref(
+        self, cid: CID, path: Path | str, offset: int, length: int, *, verify: bool = True
+    ) -> bool:
+        """Store a block as a reference to `length` bytes at `offset` of the file `path`.
+
+        The file must stay as it is while the block is kept: every read
+        re-hashes the range (FileRefChanged if it changed). With `verify` (the
+        default) the range is read and checked now, raising FileRefChanged
+        before storing anything. A block already stored (either way) is kept
+        as it is: returns False. Batches, `delete` and `gc` treat a reference
+        like a block; deleting one never touches the file.
+        """
+        if offset < 0 or length < 0:
+            raise ValueError(f"a file reference needs offset >= 0 and length >= 0, "
+                             f"got offset={offset} length={length}")  # fmt: skip
+        ref = FileRef(Path(os.path.abspath(path)), offset, length)
+        if verify:
+            ref.read(cid)
+        return self._store(block_key(cid), ref)
+
+    def file_ref(self, cid: CID) -> FileRef | None:
+        """Where a file-reference block's bytes are; None for a block stored as bytes.
+        Raises BlockNotFound if absent."""
+        found = self._lookup(block_key(cid))
+        if found is None:
+            raise self._missing(cid)
+        return found if isinstance(found, FileRef) else None
+
     def delete(self, cid: CID) -> None:
         """Remove a block; removing an absent block is not an error."""
         self._remove(block_key(cid))
+
+    def begin_batch(self) -> WriteBatch:
+        """A new batch: puts made inside `joined(batch)` become durable at `commit_batch`.
+
+        For work spread over several calls or worker threads (a fetch
+        receiving a response); `batch()` is the one-block-of-code form. One
+        thread at a time may be joined to a batch. Blocks of an open batch are
+        readable only from inside `joined(batch)`.
+        """
+        return self._new_batch()
+
+    @contextlib.contextmanager
+    def joined(self, batch: WriteBatch) -> Iterator[None]:
+        """Route this thread's puts (and reads of them) into `batch` for the `with` body.
+
+        Raises RuntimeError if this thread is already joined to another batch.
+        """
+        current = self._current()
+        if current is batch:
+            yield
+            return
+        if current is not None:
+            raise RuntimeError("this thread is already writing into another batch")
+        self._local.batch = batch
+        try:
+            yield
+        finally:
+            self._local.batch = None
+
+    def commit_batch(self, batch: WriteBatch) -> None:
+        """Make every block of `batch` durable, then visible to all; the batch is then empty
+        and may take more puts. Raises BlockWriteError (then none of them is stored)."""
+        self._commit_batch(batch)
+
+    def abort_batch(self, batch: WriteBatch) -> None:
+        """Drop every block of `batch` not yet committed."""
+        self._abort_batch(batch)
 
     @contextlib.contextmanager
     def batch(self) -> Iterator[None]:
@@ -209,7 +386,37 @@ class Blockstore(abc.ABC):
         are unaffected. Raises BlockWriteError on exit if the blocks could not
         be made durable (then none of them is stored).
         """
-        yield  # a store without a durable medium has nothing to defer; see the subclasses
+        if self._current() is not None:
+            yield  # nested: the outermost batch commits
+            return
+        batch = self.begin_batch()
+        try:
+            with self.joined(batch):
+                yield
+        except BaseException:
+            self.abort_batch(batch)
+            raise
+        self.commit_batch(batch)
+
+    def verify(self, cids: Iterable[CID] | None = None) -> list[CID]:
+        """Re-hash the stored blocks among `cids` (every block when None); delete the ones
+        whose bytes do not match their CID (a torn write, a changed referenced file) and
+        return them. Absent blocks are skipped; a fetch gets the deleted ones again."""
+        bad: list[CID] = []
+        for cid in self.cids() if cids is None else cids:
+            key = block_key(cid)
+            try:
+                found = self._lookup(key)
+                if found is None:
+                    continue
+                if isinstance(found, FileRef):
+                    found.read(cid)
+                else:
+                    verify_block(cid, found)
+            except CorruptBlock:
+                bad.append(cid)
+                self._remove(key)
+        return bad
 
     def cids(self) -> Iterator[CID]:
         """Every stored block's CID (as CIDv1, base32), in no particular order."""
@@ -217,7 +424,8 @@ class Blockstore(abc.ABC):
             yield CID.decode(key)
 
     def total_bytes(self) -> int:
-        """Sum of the sizes of all stored blocks, in bytes."""
+        """Sum of the sizes of all stored blocks, in bytes (a file reference counts its
+        length: what serving it sends; see `disk_bytes` for what the store holds)."""
         return sum(self._size(key) or 0 for key in self._keys())
 
     def reachable(self, roots: Iterable[CID]) -> set[CID]:
@@ -244,7 +452,8 @@ class Blockstore(abc.ABC):
         deleted (the candidates are listed first), but a block whose parent
         arrives during the collection may be: a fetch then fetches it again.
         The caller must not put blocks it needs kept without naming them.
-        Returns (blocks removed, bytes freed).
+        A file reference is deleted like a block; its file is never touched.
+        Returns (blocks removed, bytes of this store's disk freed).
         """
         candidates = list(self._keys())  # first: later puts are not candidates
         live = {block_key(cid) for cid in self.reachable(keep)}
@@ -257,41 +466,78 @@ class Blockstore(abc.ABC):
         return removed, freed
 
 
+def add_file_by_reference(
+    store: Blockstore,
+    path: Path | str,
+    *,
+    chunk_size: int = unixfs.CHUNK_SIZE,
+    max_links: int = unixfs.MAX_LINKS,
+) -> tuple[CID, int, int]:
+    """Add the file at `path` as a UnixFS DAG whose leaves are references into it.
+
+    The DAG and its CID are exactly `unixfs.add_file`'s (Kubo's); only the
+    inner nodes are written to the store, so a file already on disk is not
+    copied. The file must not change while its blocks are kept. Done in one
+    batch. Returns (root CID, file size, Tsize) like `unixfs.add_file`.
+    """
+    path = Path(os.path.abspath(path))
+    offset = 0
+
+    def put(cid: CID, data: bytes) -> None:
+        nonlocal offset
+        if cid.codec.code == RAW:
+            # add_file emits the leaves in file order, each chunk once.
+            store.put_ref(cid, path, offset, len(data), verify=False)  # just hashed from it
+            offset += len(data)
+        else:
+            store.put(cid, data, verify=False)  # built here from verified children
+
+    with path.open("rb") as stream, store.batch():
+        return unixfs.add_file(stream, put, chunk_size=chunk_size, max_links=max_links)
+
+
+@dataclass
+class _MemoryBatch(WriteBatch):
+    pending: dict[str, bytes | FileRef] = field(default_factory=dict)
+
+
 class MemoryBlockstore(Blockstore):
     """Blocks in a dict; nothing survives the process.
 
-    A batch keeps its blocks in a per-thread dict until it ends, so other
+    A batch keeps its blocks in its own dict until it commits, so other
     threads see them exactly when they would in the filesystem store.
     """
 
     def __init__(self) -> None:
-        self._blocks: dict[str, bytes] = {}
-        self._local = threading.local()  # .pending: this thread's open batch, key -> bytes
+        self._blocks: dict[str, bytes | FileRef] = {}
+        self._marks: set[str] = set()  # roots of transfers in progress
+        self._local = threading.local()
 
     def __repr__(self) -> str:
         return "the in-memory blockstore"
 
-    def _pending(self) -> dict[str, bytes] | None:
-        return getattr(self._local, "pending", None)
+    def _pending(self) -> dict[str, bytes | FileRef] | None:
+        batch = self._current()
+        return None if batch is None else batch.pending  # type: ignore[attr-defined]
 
-    def _lookup(self, key: str) -> bytes | None:
+    def _lookup(self, key: str) -> bytes | FileRef | None:
         pending = self._pending()
         if pending is not None and key in pending:
             return pending[key]
         return self._blocks.get(key)
 
-    def _get(self, key: str) -> bytes | None:
-        return self._lookup(key)
-
     def _size(self, key: str) -> int | None:
         data = self._lookup(key)
-        return None if data is None else len(data)
+        if data is None:
+            return None
+        return data.length if isinstance(data, FileRef) else len(data)
 
-    def _store(self, key: str, data: bytes) -> bool:
+    def _store(self, key: str, data: bytes | FileRef) -> bool:
         if self._lookup(key) is not None:
             return False
         pending = self._pending()
-        (self._blocks if pending is None else pending)[key] = bytes(data)
+        value = data if isinstance(data, FileRef) else bytes(data)
+        (self._blocks if pending is None else pending)[key] = value
         return True
 
     def _remove(self, key: str) -> int:
@@ -299,27 +545,35 @@ class MemoryBlockstore(Blockstore):
         data = pending.pop(key, None) if pending is not None else None
         if data is None:
             data = self._blocks.pop(key, None)
-        return 0 if data is None else len(data)
+        return len(data) if isinstance(data, bytes) else 0
 
     def _keys(self) -> Iterator[str]:
         return iter(list(self._blocks))
 
-    @contextlib.contextmanager
-    def batch(self) -> Iterator[None]:
-        if self._pending() is not None:
-            yield  # nested: the outermost batch commits
-            return
-        pending: dict[str, bytes] = {}
-        self._local.pending = pending
-        try:
-            yield
-        finally:
-            self._local.pending = None
-        # Reached only if the body did not raise: a failed batch keeps nothing.
-        for key, data in pending.items():
-            self._blocks.setdefault(key, data)
+    def _new_batch(self) -> WriteBatch:
+        return _MemoryBatch()
 
-    batch.__doc__ = Blockstore.batch.__doc__
+    def _commit_batch(self, batch: WriteBatch) -> None:
+        assert isinstance(batch, _MemoryBatch)
+        for key, data in batch.pending.items():
+            self._blocks.setdefault(key, data)
+        batch.pending = {}
+
+    def _abort_batch(self, batch: WriteBatch) -> None:
+        assert isinstance(batch, _MemoryBatch)
+        batch.pending = {}
+
+    def disk_bytes(self) -> int:
+        return sum(len(d) for d in list(self._blocks.values()) if isinstance(d, bytes))
+
+    def begin_transfer(self, root: CID) -> None:
+        self._marks.add(block_key(root))
+
+    def end_transfer(self, root: CID) -> None:
+        self._marks.discard(block_key(root))
+
+    def interrupted_transfers(self) -> list[CID]:
+        return [CID.decode(key) for key in sorted(self._marks)]
 
 
 class _Flusher:
@@ -354,19 +608,24 @@ class _Flusher:
         self._thread.join()
 
 
-class _Batch:
-    """The blocks one thread has written inside `FsBlockstore.batch()`, not yet in place."""
+class _Batch(WriteBatch):
+    """The blocks written into one `FsBlockstore` batch, not yet in place."""
 
     def __init__(self) -> None:
         # key -> name of its temp file in the key's shard directory (names, not Paths:
         # this grows with the batch, ~150 bytes per 256 KiB block)
         self.pending: dict[str, str] = {}
+        self.refs: set[str] = set()  # keys of `pending` that are file-reference records
         self.flusher: _Flusher | None = None  # started by the first put that needs it
 
     def finish_writeback(self) -> None:
         if self.flusher is not None:
             self.flusher.close()
             self.flusher = None
+
+    def clear(self) -> None:
+        self.pending = {}
+        self.refs = set()
 
 
 def _write_error(action: str, root: Path, e: OSError, outcome: str) -> BlockWriteError:
@@ -387,7 +646,9 @@ class FsBlockstore(Blockstore):
     `fsync=False`) and renames it into place, so a reader, a crash or a full
     disk never leaves a partial block under a real key. Inside `batch()` the
     fsync is deferred to one filesystem sync at the batch's end, before any
-    rename. Leftover temporary files from a crash are removed by `gc`.
+    rename. Leftover temporary files from a crash are removed by `gc`. A file
+    reference is a small record at `root/<shard>/<key>.ref`, written the same
+    way.
     """
 
     def __init__(self, root: Path, *, fsync: bool = True) -> None:
@@ -400,50 +661,73 @@ class FsBlockstore(Blockstore):
     def _path(self, key: str) -> Path:
         return self.root / key[-SHARD_CHARS - 1 : -1] / key
 
+    def _ref_path(self, key: str) -> Path:
+        return self.root / key[-SHARD_CHARS - 1 : -1] / (key + REF_SUFFIX)
+
     def __repr__(self) -> str:
         return f"the blockstore at {self.root}"
 
     def _batch(self) -> _Batch | None:
-        return getattr(self._local, "batch", None)
-
-    def _readable(self, key: str) -> Path:
-        """Where this thread reads `key`: its batch's temp file if pending, else the block."""
-        batch = self._batch()
-        if batch is not None and key in batch.pending:
-            return self._temp(key, batch.pending[key])
-        return self._path(key)
+        batch = self._current()
+        assert batch is None or isinstance(batch, _Batch)
+        return batch
 
     def _temp(self, key: str, name: str) -> Path:
         return self._path(key).parent / name
 
-    def _get(self, key: str) -> bytes | None:
+    def _read_ref(self, key: str, path: Path) -> FileRef:
+        raw = path.read_bytes()
         try:
-            return self._readable(key).read_bytes()
+            return FileRef.from_bytes(raw)
+        except (ValueError, KeyError, TypeError):
+            detail = f"its file-reference record {path} is unreadable (delete it; fetch again)"
+            raise CorruptBlock(key, detail) from None
+
+    def _lookup(self, key: str) -> bytes | FileRef | None:
+        batch = self._batch()
+        if batch is not None and key in batch.pending:
+            tmp = self._temp(key, batch.pending[key])
+            return self._read_ref(key, tmp) if key in batch.refs else tmp.read_bytes()
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            pass
+        try:
+            return self._read_ref(key, self._ref_path(key))
         except FileNotFoundError:
             return None
 
     def _size(self, key: str) -> int | None:
-        try:
-            return self._readable(key).stat().st_size
-        except FileNotFoundError:
-            return None
+        batch = self._batch()
+        if batch is not None and key in batch.pending and key not in batch.refs:
+            return self._temp(key, batch.pending[key]).stat().st_size
+        if batch is None or key not in batch.pending:
+            try:
+                return self._path(key).stat().st_size
+            except FileNotFoundError:
+                pass
+        found = self._lookup(key)  # a file reference (or absent)
+        return found.length if isinstance(found, FileRef) else None
 
-    def _store(self, key: str, data: bytes) -> bool:
+    def _store(self, key: str, data: bytes | FileRef) -> bool:
         batch = self._batch()
         if batch is not None and key in batch.pending:
             return False
         path = self._path(key)
-        if path.is_file():
+        ref_path = self._ref_path(key)
+        if path.is_file() or ref_path.is_file():
             return False
         if path.parent.name not in self._shards:
             path.parent.mkdir(exist_ok=True)
             self._shards.add(path.parent.name)
+        is_ref = isinstance(data, FileRef)
+        payload = data.to_bytes() if isinstance(data, FileRef) else data
         tmp_name = f"{TMP_PREFIX}{secrets.token_hex(8)}"
         tmp = path.parent / tmp_name
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
-                view = memoryview(data)
+                view = memoryview(payload)
                 while view:
                     view = view[os.write(fd, view) :]
                 if batch is None and self.fsync:
@@ -459,38 +743,33 @@ class FsBlockstore(Blockstore):
                 os.close(fd)
             if batch is not None:
                 batch.pending[key] = tmp_name
+                if is_ref:
+                    batch.refs.add(key)
                 return True
             # Content-addressed: if another writer won the race, the bytes are
             # identical, so replacing is harmless.
-            os.replace(tmp, path)
+            os.replace(tmp, ref_path if is_ref else path)
         except OSError as e:
             tmp.unlink(missing_ok=True)
             raise _write_error(f"store block {key}", self.root, e, "nothing was stored") from e
         return True
 
-    @contextlib.contextmanager
-    def batch(self) -> Iterator[None]:
-        if self._batch() is not None:
-            yield  # nested: the outermost batch commits
-            return
-        batch = _Batch()
-        self._local.batch = batch
-        try:
-            yield
-        except BaseException:
-            self._local.batch = None
-            batch.finish_writeback()
-            self._discard(batch.pending.items())
-            raise
-        self._local.batch = None
-        self._commit(batch)
+    def _new_batch(self) -> WriteBatch:
+        return _Batch()
 
-    batch.__doc__ = Blockstore.batch.__doc__
+    def _abort_batch(self, batch: WriteBatch) -> None:
+        assert isinstance(batch, _Batch)
+        batch.finish_writeback()
+        self._discard(batch.pending.items())
+        batch.clear()
 
-    def _commit(self, batch: _Batch) -> None:
+    def _commit_batch(self, batch: WriteBatch) -> None:
         """Make the batch's temp files durable, rename them into place, make that durable."""
+        assert isinstance(batch, _Batch)
         batch.finish_writeback()
         items = list(batch.pending.items())
+        refs = batch.refs
+        batch.clear()  # whatever happens below, the batch starts afresh
         if not items:
             return
         if self.fsync:
@@ -502,7 +781,7 @@ class FsBlockstore(Blockstore):
                     f"make {len(items)} new blocks durable", self.root, e, "none of them was stored"
                 ) from e
         for i, (key, name) in enumerate(items):
-            path = self._path(key)
+            path = self._ref_path(key) if key in refs else self._path(key)
             try:
                 os.replace(path.parent / name, path)
             except OSError as e:
@@ -553,24 +832,71 @@ class FsBlockstore(Blockstore):
         batch = self._batch()
         if batch is not None and key in batch.pending:
             tmp = self._temp(key, batch.pending.pop(key))
+            was_ref = key in batch.refs
+            batch.refs.discard(key)
             size = tmp.stat().st_size
             tmp.unlink()
-            return size
+            return 0 if was_ref else size
         path = self._path(key)
         try:
             size = path.stat().st_size
             path.unlink()
         except FileNotFoundError:
+            # A file reference frees only its record; the file is its owner's.
+            self._ref_path(key).unlink(missing_ok=True)
             return 0
         return size
 
-    def _keys(self) -> Iterator[str]:
+    def _entries(self) -> Iterator[os.DirEntry[str]]:
+        """Every committed block file and reference record (no temp files, no marks)."""
         for shard in sorted(self.root.iterdir()):
-            if not shard.is_dir():
+            if shard.name.startswith(".") or not shard.is_dir():
                 continue
             for entry in os.scandir(shard):
                 if not entry.name.startswith(TMP_PREFIX):
-                    yield entry.name
+                    yield entry
+
+    def _keys(self) -> Iterator[str]:
+        for entry in self._entries():
+            name = entry.name
+            yield name[: -len(REF_SUFFIX)] if name.endswith(REF_SUFFIX) else name
+
+    def disk_bytes(self) -> int:
+        total = 0
+        for entry in self._entries():
+            with contextlib.suppress(FileNotFoundError):
+                total += entry.stat().st_size
+        return total
+
+    def _marks(self) -> Path:
+        return self.root / TRANSFERS_DIR
+
+    def begin_transfer(self, root: CID) -> None:
+        marks = self._marks()
+        try:
+            marks.mkdir(exist_ok=True)
+            fd = os.open(marks / block_key(root), os.O_WRONLY | os.O_CREAT, 0o644)
+            try:
+                if self.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            if self.fsync:
+                self._sync([marks])
+        except OSError as e:
+            raise _write_error(f"mark the transfer of {root}", self.root, e,
+                               "no block of it was stored") from e  # fmt: skip
+
+    def end_transfer(self, root: CID) -> None:
+        # Not synced: a lost removal only costs one more verification after a crash.
+        (self._marks() / block_key(root)).unlink(missing_ok=True)
+
+    def interrupted_transfers(self) -> list[CID]:
+        try:
+            names = sorted(os.listdir(self._marks()))
+        except FileNotFoundError:
+            return []
+        return [CID.decode(name) for name in names if not name.startswith(TMP_PREFIX)]
 
     def gc(
         self, keep: Iterable[CID], *, keep_blocks: Iterable[CID] = (), temp_grace: float = 0.0
