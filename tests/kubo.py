@@ -38,6 +38,9 @@ START_TIMEOUT = 60.0  # seconds: load ~90 MB of Go, create a repo and a key, sta
 OP_TIMEOUT = 30.0  # seconds for add/connect/peers on a loaded machine
 STOP_TIMEOUT = 10.0  # seconds for a clean stop before the child is killed
 LOG_TAIL = 40  # lines of each child log quoted in a failure
+# go-log levels that put every Bitswap message Kubo sends and receives in golog.log
+# (boxo v0.11's logger names): the wire evidence quoted when an interop test fails.
+BITSWAP_LOG = "error,bitswap=debug,bitswap-client=debug,bitswap-server=debug,bitswap_network=debug"
 
 
 class KuboError(Exception):
