@@ -323,6 +323,18 @@ def _check_log_level(s: str) -> str:
     return level
 
 
+BITSWAP_SERVE_MODES = ("lab", "all")
+
+
+def _check_bitswap_serve(s: str) -> str:
+    mode = s.lower()
+    if mode == "open":  # the issue's spelling; one meaning, stored as "all"
+        return "all"
+    if mode not in BITSWAP_SERVE_MODES:
+        raise ValueError(f"expected one of {', '.join(BITSWAP_SERVE_MODES)}")
+    return mode
+
+
 def _check_token(s: str) -> str:
     if len(s) < MIN_TOKEN_LENGTH:
         raise ValueError(f"too short, expected at least {MIN_TOKEN_LENGTH} characters")
@@ -399,6 +411,10 @@ SETTINGS: tuple[Setting, ...] = (
             "Serve strangers (peers without the lab key) read-only: heads and blocks."),
     Setting("open_queries", BOOL, False,
             "With open, also answer strangers' queries."),
+    Setting("bitswap_serve", _str_kind("mode", "lab or all", _check_bitswap_serve), "lab",
+            "Whom Bitswap (/ipfs/bitswap/1.2.0) serves blocks: lab (members; strangers too "
+            "when open) or all (also written open: any IPFS peer, e.g. Kubo or Helia; bans "
+            "and trusted_peers still apply).", "MODE"),
     Setting("mdns", BOOL, False,
             "Discover peers on the local network with mDNS (binds every interface)."),
     Setting("snapshot_after_writes", _int_kind(0), 100,
@@ -515,6 +531,7 @@ class Config:
     lab_key_next: str | None
     open: bool
     open_queries: bool
+    bitswap_serve: str
     mdns: bool
     snapshot_after_writes: int
     snapshot_interval: float

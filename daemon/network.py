@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,9 +25,11 @@ from libp2p.abc import INetConn, INetStream, INetwork, INotifee
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 from multiaddr import Multiaddr
+from multiformats import CID
 
 from benchsync.daemon.announce import REANNOUNCE_INTERVAL, Announcer
-from benchsync.daemon.fetch import BlockProvider, Fetcher, FetchLimits
+from benchsync.daemon.bitswap import BitswapFetchFailed, BitswapService
+from benchsync.daemon.fetch import BlockProvider, Fetcher, FetchFailed, FetchLimits
 from benchsync.daemon.host import (
     DIAL_TIMEOUT,
     PRIVATE_LISTEN,
@@ -50,6 +52,7 @@ from benchsync.daemon.sync import (
 from benchsync.protocol.fetch import CAR_PROTOCOL_ID
 from benchsync.protocol.heads import Head, NewDatasetLimiter, check_network_name
 from benchsync.storage.blockstore import Blockstore
+from benchsync.storage.errors import StorageError
 
 if TYPE_CHECKING:
     from trio_typing import TaskStatus
@@ -80,6 +83,35 @@ class PeerStatus:
             "banned": self.banned,
             "head": None if self.head is None else self.head.to_json(),
         }
+
+
+class GetFailed(Exception):
+    """`P2PNode.get` could not complete a DAG from any peer; `errors` says what each did."""
+
+    def __init__(self, root: CID, errors: dict[str, str]) -> None:
+        detail = "; ".join(f"{p}: {e}" for p, e in errors.items()) or "no peer is connected"
+        super().__init__(f"could not fetch {root}: {detail}")
+        self.root = root
+        self.errors = errors
+
+
+@dataclass
+class GetResult:
+    """What one `P2PNode.get` did: blocks and bytes fetched, over which protocol, from whom."""
+
+    root: CID
+    blocks: int = 0
+    bytes: int = 0
+    present: bool = False  # the DAG was complete before the call
+    car_peers: list[str] = field(default_factory=list)  # benchsync members, /benchsync/car
+    bitswap_peers: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "cid": str(self.root), "blocks": self.blocks, "bytes": self.bytes,
+            "already_present": self.present, "car_peers": self.car_peers,
+            "bitswap_peers": self.bitswap_peers,
+        }  # fmt: skip
 
 
 class _ConnectionEvents(INotifee):
@@ -144,7 +176,9 @@ class P2PNode:
         lab_key_next: bytes | None = None,
         open: bool = False,
         open_queries: bool = False,
+        bitswap_serve: str = "lab",
         exchange_interval: float = EXCHANGE_INTERVAL,
+        client_only: bool = False,
     ) -> None:
         self.network = check_network_name(network)
         self.listen = [parse_multiaddr(a, "listen") for a in (listen or PRIVATE_LISTEN)]
@@ -174,6 +208,17 @@ class P2PNode:
             limits=self.limits,
         )
         self.provider = BlockProvider(blockstore, limits=self.limits)
+        # Bitswap serves lab members; strangers and plain IPFS peers only when asked to.
+        self.serve_strangers = bitswap_serve == "all" or open
+        self.bitswap = BitswapService(
+            self.host, blockstore, streams=self.streams, policy=self.policy,
+            serve_all=self.serve_strangers,
+        )  # fmt: skip
+        # A short-lived client (`benchsync get` without a running node): host, lab and
+        # Bitswap only; no heads, no replicas, no peer exchange.
+        self.client_only = client_only
+        # Peers a `get` dialed on purpose: not hung up on as strangers while it runs.
+        self._getting: dict[str, int] = {}
         self.syncer = Syncer(
             self.fetcher,
             me=self.peer_id,
@@ -230,13 +275,16 @@ class P2PNode:
         send, recv = trio.open_memory_channel[ID](CONNECT_QUEUE)
         self.host.get_network().register_notifee(_ConnectionEvents(send, self.lab))
         self.streams.serve(CAR_PROTOCOL_ID, self.provider.new_session, self.provider.answer)
+        self.bitswap.register()
         try:
             with self._cancel:
                 async with self.host.run(self.listen), trio.open_nursery() as nursery:
-                    await nursery.start(self.announcer.run)
-                    await nursery.start(self.syncer.run)
-                    await nursery.start(self.peer_exchange.run)
-                    nursery.start_soon(self._greeter, recv, nursery)
+                    await nursery.start(self.bitswap.run)
+                    if not self.client_only:
+                        await nursery.start(self.announcer.run)
+                        await nursery.start(self.syncer.run)
+                        await nursery.start(self.peer_exchange.run)
+                        nursery.start_soon(self._greeter, recv, nursery)
                     self.running = True
                     task_status.started()
                     await trio.sleep_forever()
@@ -266,7 +314,8 @@ class P2PNode:
             return
         await self.streams.settle(peer_s)
         state = self.lab.state(peer_s)
-        if state == STRANGER and not self.lab.open:
+        wanted = peer_s in self._getting  # dialed by `get`: its blocks are checked by CID
+        if state == STRANGER and not self.lab.open and not self.serve_strangers and not wanted:
             # Hanging up keeps our gossip (and so our heads) from it as well.
             with trio.move_on_after(CLOSE_TIMEOUT), contextlib.suppress(Exception):
                 await self.host.disconnect(peer)
@@ -370,3 +419,77 @@ class P2PNode:
         peer = info.peer_id.to_base58()
         await self.streams.settle(peer)
         return peer
+
+    # --- any DAG by CID -------------------------------------------------------------------
+
+    async def get(
+        self,
+        root: CID,
+        *,
+        dial: list[str] | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> GetResult:
+        """Make the whole DAG under `root` present in the blockstore, from peers.
+
+        Peers of `dial` (full `/p2p/` multiaddrs) are connected first and asked
+        first. Lab members are asked over `/benchsync/car/1.0.0` (the
+        `Fetcher`), then every connected peer that is not banned (Kubo, Helia,
+        members) over Bitswap for whatever is still missing. Blocks already
+        held are not fetched again; every block is verified before it is
+        stored. Raises `HostConfigError` for a malformed address,
+        `GetFailed` when the DAG could not be completed (blocks fetched so far
+        stay), `StorageError` when storing fails.
+        """
+        dialed = [parse_peer_addr(a).peer_id.to_base58() for a in dial or []]
+        for peer in dialed:
+            self._getting[peer] = self._getting.get(peer, 0) + 1
+        try:
+            return await self._get(root, dial or [], progress)
+        finally:
+            for peer in dialed:
+                self._getting[peer] -= 1
+                if not self._getting[peer]:
+                    del self._getting[peer]
+
+    async def _get(
+        self, root: CID, dial: list[str], progress: Callable[[int], None] | None
+    ) -> GetResult:
+        result = GetResult(root)
+        errors: dict[str, str] = {}
+        first: list[str] = []
+        for addr in dial:
+            try:
+                first.append(await self.connect(addr))
+            except Exception as e:  # unreachable: the other peers may still have it
+                errors[addr] = f"cannot connect: {type(e).__name__}: {e}"
+        if not await self.fetcher.missing(root, limit=1):
+            result.present = True
+            return result
+        peers = list(dict.fromkeys([*first, *self.connected_peers()]))
+        members = [p for p in peers if self.lab.state(p) == MEMBER]
+        if members:
+            before = (self.fetcher.stats.blocks, self.fetcher.stats.block_bytes)
+            try:
+                fetched = await self.fetcher.fetch(root, members)
+                result.car_peers = fetched.providers_used
+            except FetchFailed as e:
+                errors.update({p: f"car: {why}" for p, why in e.errors.items()})
+            got = self.fetcher.stats.block_bytes - before[1]
+            result.blocks += self.fetcher.stats.blocks - before[0]
+            result.bytes += got
+            if progress is not None and got:
+                progress(got)
+            if not await self.fetcher.missing(root, limit=1):
+                return result
+        others = [p for p in peers if not self.policy.is_banned(p)]
+        try:
+            got_bs = await self.bitswap.fetch_dag(root, others, progress=progress)
+        except BitswapFetchFailed as e:
+            errors["bitswap"] = str(e)
+            raise GetFailed(root, errors) from None
+        except StorageError:
+            raise
+        result.blocks += got_bs.blocks
+        result.bytes += got_bs.bytes
+        result.bitswap_peers = got_bs.peers
+        return result
