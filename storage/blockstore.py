@@ -82,6 +82,9 @@ _SYNC_FILE_RANGE_WRITE = 2
 FLUSH_QUEUE_BLOCKS = 32  # files (32 x 256 KiB chunks = 8 MiB)
 # A temp file older than this is a crashed put's leftover, not a write in progress.
 TEMP_GRACE = 3600.0  # seconds
+# Recovery re-hashes blocks written up to this long before an interrupted transfer's
+# mark: a clock stepped back a little must not hide a block it wrote.
+RECOVERY_CLOCK_SLACK = 300.0  # seconds
 
 
 def _libc_function(name: str) -> Callable[..., int] | None:
@@ -267,6 +270,11 @@ class Blockstore(abc.ABC):
     @abc.abstractmethod
     def interrupted_transfers(self) -> list[CID]:
         """Roots whose transfer began and never ended: a crash cut it short."""
+
+    @abc.abstractmethod
+    def recover_transfers(self) -> list[CID]:
+        """After a crash: re-hash every block an interrupted transfer may have written,
+        drop the ones that fail (`verify`), clear the marks; returns the dropped CIDs."""
 
     def _missing(self, cid: CID) -> BlockNotFound:
         return BlockNotFound(f"block {cid} is not in {self}")
@@ -574,6 +582,11 @@ class MemoryBlockstore(Blockstore):
 
     def interrupted_transfers(self) -> list[CID]:
         return [CID.decode(key) for key in sorted(self._marks)]
+
+    def recover_transfers(self) -> list[CID]:
+        # Nothing here outlives the process: no write can have been torn.
+        self._marks.clear()
+        return []
 
 
 class _Flusher:
@@ -897,6 +910,30 @@ class FsBlockstore(Blockstore):
         except FileNotFoundError:
             return []
         return [CID.decode(name) for name in names if not name.startswith(TMP_PREFIX)]
+
+    def recover_transfers(self) -> list[CID]:
+        # The blocks a transfer wrote are those written since its mark: a file's
+        # mtime is set by its last write (a rename keeps it), so this finds them
+        # without knowing the DAG, and never re-hashes older, completed replicas.
+        marks = self._marks()
+        try:
+            entries = [e for e in os.scandir(marks) if not e.name.startswith(TMP_PREFIX)]
+        except FileNotFoundError:
+            return []
+        if not entries:
+            return []
+        since = min(e.stat().st_mtime for e in entries) - RECOVERY_CLOCK_SLACK
+        suspects: list[CID] = []
+        for entry in self._entries():
+            with contextlib.suppress(FileNotFoundError):
+                if entry.stat().st_mtime >= since:
+                    name = entry.name
+                    key = name[: -len(REF_SUFFIX)] if name.endswith(REF_SUFFIX) else name
+                    suspects.append(CID.decode(key))
+        bad = self.verify(suspects)
+        for entry in entries:
+            Path(entry.path).unlink(missing_ok=True)
+        return bad
 
     def gc(
         self, keep: Iterable[CID], *, keep_blocks: Iterable[CID] = (), temp_grace: float = 0.0
