@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -434,10 +433,11 @@ class Fetcher:
                 )
 
         try:
+            sync_at = math.inf  # when the pending blocks' time slice ends (trio clock)
             async with recv:
                 while True:
                     batch = None
-                    with trio.move_on_after(sink.time_to_sync()):
+                    with trio.move_on_at(sync_at):
                         try:
                             batch = await recv.receive()
                         except trio.EndOfChannel:
@@ -446,6 +446,10 @@ class Fetcher:
                         await in_thread(sink.commit)  # a slow transfer's time slice is over
                     else:
                         await in_thread(sink.feed, batch)
+                    if not sink.pending:
+                        sync_at = math.inf
+                    elif sync_at == math.inf:
+                        sync_at = trio.current_time() + DURABLE_BATCH_SECONDS
             await in_thread(sink.close)
         finally:
             # Whatever ended the response (its end, a bad block, a dead provider,
@@ -481,8 +485,8 @@ class _BlockSink:
     (each verified against its CID, the expected one, in order) and raises
     `RemoteProtocolError` or `Interrupted`; blocks that passed before an
     error are stored. Blocks go into one blockstore batch, committed every
-    `DURABLE_BATCH_BYTES` (by `feed`), when the time slice is over (`commit`,
-    called by the trio side) and at the end (`finish`). Each call may run on a
+    `DURABLE_BATCH_BYTES` (by `feed`), when the trio side's time slice is over
+    (`commit`) and at the end (`finish`). Each call may run on a
     different worker thread, never two at once.
     """
 
@@ -497,7 +501,6 @@ class _BlockSink:
         self.failed = False  # the store failed: the batch is dropped, not committed
         self.pending = 0  # blocks written into the batch, not yet durable
         self.pending_bytes = 0
-        self.since: float | None = None  # time.monotonic() of the batch's first block
 
     def _joined(self) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext() if self.batch is None else self.store.joined(self.batch)
@@ -511,12 +514,6 @@ class _BlockSink:
         if self.pending_bytes >= DURABLE_BATCH_BYTES:
             self.commit()
 
-    def time_to_sync(self) -> float:
-        """Seconds until the pending blocks are due for a sync (inf: none pending)."""
-        if self.since is None:
-            return math.inf
-        return max(0.0, self.since + DURABLE_BATCH_SECONDS - time.monotonic())
-
     def _drain(self) -> None:
         while True:
             event = self.session.next_event()
@@ -526,7 +523,7 @@ class _BlockSink:
                 # The CAR decoder verified it against its CID; hashing again
                 # would cost a second pass per byte.
                 try:
-                    new = self.store.put(event.cid, event.data, verify=False)
+                    self.store.put(event.cid, event.data, verify=False)
                 except StorageError:
                     self.failed = True
                     raise
@@ -536,18 +533,14 @@ class _BlockSink:
                     continue
                 self.pending += 1
                 self.pending_bytes += len(event.data)
-                if new and self.since is None:
-                    self.since = time.monotonic()
 
     def commit(self) -> None:
         """Make the pending blocks durable (one sync) and count them stored."""
         if self.batch is None or not self.pending:
-            self.since = None
             return
         _fault("written")
         pending, pending_bytes = self.pending, self.pending_bytes
         self.pending = self.pending_bytes = 0
-        self.since = None
         try:
             self.store.commit_batch(self.batch)
         except StorageError:

@@ -31,8 +31,9 @@ across many worker-thread calls and commits every few MiB, not per block.
 
 Transfer marks: `begin_transfer(root)` durably notes that blocks of `root` are
 arriving, `end_transfer(root)` clears it; `interrupted_transfers()` lists the
-roots whose transfer a crash cut short, so the fetcher re-hashes what they left
-(`verify`) before trusting it, whatever the filesystem did with its syncs.
+roots whose transfer a crash cut short, and `recover_transfers()` re-hashes
+every block written since such a mark (`verify`) before the fetcher trusts
+any of it, whatever the filesystem did with its syncs.
 
 File references (Kubo's filestore, `--nocopy`): `put_ref(cid, path, offset,
 length)` stores a block as a pointer into a file already on disk (a Parquet
