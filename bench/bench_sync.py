@@ -202,7 +202,9 @@ async def serve_child(kind: str, nbytes: int, home: str) -> None:
     dag = make_dag(nd.blockstore, os.urandom(nbytes))
     async with trio.open_nursery() as nursery:
         await nursery.start(nd.run)
-        print(json.dumps({"addr": nd.addrs[0], "dag_bytes": dag[2]}), flush=True)
+        # The root too: bench_replica.py fetches it without an announcement.
+        print(json.dumps({"addr": nd.addrs[0], "dag_bytes": dag[2], "root": str(dag[0])}),
+              flush=True)  # fmt: skip
         await trio.to_thread.run_sync(sys.stdin.readline)  # "announce"
         await nd.announce(Head(nd.peer_id, 1, dag[0], dag[1], time.time(), dag[2]))
         await trio.to_thread.run_sync(sys.stdin.readline)  # "quit"

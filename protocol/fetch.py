@@ -365,7 +365,10 @@ class FetchSession(Session):
         self.status: FetchStatus | None = None
         self.sequence: BlockSequence | None = None  # what the body must carry, in order
         self._car: car.CarDecoder | None = None
-        self._raw = bytearray()  # body bytes not yet given to the CAR decoder
+        # Body bytes not yet given to the CAR decoder, as received: appending to a
+        # bytearray copied every byte once more (a third of a receiver's decoding time).
+        self._raw: list[bytes] = []
+        self._raw_len = 0  # bytes in _raw
         self._blocks: list[tuple[CID, bytes]] = []  # decoded, not yet returned as events
 
     # --- sending ------------------------------------------------------------------
@@ -412,13 +415,14 @@ class FetchSession(Session):
 
     def receive_data(self, data: bytes) -> None:
         if self.state in (BODY, DONE) and self.role == REQUESTER and data:
-            self._raw += data
+            self._raw.append(data if isinstance(data, bytes) else bytes(data))
+            self._raw_len += len(data)
             return
         super().receive_data(data)
 
     def next_event(self) -> object:
-        if self.state == DONE and self._raw:
-            raise FetchProtocolError(f"{len(self._raw)} bytes after the end of the response")
+        if self.state == DONE and self._raw_len:
+            raise FetchProtocolError(f"{self._raw_len} bytes after the end of the response")
         return super().next_event()
 
     def _decode(self) -> object:
@@ -446,7 +450,10 @@ class FetchSession(Session):
             raise ResponseTooLarge(limit=self.max_response, got=status.bytes)
         self._start_body(status)
         # Bytes after the status frame are the CAR: the rest of this read and all later ones.
-        self._raw += self.frames.take_buffer()
+        rest = self.frames.take_buffer()
+        if rest:
+            self._raw.append(rest)
+            self._raw_len += len(rest)
         self._car = car.CarDecoder(
             max_section=self.max_block + MAX_CID_BYTES, max_block=self.max_block
         )
@@ -455,13 +462,13 @@ class FetchSession(Session):
     def _decode_block(self) -> object:
         assert self.sequence is not None and self._car is not None and self.request is not None
         if self.sequence.done and not self._blocks:
-            if self._raw:
-                raise FetchProtocolError(f"{len(self._raw)} bytes after the last announced block")
+            if self._raw_len:
+                raise FetchProtocolError(f"{self._raw_len} bytes after the last announced block")
             self.sequence.finish()  # the announced byte total, exactly
             return EndOfResponse()
         if not self._blocks:
-            data = bytes(self._raw)
-            self._raw.clear()
+            data = self._raw[0] if len(self._raw) == 1 else b"".join(self._raw)
+            self._raw, self._raw_len = [], 0
             try:
                 # With no new bytes this surfaces an error kept after the last good block.
                 self._blocks = self._car.feed(data)

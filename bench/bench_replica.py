@@ -1,0 +1,112 @@
+"""Receiving a replica: a durable fetch vs a raw py-libp2p stream (not part of the test run).
+
+Measures, in one run on 127.0.0.1, with the provider in a child process (as a
+real peer would be; see bench_sync.py):
+- raw: the same number of bytes over one Noise+Yamux stream (the baseline);
+- batched: `Fetcher.fetch` of an N MiB DAG into an fsynced FsBlockstore, its
+  syncs batched (DURABLE_BATCH_BYTES, the default);
+- per-block: the same with DURABLE_BATCH_BYTES = 0, one fsync per block (the
+  behaviour before batching);
+- no-sync: an FsBlockstore with fsync=False (no durability: an upper bound).
+Each figure is the transfer's throughput divided by the raw stream's, in the
+same run (the raw stream is measured before and after; the faster counts).
+Also printed: bytes this process wrote to disk per block byte received
+(/proc/self/io write_bytes), which should be about 1.
+
+Run: .venv/bin/python bench/bench_replica.py [--mb 16] [--repeat 1]
+     (--mb 100 is the issue's figure; a few seconds per MiB-hundred on a quiet box)
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import trio
+from multiformats import CID
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_sync import BENCH_LAB_KEY, raw_from_child, spawn, tell  # noqa: E402
+
+import benchsync.daemon.fetch as fetch_mod  # noqa: E402
+from benchsync.daemon.network import P2PNode  # noqa: E402
+from benchsync.storage.blockstore import FsBlockstore  # noqa: E402
+
+TIMEOUT = 1800  # seconds: upper bound for the whole run
+MODES = ("batched", "per-block", "no-sync")
+
+
+def disk_written() -> int:
+    """Bytes this process has caused to be written to storage (Linux), else 0."""
+    try:
+        for line in Path("/proc/self/io").read_text().splitlines():
+            if line.startswith("write_bytes:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+async def fetch_once(tmp: Path, addr: str, root: CID, mode: str) -> tuple[float, int, int]:
+    """(seconds, block bytes, disk bytes written) of one fetch of `root` into a fresh node."""
+    home = tmp / f"{mode}-{time.monotonic_ns()}"
+    store = FsBlockstore(home / "blocks", fsync=mode != "no-sync")
+    saved = fetch_mod.DURABLE_BATCH_BYTES
+    fetch_mod.DURABLE_BATCH_BYTES = 0 if mode == "per-block" else saved
+    try:
+        nd = P2PNode(home, network="bench", blockstore=store, lab_key=BENCH_LAB_KEY)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(nd.run)
+            peer = await nd.connect(addr)
+            written = disk_written()
+            t0 = time.perf_counter()
+            result = await nd.fetcher.fetch(root, [peer])
+            elapsed = time.perf_counter() - t0
+            written = disk_written() - written
+            nursery.cancel_scope.cancel()
+    finally:
+        fetch_mod.DURABLE_BATCH_BYTES = saved
+    return elapsed, result.stats.block_bytes, written
+
+
+async def main(mb: int, repeat: int) -> None:
+    nbytes = mb * 1024 * 1024
+    with tempfile.TemporaryDirectory() as tmp_s, trio.fail_after(TIMEOUT):
+        tmp = Path(tmp_s)
+        proc, info = await trio.to_thread.run_sync(spawn, "dag", nbytes, tmp / "provider")
+        root = CID.decode(str(info["root"]))
+        raw: list[float] = []
+        runs: dict[str, list[tuple[float, int, int]]] = {m: [] for m in MODES}
+        try:
+            raw.append(await raw_from_child(nbytes, tmp))
+            for _ in range(repeat):
+                for mode in MODES:  # interleaved: a load change hits every mode alike
+                    runs[mode].append(await fetch_once(tmp, str(info["addr"]), root, mode))
+            raw.append(await raw_from_child(nbytes, tmp))
+        finally:
+            tell(proc, "announce")
+            tell(proc, "quit")
+            proc.wait(10)
+    raw_rate = nbytes / min(raw)
+    print(f"replica of {mb} MiB, provider in a child process; raw Noise+Yamux stream "
+          f"{', '.join(f'{r:.2f} s' for r in raw)} ({raw_rate / 2**20:.0f} MiB/s best)")
+    for mode in MODES:
+        secs = statistics.median(r[0] for r in runs[mode])
+        got = runs[mode][0][1]
+        written = statistics.median(r[2] for r in runs[mode])
+        print(f"  {mode:9s}: {secs:.2f} s (median of {repeat}), {got / secs / 2**20:.0f} MiB/s, "
+              f"x{got / secs / raw_rate:.2f} of the raw stream; disk written / block bytes "
+              f"{written / got:.2f}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--mb", type=int, default=16, help="replica size in MiB (default 16)")
+    parser.add_argument("--repeat", type=int, default=1, help="fetches per mode (default 1)")
+    args = parser.parse_args()
+    trio.run(main, args.mb, args.repeat)
