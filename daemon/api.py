@@ -23,6 +23,7 @@ from benchsync.daemon.answers import table_json
 from benchsync.daemon.control import ApiError, Request, Router, Text
 from benchsync.daemon.coordinator import DistributedQueryError, PartialAnswer
 from benchsync.daemon.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from benchsync.daemon.network import GetFailed, GetResult
 from benchsync.daemon.staging import StagingRoutes
 from benchsync.protocol.planner import PlanError
 from benchsync.storage.errors import InvalidRecord, NotFound, StorageError
@@ -128,6 +129,8 @@ class ControlAPI:
         r.add("GET", "/v1/history", self.history)
         r.add("POST", "/v1/restore", self.restore)
         r.add("POST", "/v1/fetch", self.fetch)
+        r.add("POST", "/v1/get", self.get)
+        r.add("GET", "/v1/get", self.gets)
         r.add("POST", "/v1/migrate", self.migrate)
         r.add("GET", "/v1/pins", self.pins)
         r.add("POST", "/v1/pins", self.pin)
@@ -230,23 +233,48 @@ class ControlAPI:
         return 200, version.to_json()
 
     async def fetch(self, request: Request) -> tuple[int, Any]:
-        """Make the DAG under a CID present in our blockstore, from the connected peers."""
-        from multiformats import CID
-
-        from benchsync.daemon.fetch import FetchFailed
-
+        """Make the DAG under a CID present in our blockstore, from the connected peers
+        (lab members over /benchsync/car, any peer over Bitswap: `get` without dialing)."""
         body = request.json()
-        try:
-            root = CID.decode(body["cid"])
-        except (TypeError, KeyError, ValueError) as e:
-            raise ApiError(400, "bad_request", 'expected {"cid": "..."}', str(e)) from None
-        providers = [p["peer_id"] for p in self.node.peers()]
+        cid = body.get("cid") if isinstance(body, dict) else None
+        if not isinstance(cid, str):
+            raise ApiError(400, "bad_request", 'expected {"cid": "..."}')
+        result = await self._get(cid, [])
+        return 200, {"cid": str(result.root), "blocks": result.blocks}
+
+    async def get(self, request: Request) -> tuple[int, Any]:
+        """{"cid": ..., "peers": [multiaddr, ...]}: fetch any UnixFS DAG by CID into the
+        blockstore (dialing `peers` first); what was fetched, from whom."""
+        body = request.json()
+        peers = body.get("peers", []) if isinstance(body, dict) else None
+        if not (isinstance(body, dict) and isinstance(body.get("cid"), str)
+                and isinstance(peers, list)
+                and all(isinstance(p, str) for p in peers)):  # fmt: skip
+            raise ApiError(400, "bad_request",
+                           'expected {"cid": "...", "peers": ["/ip4/.../p2p/..."]}')  # fmt: skip
+        result = await self._get(body["cid"], peers)
+        return 200, result.to_json()
+
+    async def gets(self, request: Request) -> tuple[int, Any]:
+        """The `get`s running now: CID, bytes fetched so far."""
+        return 200, {"gets": list(self.node.gets.values())}
+
+    async def _get(self, cid: str, peers: list[str]) -> GetResult:
+        from benchsync.daemon.host import HostConfigError
+
         try:
             with answering():
-                result = await self.node.p2p.fetcher.fetch(root, providers)
-        except FetchFailed as e:
-            raise ApiError(404, "not_found", str(e), "is a node holding it connected?") from e
-        return 200, {"cid": str(root), "blocks": result.stats.blocks}
+                return await self.node.get(cid, peers)
+        except HostConfigError as e:
+            raise ApiError(400, "bad_address", str(e), "give full /ip4/.../tcp/.../p2p/<peer id> "
+                           "addresses") from e  # fmt: skip
+        except GetFailed as e:
+            raise ApiError(404, "not_found", str(e),
+                           "connect a peer that holds it (--peer MULTIADDR), or check the CID; "
+                           "blocks fetched so far are kept") from e  # fmt: skip
+        except (ValueError, KeyError) as e:  # multiformats: not a CID
+            raise ApiError(400, "bad_cid", f"{cid!r} is not a CID: {e}",
+                           "give a CIDv0 (Qm...) or CIDv1 (bafy...)") from e  # fmt: skip
 
     async def migrate(self, request: Request) -> tuple[int, Any]:
         """Migrate legacy files into the running node's dataset (the node owns the database)."""

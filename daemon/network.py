@@ -214,8 +214,9 @@ class P2PNode:
             self.host, blockstore, streams=self.streams, policy=self.policy,
             serve_all=self.serve_strangers,
         )  # fmt: skip
-        # A short-lived client (`benchsync get` without a running node): host, lab and
-        # Bitswap only; no heads, no replicas, no peer exchange.
+        # A short-lived client (`benchsync get` without a running node): host, lab,
+        # pubsub and Bitswap only; it announces no head, follows no replica, and
+        # exchanges no peers.
         self.client_only = client_only
         # Peers a `get` dialed on purpose: not hung up on as strangers while it runs.
         self._getting: dict[str, int] = {}
@@ -280,8 +281,10 @@ class P2PNode:
             with self._cancel:
                 async with self.host.run(self.listen), trio.open_nursery() as nursery:
                     await nursery.start(self.bitswap.run)
+                    # Pubsub runs in a client too: its connection notifee blocks every
+                    # new connection until pubsub takes it.
+                    await nursery.start(self.announcer.run)
                     if not self.client_only:
-                        await nursery.start(self.announcer.run)
                         await nursery.start(self.syncer.run)
                         await nursery.start(self.peer_exchange.run)
                         nursery.start_soon(self._greeter, recv, nursery)

@@ -19,6 +19,7 @@ lock serialises the operations that replace the database file or the head
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import time
@@ -38,22 +39,32 @@ from benchsync.daemon.identity import load_or_create_identity, peer_id_of
 from benchsync.daemon.lab import LabKeyError, load_lab_keys
 from benchsync.daemon.maintenance import Maintenance
 from benchsync.daemon.metrics import Metrics, NodeCounters
-from benchsync.daemon.network import P2PNode
+from benchsync.daemon.network import GetFailed, GetResult, P2PNode
 from benchsync.daemon.query import QueryService
 from benchsync.daemon.sdnotify import Notifier, run_watchdog
 from benchsync.daemon.snapshot_policy import SnapshotPolicy
 from benchsync.protocol.heads import Head, encode_head
-from benchsync.storage.dataset import LocalDataset, MaintenanceReport
+from benchsync.storage.dataset import LocalDataset, MaintenanceReport, RestoreError
 from benchsync.storage.db import BenchmarkDB
-from benchsync.storage.errors import StorageError
+from benchsync.storage.errors import NotFound, StorageError
 from benchsync.storage.migrate import MigrationResult, migrate_files
 from benchsync.storage.retention import RetentionPolicy
-from benchsync.storage.snapshot import DiskFull, Version, read_version
+from benchsync.storage.snapshot import (
+    BadSnapshot,
+    DiskFull,
+    Version,
+    missing_blocks,
+    read_version,
+)
 
 if TYPE_CHECKING:
     from trio_typing import TaskStatus
 
 log = logging.getLogger(__name__)
+
+# A DAG fetched by `get` is kept from block GC this long without a pin, so that the
+# command can write it out (and a user pin it) after the node fetched it.
+GET_KEEP = 3600.0  # seconds
 
 
 def head_of(version: Version) -> Head:
@@ -66,6 +77,31 @@ def head_of(version: Version) -> Head:
         created_at=version.created_at,
         bytes=version.manifest.total_bytes,
     )
+
+
+def pin_dag(dataset: LocalDataset, name: str) -> str:
+    """Pin `name`: a version of ours (CID, prefix, tag) or the root CID of any complete DAG
+    held here (one `get` fetched, say); returns the pinned root.
+
+    `LocalDataset.pin_version` reads a CID that is not in the history as a
+    snapshot and refuses any other DAG (BadSnapshot); such a DAG is pinned here
+    once it is complete. Raises NotFound, RestoreError (incomplete or thinned).
+    """
+    try:
+        return dataset.pin_version(name)
+    except BadSnapshot:
+        try:
+            root = CID.decode(name)
+        except (ValueError, KeyError):
+            raise NotFound(f"{name!r} is neither a version, a tag nor a CID") from None
+        missing = missing_blocks(dataset.blocks, root)
+        if missing:
+            raise RestoreError(
+                f"{root} cannot be kept forever: {len(missing)} block(s) are missing here "
+                f"(fetch it first: `benchsync get {root}`)"
+            ) from None
+        dataset.pin(root)
+        return str(root)
 
 
 def _free_bytes(path: Path) -> int:
@@ -118,6 +154,7 @@ class Node:
             bootstrap=list(config.bootstrap),
             trusted_peers=set(config.trusted_peers),
             **_lab_settings(config),
+            bitswap_serve=config.bitswap_serve,
             mdns=config.mdns,
             limits=FetchLimits(
                 max_block=config.max_block_bytes,
@@ -154,6 +191,8 @@ class Node:
         self.dataset.on_write.append(self.snapshot_policy.wrote)
         self.dataset.on_write.append(self.metrics.writes.inc)
         self._head_lock = trio.Lock()  # snapshot, restore and migrate replace the head / the DB
+        self._got: dict[str, float] = {}  # root fetched by `get` -> when (monotonic), GET_KEEP
+        self.gets: dict[str, dict[str, Any]] = {}  # root -> progress of a `get` running now
         self.endpoints: ControlEndpoints | None = None
         self.web_address: tuple[str, int] | None = None  # the dashboard's, once it listens
         self.started_at = time.time()
@@ -291,15 +330,73 @@ class Node:
     async def restore(self, cid: str) -> Version:
         """Make version `cid`'s content current as a new head, and announce it.
 
-        Raises NotFound (no such version of ours) or StorageError (the live
-        database is unchanged).
+        `cid` is a version of ours (CID, prefix or tag) or any snapshot's root
+        CID: blocks missing here are fetched from peers first (`get`). Raises
+        NotFound (no such version here and not a CID), RestoreError (missing
+        blocks no peer could give) or StorageError (the live database is
+        unchanged).
         """
+        await self._fetch_for_restore(cid)
         async with self._head_lock:
             version = await trio.to_thread.run_sync(self.dataset.restore, cid)
             self.queries.database_replaced()
         log.info("restored %s as seq=%d cid=%s", cid, version.seq, version.cid)
         await self._announce(version)
         return version
+
+    async def _fetch_for_restore(self, name: str) -> None:
+        """Fetch the blocks of the snapshot `name` names that are missing here, if any."""
+        def resolve() -> CID | None:
+            try:
+                return CID.decode(self.dataset.find(name).cid)
+            except StorageError:  # not in the history, or its root block is missing
+                try:
+                    return CID.decode(name)
+                except (ValueError, KeyError):
+                    return None  # neither: dataset.restore says NotFound
+
+        root = await trio.to_thread.run_sync(resolve)
+        if root is None or not await self.p2p.fetcher.missing(root, limit=1):
+            return
+        log.info("restore %s: fetching its missing blocks from peers", root)
+        try:
+            await self.get(str(root))
+        except GetFailed as e:
+            raise RestoreError(
+                f"snapshot {root} is incomplete here and no peer could give its missing "
+                f"blocks: {e}"
+            ) from e
+
+    async def get(self, cid: str, peers: Sequence[str] = ()) -> GetResult:
+        """Make the DAG under `cid` present here, from peers (`P2PNode.get`); `peers` (full
+        multiaddrs) are dialed and asked first. Kept from GC for GET_KEEP seconds
+        (pin it to keep it for good). Raises ValueError (not a CID), HostConfigError (a
+        bad address), GetFailed, StorageError."""
+        root = CID.decode(cid)
+        key = str(root)
+        self._got[key] = time.monotonic()  # before fetching: a partial DAG is kept too
+        state = self.gets.setdefault(key, {"cid": key, "blocks": 0, "bytes": 0, "callers": 0})
+        state["callers"] += 1
+
+        def progress(nbytes: int) -> None:
+            state["bytes"] += nbytes
+
+        try:
+            result = await self.p2p.get(root, dial=list(peers), progress=progress)
+        finally:
+            state["callers"] -= 1
+            if not state["callers"]:
+                del self.gets[key]
+            self._got[key] = time.monotonic()
+        if result.bytes:
+            self.maintenance.changed(result.bytes)
+        return result
+
+    def _kept_gets(self) -> list[CID]:
+        now = time.monotonic()
+        for root in [r for r, t in self._got.items() if now - t > GET_KEEP]:
+            del self._got[root]
+        return [CID.decode(r) for r in self._got]
 
     async def migrate(
         self, paths: Sequence[str], *, backup: bool, verify: bool
@@ -323,6 +420,7 @@ class Node:
         count as seen. Raises StorageError."""
         states = self.p2p.replica_states()
         fetching = [s.head_seen.root for s in states if s.head_seen is not None]
+        fetching += self._kept_gets()  # DAGs `get` fetched, until pinned or GET_KEEP passed
         connected = set(self.p2p.connected_peers())
         seen = [s.dataset for s in states if s.dataset in connected]
         policy = RetentionPolicy(self.config.history_retention, self.config.history_interval)
@@ -340,7 +438,7 @@ class Node:
         removed. Raises NotFound, BadTag, RestoreError (a thinned version)."""
         ds = self.dataset
         calls = {
-            "pin": lambda: ds.pin_version(name),
+            "pin": lambda: pin_dag(ds, name),
             "unpin": lambda: ds.unpin(name),
             "tag": lambda: ds.tag(name, cid),
             "untag": lambda: ds.untag(name),
@@ -400,6 +498,8 @@ class Node:
             "transfers": [r["dataset"] for r in replicas if r["syncing"]],
             "received_bytes": self.p2p.fetcher.stats.block_bytes,
             "served_bytes": self.p2p.provider.served.block_bytes,
+            "bitswap": dataclasses.asdict(self.p2p.bitswap.stats),
+            "gets": list(self.gets.values()),
         }
 
     async def disk_status(self) -> dict[str, Any]:

@@ -26,6 +26,7 @@ COMMAND_MODULES = [
     "status",
     "demo",
     "snapshots",
+    "get",
     "pin",
     "config_cmd",
     "cid",
@@ -98,7 +99,9 @@ def _unexpected(e: BaseException) -> CLIError:
 
 def _run(argv: list[str] | None) -> int:
     from benchsync.daemon.cli.common import fail
+    from benchsync.daemon.cli.up import set_allocators
 
+    set_allocators()  # before the command modules load: Arrow picks its pool only once
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -1,7 +1,10 @@
 """`benchsync pin add|rm|ls` and `benchsync tag`: versions kept forever.
 
 History retention thins old versions (their tables go; `log` marks them);
-a pinned or tagged version keeps its tables whatever its age. A tag also
+a pinned or tagged version keeps its tables whatever its age. Any complete
+DAG held here can be pinned too, such as a file or directory `benchsync get`
+fetched: its blocks then survive `gc` (unpinned, the node keeps them only an
+hour after the get). A tag also
 names the version for `restore NAME` and `export NAME`. Through the running
 node when there is one (it collects blocks); offline otherwise.
 """
@@ -29,7 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     pin_sub = p.add_subparsers(dest="pin_command", metavar="add|rm|ls")
     pin_sub.required = True
     for name, helptext in (
-        ("add", "keep CID forever (a version, its prefix or a tag)"),
+        ("add", "keep CID forever (a version, its prefix or a tag, or any complete DAG such "
+                "as one `benchsync get` fetched)"),
         ("rm", "stop keeping CID forever (retention decides again)"),
     ):
         q = pin_sub.add_parser(name, help=helptext)
@@ -74,7 +78,9 @@ def run_pin(args: argparse.Namespace) -> int:
         with open_dataset(args) as ds:
             try:
                 if action == "add":
-                    doc = {"pinned": ds.pin_version(args.cid)}
+                    from benchsync.daemon.node import pin_dag
+
+                    doc = {"pinned": pin_dag(ds, args.cid)}
                 else:
                     doc = {"unpinned": ds.unpin(args.cid)}
             except StorageError as e:  # NotFound, a thinned or incomplete DAG
