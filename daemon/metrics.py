@@ -23,6 +23,7 @@ from prometheus_client import (
     Gauge,
     Histogram,
     Info,
+    ProcessCollector,
     disable_created_metrics,
     generate_latest,
 )
@@ -71,6 +72,17 @@ class Metrics:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         r, ns = self.registry, NAMESPACE
         self.info = Info("node", "Identity of this node", namespace=ns, registry=r)
+        # process_resident_memory_bytes, process_open_fds, ...: what a node that lives for
+        # months must keep flat (issue 19); the standard names, so dashboards know them.
+        ProcessCollector(registry=r)
+        self.allocator = Info(
+            "allocator", "Native memory allocators of this process (arrow_pool: Arrow's "
+            "default pool)", namespace=ns, registry=r,
+        )  # fmt: skip
+        self.arrow_bytes = Gauge(
+            "arrow_allocated_bytes", "Bytes allocated by Arrow's default pool now",
+            namespace=ns, registry=r,
+        )  # fmt: skip
         self.writes = Counter(
             "records_written", "Records written to the local dataset", namespace=ns, registry=r
         )
@@ -214,6 +226,11 @@ class Metrics:
         self.peers.set(now.peers)
         for dataset, lag in now.replica_lag.items():
             self.replica_lag.labels(dataset).set(lag)
+        # A dataset no longer followed (it left the lab, its replica expired) loses its
+        # series: over months, every dataset ever seen would otherwise stay, at its last lag.
+        for dataset in set(last.replica_lag) - set(now.replica_lag):
+            with contextlib.suppress(KeyError):  # a dataset of an earlier fold only
+                self.replica_lag.remove(dataset)
         def grown(field: str) -> int:
             return max(0, getattr(now, field) - getattr(last, field))
 
@@ -244,8 +261,18 @@ class Metrics:
         self.disk_bytes.labels("database").set(database_bytes)
         self.disk_bytes.labels("free").set(free_bytes)
 
+    def memory_now(self) -> None:
+        """Arrow's pool, read at a scrape (reading it makes Arrow pick its default pool:
+        never before the node's allocators are set, `benchsync.daemon.cli.up`)."""
+        import pyarrow as pa
+
+        pool = pa.default_memory_pool()
+        self.allocator.info({"arrow_pool": pool.backend_name})
+        self.arrow_bytes.set(pool.bytes_allocated())
+
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric of this node."""
+        self.memory_now()
         return generate_latest(self.registry)
 
 
