@@ -50,7 +50,7 @@ import duckdb
 import pyarrow as pa
 from multiformats import CID
 
-from benchsync.storage import car, distquery, retention, rowdigest, unixfs
+from benchsync.storage import car, distquery, retention, rowdigest, segments, unixfs
 from benchsync.storage.blockstore import TEMP_GRACE, FsBlockstore, block_key
 from benchsync.storage.db import DB_FILENAME, BenchmarkDB, DatabaseClosed
 from benchsync.storage.errors import NotFound, StorageError
@@ -76,17 +76,19 @@ from benchsync.storage.snapshot import (
     parquet_digest,
     read_version,
 )
-from benchsync.storage.sqlnames import check_table_name, ident, literal
+from benchsync.storage.sqlnames import check_table_name, ident
 
 SCOPES = ("local", "replicas")
 # DuckDB's default is 80 % of RAM; a node shares its machine with the benchmarks it records.
-# Capped, the snapshot's sorted export spills to disk instead of growing with the database.
+# Capped, big sorts spill to disk instead of growing with the database; a snapshot lowers
+# it further while it runs (snapshot.SNAPSHOT_MEMORY_LIMIT), as it exports a segment at a time.
 DEFAULT_DB_MEMORY_LIMIT = "1GiB"
 # Scratch files a writer makes and removes; found while holding the home lock, they are
 # a crashed writer's leftovers (snapshot exports, restore work, staged restore databases).
 LEFTOVER_PATTERNS = (
     "tmp/snapshot-*", "tmp/restore-*", ".restore-*.duckdb", ".restore-*.duckdb.wal",
 )
+_FLAG = "__benchsync_segment_end"  # the boundary flag column of a restore's digest query
 DATA_DIR_MODE = 0o700  # the database, blocks and identity are nobody else's business
 
 T = TypeVar("T")
@@ -317,7 +319,9 @@ class LocalDataset:
     def _snapshot_locked(self, db: BenchmarkDB) -> SnapshotResult:
         try:
             with db.reader() as conn:
-                result = self.snapshots.snapshot(conn, tmp_dir=self.tmp)
+                # The database says what changed since the last snapshot (the export
+                # then re-writes only those segments); its transaction begins with that.
+                result = self.snapshots.snapshot(conn, tmp_dir=self.tmp, changes=db)
             # Also when nothing changed: an earlier snapshot may have failed to write it.
             write_sidecar(self.db_path, result.version)
         except duckdb.Error as e:  # the Parquet export (COPY) writes through DuckDB
@@ -425,7 +429,7 @@ class LocalDataset:
                     check_parquet_schema(conn, table, parquet, extra_columns=False)
                     # sql: `name` and `src` are quoted by ident()/literal() right here.
                     name = ident(check_table_name(table))
-                    src = f"read_parquet({literal(parquet)})"
+                    src = segments.read_parquet_sql(parquet)
                     if table in existing:
                         conn.execute(f"DELETE FROM {name}")
                         conn.execute(f"INSERT INTO {name} BY NAME SELECT * FROM {src}")
@@ -493,7 +497,7 @@ class LocalDataset:
         """One table of `_verify_built`; returns the file's row digest."""
         # sql: name, src, cols, as_table and order are built from ident()/literal() below.
         name = ident(check_table_name(table))
-        src = f"read_parquet({literal(parquet)})"
+        src = segments.read_parquet_sql(parquet)
         want = conn.execute(f"DESCRIBE SELECT * FROM {src}").fetchall()
         got = {r[0]: r[1] for r in conn.execute(f"DESCRIBE {name}").fetchall()}
         widened = False
@@ -526,25 +530,45 @@ class LocalDataset:
             )
         claimed = target.manifest.tables[table].digest
         file_digest = parquet_digest(parquet, table)
+        where = f"tables/{table}/" if parquet.is_dir() else f"tables/{table}.parquet"
         if claimed is not None and file_digest != claimed:
             raise RestoreError(
-                f"version {target.cid}: tables/{table}.parquet does not hold the rows its "
+                f"version {target.cid}: {where} does not hold the rows its "
                 f"manifest's digest names ({file_digest} != {claimed}); the live database "
                 "is unchanged"
             )
         key = PRIMARY_KEYS.get(table)
         order = f" ORDER BY {ident(key)}" if key in columns else ""
-        table_digest = self._digest(conn, f"SELECT {cols} FROM {name}{order}", key)
+        # A segmented version's digest (rows/2) follows the segment rule: cut the rows
+        # the same way, by the boundary flag computed beside them.
+        seg_key = segments.segmented_key(conn, table, key) if parquet.is_dir() else None
+        flag = f", {segments.boundary_sql(seg_key)} AS {ident(_FLAG)}" if seg_key else ""
+        segmented = parquet.is_dir()
+        table_digest = self._digest(
+            conn, f"SELECT {cols}{flag} FROM {name}{order}", key, segmented, seg_key
+        )
         compare = file_digest
         if widened:
-            compare = self._digest(conn, f"SELECT {as_table} FROM {src}{order}", key)
+            compare = self._digest(
+                conn, f"SELECT {as_table}{flag} FROM {src}{order}", key, segmented, seg_key
+            )
         if None not in (compare, table_digest) and compare != table_digest:
             raise _not_reproduced(target, f"{table}'s row digest {table_digest} != {compare}")
         return file_digest
 
     @staticmethod
-    def _digest(conn: duckdb.DuckDBPyConnection, query: str, key: str | None) -> str | None:
-        """The row digest of what `query` returns (rows in `key` order stream)."""
+    def _digest(
+        conn: duckdb.DuckDBPyConnection,
+        query: str,
+        key: str | None,
+        segmented: bool = False,
+        seg_key: str | None = None,
+    ) -> str | None:
+        """The row digest of what `query` returns (rows in `key` order stream).
+
+        `segmented`: rows/2, the rows cut into segments by the `_FLAG` column
+        (present when `seg_key`; else one segment), as a segmented version's.
+        """
         # Each read on its own cursor: a result left unfinished blocks its connection.
         cursors: list[duckdb.DuckDBPyConnection] = []
 
@@ -555,6 +579,10 @@ class LocalDataset:
         try:
             first = [batches()]
             schema_arrow = first[0].schema
+            if segmented:
+                return segments.segment_digest_stream(
+                    first.pop(), schema_arrow, key, _FLAG if seg_key else None
+                )
             return rowdigest.table_digest(
                 schema_arrow, lambda: first.pop() if first else batches(), key
             )

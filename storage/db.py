@@ -81,6 +81,34 @@ class WriteFailed(StorageError):
     """DuckDB failed a write (e.g. a full disk); the transaction was rolled back."""
 
 
+Interval = tuple[int | None, int | None]  # inclusive key range; None: unbounded
+# Key ranges changed since the last snapshot, per table; None: unknown (all of it).
+Dirty = dict[str, list[Interval]] | None
+WHOLE: Interval = (None, None)
+MAX_DIRTY_INTERVALS = 64  # per table; more are merged into one covering range
+
+
+def merge_dirty(a: Dirty, b: Dirty) -> Dirty:
+    """The union of two dirty sets (None, unknown, absorbs anything)."""
+    if a is None or b is None:
+        return None
+    out = {t: list(v) for t, v in a.items()}
+    for table, intervals in b.items():
+        mine = out.setdefault(table, [])
+        for interval in intervals:
+            if interval not in mine:
+                mine.append(interval)
+        if len(mine) > MAX_DIRTY_INTERVALS:
+            # Coarser is still correct: one range covering them all.
+            los = [lo for lo, _ in mine]
+            his = [hi for _, hi in mine]
+            out[table] = [(
+                None if None in los else min(x for x in los if x is not None),
+                None if None in his else max(x for x in his if x is not None),
+            )]
+    return out
+
+
 class _WriterState:
     """What the writer thread knows about the file; valid only while it is the sole writer."""
 
@@ -89,6 +117,11 @@ class _WriterState:
         self.models: dict[str, tuple[int, bool]] = {}  # name -> (model_id, family known)
         self.hardware: dict[tuple[str, str | None], int] = {}
         self.runs: set[int] = set()
+        # What the running job changed (dirty key ranges), published when it commits.
+        self.touched: Dirty = {}
+
+    def touch(self, table: str, lo: int | None = None, hi: int | None = None) -> None:
+        self.touched = merge_dirty(self.touched, {table: [(lo, hi)]})
 
     def clear(self) -> None:
         self.next_ids.clear()
@@ -154,6 +187,10 @@ class BenchmarkDB:
             queue.SimpleQueue())
         self._writer: threading.Thread | None = None
         self._writes_stopped = False
+        # Changed key ranges since the last snapshot took them (`begin_snapshot`). Unknown
+        # (None: everything) when the file is opened: it may have been written without us.
+        self._dirty: Dirty = None
+        self._dirty_lock = threading.Lock()
         if not read_only:
             try:
                 ensure_schema(self._root)
@@ -235,6 +272,36 @@ class BenchmarkDB:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    # ---- what changed since the last snapshot ---------------------------------------------
+
+    def begin_snapshot(self, conn: duckdb.DuckDBPyConnection) -> Dirty:
+        """Begin a read transaction on `conn` and return what changed since the last one.
+
+        The key ranges written since the previous call (None: unknown,
+        everything) are taken and reset in the same step as the transaction
+        starts, with no commit between: the transaction sees exactly the
+        writes of the sets taken so far. A snapshot that fails gives the set
+        back (`return_dirty`).
+        """
+        with self._dirty_lock:
+            conn.execute("BEGIN TRANSACTION")
+            try:
+                # DuckDB starts the transaction (its snapshot of the data) at the first
+                # statement that reads the database, not at BEGIN: read its catalog now.
+                conn.execute(
+                    "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'main'"
+                ).fetchall()
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            dirty, self._dirty = self._dirty, {}
+        return dirty
+
+    def return_dirty(self, dirty: Dirty) -> None:
+        """Put back what `begin_snapshot` returned, for a snapshot that did not complete."""
+        with self._dirty_lock:
+            self._dirty = merge_dirty(self._dirty, dirty)
+
     # ---- the writer ------------------------------------------------------------------------
 
     def _run_writer(self) -> None:
@@ -248,10 +315,15 @@ class BenchmarkDB:
             job, fut = item
             if not fut.set_running_or_notify_cancel():
                 continue
+            state.touched = {}
             try:
                 conn.begin()
                 result, rows = job(conn, state)
-                conn.commit()
+                # Commit and publish what changed as one step against `begin_snapshot`: a
+                # snapshot's transaction sees a write exactly when its set names it.
+                with self._dirty_lock:
+                    conn.commit()
+                    self._dirty = merge_dirty(self._dirty, state.touched)
             except BaseException as e:
                 state.clear()  # the rolled-back job may have advanced the caches
                 with contextlib.suppress(duckdb.Error):  # BEGIN itself may have failed
@@ -288,6 +360,7 @@ class BenchmarkDB:
             before = _total_rows(conn)
             # fn may insert or delete anything: forget what the writer cached.
             state.clear()
+            state.touched = None  # and any table may have changed anywhere
             result = fn(conn)
             return result, max(0, _total_rows(conn) - before)
         return self._submit(job)
@@ -650,6 +723,7 @@ def _next_id(conn: duckdb.DuckDBPyConnection, st: _WriterState, table: str, coun
         st.next_ids[table] = _scalar(conn, f"SELECT coalesce(max({pk}), 0) + 1 FROM {table}")
     first = st.next_ids[table]
     st.next_ids[table] = first + count
+    st.touch(table, first)  # rows appended from `first` on
     return first
 
 
@@ -677,6 +751,7 @@ def _model_id(conn: duckdb.DuckDBPyConnection, st: _WriterState, name: str,
     model_id, known = int(found[0][0]), found[0][1]
     if known is None and family is not None:
         conn.execute("UPDATE models SET model_family = ? WHERE model_id = ?", [family, model_id])
+        st.touch("models", model_id, model_id)
         known = family
     st.models[name] = (model_id, known is not None)
     return model_id, 0
@@ -842,6 +917,7 @@ def _ingest(conn: duckdb.DuckDBPyConnection, st: _WriterState, kind: str, flat: 
             rows += _scalar(conn, _NEW_MODELS_SQL, [_next_id(conn, st, "models", new_models), now])
         if "model_family" in incoming.column_names:
             conn.execute(_MODEL_FAMILIES_SQL)
+            st.touch("models")  # which models it named is not worth a query: models is small
         new_hw = _scalar(conn, "SELECT count(*) FROM (SELECT DISTINCT hardware_type, device_name "
                         "FROM _incoming n WHERE hardware_type IS NOT NULL AND NOT EXISTS (SELECT 1 "
                         "FROM hardware_platforms h WHERE h.hardware_type = n.hardware_type AND "

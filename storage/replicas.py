@@ -29,7 +29,7 @@ from typing import Any
 
 from multiformats import CID
 
-from benchsync.storage import schema
+from benchsync.storage import schema, segments
 from benchsync.storage.blockstore import Blockstore
 from benchsync.storage.snapshot import (
     PARQUET_SUFFIX,
@@ -65,7 +65,7 @@ class Replica:
     installed_at: float
     bytes: int
     rows: dict[str, int]
-    tables: dict[str, Path]  # table name -> Parquet file
+    tables: dict[str, Path]  # table name -> Parquet file, or directory of its segments
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -99,10 +99,12 @@ def check_parquet_schema(
     """
     check_table_name(table)
     try:
+        # sql: read_parquet_sql quotes every path with literal().
+        src = segments.read_parquet_sql(path)
         got = {
             r[0]: r[1]
             for r in conn.execute(
-                f"DESCRIBE SELECT * FROM read_parquet({literal(path)})"
+                f"DESCRIBE SELECT * FROM {src}"
             ).fetchall()
         }
     except Exception as e:  # duckdb raises many kinds for a damaged file
@@ -124,6 +126,17 @@ def check_parquet_schema(
             raise BadSnapshot(
                 f"tables/{table}.parquet: column {col!r} is {typ}, expected {want[col]}"
             )
+
+
+def _installed_tables(folder: Path) -> dict[str, Path]:
+    tables: dict[str, Path] = {}
+    with contextlib.suppress(FileNotFoundError):
+        for p in sorted(folder.iterdir()):
+            if p.is_dir() and TABLE_NAME_RE.fullmatch(p.name):
+                tables[p.name] = p
+            elif p.suffix == PARQUET_SUFFIX and TABLE_NAME_RE.fullmatch(p.stem):
+                tables[p.stem] = p
+    return tables
 
 
 class ReplicaStore:
@@ -175,7 +188,7 @@ class ReplicaStore:
             installed_at=time.time(),
             bytes=version.manifest.total_bytes,
             rows={n: t.rows for n, t in version.manifest.tables.items()},
-            tables={t: dest / f"{t}{PARQUET_SUFFIX}" for t in files},
+            tables={t: dest / path.name for t, path in files.items()},
         )
         atomic_write(self.root / dataset / CURRENT_FILENAME, json.dumps(replica.to_json()).encode())
         if current is not None and current.root != version.cid:
@@ -199,12 +212,9 @@ class ReplicaStore:
             installed_at=float(doc["installed_at"]),
             bytes=int(doc["bytes"]),
             rows={k: int(v) for k, v in doc["rows"].items()},
-            # Only files `install` can have written: names it checked.
-            tables={
-                p.stem: p
-                for p in sorted(folder.glob(f"*{PARQUET_SUFFIX}"))
-                if TABLE_NAME_RE.fullmatch(p.stem)
-            },
+            # Only what `install` can have written: names it checked, a segment
+            # directory per table (or a file, for a version in the one-file layout).
+            tables=_installed_tables(folder),
         )
 
     def all(self) -> list[Replica]:
@@ -293,9 +303,10 @@ class ReplicaStore:
                 )
             for r in replicas:
                 if table in r.tables:
+                    # sql: read_parquet_sql quotes every path with literal().
                     parts.append(
                         f"SELECT {literal(r.dataset)} AS origin, * "
-                        f"FROM read_parquet({literal(r.tables[table])})"
+                        f"FROM {segments.read_parquet_sql(r.tables[table])}"
                     )
             body = " UNION ALL BY NAME ".join(parts)  # sql: parts quote with ident()/literal()
             statements.append(f"CREATE OR REPLACE TEMP VIEW {ident(table)} AS {body}")

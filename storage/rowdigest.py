@@ -81,8 +81,12 @@ class Unsupported(Exception):
     """A column type the digest does not define; the table has no digest."""
 
 
-def _u64(n: int) -> bytes:
+def u64(n: int) -> bytes:
+    """The spec's u64: unsigned 64-bit little-endian (also used by `segments`' rows/2)."""
     return n.to_bytes(8, "little")
+
+
+_u64 = u64
 
 
 def type_tag(t: pa.DataType) -> str:
@@ -217,6 +221,58 @@ def table_digest(
         out.update(_u64(len(name.encode())) + name.encode())
         out.update(_u64(len(col.tag)) + col.tag.encode() + col.digest())
     return out.hexdigest()
+
+
+class KeyOrderDigest:
+    """The digest of rows fed batch by batch in ascending, unique `key` order (streaming).
+
+    `hexdigest()` is None when a type is unsupported or the rows did not arrive in
+    that order (then `table_digest`, which may sort, is the way to digest them).
+    """
+
+    def __init__(self, schema: pa.Schema, key: str | None) -> None:
+        try:
+            self.columns: dict[str, _Column] | None = {
+                f.name: _Column(f.name, f.type) for f in schema
+            }
+        except Unsupported:
+            self.columns = None
+        self.key = key
+        self.in_order = (
+            self.columns is not None
+            and key is not None
+            and key in self.columns
+            and not self.columns[key].variable
+        )
+        self.last: Any = None
+        self.rows = 0
+
+    def feed(self, batch: pa.RecordBatch) -> None:
+        if not self.in_order or not batch.num_rows:
+            return
+        assert self.columns is not None and self.key is not None
+        keys = _plain(batch.column(self.key))
+        increasing = not keys.null_count and (
+            pc.all(pc.greater(keys[1:], keys[:-1])).as_py() is not False
+        )
+        if not increasing or (self.last is not None and not keys[0].as_py() > self.last):
+            self.in_order = False
+            return
+        self.last = keys[-1].as_py()
+        for name, col in self.columns.items():
+            col.update(batch.column(name))
+        self.rows += batch.num_rows
+
+    def hexdigest(self) -> str | None:
+        if not self.in_order or self.columns is None:
+            return None
+        names = sorted(self.columns, key=lambda n: n.encode())
+        out = hashlib.sha256(DIGEST_SPEC + _u64(self.rows) + _u64(len(names)))
+        for name in names:
+            col = self.columns[name]
+            out.update(_u64(len(name.encode())) + name.encode())
+            out.update(_u64(len(col.tag)) + col.tag.encode() + col.digest())
+        return out.hexdigest()
 
 
 def _feed_in_key_order(

@@ -27,8 +27,9 @@ n^2 / 2^32) are refused (`OriginTagCollision`) rather than mis-joined. The
 `local` scope keeps the node's own ids as they are.
 
 Replica tables are Parquet files under the node's replicas directory, named
-by the caller (the replica store); they are read here with pyarrow, never by
-DuckDB, and only those files. Table names pass `check_table_name` first.
+by the caller (the replica store): a file, or a table's segment directory
+whose `part-NNNN.parquet` files are read in order; they are read here with
+pyarrow, never by DuckDB, and only those files. Table names pass `check_table_name` first.
 In the daemon this runs inside the sandbox's worker process, so a replica
 whose Parquet expands beyond the worker's memory limit costs that worker only.
 """
@@ -45,6 +46,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from benchsync.storage import segments
 from benchsync.storage.errors import StorageError
 from benchsync.storage.schema import ID_COLUMNS
 from benchsync.storage.sqlnames import check_table_name
@@ -71,7 +73,8 @@ def global_id(origin: str, local_id: int) -> int:
 
 @dataclass(frozen=True)
 class ReplicaTables:
-    """One installed replica: its dataset (peer ID) and its Parquet file per table."""
+    """One installed replica: its dataset (peer ID) and its Parquet file or segment
+    directory (`tables/<table>/part-NNNN.parquet`, read in part order) per table."""
 
     dataset: str
     tables: Mapping[str, Path]
@@ -112,7 +115,11 @@ def scope_tables(scope: ScopeInput) -> dict[str, pa.Table]:
         parts.setdefault(check_table_name(name), []).append(_with_origin(table, scope.origin))
     for replica in scope.replicas:
         for name, path in replica.tables.items():
-            table = pq.read_table(path)
+            # A file (a version in the one-file layout) or a directory of segments.
+            files = segments.parquet_files(path)
+            table = pa.concat_tables(
+                [pq.read_table(p) for p in files], promote_options="permissive"
+            )
             parts.setdefault(check_table_name(name), []).append(
                 _with_origin(table, replica.dataset)
             )

@@ -2,24 +2,31 @@
 
 A snapshot is a UnixFS directory any IPFS tool can read::
 
-    <root>/manifest.json              format, dataset, seq, parent, created_at,
-                                      schema_version, writer, per-table
-                                      rows/bytes/cid/digest
-    <root>/tables/<table>.parquet     one deterministic Parquet file per table
+    <root>/manifest.json                     format, dataset, seq, parent, created_at,
+                                             schema_version, writer, per-table
+                                             rows/bytes/cid/digest/segments
+    <root>/tables/<table>/part-NNNN.parquet  each table as content-defined segments
+    <root>/tables/<table>.parquet            (older versions: one file per table)
 
-Each table is exported ordered by its primary key with a fixed row-group size
-by DuckDB's own writer, so the same rows give the same `tables/` CID on every
-node *with the same writer* (DuckDB version: it writes its version into every
-file, and its encoders change between releases). Rows appended at the end leave
-the earlier row groups — and so their 256 KiB chunks — byte-identical, which is
-what makes snapshots (and peer fetches) incremental.
+Each table is split by key into segments whose boundaries depend only on the
+rows (`segments`: the rule, its constants and the rows/2 digest), each
+exported in key order with a fixed row-group size by DuckDB's own writer, so
+the same rows give the same `tables/` CID on every node *with the same writer*
+(DuckDB version: it writes its version into every file, and its encoders
+change between releases), whatever history led to them. The writer knows
+which key ranges changed since the last snapshot (`db.BenchmarkDB` tracks
+them; a restart marks everything dirty once), so a snapshot re-exports only
+the dirty segments (`WHERE key` in their range) and reuses the others' CIDs,
+digests and row counts from a local index (`segments.json` in the state
+directory, valid for the head it names): its cost follows the change, not the
+database. Versions in the older one-file layout stay readable and restorable.
 
 Content identity across writers is the per-table row digest (`rowdigest`, a
-specified encoding of the rows) that each manifest records beside the writer
-(`duckdb`, `benchsync` versions): a snapshot whose digests equal the head's is
-no change, whatever bytes the writer produced. Manifests written before the
-digest existed have none; for them "no change" falls back to `tables/` CID
-equality.
+specified encoding of the rows; rows/2 over segments) that each manifest
+records beside the writer (`duckdb`, `benchsync` versions): a snapshot whose
+digests equal the head's is no change, whatever bytes the writer produced.
+Manifests written before the digest existed have none; for them "no change"
+falls back to `tables/` CID equality.
 
 History is the chain of `parent` links between manifests; the head is a small
 JSON file written atomically. Nothing here erases history: a restore records a
@@ -28,9 +35,11 @@ new head whose content equals an old version's.
 A snapshot may come from a peer, so its meaning is checked before any of it
 reaches the filesystem or DuckDB (`read_version` and `materialize_tables` do it
 for every consumer): table names follow `sqlnames.TABLE_NAME_RE`, `tables/`
-holds exactly one `<table>.parquet` per manifest table and nothing else, each
-file expands to exactly the bytes its manifest claims (bounded by the limits
-below, and by how much distinct data the DAG really holds), and its Parquet
+holds exactly one entry per manifest table and nothing else: `<table>.parquet`
+for a table without `segments` in the manifest, else a directory of exactly
+`part-0000.parquet` .. `part-<n-1>.parquet` for its n segments; the files
+expand to exactly the bytes the manifest claims (bounded by the limits below,
+and by how much distinct data the DAG really holds), and their Parquet
 metadata agrees with the claimed rows and stays under a decompressed size.
 """
 
@@ -47,7 +56,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import duckdb
 import pyarrow as pa
@@ -56,7 +65,7 @@ import pyarrow.parquet as pq
 from multiformats import CID
 
 import benchsync
-from benchsync.storage import rowdigest, schema, unixfs
+from benchsync.storage import rowdigest, schema, segments, unixfs
 from benchsync.storage.blockstore import Blockstore, BlockWriteError, verify_block
 from benchsync.storage.errors import NotFound, StorageError, TooLarge
 from benchsync.storage.sqlnames import UnsafeName, check_table_name, ident, literal
@@ -93,6 +102,11 @@ MAX_WRITER_ENTRIES = 8
 WRITER_KEY_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 WRITER_VALUE_RE = re.compile(r"^[\x20-\x7e]{1,64}$")
 DIGEST_BATCH_ROWS = 64 * 1024  # rows per Arrow batch when digesting a Parquet file
+# DuckDB's memory limit while a snapshot runs: it exports one segment (~131k rows) at a
+# time, so a small buffer pool is enough, and a full scan does not grow the process.
+SNAPSHOT_MEMORY_LIMIT = "128MiB"
+SEGMENT_INDEX_NAME = "segments.json"  # the local index of the head's segments
+SEGMENT_INDEX_FORMAT = "benchsync-segment-index/1"
 
 
 class SnapshotError(StorageError):
@@ -121,11 +135,15 @@ class TableInfo:
     bytes: int
     cid: str
     digest: str | None = None  # `rowdigest` of the rows; None: unsupported type, or an old manifest
+    # Segment count of tables/<table>/ (digest: rows/2); None: the older tables/<table>.parquet
+    segments: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         doc: dict[str, Any] = {"rows": self.rows, "bytes": self.bytes, "cid": self.cid}
         if self.digest is not None:
             doc["digest"] = self.digest
+        if self.segments is not None:
+            doc["segments"] = self.segments
         return doc
 
 
@@ -216,8 +234,20 @@ def _table_info(name: str, doc: Any) -> TableInfo:
     digest = doc.get("digest")
     if digest is not None and not (isinstance(digest, str) and DIGEST_RE.fullmatch(digest)):
         raise BadSnapshot(f"manifest: table {name} has a malformed digest {str(digest)[:80]!r}")
+    nseg = doc.get("segments")
+    if nseg is not None and not (
+        isinstance(nseg, int) and not isinstance(nseg, bool) and 1 <= nseg <= segments.MAX_SEGMENTS
+    ):
+        raise BadSnapshot(
+            f"manifest: table {name} claims {str(nseg)[:40]} segments "
+            f"(allowed 1..{segments.MAX_SEGMENTS})"
+        )
     info = TableInfo(
-        rows=int(doc["rows"]), bytes=int(doc["bytes"]), cid=str(doc["cid"]), digest=digest
+        rows=int(doc["rows"]),
+        bytes=int(doc["bytes"]),
+        cid=str(doc["cid"]),
+        digest=digest,
+        segments=nseg,
     )
     if not 0 <= info.rows <= MAX_TABLE_ROWS:
         raise BadSnapshot(
@@ -331,44 +361,84 @@ def read_version(store: Blockstore, root: CID | str) -> Version:
     return version
 
 
-def table_files(get: Callable[[CID], bytes], version: Version) -> dict[str, CID]:
-    """Table name -> file CID of `version`'s `tables/`, checked against its manifest.
+@dataclass(frozen=True)
+class TableLink:
+    """Where one table of a version lives in its `tables/` directory, as checked."""
 
-    Every entry must be exactly `<table>.parquet` for a table the manifest lists,
-    with the CID the manifest names, once; every listed table must be there.
-    Raises BadSnapshot naming the first entry that breaks the rule.
+    cid: CID  # the file (older layout) or the segment directory
+    # (link name, file CID) of each segment in order; None: the one-file layout
+    parts: tuple[tuple[str, CID], ...] | None = None
+
+
+def table_files(get: Callable[[CID], bytes], version: Version) -> dict[str, TableLink]:
+    """Table name -> its checked entry of `version`'s `tables/`.
+
+    A manifest table without `segments` must be exactly `<table>.parquet`; one
+    with n segments a directory `<table>` of exactly `part-0000.parquet` ..
+    `part-<n-1>.parquet`; with the CID the manifest names, once; every listed
+    table must be there and nothing else. Raises BadSnapshot naming the first
+    entry that breaks the rule.
     """
     listing = _list_dir(get, CID.decode(version.tables_cid))
     tables = version.manifest.tables
-    files: dict[str, CID] = {}
+    files: dict[str, TableLink] = {}
     for name, cid, _ in listing:
         table = name.removesuffix(PARQUET_SUFFIX)
-        if name == table:
-            if table in tables:
-                raise BadSnapshot(
-                    f"tables/{table}/ is a directory (the segment layout "
-                    f"tables/<table>/part-NNNN.parquet), which this version cannot read"
-                )
-            raise BadSnapshot(f"unexpected entry {name[:100]!r} in tables/ (want <table>.parquet)")
         try:
             check_table_name(table)
         except UnsafeName as e:
+            if name == table:
+                raise BadSnapshot(
+                    f"unexpected entry {name[:100]!r} in tables/ "
+                    f"(want <table>.parquet or <table>/part-NNNN.parquet)"
+                ) from e
             raise BadSnapshot(f"tables/ entry {name[:100]!r}: {e}") from e
         if table in files:
             raise BadSnapshot(f"tables/{name} appears twice")
         if table not in tables:
             raise BadSnapshot(f"tables/{name} is not listed in the manifest")
-        if str(cid) != tables[table].cid:
+        info = tables[table]
+        if (name == table) != (info.segments is not None):
+            want = f"{table}/" if info.segments is not None else f"{table}{PARQUET_SUFFIX}"
             raise BadSnapshot(
-                f"tables/{name} is {cid}, but the manifest says {tables[table].cid}"
+                f"unexpected entry tables/{name}: the manifest's layout for {table} is "
+                f"tables/{want} (segment layout: <table>/part-NNNN.parquet)"
             )
-        files[table] = cid
+        if str(cid) != info.cid:
+            raise BadSnapshot(f"tables/{name} is {cid}, but the manifest says {info.cid}")
+        files[table] = TableLink(cid, None if info.segments is None else _segment_links(
+            get, table, cid, info.segments))
     absent = sorted(set(tables) - set(files))
     if absent:
         raise BadSnapshot(
-            f"manifest lists table {absent[0]!r} but tables/{absent[0]}.parquet is absent"
+            f"manifest lists table {absent[0]!r} but tables/{absent[0]}"
+            f"{'/' if tables[absent[0]].segments else PARQUET_SUFFIX} is absent"
         )
     return files
+
+
+def _segment_links(
+    get: Callable[[CID], bytes], table: str, cid: CID, count: int
+) -> tuple[tuple[str, CID], ...]:
+    """The parts of a segment directory: exactly part-0000 .. part-<count-1>, in order."""
+    try:
+        listing = unixfs.list_directory(get, cid)
+    except SnapshotError:
+        raise
+    except (StorageError, ValueError, KeyError) as e:
+        raise BadSnapshot(
+            f"tables/{table} is not a segment directory (tables/<table>/part-NNNN.parquet): {e}"
+        ) from e
+    names = [name for name, _, _ in listing]
+    want = [segments.segment_name(i) for i in range(count)]
+    if names != want:
+        odd = next((n for n, w in zip(names, want, strict=False) if n != w), None)
+        raise BadSnapshot(
+            f"tables/{table}/ holds {len(names)} entries"
+            f"{f' (unexpected {odd[:100]!r})' if odd else ''}; the manifest claims "
+            f"{count} segments, part-0000.parquet .. {want[-1]}"
+        )
+    return tuple((name, c) for name, c, _ in listing)
 
 
 def _list_dir(get: Callable[[CID], bytes], cid: CID) -> list[tuple[str, CID, int]]:
@@ -409,30 +479,48 @@ def dag_blocks(store: Blockstore, root: CID) -> Iterator[tuple[CID, bytes]]:
 
 
 def materialize_tables(store: Blockstore, version: Version, dest: Path) -> dict[str, Path]:
-    """Write the version's Parquet files into `dest`; returns table name -> file path.
+    """Write the version's Parquet files into `dest`; returns table name -> path.
 
-    Names, sizes and Parquet metadata are checked first (see `table_files`,
-    `check_parquet_file`); paths are built only from checked table names. On
-    any error every file this call wrote is removed (and `dest`, if this call
-    created it) before raising IncompleteSnapshot, BadSnapshot (SnapshotTooLarge
-    for a bomb), DiskFull or SnapshotError.
+    The path is `dest/<table>.parquet` for a table in the one-file layout, the
+    directory `dest/<table>/` of its `part-NNNN.parquet` segments otherwise
+    (`segments.parquet_files` lists either). Names, sizes and Parquet metadata
+    are checked first (see `table_files`, `check_parquet_file`); paths are
+    built only from checked names. On any error everything this call wrote is
+    removed (and `dest`, if this call created it) before raising
+    IncompleteSnapshot, BadSnapshot (SnapshotTooLarge for a bomb), DiskFull or
+    SnapshotError.
     """
     get = _getter(store)
-    cids = table_files(get, version)
+    links = table_files(get, version)
     created = not dest.exists()
     dest.mkdir(parents=True, exist_ok=True)
     files: dict[str, Path] = {}
     try:
-        for table, cid in cids.items():
+        for table, link in links.items():
             info = version.manifest.tables[table]
-            path = dest / f"{check_table_name(table)}{PARQUET_SUFFIX}"
-            _check_distinct_bytes(get, table, cid, info.bytes)
-            files[table] = path
-            _write_file(get, table, cid, info.bytes, path)
+            _check_distinct_bytes(get, table, link.cid, info.bytes)
+            if link.parts is None:
+                path = dest / f"{check_table_name(table)}{PARQUET_SUFFIX}"
+                files[table] = path
+                _write_file(get, table, link.cid, info.bytes, path)
+            else:
+                path = dest / check_table_name(table)
+                files[table] = path
+                path.mkdir()
+                budget = info.bytes
+                for name, cid in link.parts:
+                    budget -= _write_file(get, table, cid, None, path / name, budget)
+                if budget:
+                    raise BadSnapshot(
+                        f"tables/{table}/ holds {info.bytes - budget} bytes, "
+                        f"the manifest claims {info.bytes}"
+                    )
             check_parquet_file(path, table, info)
     except BaseException:
         for path in files.values():
-            with contextlib.suppress(FileNotFoundError):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            with contextlib.suppress(FileNotFoundError, IsADirectoryError):
                 path.unlink()
         if created:
             shutil.rmtree(dest, ignore_errors=True)
@@ -457,24 +545,44 @@ def _check_distinct_bytes(get: Callable[[CID], bytes], table: str, cid: CID, cla
         )
 
 
-def _write_file(get: Callable[[CID], bytes], table: str, cid: CID, size: int, path: Path) -> None:
-    """Write the file DAG `cid` to `path` (which must not exist), exactly `size` bytes."""
+def _write_file(
+    get: Callable[[CID], bytes],
+    table: str,
+    cid: CID,
+    size: int | None,
+    path: Path,
+    budget: int | None = None,
+) -> int:
+    """Write the file DAG `cid` to `path` (which must not exist); returns its bytes.
+
+    Exactly `size` bytes when given; otherwise the root's claim, refused past
+    `budget` (what is left of the table's claimed bytes).
+    """
+    one_file = path.name == f"{table}{PARQUET_SUFFIX}"
+    what = f"tables/{table}{PARQUET_SUFFIX}" if one_file else f"tables/{table}/{path.name}"
+    written = 0
     try:
         with open(path, "xb") as f:
             for chunk in unixfs.cat(get, cid, size):
+                written += len(chunk)
+                if budget is not None and written > budget:
+                    raise SnapshotTooLarge(
+                        f"{what} (the manifest's bytes for {table})", limit=budget, got=written
+                    )
                 f.write(chunk)
     except SnapshotError:
         raise
     except unixfs.FileTooLarge as e:
         raise SnapshotTooLarge(
-            f"tables/{table}.parquet (the manifest claims {size} bytes)", limit=e.limit, got=e.got
+            f"{what} (the manifest claims {size} bytes)", limit=e.limit, got=e.got
         ) from e
     except StorageError as e:
-        raise BadSnapshot(f"tables/{table}.parquet ({cid}): {e}") from e
+        raise BadSnapshot(f"{what} ({cid}): {e}") from e
     except OSError as e:
         if _disk_full(e):
             raise DiskFull(f"disk full while writing {path}: {e}") from e
         raise SnapshotError(f"cannot write {path}: {e}") from e
+    return written
 
 
 def check_parquet_file(path: Path, table: str, info: TableInfo) -> None:
@@ -492,41 +600,50 @@ def check_parquet_file(path: Path, table: str, info: TableInfo) -> None:
         MAX_TABLE_UNCOMPRESSED_BYTES,
         max(PARQUET_EXPANSION_FLOOR, MAX_PARQUET_EXPANSION * info.bytes),
     )
-    what = f"tables/{table}.parquet decoded ({info.bytes} bytes on disk)"
+    files = segments.parquet_files(path)
+    where = f"tables/{table}{'/' if path.is_dir() else PARQUET_SUFFIX}"
+    what = f"{where} decoded ({info.bytes} bytes on disk)"
     try:
-        meta = pq.ParquetFile(path).metadata
-        if meta.num_rows != info.rows:
-            raise BadSnapshot(
-                f"tables/{table}.parquet holds {meta.num_rows} rows, "
-                f"the manifest claims {info.rows}"
-            )
+        metas = [pq.ParquetFile(p).metadata for p in files]
+        rows = sum(meta.num_rows for meta in metas)
+        if rows != info.rows:
+            raise BadSnapshot(f"{where} holds {rows} rows, the manifest claims {info.rows}")
         stated = sum(
             meta.row_group(g).column(c).total_uncompressed_size
+            for meta in metas
             for g in range(meta.num_row_groups)
             for c in range(meta.num_columns)
         )
         if stated > limit:
             raise SnapshotTooLarge(what, limit=limit, got=stated)
-        schema_arrow = meta.schema.to_arrow_schema()
-        text = [
-            f.name
-            for f in schema_arrow
-            if pa.types.is_string(f.type)
-            or pa.types.is_binary(f.type)
-            or pa.types.is_large_string(f.type)
-            or pa.types.is_large_binary(f.type)
-        ]
-        pf = pq.ParquetFile(path, read_dictionary=text)
         decoded = 0
-        for g in range(meta.num_row_groups):
-            for column in pf.read_row_group(g).columns:
-                decoded += sum(_decoded_bytes(chunk) for chunk in column.chunks)
-                if decoded > limit:
-                    raise SnapshotTooLarge(what, limit=limit, got=decoded)
+        for p, meta in zip(files, metas, strict=True):
+            decoded = _check_decoded(p, meta, limit, decoded, what)
     except SnapshotError:
         raise
     except (pa.ArrowException, OSError, ValueError) as e:
-        raise BadSnapshot(f"tables/{table}.parquet is not readable Parquet: {e}") from e
+        raise BadSnapshot(f"{where} is not readable Parquet: {e}") from e
+
+
+def _check_decoded(path: Path, meta: Any, limit: int, decoded: int, what: str) -> int:
+    """Decode `path` a row group at a time; the running decoded total, refused past `limit`."""
+    # One row group in memory at a time, dictionaries kept as dictionaries.
+    schema_arrow = meta.schema.to_arrow_schema()
+    text = [
+        f.name
+        for f in schema_arrow
+        if pa.types.is_string(f.type)
+        or pa.types.is_binary(f.type)
+        or pa.types.is_large_string(f.type)
+        or pa.types.is_large_binary(f.type)
+    ]
+    pf = pq.ParquetFile(path, read_dictionary=text)
+    for g in range(meta.num_row_groups):
+        for column in pf.read_row_group(g).columns:
+            decoded += sum(_decoded_bytes(chunk) for chunk in column.chunks)
+            if decoded > limit:
+                raise SnapshotTooLarge(what, limit=limit, got=decoded)
+    return decoded
 
 
 def _decoded_bytes(array: pa.Array) -> int:
@@ -539,65 +656,247 @@ def _decoded_bytes(array: pa.Array) -> int:
 
 # --- writing snapshots ---------------------------------------------------------------
 
+Interval = tuple[int | None, int | None]  # an inclusive key range; None: unbounded
+# What changed since the last snapshot: table -> key intervals; None: unknown (everything).
+Dirty = dict[str, list[Interval]] | None
+
+
+class ChangeSource(Protocol):
+    """What a snapshot asks the database (`BenchmarkDB`) about changes."""
+
+    def begin_snapshot(self, conn: Any) -> Dirty:
+        """Begin `conn`'s read transaction; return the changes since the last call."""
+        ...
+
+    def return_dirty(self, dirty: Dirty) -> None:
+        """Take back changes a failed snapshot did not export."""
+        ...
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One exported segment: where its key range ends and what a manifest needs of it."""
+
+    hi: int | None  # the last key of its range (a boundary); None: the open tail
+    rows: int
+    bytes: int
+    cid: str
+    tsize: int  # cumulative DAG size, for the directory link
+    digest: str | None  # rows/1 of its rows
+
+    def to_json(self) -> list[Any]:
+        return [self.hi, self.rows, self.bytes, self.cid, self.tsize, self.digest]
+
+    @classmethod
+    def from_json(cls, doc: Any) -> Segment:
+        hi, rows, size, cid, tsize, digest = doc
+        return cls(
+            None if hi is None else int(hi), int(rows), int(size), str(cid), int(tsize),
+            None if digest is None else str(digest),
+        )
+
+
+_TAIL = Segment(None, 0, 0, "", 0, None)  # stands for the (empty) range above the last boundary
+
+
+def _columns(conn: Any, table: str) -> list[tuple[str, str]]:
+    return [
+        (str(r[0]), str(r[1]))
+        for r in conn.execute(
+            "SELECT column_name, data_type FROM information_schema.columns "
+            "WHERE table_name = ? AND table_schema = 'main' ORDER BY ordinal_position",
+            [table],
+        ).fetchall()
+    ]
+
+
+class _TableExport:
+    """One table's segments, exported inside the snapshot's read transaction.
+
+    `full()` applies the segment rule to the whole table; `update(old, dirty)`
+    re-exports only the segments whose key range meets a dirty interval (and
+    a neighbour when a boundary key was deleted), keeping the others as they
+    are: the result is the same list of segments either way.
+    """
+
+    def __init__(
+        self, conn: Any, table: str, work: Path, put: Callable[[CID, bytes], None]
+    ) -> None:
+        self.conn = conn
+        self.table = check_table_name(table)
+        self.work = work
+        self.put = put
+        self.columns = _columns(conn, table)
+        self.key = segments.segmented_key(conn, table, schema.PRIMARY_KEYS.get(table))
+        names = [c for c, _ in self.columns]
+        # Key order; ties (a legacy table whose key is not unique) by every column.
+        self.order = ", ".join(ident(c) for c in ([self.key] if self.key else []) + names)
+        self.exported_rows = 0
+        self.files: list[Path] = []  # exported segment files, kept when `keep`
+        self.keep = False
+
+    def full(self) -> list[Segment]:
+        if self.key is None:
+            return [self._whole()]
+        out = self._pieces(None, None, self._boundaries(None, None))
+        return out or [self._whole()]
+
+    def update(self, old: list[Segment], dirty: list[Interval]) -> list[Segment]:
+        if self.key is None:
+            return old if not dirty else self.full()
+        segs = list(old) + ([_TAIL] if old[-1].hi is not None else [])
+        his = [s.hi for s in segs]
+
+        def hit(i: int) -> bool:
+            lo, hi = (his[i - 1] if i else None), his[i]
+            return any(
+                (dhi is None or lo is None or dhi > lo) and (hi is None or dlo is None or dlo <= hi)
+                for dlo, dhi in dirty
+            )
+
+        marked = [hit(i) for i in range(len(segs))]
+        out: list[Segment] = []
+        i = 0
+        while i < len(segs):
+            if not marked[i]:
+                if segs[i] is not _TAIL:
+                    out.append(segs[i])
+                i += 1
+                continue
+            end = i
+            while end + 1 < len(segs) and marked[end + 1]:
+                end += 1
+            lo = his[i - 1] if i else None
+            while True:
+                bounds = self._boundaries(lo, his[end])
+                if his[end] is None or (bounds and bounds[-1] == his[end]):
+                    break
+                # The boundary that closed this range was deleted: it merges with the next.
+                end += 1
+                while end + 1 < len(segs) and marked[end + 1]:
+                    end += 1
+            out += self._pieces(lo, his[end], bounds)
+            i = end + 1
+        return out or [self._whole()]
+
+    def _boundaries(self, lo: int | None, hi: int | None) -> list[int]:
+        assert self.key is not None
+        # sql: range_sql/boundary_sql quote the key with ident() and format ints.
+        rows = self.conn.execute(
+            f"SELECT DISTINCT {ident(self.key)} FROM {ident(self.table)} "
+            f"WHERE {segments.range_sql(self.key, lo, hi)} "
+            f"AND {segments.boundary_sql(self.key)} ORDER BY 1"
+        ).fetchall()
+        return [int(r[0]) for r in rows]
+
+    def _pieces(self, lo: int | None, hi: int | None, bounds: list[int]) -> list[Segment]:
+        out = []
+        prev = lo
+        for b in bounds:
+            seg = self._export(prev, b, tail=False)
+            assert seg is not None
+            out.append(seg)
+            prev = b
+        if hi is None:
+            seg = self._export(prev, None, tail=True)
+            if seg is not None:
+                out.append(seg)
+        return out
+
+    def _whole(self) -> Segment:
+        seg = self._export(None, None, tail=False)
+        assert seg is not None
+        return seg
+
+    def _export(self, lo: int | None, hi: int | None, *, tail: bool) -> Segment | None:
+        where = segments.range_sql(self.key, lo, hi) if self.key else "TRUE"
+        path = self.work / f"{self.table}-{len(self.files):06d}{PARQUET_SUFFIX}"
+        # sql: where/order quote names with ident(); the path goes through literal().
+        self.conn.execute(
+            f"COPY (SELECT * FROM {ident(self.table)} WHERE {where} ORDER BY {self.order}) "
+            f"TO {literal(path)} (FORMAT parquet, COMPRESSION {PARQUET_COMPRESSION}, "
+            f"ROW_GROUP_SIZE {ROW_GROUP_SIZE})"
+        )
+        self.files.append(path)
+        rows = pq.ParquetFile(path).metadata.num_rows
+        if rows == 0 and tail:
+            path.unlink()
+            self.files.pop()
+            return None
+        self.exported_rows += rows
+        digest = parquet_digest(path, self.table)
+        with open(path, "rb") as f:
+            cid, size, tsize = unixfs.add_file(f, self.put)
+        if not self.keep:
+            # A scratch copy, deleted before the batch's filesystem sync so that it
+            # does not write it to disk as well.
+            path.unlink()
+        return Segment(hi, rows, size, str(cid), tsize, digest)
+
+
+def add_segments(
+    table: str, segs: list[Segment], put: Callable[[CID, bytes], None]
+) -> tuple[CID, int, TableInfo]:
+    """The `tables/<table>/` directory of `segs`: (its CID, its Tsize, the manifest entry)."""
+    if len(segs) > segments.MAX_SEGMENTS:
+        raise SnapshotError(
+            f"table {table} needs {len(segs)} segments, more than the {segments.MAX_SEGMENTS} "
+            "one directory block holds without sharding; split the table or thin it"
+        )
+    cid, tsize = unixfs.add_directory(
+        [(segments.segment_name(i), CID.decode(s.cid), s.tsize) for i, s in enumerate(segs)], put
+    )
+    info = TableInfo(
+        rows=sum(s.rows for s in segs),
+        bytes=sum(s.bytes for s in segs),
+        cid=str(cid),
+        digest=segments.combine([(s.rows, s.digest) for s in segs]),
+        segments=len(segs),
+    )
+    return cid, tsize, info
+
 
 def export_tables(conn: Any, dest: Path) -> dict[str, Path]:
-    """Export every table of the open DuckDB connection to deterministic Parquet in `dest`.
+    """Export every table of the open DuckDB connection to segment directories in `dest`.
 
-    All tables are read inside one transaction, so the files form a consistent
+    Returns table -> `dest/<table>/` holding its `part-NNNN.parquet` segments;
+    all tables are read inside one transaction, so the files form a consistent
     cut even while writes go on beside them.
     """
-    tables = snapshot_tables(conn)
     files: dict[str, Path] = {}
     conn.execute("BEGIN TRANSACTION")
     try:
-        for table in tables:
-            path = dest / f"{check_table_name(table)}{PARQUET_SUFFIX}"
-            # sql: _sort_order() returns ident()-quoted column names of our own table.
-            conn.execute(
-                f"COPY (SELECT * FROM {ident(table)} ORDER BY {_sort_order(conn, table)}) "
-                f"TO {literal(path)} "
-                f"(FORMAT parquet, COMPRESSION {PARQUET_COMPRESSION}, "
-                f"ROW_GROUP_SIZE {ROW_GROUP_SIZE})"
-            )
-            files[table] = path
+        for table in snapshot_tables(conn):
+            exporter = _TableExport(conn, table, dest, lambda c, d: None)
+            exporter.keep = True
+            exporter.full()
+            folder = dest / check_table_name(table)
+            folder.mkdir()
+            for i, path in enumerate(exporter.files):
+                path.rename(folder / segments.segment_name(i))
+            files[table] = folder
     finally:
         conn.execute("COMMIT")
     return files
 
 
-def _sort_order(conn: Any, table: str) -> str:
-    """A total, content-only order for `table`'s rows.
-
-    By key when the key is unique (ids only grow, so appended rows sort last
-    and earlier row groups stay byte-identical); otherwise (a legacy file whose
-    assertion ids restart per result, a table without a key) the key and then
-    every column, so that ties cannot reorder between runs.
-    """
-    key = schema.PRIMARY_KEYS.get(table)
-    if key is not None:
-        unique = conn.execute(
-            f"SELECT count({ident(key)}) = count(*) AND count(DISTINCT {ident(key)}) = count(*) "
-            f"FROM {ident(table)}"
-        ).fetchone()[0]
-        if unique:
-            return ident(key)
-    columns = [
-        r[0]
-        for r in conn.execute(
-            "SELECT column_name FROM information_schema.columns WHERE table_name = ? "
-            "AND table_schema = 'main' ORDER BY ordinal_position",
-            [table],
-        ).fetchall()
-    ]
-    return ", ".join(ident(c) for c in ([key] if key else []) + columns)
-
-
 def parquet_digest(path: Path, table: str) -> str | None:
-    """The row digest (`rowdigest`) of a table's Parquet file, or None for an unsupported type.
+    """The row digest of a table's Parquet file or segment directory; None: unsupported type.
 
-    Streams the file in batches when its rows are in key order (our export
-    writes them so); raises BadSnapshot if the file cannot be read.
+    A file (one segment, or a table of the older layout): `rowdigest`'s
+    rows/1, streaming when its rows are in key order (our export writes them
+    so). A directory: `segments.combine` (rows/2) of its segments' rows/1.
+    Raises BadSnapshot if a file cannot be read.
     """
+    if path.is_dir():
+        parts = []
+        for part in segments.parquet_files(path):
+            try:
+                rows = pq.ParquetFile(part).metadata.num_rows
+            except (pa.ArrowException, OSError, ValueError) as e:
+                raise BadSnapshot(f"tables/{table}/{part.name} is not readable Parquet: {e}") from e
+            parts.append((rows, parquet_digest(part, table)))
+        return segments.combine(parts)
     try:
         arrow_schema = pq.ParquetFile(path).schema_arrow
         return rowdigest.table_digest(
@@ -607,6 +906,23 @@ def parquet_digest(path: Path, table: str) -> str | None:
         )
     except (pa.ArrowException, OSError, ValueError) as e:
         raise BadSnapshot(f"tables/{table}.parquet is not readable Parquet: {e}") from e
+
+
+def rows1_digest(files: list[Path], table: str) -> str | None:
+    """rows/1 (the older layout's digest) of a table's segment files, streamed in order.
+
+    None when a type is unsupported or the rows are not in unique key order.
+    """
+    try:
+        digest = rowdigest.KeyOrderDigest(
+            pq.ParquetFile(files[0]).schema_arrow, schema.PRIMARY_KEYS.get(table)
+        )
+        for path in files:
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=DIGEST_BATCH_ROWS):
+                digest.feed(batch)
+        return digest.hexdigest()
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise BadSnapshot(f"tables/{table}/ is not readable Parquet: {e}") from e
 
 
 def same_content(a: dict[str, TableInfo], b: dict[str, TableInfo]) -> bool:
@@ -625,16 +941,27 @@ def same_content(a: dict[str, TableInfo], b: dict[str, TableInfo]) -> bool:
 def add_tables(
     files: dict[str, Path], put: Callable[[CID, bytes], None]
 ) -> tuple[CID, int, dict[str, tuple[CID, int]]]:
-    """Chunk the Parquet files into the `tables/` directory.
+    """Chunk Parquet files or segment directories into the `tables/` directory.
 
-    Returns (directory CID, its cumulative size, table -> (file CID, file size)).
+    Returns (directory CID, its cumulative size, table -> (entry CID, bytes)).
     """
     entries = []
     added: dict[str, tuple[CID, int]] = {}
     for table, path in files.items():
-        with open(path, "rb") as f:
-            cid, size, tsize = unixfs.add_file(f, put)
-        entries.append((f"{check_table_name(table)}{PARQUET_SUFFIX}", cid, tsize))
+        if path.is_dir():
+            parts = []
+            size = 0
+            for i, part in enumerate(segments.parquet_files(path)):
+                with open(part, "rb") as f:
+                    cid, n, tsize = unixfs.add_file(f, put)
+                parts.append((segments.segment_name(i), cid, tsize))
+                size += n
+            cid, tsize = unixfs.add_directory(parts, put)
+            entries.append((check_table_name(table), cid, tsize))
+        else:
+            with open(path, "rb") as f:
+                cid, size, tsize = unixfs.add_file(f, put)
+            entries.append((f"{check_table_name(table)}{PARQUET_SUFFIX}", cid, tsize))
         added[table] = (cid, size)
     tables_cid, tables_tsize = unixfs.add_directory(entries, put)
     return tables_cid, tables_tsize, added
@@ -653,8 +980,15 @@ def snapshot_tables(conn: Any) -> list[str]:
     return known + extra
 
 
-def _count_rows(conn: Any, path: Path) -> int:
-    return int(conn.execute(f"SELECT count(*) FROM read_parquet({literal(path)})").fetchone()[0])
+@contextlib.contextmanager
+def _memory_limit(conn: Any, limit: str) -> Iterator[None]:
+    """DuckDB's memory limit lowered to `limit` for the block (a process-wide setting)."""
+    old = conn.execute("SELECT current_setting('memory_limit')").fetchone()[0]
+    conn.execute(f"SET memory_limit = {literal(limit)}")
+    try:
+        yield
+    finally:
+        conn.execute(f"SET memory_limit = {literal(str(old))}")
 
 
 @dataclass
@@ -663,6 +997,7 @@ class SnapshotResult:
     created: bool  # False when nothing changed since the head
     new_blocks: int = 0
     new_bytes: int = 0
+    exported_rows: int = 0  # rows exported again (the rest reused unchanged segments)
 
 
 class SnapshotStore:
@@ -712,13 +1047,27 @@ class SnapshotStore:
         atomic_write(self.head_path, json.dumps(version.to_json(), sort_keys=True).encode())
 
     # snapshot ----------------------------------------------------------------
-    def snapshot(self, conn: Any, *, tmp_dir: Path | None = None) -> SnapshotResult:
+    def snapshot(
+        self, conn: Any, *, tmp_dir: Path | None = None, changes: ChangeSource | None = None
+    ) -> SnapshotResult:
         """Export, chunk and store the database's tables; record a new head if anything changed.
 
-        `conn` is a DuckDB connection (a read cursor is enough). Raises DiskFull
-        or SnapshotError; on error the head is unchanged.
+        `conn` is a DuckDB connection (a read cursor is enough). `changes`
+        (the `BenchmarkDB`) begins the read transaction and says what changed
+        since its last snapshot (table -> key intervals): only those segments
+        are exported again, when the local segment index matches the head.
+        Without it everything is exported. Raises DiskFull or SnapshotError;
+        on error the head is unchanged.
         """
         head = self.head()
+        index = self._read_index(head)
+        dirty: Dirty = None
+        began = False
+        # Tables of an older-layout head: "no change" compares their rows/1 digest.
+        legacy = {
+            t for t, info in (head.manifest.tables.items() if head else ())
+            if info.segments is None and info.digest is not None
+        }
         new_blocks = 0
         new_bytes = 0
 
@@ -729,32 +1078,67 @@ class SnapshotStore:
                 new_bytes += len(data)
 
         work = Path(tempfile.mkdtemp(prefix="snapshot-", dir=tmp_dir or self.state_dir))
+        exported = 0
         try:
             try:
-                files = export_tables(conn, work)
-                digests = {table: parquet_digest(path, table) for table, path in files.items()}
-                # One durable sync for all the table blocks instead of an fsync per block;
-                # they are durable (and in place) when the batch ends, before any head.
-                with self.blocks.batch():
-                    tables_cid, tables_tsize, added = add_tables(files, put)
-                    tables = {
-                        table: TableInfo(
-                            rows=_count_rows(conn, files[table]),
-                            bytes=size,
-                            cid=str(cid),
-                            digest=digests[table],
-                        )
-                        for table, (cid, size) in added.items()
-                    }
-                    # Scratch copies, deleted before the batch's filesystem sync so that
-                    # it does not write them to disk as well.
-                    for path in files.values():
-                        path.unlink()
+                with _memory_limit(conn, SNAPSHOT_MEMORY_LIMIT):
+                    if changes is not None:
+                        dirty = changes.begin_snapshot(conn)
+                    else:
+                        conn.execute("BEGIN TRANSACTION")
+                    began = True
+                    try:
+                        # One durable sync for all the table blocks instead of an fsync per
+                        # block; they are durable (and in place) when the batch ends.
+                        with self.blocks.batch():
+                            entries = []
+                            tables: dict[str, TableInfo] = {}
+                            compare: dict[str, TableInfo] = {}
+                            kept: dict[str, Any] = {}
+                            for table in snapshot_tables(conn):
+                                exporter = _TableExport(conn, table, work, put)
+                                exporter.keep = table in legacy
+                                old = index.get(table) if dirty is not None else None
+                                if (
+                                    old is None
+                                    or dirty is None
+                                    or old["key"] != exporter.key
+                                    or old["columns"] != [list(c) for c in exporter.columns]
+                                ):
+                                    segs = exporter.full()
+                                else:
+                                    segs = exporter.update(
+                                        [Segment.from_json(x) for x in old["segments"]],
+                                        dirty.get(table, []),
+                                    )
+                                exported += exporter.exported_rows
+                                cid, tsize, info = add_segments(table, segs, put)
+                                entries.append((table, cid, tsize))
+                                tables[table] = compare[table] = info
+                                if exporter.keep and exporter.exported_rows == info.rows:
+                                    compare[table] = replace(
+                                        info, digest=rows1_digest(exporter.files, table)
+                                    )
+                                for path in exporter.files:
+                                    path.unlink(missing_ok=True)
+                                kept[table] = {
+                                    "key": exporter.key,
+                                    "columns": [list(c) for c in exporter.columns],
+                                    "segments": [x.to_json() for x in segs],
+                                }
+                            tables_cid, tables_tsize = unixfs.add_directory(entries, put)
+                    finally:
+                        conn.execute("COMMIT")
                 # The same bytes, or (another writer's bytes) the same rows: no new version.
                 if head is not None and (
-                    head.tables_cid == str(tables_cid) or same_content(head.manifest.tables, tables)
+                    head.tables_cid == str(tables_cid)
+                    or same_content(head.manifest.tables, tables)
+                    or same_content(head.manifest.tables, compare)
                 ):
-                    return SnapshotResult(version=head, created=False)
+                    self._write_index(head, kept)
+                    return SnapshotResult(
+                        version=head, created=False, exported_rows=exported
+                    )
                 manifest = Manifest(
                     dataset=self.dataset,
                     seq=(head.seq + 1) if head else 1,
@@ -765,18 +1149,67 @@ class SnapshotStore:
                     writer=current_writer(),
                 )
                 version = self._commit(manifest, tables_cid, tables_tsize, put)
-            except (OSError, BlockWriteError) as e:
-                if _disk_full(e):
-                    raise DiskFull(
-                        f"disk full while writing the snapshot ({e}); the database and history are "
-                        "unchanged. Free some space (e.g. `benchsync gc`) and snapshot again"
-                    ) from e
-                raise SnapshotError(f"snapshot failed: {e}") from e
+                self._write_index(version, kept)
+            except BaseException:
+                if began and changes is not None:
+                    changes.return_dirty(dirty)  # not exported: still to do
+                raise
+        except (OSError, BlockWriteError) as e:
+            if _disk_full(e):
+                raise DiskFull(
+                    f"disk full while writing the snapshot ({e}); the database and history are "
+                    "unchanged. Free some space (e.g. `benchsync gc`) and snapshot again"
+                ) from e
+            raise SnapshotError(f"snapshot failed: {e}") from e
         finally:
             shutil.rmtree(work, ignore_errors=True)
         return SnapshotResult(
-            version=version, created=True, new_blocks=new_blocks, new_bytes=new_bytes
+            version=version,
+            created=True,
+            new_blocks=new_blocks,
+            new_bytes=new_bytes,
+            exported_rows=exported,
         )
+
+    # the segment index -------------------------------------------------------
+    @property
+    def index_path(self) -> Path:
+        return self.state_dir / SEGMENT_INDEX_NAME
+
+    def _read_index(self, head: Version | None) -> dict[str, Any]:
+        """The head's segments per table, as the last snapshot left them; {} if unusable.
+
+        Only an index naming the current head, written by this DuckDB, is
+        used: anything else (another process's history, a restore, an upgrade,
+        a damaged file) means a full export, which is always correct.
+        """
+        if head is None:
+            return {}
+        try:
+            doc = json.loads(self.index_path.read_text())
+            if (
+                doc.get("format") != SEGMENT_INDEX_FORMAT
+                or doc.get("head") != head.cid
+                or doc.get("writer") != current_writer()
+            ):
+                return {}
+            tables = doc["tables"]
+            for entry in tables.values():  # checked once here, used without checks later
+                entry["segments"] = [Segment.from_json(x).to_json() for x in entry["segments"]]
+                if not entry["segments"]:
+                    return {}
+            return dict(tables)
+        except (OSError, *_MALFORMED):
+            return {}
+
+    def _write_index(self, version: Version, tables: dict[str, Any]) -> None:
+        doc = {
+            "format": SEGMENT_INDEX_FORMAT,
+            "head": version.cid,
+            "writer": current_writer(),
+            "tables": tables,
+        }
+        atomic_write(self.index_path, json.dumps(doc, sort_keys=True).encode())
 
     def _commit(
         self,

@@ -23,6 +23,7 @@ from benchsync.storage.snapshot import (
     IncompleteSnapshot,
     Manifest,
     TableInfo,
+    Version,
     read_version,
 )
 
@@ -73,6 +74,10 @@ def ds(tmp_path: Path):
         yield dataset
 
 
+def manifest_segments(ds: LocalDataset, v: Version) -> dict[str, int | None]:
+    return {t: info.segments for t, info in v.manifest.tables.items()}
+
+
 def test_snapshot_layout_is_unixfs_with_manifest_and_tables(ds: LocalDataset) -> None:
     fill(ds, 0, 500)
     result = ds.snapshot()
@@ -82,7 +87,9 @@ def test_snapshot_layout_is_unixfs_with_manifest_and_tables(ds: LocalDataset) ->
     names = [n for n, _, _ in unixfs.list_directory(get, CID.decode(v.cid))]
     assert names == ["manifest.json", "tables"]
     tables = {n for n, _, _ in unixfs.list_directory(get, CID.decode(v.tables_cid))}
-    assert "performance_results.parquet" in tables and "models.parquet" in tables
+    # The segment layout: a directory of part-NNNN.parquet per table.
+    assert "performance_results" in tables and "models" in tables
+    assert manifest_segments(ds, v) == {t: 1 for t in v.manifest.tables}
     manifest = Manifest.from_bytes(
         b"".join(unixfs.cat(get, unixfs.resolve(get, CID.decode(v.cid), "manifest.json")))
     )
@@ -92,7 +99,10 @@ def test_snapshot_layout_is_unixfs_with_manifest_and_tables(ds: LocalDataset) ->
     # The Parquet file inside the snapshot holds exactly the database's rows.
     pq = b"".join(
         unixfs.cat(
-            get, unixfs.resolve(get, CID.decode(v.cid), "tables/performance_results.parquet")
+            get,
+            unixfs.resolve(
+                get, CID.decode(v.cid), "tables/performance_results/part-0000.parquet"
+            ),
         )
     )
     out = ds.tmp / "check.parquet"
@@ -344,7 +354,9 @@ def test_corrupted_block_on_disk_fails_restore_cleanly(ds: LocalDataset) -> None
     fill(ds, 100, 10)
     ds.snapshot()
     # Damage one leaf of v1's performance table on disk.
-    leaf = unixfs.resolve(ds.blocks.get, CID.decode(v1.cid), "tables/performance_results.parquet")
+    leaf = unixfs.resolve(
+        ds.blocks.get, CID.decode(v1.cid), "tables/performance_results/part-0000.parquet"
+    )
     path = next(
         p
         for p in (ds.home / "blocks").rglob("*")
@@ -371,8 +383,9 @@ def test_wrong_schema_parquet_inside_well_formed_snapshot(ds: LocalDataset, tmp_
     entries = unixfs.list_directory(get, CID.decode(good.tables_cid))
     with open(bad_pq, "rb") as f:
         bad_cid, bad_size, bad_tsize = unixfs.add_file(f, put)
+    # The older one-file layout, which every node still reads.
     entries = [
-        (n, c, t) if n != "performance_results.parquet" else (n, bad_cid, bad_tsize)
+        (n, c, t) if n != "performance_results" else (f"{n}.parquet", bad_cid, bad_tsize)
         for n, c, t in entries
     ]
     tables_cid, tables_tsize = unixfs.add_directory(entries, put)
