@@ -111,6 +111,8 @@ class _Peer:
 
     ledger: Ledger
     wants: list[WantEntry] = field(default_factory=list)  # ours, to send
+    # Blocks read while looking them up (at most MAX_BATCH bytes): one thread hop, not two.
+    read_ahead: dict[bytes, bytes] = field(default_factory=dict)
     wake: trio.Event = field(default_factory=trio.Event)
     running: bool = False
 
@@ -203,7 +205,10 @@ class BitswapService:
 
     async def _inbound(self, stream: INetStream) -> None:
         peer = str(remote_peer(stream))
-        await self.streams.settle(peer)
+        if not self.serve_all:
+            # Membership decides whether its wants are served; serving all, it does not
+            # (and a Kubo, which cannot prove it, is not asked again on every stream).
+            await self.streams.settle(peer)
         decoder = MessageDecoder()
         while True:
             data = await read_some(stream)
@@ -269,7 +274,7 @@ class BitswapService:
         try:
             while True:
                 state.wake = trio.Event()
-                await self._look_up(state.ledger)
+                await self._look_up(state)
                 replies = state.ledger.next_batch(MAX_BATCH)
                 wants, state.wants = state.wants, []
                 if not replies and not wants:
@@ -281,7 +286,9 @@ class BitswapService:
                         continue
                     ok = True
                     return
-                blocks, presences, nbytes = await self._load(replies)
+                blocks, presences, nbytes = await self._load(state, replies)
+                for k in [k for k in state.read_ahead if not state.ledger.holds(k)]:
+                    del state.read_ahead[k]  # cancelled after it was read
                 msg = Message(entries=tuple(wants), blocks=blocks, presences=presences)
                 if stream is None:
                     with trio.fail_after(OPEN_TIMEOUT):
@@ -299,10 +306,12 @@ class BitswapService:
             log.info("Bitswap stream to %s given up: %r", peer, e)
             self.stats.streams_reset += 1
             self.stats.wants_dropped += state.ledger.clear()
+            state.read_ahead.clear()
             for fetch in self._fetches:
                 fetch.queue.peer_gone(peer)
         finally:
             state.running = False
+            state.read_ahead.clear()
             if not ok:
                 state.wants.clear()
             if self._peers.get(peer) is state and not state.ledger.wants and not state.wants:
@@ -311,17 +320,32 @@ class BitswapService:
                 with trio.move_on_after(1), contextlib.suppress(Exception):
                     await (stream.close() if ok else stream.reset())
 
-    async def _look_up(self, ledger: Ledger) -> None:
+    async def _look_up(self, state: _Peer) -> None:
+        """Look a batch of the peer's wants up in the blockstore (worker thread); the
+        first MAX_BATCH bytes of wanted blocks are read at once, for `_load`."""
+        ledger = state.ledger
         cids = ledger.to_look_up(LOOKUP_BATCH)
         if not cids:
             return
         store = self.store
+        blocks = [ledger.wants_block(c) for c in cids]
+        cache = state.read_ahead
+        budget = MAX_BATCH - sum(len(d) for d in cache.values())
 
         def sizes() -> list[int | None]:
+            nonlocal budget
             out: list[int | None] = []
-            for cid in cids:
+            for cid, block in zip(cids, blocks, strict=True):
                 try:
-                    out.append(store.size(cid) if store.has(cid) else None)
+                    if not store.has(cid):
+                        out.append(None)
+                    elif block and budget > 0:
+                        data = store.get(cid)
+                        cache[key(cid)] = data
+                        budget -= len(data)
+                        out.append(len(data))
+                    else:
+                        out.append(store.size(cid))
                 except StorageError:  # a block we cannot read is one we do not have
                     out.append(None)
             return out
@@ -330,27 +354,34 @@ class BitswapService:
             ledger.looked_up(cid, size)
 
     async def _load(
-        self, replies: Sequence[Reply]
+        self, state: _Peer, replies: Sequence[Reply]
     ) -> tuple[tuple[Block, ...], tuple[Presence, ...], int]:
-        """The blocks and presences of `replies`, blocks read in a worker thread; the block
-        bytes handed out (a block collected meanwhile becomes a DONT_HAVE)."""
+        """The blocks and presences of `replies` (blocks not read ahead are read in a
+        worker thread); the block bytes handed out (a block collected meanwhile becomes a
+        DONT_HAVE)."""
         wanted = [r for r in replies if r.kind == BLOCK]
         presences = tuple(Presence(r.cid, r.kind == HAVE) for r in replies if r.kind != BLOCK)
         handed = sum(r.size for r in wanted)
         if not wanted:
             return (), presences, 0
         store = self.store
+        cached = [state.read_ahead.pop(key(r.cid), None) for r in wanted]
 
         def load() -> list[Block | None]:
             out: list[Block | None] = []
-            for r in wanted:
+            for r, data in zip(wanted, cached, strict=True):
                 try:
-                    out.append(Block(r.cid, store.get(r.cid)))
+                    out.append(Block(r.cid, data if data is not None else store.get(r.cid)))
                 except StorageError:  # collected meanwhile
                     out.append(None)
             return out
 
-        loaded = await trio.to_thread.run_sync(load)
+        if all(d is not None for d in cached):
+            loaded: list[Block | None] = [
+                Block(r.cid, d) for r, d in zip(wanted, cached, strict=True) if d is not None
+            ]
+        else:
+            loaded = await trio.to_thread.run_sync(load)
         blocks = tuple(b for b in loaded if b is not None)
         gone = tuple(
             Presence(r.cid, False) for r, b in zip(wanted, loaded, strict=True) if b is None

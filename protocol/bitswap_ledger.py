@@ -173,6 +173,15 @@ class Ledger:
             out.append(w.cid)
         return out
 
+    def holds(self, k: bytes) -> bool:
+        """Whether the block with key `k` (`bitswap.key`) is still wanted or owed."""
+        return k in self._wants or k in self._replies
+
+    def wants_block(self, cid: CID) -> bool:
+        """Whether `cid` is wanted as a block (not only its presence) right now."""
+        want = self._wants.get(key(cid))
+        return want is not None and want.want_type == WANT_BLOCK
+
     def looked_up(self, cid: CID, size: int | None) -> None:
         """The blockstore holds `cid` (`size` bytes) or not (None): owe the right reply."""
         k = key(cid)

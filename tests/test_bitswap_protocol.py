@@ -31,6 +31,7 @@ from benchsync.protocol.bitswap import (
     decode_message,
     encode_message,
     frame,
+    key,
 )
 from benchsync.protocol.bitswap_ledger import (
     BLOCK,
@@ -403,3 +404,15 @@ def test_a_cidv0_and_its_cidv1_are_one_want() -> None:
     q.want([v0])
     q.next_requests(0)
     assert q.received("p", v1) and q.done
+
+
+def test_holds_and_wants_block_follow_wants_and_replies() -> None:
+    led = Ledger()
+    a, b = cids(2)
+    led.receive(Message(entries=(WantEntry(a, WANT_BLOCK), WantEntry(b, WANT_HAVE))), now=0)
+    assert led.wants_block(a) and not led.wants_block(b)
+    led.to_look_up(10)
+    led.looked_up(a, 10)  # owed, not sent: still held
+    assert led.holds(key(a)) and not led.wants_block(a)
+    led.receive(Message(entries=(WantEntry(a, cancel=True),)), now=0)
+    assert not led.holds(key(a)) and led.holds(key(b))

@@ -143,15 +143,19 @@ def _offline(args: argparse.Namespace, root: CID, progress: Progress) -> dict[st
     import trio
 
     from benchsync.daemon.config import ConfigError, load_config
+    from benchsync.daemon.lab import LabKeyError, load_lab_keys
     from benchsync.daemon.network import GetFailed, P2PNode
-    from benchsync.daemon.node import _lab_settings
 
     home = data_dir(getattr(args, "home", None))
     try:
         config = load_config(home, None)
-        lab = _lab_settings(config)
+        keys = load_lab_keys(home, config.lab_key, config.lab_key_next)
     except ConfigError as e:
         raise CLIError(e.message, e.hint or "fix the setting named above") from e
+    except LabKeyError as e:
+        raise CLIError(e.message, e.hint) from e
+    lab = {"lab_key": keys[0], "lab_key_next": keys[1] if len(keys) > 1 else None,
+           "open": config.open, "open_queries": config.open_queries}  # fmt: skip
     dial = list(dict.fromkeys([*args.peer, *config.bootstrap]))
     if not dial:
         raise CLIError("no node runs on this data directory and no peer was given",
