@@ -100,6 +100,21 @@ async def test_stranger_gets_a_directory_over_bitswap_when_serving_all(tmp_path:
     assert a.p2p.bitswap.stats.blocks_sent == got.blocks + got_v0.blocks
 
 
+async def test_bitswap_get_resumes_from_the_blocks_it_holds(tmp_path: Path) -> None:
+    a = Node(tmp_path, "a", bitswap_serve="all")
+    b = Node(tmp_path, "b", lab_key=OTHER_KEY)
+    root, big = add_tree(a.store)
+    blocks = list(unixfs.walk(a.store.get, root))
+    held = blocks[::2]  # every other block, interior nodes and leaves alike
+    for cid, data in held:
+        b.store.put(cid, data)
+    async with running(a, b):
+        with trio.fail_after(TIMEOUT):
+            got = await b.p2p.get(root, dial=[a.p2p.addrs[0]])
+    assert complete(b.store, root)
+    assert got.blocks == a.p2p.bitswap.stats.blocks_sent == len(blocks) - len(held)
+
+
 async def test_a_lab_node_serves_no_stranger_by_default(tmp_path: Path) -> None:
     a = Node(tmp_path, "a")  # bitswap_serve = lab
     b = Node(tmp_path, "b", lab_key=OTHER_KEY, bitswap_serve="all")
