@@ -39,6 +39,35 @@ def cli(home: Path, *args: str, check: bool = True) -> subprocess.CompletedProce
     return r
 
 
+def cli_on_tty(home: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], str]:
+    """`cli` with stderr on a pseudo-terminal (where progress bars are drawn); and what
+    the terminal showed."""
+    import pty
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BENCHSYNC_")}
+    leader, follower = pty.openpty()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "benchsync.daemon.cli", *args, "--home", str(home)],
+            env=env, stdout=subprocess.PIPE, stderr=follower, text=True,
+        )  # fmt: skip
+        os.close(follower)
+        shown = bytearray()
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            shown += chunk
+        out, _ = proc.communicate(timeout=CLI_TIMEOUT)
+    finally:
+        os.close(leader)
+    r = subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
+    return r, shown.decode(errors="replace")
+
+
 def make_tree(path: Path) -> Path:
     """A directory as a user would `ipfs add -r`: a multi-chunk file, a nested small one."""
     (path / "sub").mkdir(parents=True)
@@ -103,13 +132,18 @@ def test_get_through_the_node_writes_a_directory_only_another_lab_holds(
     b = node(tmp_path, "b", "lab-b")
     start(nodes, a, b)
     out = tmp_path / "out"
-    r = cli(b.home, "get", str(root), "-o", str(out), "--peer", a.addr, "--json")
-    doc = json.loads(r.stdout)
+    r, terminal = cli_on_tty(b.home, "get", str(root), "-o", str(out), "--peer", a.addr)
+    assert r.returncode == 0 and r.stdout.strip() == str(out), terminal
     assert same_tree(src, out)
-    assert doc["bitswap_peers"] == [a.peer_id] and doc["car_peers"] == []
-    assert doc["path"] == str(out) and doc["written_bytes"] == 3 * 256 * 1024 + 777 + 23
+    # The bar on a terminal ends with what the node fetched: every block of the DAG.
+    with LocalDataset(a.home, a.peer_id) as ds:
+        dag_bytes = sum(len(data) for _, data in unixfs.walk(ds.blocks.get, root))
+    last = terminal.replace("\r", "\n").strip().splitlines()[-1]
+    assert f"get {str(root)[:16]}... {dag_bytes / 1e6:.1f} MB " in last, terminal
     again = cli(b.home, "get", str(root), "-o", str(tmp_path / "out2"), "--json")
-    assert json.loads(again.stdout)["already_present"]  # resumable: nothing fetched twice
+    doc = json.loads(again.stdout)
+    assert doc["already_present"] and doc["blocks"] == 0  # resumable: nothing fetched twice
+    assert doc["path"] == str(tmp_path / "out2") and doc["written_bytes"] == 3 * 256 * 1024 + 800
     assert same_tree(src, tmp_path / "out2")
     r = cli(b.home, "get", str(root), "-o", str(out), check=False)
     assert r.returncode == 1 and "already exists" in r.stderr and "Try:" in r.stderr

@@ -133,7 +133,10 @@ def _through_node(client: Any, args: argparse.Namespace, root: CID, progress: Pr
     worker.join()
     if "error" in result:
         raise result["error"]
-    return result["doc"]
+    doc = result["doc"]
+    if isinstance(doc.get("bytes"), int) and doc["bytes"] > seen:
+        progress.update(doc["bytes"] - seen)  # the last stretch, between two polls
+    return doc
 
 
 def _offline(args: argparse.Namespace, root: CID, progress: Progress) -> dict[str, Any]:
