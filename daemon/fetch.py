@@ -262,11 +262,27 @@ class Fetcher:
         provider can fix that.
         """
         await self.recover()
+        result = FetchResult(root)
+        # One batch for the whole fetch: a small round (the root, an inner level)
+        # costs no sync of its own; the batch commits every DURABLE_BATCH_BYTES
+        # or DURABLE_BATCH_SECONDS, and here, before the DAG is reported complete.
+        durable = _Durability(self.store)
         try:
-            return await self._fetch(root, providers)
+            await self._fetch(root, providers, durable, result)
         finally:
             with trio.CancelScope(shield=True):
+                await self._settle(durable, result.stats)
                 await trio.to_thread.run_sync(self.store.end_transfer, root)
+        return result
+
+    async def _settle(self, durable: _Durability, stats: TransferStats) -> None:
+        """Commit (or, after a store failure, drop) what `durable` holds; count it."""
+        before = (durable.committed, durable.committed_bytes)
+        try:
+            await trio.to_thread.run_sync(durable.close)
+        finally:
+            self._count(stats, blocks=durable.committed - before[0],
+                        block_bytes=durable.committed_bytes - before[1])  # fmt: skip
 
     async def recover(self) -> list[CID]:
         """Once per process, before the first transfer: re-hash what transfers a crash
@@ -281,18 +297,26 @@ class Fetcher:
                         "verification; dropped, to be fetched again", len(bad))  # fmt: skip
         return bad
 
-    async def _fetch(self, root: CID, providers: Sequence[str]) -> FetchResult:
+    async def _fetch(
+        self, root: CID, providers: Sequence[str], durable: _Durability, result: FetchResult
+    ) -> None:
         me = self.host.get_id().to_base58()
         candidates = [p for p in dict.fromkeys(providers) if p != me]
-        result = FetchResult(root)
         errors: dict[str, str] = {}
         marked = False
+        store = self.store
+        limit = self.limits.max_want
+
+        def missing() -> list[CID]:
+            with durable.joined():  # the fetch's blocks not yet committed count as held
+                return missing_blocks(root, store.has, store.get, limit=limit)
+
         while True:
             # Recomputed after every exchange: a broken transfer's verified
             # blocks are kept, so the next provider is asked only for the rest.
-            want = await self.missing(root)
+            want = await trio.to_thread.run_sync(missing)
             if not want:
-                return result
+                return
             if not marked:
                 # Before the first block arrives: a crash from here on is noticed.
                 await trio.to_thread.run_sync(self.store.begin_transfer, root)
@@ -309,7 +333,9 @@ class Fetcher:
                 candidates.remove(peer)
                 continue
             try:
-                got = await self.fetch_round(ID.from_base58(peer), root, want, result.stats)
+                got = await self.fetch_round(
+                    ID.from_base58(peer), root, want, result.stats, durable=durable
+                )
             except StorageError:
                 raise
             except Exception as e:  # dial errors, refusals, broken transfers, protocol errors
@@ -337,14 +363,22 @@ class Fetcher:
                 log.debug("disconnecting %s: %r", peer, e)
 
     async def fetch_round(
-        self, peer: ID, root: CID, want: Sequence[CID], stats: TransferStats | None = None
+        self,
+        peer: ID,
+        root: CID,
+        want: Sequence[CID],
+        stats: TransferStats | None = None,
+        *,
+        durable: _Durability | None = None,
     ) -> int:
-        """One request/response exchange with `peer`; returns the blocks stored.
+        """One request/response exchange with `peer`; returns the blocks received.
 
         Raises `RemoteProtocolError` (the provider is to blame: ban it),
         `Refused`, `Interrupted`, `ResponseTooLarge` (an older provider ignoring
         our limit), `trio.TooSlowError` or a libp2p error when the stream
-        cannot be opened. Blocks verified before a failure are stored all the same.
+        cannot be opened. Blocks verified before a failure are stored all the
+        same: durably when this returns or raises, or, inside `fetch`, in its
+        batch (`durable`), which the fetch commits.
         """
         request = FetchRequest(
             self.network,
@@ -364,7 +398,14 @@ class Fetcher:
                 status = await channel.expect(FetchStatus)
             assert isinstance(status, FetchStatus)
             self._count(local, wire_in=channel.wire_in, rounds=1)
-            return await self._receive(channel, status, local)
+            if durable is not None:
+                return await self._receive(channel, status, local, durable)
+            durable = _Durability(self.store)
+            try:
+                return await self._receive(channel, status, local, durable)
+            finally:
+                with trio.CancelScope(shield=True):
+                    await self._settle(durable, local)
 
     def _count(self, local: TransferStats, **deltas: int) -> None:
         for name, value in deltas.items():
@@ -372,18 +413,19 @@ class Fetcher:
             if local is not self.stats:
                 setattr(self.stats, name, getattr(self.stats, name) + value)
 
-    async def _receive(self, channel: Channel, status: FetchStatus, local: TransferStats) -> int:
-        sink = _BlockSink(self.store, channel.session)
+    async def _receive(
+        self, channel: Channel, status: FetchStatus, local: TransferStats, durable: _Durability
+    ) -> int:
+        sink = _BlockSink(durable, channel.session)
         if not status.count:
             sink.feed(b"")  # the session's EndOfResponse; nothing to store
-            sink.finish()
             return 0
         send, recv = trio.open_memory_channel[bytes](RECEIVE_QUEUE)
         with _single_error():
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._verify_and_store, recv, sink, local)
                 await self._pump(channel, send, sink, local)
-        return sink.stored
+        return sink.received
 
     async def _pump(
         self,
@@ -421,41 +463,41 @@ class Fetcher:
     async def _verify_and_store(
         self, recv: trio.MemoryReceiveChannel[bytes], sink: _BlockSink, local: TransferStats
     ) -> None:
+        durable = sink.durable
+
         async def in_thread(fn: Callable[..., None], *args: bytes) -> None:
-            before = (sink.stored, sink.stored_bytes)
+            before = (durable.committed, durable.committed_bytes)
             try:
                 await trio.to_thread.run_sync(fn, *args)
             finally:
                 self._count(
                     local,
-                    blocks=sink.stored - before[0],
-                    block_bytes=sink.stored_bytes - before[1],
+                    blocks=durable.committed - before[0],
+                    block_bytes=durable.committed_bytes - before[1],
                 )
 
-        try:
-            sync_at = math.inf  # when the pending blocks' time slice ends (trio clock)
-            async with recv:
-                while True:
-                    batch = None
-                    with trio.move_on_at(sync_at):
-                        try:
-                            batch = await recv.receive()
-                        except trio.EndOfChannel:
-                            break
-                    if batch is None:
-                        await in_thread(sink.commit)  # a slow transfer's time slice is over
-                    else:
-                        await in_thread(sink.feed, batch)
-                    if not sink.pending:
-                        sync_at = math.inf
-                    elif sync_at == math.inf:
-                        sync_at = trio.current_time() + DURABLE_BATCH_SECONDS
-            await in_thread(sink.close)
-        finally:
-            # Whatever ended the response (its end, a bad block, a dead provider,
-            # cancellation), the blocks verified so far are made durable and kept.
-            with trio.CancelScope(shield=True):
-                await in_thread(sink.finish)
+        def sync_deadline() -> float:
+            # when the pending blocks' time slice ends, on the trio clock
+            return trio.current_time() + DURABLE_BATCH_SECONDS if durable.pending else math.inf
+
+        sync_at = sync_deadline()
+        async with recv:
+            while True:
+                batch = None
+                with trio.move_on_at(sync_at):
+                    try:
+                        batch = await recv.receive()
+                    except trio.EndOfChannel:
+                        break
+                if batch is None:
+                    await in_thread(durable.commit)  # a slow transfer's time slice is over
+                else:
+                    await in_thread(sink.feed, batch)
+                if not durable.pending:
+                    sync_at = math.inf
+                elif sync_at == math.inf:
+                    sync_at = sync_deadline()
+        await in_thread(sink.close)
 
 
 @contextlib.contextmanager
@@ -478,65 +520,48 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]
             yield exc
 
 
-class _BlockSink:
-    """Worker-thread side of one response: the session decodes and checks, this stores.
+class _Durability:
+    """One fetch's blockstore batch, shared by its rounds, and what it holds not yet durable.
 
-    The requester's `FetchSession` turns the CAR bytes into `Block` events
-    (each verified against its CID, the expected one, in order) and raises
-    `RemoteProtocolError` or `Interrupted`; blocks that passed before an
-    error are stored. Blocks go into one blockstore batch, committed every
-    `DURABLE_BATCH_BYTES` (by `feed`), when the trio side's time slice is over
-    (`commit`) and at the end (`finish`). Each call may run on a
-    different worker thread, never two at once.
+    `commit` makes the pending blocks durable with one sync; `put` commits
+    nothing itself (the callers commit every `DURABLE_BATCH_BYTES`, when the
+    time slice is over, and at the end). With `DURABLE_BATCH_BYTES` = 0 each
+    block is made durable on its own, as before batching. Used from worker
+    threads, one at a time.
     """
 
-    def __init__(self, store: Blockstore, session: object) -> None:
-        assert isinstance(session, FetchSession)
+    def __init__(self, store: Blockstore) -> None:
         self.store = store
-        self.session = session
-        self.stored = 0  # blocks durable in the store
-        self.stored_bytes = 0
-        self.stalled = False
         self.batch: WriteBatch | None = store.begin_batch() if DURABLE_BATCH_BYTES > 0 else None
         self.failed = False  # the store failed: the batch is dropped, not committed
         self.pending = 0  # blocks written into the batch, not yet durable
         self.pending_bytes = 0
+        self.committed = 0  # blocks made durable so far
+        self.committed_bytes = 0
 
-    def _joined(self) -> contextlib.AbstractContextManager[None]:
+    def joined(self) -> contextlib.AbstractContextManager[None]:
+        """The calling thread's puts (and reads) go to the batch for the `with` body."""
         return contextlib.nullcontext() if self.batch is None else self.store.joined(self.batch)
 
-    def feed(self, data: bytes) -> None:
-        """Bytes of the body (b"": nothing new); stores every block they complete."""
-        with self._joined():
-            if data:
-                self.session.receive_data(data)
-            self._drain()
-        if self.pending_bytes >= DURABLE_BATCH_BYTES:
-            self.commit()
-
-    def _drain(self) -> None:
-        while True:
-            event = self.session.next_event()
-            if event is NEED_DATA or isinstance(event, EndOfStream):
-                return
-            if isinstance(event, Block):
-                # The CAR decoder verified it against its CID; hashing again
-                # would cost a second pass per byte.
-                try:
-                    self.store.put(event.cid, event.data, verify=False)
-                except StorageError:
-                    self.failed = True
-                    raise
-                if self.batch is None:
-                    self.stored += 1  # durable on its own (no batching)
-                    self.stored_bytes += len(event.data)
-                    continue
-                self.pending += 1
-                self.pending_bytes += len(event.data)
+    def put(self, cid: CID, data: bytes) -> None:
+        """Store a verified block (inside `joined()`)."""
+        try:
+            # The CAR decoder verified it against its CID; hashing again
+            # would cost a second pass per byte.
+            self.store.put(cid, data, verify=False)
+        except StorageError:
+            self.failed = True
+            raise
+        if self.batch is None:
+            self.committed += 1  # durable on its own (no batching)
+            self.committed_bytes += len(data)
+        else:
+            self.pending += 1
+            self.pending_bytes += len(data)
 
     def commit(self) -> None:
-        """Make the pending blocks durable (one sync) and count them stored."""
-        if self.batch is None or not self.pending:
+        """Make the pending blocks durable (one sync) and count them committed."""
+        if self.batch is None or not self.pending or self.failed:
             return
         _fault("written")
         pending, pending_bytes = self.pending, self.pending_bytes
@@ -546,32 +571,68 @@ class _BlockSink:
         except StorageError:
             self.failed = True  # commit_batch kept none of them
             raise
-        self.stored += pending
-        self.stored_bytes += pending_bytes
+        self.committed += pending
+        self.committed_bytes += pending_bytes
         _fault("synced")
+
+    def close(self) -> None:
+        """The fetch is over, however it ended: commit its verified blocks (or drop them
+        if the store failed). Raises BlockWriteError if they cannot be made durable."""
+        batch = self.batch
+        if batch is None:
+            return
+        try:
+            if self.failed:
+                self.store.abort_batch(batch)
+            else:
+                self.commit()
+        finally:
+            self.batch = None
+
+
+class _BlockSink:
+    """Worker-thread side of one response: the session decodes and checks, this stores.
+
+    The requester's `FetchSession` turns the CAR bytes into `Block` events
+    (each verified against its CID, the expected one, in order) and raises
+    `RemoteProtocolError` or `Interrupted`; blocks that passed before an
+    error are stored. Blocks go into the fetch's batch (`durable`), committed
+    by `feed` once `DURABLE_BATCH_BYTES` are pending. Each call may run on a
+    different worker thread, never two at once.
+    """
+
+    def __init__(self, durable: _Durability, session: object) -> None:
+        assert isinstance(session, FetchSession)
+        self.durable = durable
+        self.session = session
+        self.received = 0  # blocks of this response stored (durable or pending)
+        self.stalled = False
+
+    def feed(self, data: bytes) -> None:
+        """Bytes of the body (b"": nothing new); stores every block they complete."""
+        with self.durable.joined():
+            if data:
+                self.session.receive_data(data)
+            self._drain()
+        if self.durable.pending_bytes >= DURABLE_BATCH_BYTES:
+            self.durable.commit()
+
+    def _drain(self) -> None:
+        while True:
+            event = self.session.next_event()
+            if event is NEED_DATA or isinstance(event, EndOfStream):
+                return
+            if isinstance(event, Block):
+                self.durable.put(event.cid, event.data)
+                self.received += 1
 
     def close(self) -> None:
         """End of stream: a complete, exact response, or an interruption."""
         if self.stalled:
             raise Interrupted(f"no data for {STALL_TIMEOUT} s")
-        with self._joined():
+        with self.durable.joined():
             self.session.receive_data(b"")
             self._drain()
-
-    def finish(self) -> None:
-        """The response is over, however it ended: commit its verified blocks (or drop
-        them if the store failed). Raises BlockWriteError if they cannot be made durable."""
-        if self.batch is None:
-            return
-        batch, self.batch = self.batch, None
-        if self.failed:
-            self.store.abort_batch(batch)
-            return
-        self.batch = batch
-        try:
-            self.commit()
-        finally:
-            self.batch = None
 
 
 def _fault(point: str) -> None:
