@@ -113,6 +113,7 @@ class _Peer:
     wants: list[WantEntry] = field(default_factory=list)  # ours, to send
     # Blocks read while looking them up (at most MAX_BATCH bytes): one thread hop, not two.
     read_ahead: dict[bytes, bytes] = field(default_factory=dict)
+    gone: bool = False  # its connection closed: the worker ends
     wake: trio.Event = field(default_factory=trio.Event)
     running: bool = False
 
@@ -194,6 +195,19 @@ class BitswapService:
             return reason
         return self.policy.refusal(peer)  # serving all: bans and trusted_peers only
 
+    def disconnected(self, peer: str) -> None:
+        """`peer`'s last connection closed: forget its wants (a want left waiting for a
+        block we may never hold would otherwise stay), and move our fetches' wants on."""
+        state = self._peers.pop(peer, None)
+        if state is not None:
+            state.ledger.clear()
+            state.wants.clear()
+            state.read_ahead.clear()
+            state.gone = True
+            state.wake.set()  # an idle worker ends now
+        for fetch in self._fetches:
+            fetch.queue.peer_gone(peer)
+
     def peer_state(self, peer: str) -> dict[str, int]:
         """One peer's ledger, for tests and status: wants held, bytes in flight."""
         p = self._peers.get(peer)
@@ -272,7 +286,7 @@ class BitswapService:
         protocol = BITSWAP_120
         ok = False
         try:
-            while True:
+            while not state.gone:
                 state.wake = trio.Event()
                 await self._look_up(state)
                 replies = state.ledger.next_batch(MAX_BATCH)
@@ -284,8 +298,7 @@ class BitswapService:
                         await state.wake.wait()
                     if state.wake.is_set():
                         continue
-                    ok = True
-                    return
+                    break
                 blocks, presences, nbytes = await self._load(state, replies)
                 for k in [k for k in state.read_ahead if not state.ledger.holds(k)]:
                     del state.read_ahead[k]  # cancelled after it was read
@@ -302,6 +315,7 @@ class BitswapService:
                 self.stats.blocks_sent += len(blocks)
                 self.stats.bytes_sent += nbytes
                 self.stats.presences_sent += len(presences)
+            ok = True  # idle, or its connection closed
         except Exception as e:  # not reading (timeout), gone, refused our stream
             log.info("Bitswap stream to %s given up: %r", peer, e)
             self.stats.streams_reset += 1

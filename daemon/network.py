@@ -116,11 +116,15 @@ class GetResult:
 
 class _ConnectionEvents(INotifee):
     """Forwards new connections to the greeter task (never blocks the swarm), and
-    tells the lab at once, so that the peer is pending before any stream of it is served."""
+    tells the lab at once, so that the peer is pending before any stream of it is served;
+    a closed one ends the peer's membership and its Bitswap wants."""
 
-    def __init__(self, send: trio.MemorySendChannel[ID], lab: Lab) -> None:
+    def __init__(
+        self, send: trio.MemorySendChannel[ID], lab: Lab, bitswap: BitswapService
+    ) -> None:
         self.send = send
         self.lab = lab
+        self.bitswap = bitswap
 
     async def connected(self, network: INetwork, conn: INetConn) -> None:
         peer = getattr(conn.muxed_conn, "peer_id", None)
@@ -133,6 +137,7 @@ class _ConnectionEvents(INotifee):
         peer = getattr(conn.muxed_conn, "peer_id", None)
         if peer is not None and not network.get_connections(peer):
             self.lab.disconnected(peer.to_base58())
+            self.bitswap.disconnected(peer.to_base58())
 
     async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
         pass
@@ -274,7 +279,7 @@ class P2PNode:
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen, serve and sync until cancelled or `stop()`; then close every connection."""
         send, recv = trio.open_memory_channel[ID](CONNECT_QUEUE)
-        self.host.get_network().register_notifee(_ConnectionEvents(send, self.lab))
+        self.host.get_network().register_notifee(_ConnectionEvents(send, self.lab, self.bitswap))
         self.streams.serve(CAR_PROTOCOL_ID, self.provider.new_session, self.provider.answer)
         self.bitswap.register()
         try:

@@ -232,6 +232,24 @@ async def test_ten_thousand_unknown_wants_cost_only_their_own_peer(tmp_path: Pat
     assert flood.presences <= 10_000 - stats.wants_dropped
 
 
+async def test_a_disconnected_peers_waiting_wants_are_forgotten(tmp_path: Path) -> None:
+    a = Node(tmp_path, "a", bitswap_serve="all")
+    waiting = RawPeer()
+    unknown = [block_cid(RAW, f"not yet {i}".encode()) for i in range(100)]
+    async with running(a), waiting.host.run([Multiaddr("/ip4/127.0.0.1/tcp/0")]):
+        pid = waiting.host.get_id()
+        with trio.fail_after(TIMEOUT):
+            # want-block without DONT_HAVE: kept, waiting for blocks we may get one day
+            await waiting.send(a.p2p.addrs[0], [Message(entries=tuple(
+                WantEntry(c, WANT_BLOCK) for c in unknown))])  # fmt: skip
+            while a.p2p.bitswap.peer_state(pid.to_base58())["wants"] < len(unknown):
+                await trio.sleep(0.05)
+            await waiting.host.disconnect(ID.from_base58(a.peer_id))
+            while pid.to_base58() in a.p2p.bitswap._peers:
+                await trio.sleep(0.05)
+    assert a.p2p.bitswap.peer_state(pid.to_base58()) == {"wants": 0, "inflight": 0}
+
+
 async def test_a_peer_that_never_reads_loses_only_its_own_stream(tmp_path: Path) -> None:
     a = Node(tmp_path, "a", bitswap_serve="all")
     b = Node(tmp_path, "b", lab_key=OTHER_KEY)
