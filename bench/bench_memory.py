@@ -370,7 +370,8 @@ def main() -> int:
                     help="environment of the first node, named node")  # fmt: skip
     ap.add_argument("--compare", action="append", default=[], metavar="NAME:K=V[,K=V]",
                     help="also run a node NAME with this environment, under the same load\n"
-                         f"(e.g. {BEFORE}: Arrow's own pool, as before the fix)")  # fmt: skip
+                         f"(e.g. {BEFORE}:\nArrow's and glibc's defaults, as before the fix, "
+                         "on 2 cores)")  # fmt: skip
     args = ap.parse_args()
 
     base = Path(tempfile.mkdtemp(prefix="bench-memory-"))
@@ -397,7 +398,7 @@ def main() -> int:
     return 0
 
 
-BEFORE = "before:ARROW_DEFAULT_MEMORY_POOL=mimalloc"
+BEFORE = "before:ARROW_DEFAULT_MEMORY_POOL=mimalloc,MALLOC_ARENA_MAX=16"  # 16: 8 x 2 cores
 
 
 def drive(runs: list[Run], args: argparse.Namespace) -> None:

@@ -3,10 +3,12 @@
 `bench/bench_memory.py` found why a lone node's RSS grew ~10 MiB a minute
 under a steady write + snapshot load while its Python objects, glibc's heap,
 Arrow's allocated bytes and DuckDB's buffers stayed flat: Arrow's default
-mimalloc pool kept the memory of every snapshot's Parquet reads. `benchsync up`
-now puts Arrow on the system allocator before anything allocates. RSS itself
+mimalloc pool kept the memory of every snapshot's Parquet reads, and glibc's
+16 arenas (one per thread, up to 8 per core) their freed chunks. `benchsync`
+now puts Arrow on the system allocator and glibc on 2 arenas before anything
+allocates. RSS itself
 is never asserted here (it depends on the machine and its load): these tests
-check that the setting reaches a real node process, and that what the node
+check that the settings reach a real node process, and that what the node
 keeps in Python does not grow with the number of snapshots.
 """
 
@@ -14,7 +16,11 @@ from __future__ import annotations
 
 import collections
 import gc
+import os
+import platform
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -47,12 +53,53 @@ def test_a_real_node_runs_arrow_on_the_system_allocator(tmp_path: Path) -> None:
 
 
 def test_an_allocator_set_in_the_environment_wins() -> None:
-    env = {"ARROW_DEFAULT_MEMORY_POOL": "mimalloc"}
+    env = {"ARROW_DEFAULT_MEMORY_POOL": "mimalloc", "MALLOC_ARENA_MAX": "8"}
     set_allocators(env)
-    assert env == {"ARROW_DEFAULT_MEMORY_POOL": "mimalloc"}
+    assert env == {"ARROW_DEFAULT_MEMORY_POOL": "mimalloc", "MALLOC_ARENA_MAX": "8"}
     empty: dict[str, str] = {}
     set_allocators(empty)
     assert empty == NODE_ALLOCATOR_ENV
+
+
+ARENAS = """
+import ctypes, os, sys, tempfile, threading
+if sys.argv[1] == "set":
+    from benchsync.daemon.cli.up import set_allocators
+    set_allocators()
+libc = ctypes.CDLL(None)
+go, done = threading.Barrier(9), threading.Barrier(9)
+def work():
+    keep = [bytearray(1000) for _ in range(100)]  # this thread's first mallocs: its arena
+    go.wait()
+    done.wait()
+threads = [threading.Thread(target=work) for _ in range(8)]
+for t in threads:
+    t.start()
+go.wait()  # all 8 threads hold memory now
+libc.fdopen.restype = ctypes.c_void_p  # a FILE*
+with tempfile.TemporaryFile() as f:
+    fp = libc.fdopen(os.dup(f.fileno()), b"w")
+    libc.malloc_info(0, ctypes.c_void_p(fp))
+    libc.fclose(ctypes.c_void_p(fp))
+    f.seek(0)
+    print(f.read().count(b"<heap nr="))
+done.wait()
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's arenas")
+def test_the_arena_limit_holds_in_the_process_that_sets_it() -> None:
+    """Glibc read MALLOC_ARENA_MAX when the process started; `set_allocators` must
+    still bound this process's arenas (8 threads allocating: 2 arenas, not 9)."""
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
+
+    def arenas(mode: str) -> int:
+        out = subprocess.run([sys.executable, "-c", ARENAS, mode], env=env, check=True,
+                             capture_output=True, text=True, timeout=60).stdout  # fmt: skip
+        return int(out)
+
+    assert arenas("set") <= int(NODE_ALLOCATOR_ENV["MALLOC_ARENA_MAX"])
+    assert arenas("plain") > int(NODE_ALLOCATOR_ENV["MALLOC_ARENA_MAX"])  # the check can fail
 
 
 def test_replica_lag_series_of_a_dataset_no_longer_followed_are_dropped() -> None:

@@ -24,8 +24,10 @@ here and handed to the node.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
 import os
+import platform
 import signal
 import sys
 from collections.abc import AsyncIterator, MutableMapping
@@ -51,15 +53,20 @@ JOURNAL_PRIORITY = {
 }
 FORCED_EXIT_CODE = 130
 NODE_UMASK = 0o077  # files the node creates (database, blocks, keys) are its own alone
-# Allocators of a process that lives for months (issue 19, bench/bench_memory.py). Arrow's
-# default pool is mimalloc, which kept the memory of every snapshot's Parquet reads after
-# they were freed: a lone node writing every 2 s grew ~10 MiB a minute in mimalloc's arena
-# while Arrow held 20 KB, and glibc's malloc (the "system" pool) gives it back: 205 MiB
-# flat instead of 215 -> 272 MiB in 4 minutes. Arrow's C++ code (the Parquet reader) uses
-# the process's default pool, which Arrow picks from this variable at its first
-# allocation; `pa.set_memory_pool` changes only pyarrow's calls, so it did not help.
-# The node's query workers inherit it. A value already in the environment wins.
-NODE_ALLOCATOR_ENV = {"ARROW_DEFAULT_MEMORY_POOL": "system"}
+# Allocators of a process that lives for months (issue 19; bench/bench_memory.py measures
+# them: a lone node writing 150 rows every 2 s, a snapshot each, RSS at 1, 3, 7 minutes).
+# - Arrow's default pool is mimalloc, which kept the memory of every snapshot's Parquet
+#   reads after they were freed: its arena's RSS grew all along while Arrow held 20 KB.
+#   Glibc's malloc (the "system" pool) gives it back. Arrow picks its pool from this
+#   variable once, at its first allocation, and its C++ code (the Parquet reader) uses
+#   that pool whatever pyarrow's `set_memory_pool` says: hence a variable, set early.
+# - Glibc then keeps freed chunks in one arena per thread that ever allocated (8 per
+#   core: 16 here), each fragmenting on its own; two arenas held 6 MB free where 16 held
+#   21 MB after 5 minutes. Glibc reads MALLOC_ARENA_MAX at start-up, so `set_allocators`
+#   also sets it with mallopt (before any thread); the variable is for child processes.
+# A value already in the environment wins (to compare, or to go back).
+NODE_ALLOCATOR_ENV = {"ARROW_DEFAULT_MEMORY_POOL": "system", "MALLOC_ARENA_MAX": "2"}
+M_ARENA_MAX = -8  # mallopt's parameter number, from glibc's malloc.h
 
 
 class _JournalFormatter(logging.Formatter):
@@ -98,6 +105,17 @@ def set_allocators(environ: MutableMapping[str, str] = os.environ) -> None:
     Arrow values); `run` would be too late."""
     for name, value in NODE_ALLOCATOR_ENV.items():
         environ.setdefault(name, value)
+    if environ is os.environ:
+        _set_arena_max(environ["MALLOC_ARENA_MAX"])
+
+
+def _set_arena_max(value: str) -> None:
+    """Glibc's arena limit for this process (it read the variable when it started, before
+    `set_allocators` could set it). Only on glibc; a value that is not a number is
+    ignored, as glibc ignores it."""
+    if platform.libc_ver()[0] != "glibc" or not value.isdigit():
+        return
+    ctypes.CDLL(None).mallopt(M_ARENA_MAX, int(value))  # None: the process's own libc
 
 
 def run(args: argparse.Namespace) -> int:
