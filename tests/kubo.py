@@ -229,6 +229,10 @@ class Kubo:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait()
 
+    def logs(self) -> str:
+        """The tails of the child's logs (golog.log has Bitswap's messages with BITSWAP_LOG)."""
+        return self._describe("Kubo's side")
+
     def _describe(self, message: str) -> str:
         logs = [f"{message} (Kubo in {self.workdir})"]
         for name in ("stderr.log", "kubo.log", "golog.log", "stdout.log"):
