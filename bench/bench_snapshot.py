@@ -22,10 +22,21 @@ something on any machine (and on a busy one, whose absolute numbers do not):
   as a ratio to DuckDB's Parquet export of the same rows (`--digest-only` runs
   just this).
 
+- O(change) (issue 14, `--incremental`): per database size (`--sizes`, rows of
+  performance_results), in a fresh process: a full snapshot (no head, no
+  blocks, every segment exported) and then, after +1 % rows appended through
+  the database's writer (which tells the snapshot what it changed), the
+  incremental snapshot: its time as a ratio to the full one, the bytes it
+  added as a ratio to the Parquet growth (the data that changed), the rows it
+  exported again, and the process's peak RSS (VmHWM) over both, beside a bare
+  process opening the same database.
+
     .venv/bin/python bench/bench_snapshot.py [--small-mib 50] [--large-mib 300] [--repeat 3]
     .venv/bin/python bench/bench_snapshot.py --digest-only [--digest-rows 1000000]
+    .venv/bin/python bench/bench_snapshot.py --incremental [--sizes 200000,1000000]
 
-Not part of the test run. Takes about 2-3 minutes with the defaults.
+Not part of the test run. Takes about 2-3 minutes with the defaults; `--incremental`
+about a minute at its default sizes (12M rows: ~10 minutes).
 """
 
 from __future__ import annotations
@@ -33,6 +44,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import resource
 import shutil
 import subprocess
@@ -46,10 +58,18 @@ from typing import Any
 
 from multiformats import CID
 
+from benchsync.daemon.cli.up import NODE_ALLOCATOR_ENV
 from benchsync.storage import blockstore
 from benchsync.storage.blockstore import FsBlockstore
 from benchsync.storage.dataset import LocalDataset
-from benchsync.storage.snapshot import add_tables, export_tables, parquet_digest
+from benchsync.storage.schema import PRIMARY_KEYS
+from benchsync.storage.snapshot import (
+    ROW_GROUP_SIZE,
+    add_tables,
+    export_tables,
+    parquet_digest,
+    snapshot_tables,
+)
 from benchsync.storage.unixfs import CHUNK_SIZE
 
 DATASET = "12D3KooWBenchSnapshotAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
@@ -75,10 +95,17 @@ FROM range(?, ?) t(i)
 
 
 def fill(ds: LocalDataset, start: int, stop: int) -> None:
-    """Append rows [start, stop) to performance_results through the database's one writer."""
+    """Append rows [start, stop) to performance_results through the database's one writer.
+
+    It declares what it changes (ids from `start` on), as the record and
+    ingest paths do, so the next snapshot exports only those segments.
+    """
     for lo in range(start, stop, INSERT_BATCH):
         hi = min(stop, lo + INSERT_BATCH)
-        ds.db.write(lambda conn, lo=lo, hi=hi: conn.execute(FILL_SQL, [lo, hi]))
+        ds.db.write(
+            lambda conn, lo=lo, hi=hi: conn.execute(FILL_SQL, [lo, hi]),
+            changes={"performance_results": [(lo, None)]},
+        )
 
 
 Case = tuple[Callable[[], Any], Callable[[Any], object], Callable[[Any], None]]
@@ -132,6 +159,10 @@ def child(kind: str, home: Path) -> None:
         elif kind == "snapshot-capped":  # DuckDB told to spill beyond a fixed budget
             ds.db.query(f"SET memory_limit = '{DUCKDB_CAP_MIB}MiB'")
             ds.snapshot()
+        elif kind == "onefile":
+            print(json.dumps(one_file_child(ds, home)))
+        elif kind == "incremental":
+            print(json.dumps(incremental_child(ds)))
         elif kind == "restore":
             head = ds.head()
             assert head is not None, "the parent made a snapshot first"
@@ -164,12 +195,107 @@ def measure_child(kind: str, home: Path) -> dict[str, Any]:
         [sys.executable, __file__, "--child", kind, str(home)],
         capture_output=True,
         text=True,
+        # The allocator settings `benchsync up` gives a node (Arrow on the system allocator).
+        env={**os.environ, **NODE_ALLOCATOR_ENV},
     )
     if out.returncode != 0:
         lines = out.stderr.strip().splitlines() or [f"exit status {out.returncode}"]
         errors = [line for line in lines if "Error" in line or "Exception" in line]
         return {"error": (errors or lines)[-1][:160]}
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    lines = out.stdout.strip().splitlines()
+    doc: dict[str, Any] = json.loads(lines[-1])
+    if len(lines) > 1:
+        doc["result"] = json.loads(lines[-2])
+    return doc
+
+
+def incremental_child(ds: LocalDataset) -> dict[str, Any]:
+    """A full snapshot, +1 % rows, an incremental one: their times, bytes and rows."""
+    (ds.snapshots.head_path).unlink(missing_ok=True)
+    ds.snapshots.index_path.unlink(missing_ok=True)
+    ds.blocks.gc([])  # every block new again, as in a first snapshot
+    rows = ds.db.table_counts()["performance_results"]
+    start = time.perf_counter()
+    full = ds.snapshot()
+    full_s = time.perf_counter() - start
+    fill(ds, rows, rows + max(1, int(rows * INCREMENT)))
+    start = time.perf_counter()
+    inc = ds.snapshot()
+    inc_s = time.perf_counter() - start
+    growth = inc.version.manifest.total_bytes - full.version.manifest.total_bytes
+    return {
+        "rows": rows,
+        "full_s": full_s,
+        "inc_s": inc_s,
+        "full_bytes": full.version.manifest.total_bytes,
+        "growth": growth,
+        "inc_new_bytes": inc.new_bytes,
+        "inc_exported": inc.exported_rows,
+        "segments": inc.version.manifest.tables["performance_results"].segments,
+    }
+
+
+def one_file_child(ds: LocalDataset, home: Path) -> dict[str, Any]:
+    """The one-file layout's full snapshot of the table, as snapshots were before issue 14.
+
+    Every table in one `ORDER BY key` file under DuckDB's node-wide memory limit,
+    its rows/1 digest, then chunked into a fresh blockstore batch: the baseline
+    the segmented full snapshot is compared with in the same run.
+    """
+    scratch = home / "onefile"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir()
+    store = FsBlockstore(home / "onefile-blocks")
+    start = time.perf_counter()
+    with ds.db.reader() as conn:
+        files = {}
+        for table in snapshot_tables(conn):
+            path = scratch / f"{table}.parquet"
+            key = PRIMARY_KEYS[table]
+            # sql: our own schema's table and key names.
+            conn.execute(
+                f"COPY (SELECT * FROM {table} ORDER BY {key}) TO '{path}' "
+                f"(FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {ROW_GROUP_SIZE})"
+            )
+            parquet_digest(path, table)
+            files[table] = path
+    with store.batch():
+        add_tables(files, lambda cid, data: store.put(cid, data, verify=False))
+    seconds = time.perf_counter() - start
+    shutil.rmtree(scratch, ignore_errors=True)
+    shutil.rmtree(home / "onefile-blocks", ignore_errors=True)
+    return {"seconds": seconds}
+
+
+def o_change(work: Path, sizes: list[int]) -> None:
+    """Issue 14's table: +1 % snapshot vs full, new bytes vs changed data, peak RSS."""
+    print(
+        "O(change): per size, a fresh process: full snapshot, +1 % rows, incremental snapshot"
+    )
+    print(
+        f"  {'rows':>11} {'segs':>5} {'full s':>7} {'+1% s':>6} {'+1%/full':>8} "
+        f"{'new/changed':>11} {'re-exported':>11} {'peak RSS':>9} {'bare RSS':>9} "
+        f"{'1-file s':>8} {'full/1-file':>11} {'1-file RSS':>10}"
+    )
+    for rows in sizes:
+        home = work / f"inc-{rows}"
+        with LocalDataset(home, DATASET) as ds:
+            fill(ds, 0, rows)
+        bare = measure_child("bare", home)
+        one = measure_child("onefile", home)
+        got = measure_child("incremental", home)
+        if "error" in got or "error" in bare or "error" in one:
+            print(f"  {rows:>11,} failed: {got.get('error') or bare.get('error') or one}")
+            continue
+        r = got["result"]
+        one_s = one["result"]["seconds"]
+        print(
+            f"  {rows:>11,} {r['segments']:>5} {r['full_s']:>7.2f} {r['inc_s']:>6.2f} "
+            f"{r['inc_s'] / r['full_s']:>7.3f}x {r['inc_new_bytes'] / max(1, r['growth']):>10.2f}x "
+            f"{r['inc_exported']:>11,} {got['rss'] / MIB:>5.0f} MiB {bare['rss'] / MIB:>5.0f} MiB "
+            f"{one_s:>8.2f} {r['full_s'] / one_s:>10.2f}x {one['rss'] / MIB:>6.0f} MiB"
+        )
+        shutil.rmtree(home, ignore_errors=True)
 
 
 # --- the run ---------------------------------------------------------------------------------
@@ -295,6 +421,12 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="runs per timing (best kept)")
     parser.add_argument("--digest-rows", type=int, default=1_000_000, help="rows (default 1M)")
     parser.add_argument("--digest-only", action="store_true", help="only the row digest's cost")
+    parser.add_argument("--incremental", action="store_true", help="only issue 14's O(change)")
+    parser.add_argument(
+        "--sizes",
+        default="200000,1000000",
+        help="rows per database for --incremental, comma-separated (default 200000,1000000)",
+    )
     parser.add_argument("--child", nargs=2, metavar=("KIND", "HOME"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -302,6 +434,12 @@ def main() -> None:
         return
 
     work = Path(tempfile.mkdtemp(prefix="bench-snapshot-"))
+    if args.incremental:
+        try:
+            o_change(work, [int(x) for x in args.sizes.split(",")])
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return
     try:
         export_s, digest_s = digest_cost(work, args.digest_rows, args.repeat)
         print(

@@ -350,17 +350,24 @@ class BenchmarkDB:
         except duckdb.Error as e:  # DuckDB failed the transaction (rolled back): disk, I/O
             raise WriteFailed(f"{type(e).__name__}: {e}") from e
 
-    def write(self, fn: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
+    def write(self, fn: Callable[[duckdb.DuckDBPyConnection], T], *,
+              changes: Dirty = None) -> T:
         """Run `fn(conn)` on the writer thread inside BEGIN/COMMIT and return its result.
 
         Any exception rolls the transaction back and is re-raised here. `on_write`
         listeners get the net number of rows the job added to `TABLES`.
+        `changes` declares the key ranges `fn` changes (table -> inclusive
+        (low, high) key intervals, None for unbounded), so that the next
+        snapshot exports only those segments; by default anything may have
+        changed and the next snapshot exports everything.
         """
+        declared = None if changes is None else {t: list(v) for t, v in changes.items()}
+
         def job(conn: duckdb.DuckDBPyConnection, state: _WriterState) -> tuple[T, int]:
             before = _total_rows(conn)
             # fn may insert or delete anything: forget what the writer cached.
             state.clear()
-            state.touched = None  # and any table may have changed anywhere
+            state.touched = declared  # None: any table may have changed anywhere
             result = fn(conn)
             return result, max(0, _total_rows(conn) - before)
         return self._submit(job)

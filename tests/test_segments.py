@@ -378,3 +378,16 @@ def test_validator_refuses_a_segment_directory_with_a_stray_entry(tmp_path: Path
             version = snapshot.Version(cid="x", tables_cid=str(tcid), manifest=manifest)
             with pytest.raises(snapshot.BadSnapshot, match="segment|part-"):
                 snapshot.table_files(get, version)
+
+
+def test_a_write_that_declares_its_changes_exports_only_their_segments(
+    snapshotted: LocalDataset,
+) -> None:
+    ds = snapshotted
+    ds.db.write(
+        lambda c: c.execute("DELETE FROM performance_results WHERE result_id = 170"),
+        changes={"performance_results": [(170, 170)]},
+    )
+    after = ds.snapshot()
+    assert after.created and after.version.manifest.tables["performance_results"].rows == 499
+    assert after.exported_rows == 12  # its segment (166, 179], one row fewer
