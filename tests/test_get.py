@@ -24,6 +24,8 @@ from benchsync.storage.dataset import LocalDataset
 from benchsync.storage.snapshot import missing_blocks
 from tests.waiting import wait_for
 
+pytestmark = pytest.mark.slow  # real node processes and CLI commands
+
 CLI_TIMEOUT = 120.0  # seconds for one CLI command on a loaded machine
 NETWORK = "lab"
 
@@ -194,15 +196,22 @@ def test_get_of_a_cid_nobody_holds_says_what_to_try(
     assert r.returncode == 1 and "is not a CID" in r.stderr and "Try:" in r.stderr
 
 
+def snapshot_node(tmp: Path, nodes: list[NodeProcess]) -> tuple[NodeProcess, str]:
+    """Node A of lab-a, serving all over Bitswap, with one snapshot of 3 results; its CID."""
+    a = node(tmp, "a", "lab-a", "--bitswap-serve", "all")
+    start(nodes, a)
+    results = tmp / "results.jsonl"
+    results.write_text("".join(
+        json.dumps({"model_name": f"m{i}", "hardware_type": "cuda", "throughput": 100 + i})
+        + "\n" for i in range(3)))  # fmt: skip
+    cli(a.home, "record", "perf", "--from", str(results))
+    return a, cli(a.home, "snapshot").stdout.strip()
+
+
 def test_restore_fetches_a_snapshot_this_node_never_had(
     tmp_path: Path, nodes: list[NodeProcess]
 ) -> None:
-    a = node(tmp_path, "a", "lab-a", "--bitswap-serve", "all")
-    start(nodes, a)
-    for i in range(3):
-        cli(a.home, "record", "perf", "--model", f"m{i}", "--hardware", "cuda",
-            "--throughput", str(100 + i))  # fmt: skip
-    snap = cli(a.home, "snapshot").stdout.strip()
+    a, snap = snapshot_node(tmp_path, nodes)
     # B is in another lab (it never replicates A), serving all so it keeps A connected.
     b = node(tmp_path, "b", "lab-b", "--bitswap-serve", "all", bootstrap=[a.addr])
     start(nodes, b)
@@ -217,3 +226,19 @@ def test_restore_fetches_a_snapshot_this_node_never_had(
                           "json").stdout)  # fmt: skip
     assert [row["model_name"] for row in rows] == ["m0", "m1", "m2"]
     assert restored["seq"] >= 1 and held(b.home, b.peer_id, CID.decode(snap))
+
+
+def test_restore_without_a_node_says_how_and_get_then_restore_works(
+    tmp_path: Path, nodes: list[NodeProcess]
+) -> None:
+    a, snap = snapshot_node(tmp_path, nodes)
+    c = tmp_path / "c"
+    subprocess.run([sys.executable, "-m", "benchsync.daemon.cli", "init", "--home", str(c)],
+                   capture_output=True, check=True, timeout=CLI_TIMEOUT)  # fmt: skip
+    r = cli(c, "restore", snap, check=False)
+    assert r.returncode == 1 and "benchsync get CID --peer" in r.stderr, r.stderr
+    cli(c, "get", snap, "-o", str(tmp_path / "snap"), "--peer", a.addr)
+    cli(c, "restore", snap)
+    n = json.loads(cli(c, "query", "SELECT count(*) AS n FROM performance_results",
+                       "--format", "json").stdout)[0]["n"]  # fmt: skip
+    assert n == 3

@@ -130,11 +130,21 @@ def run_restore(args: argparse.Namespace) -> int:
     if client is not None:
         doc = call_node(client, "POST", "/v1/restore", {"cid": args.cid})
     else:
+        from benchsync.storage.dataset import RestoreError
+        from benchsync.storage.snapshot import IncompleteSnapshot
+
         with open_dataset(args) as ds:
             try:
                 doc = ds.restore(args.cid).to_json()
             except NotFound as e:
-                raise CLIError(str(e), "list versions with `benchsync log`") from e
+                raise CLIError(str(e), "list versions with `benchsync log`; a snapshot held "
+                               "elsewhere: start the node (`benchsync up`), whose restore "
+                               "fetches it from peers, or `benchsync get CID --peer "
+                               "MULTIADDR` first") from e  # fmt: skip
+            except (IncompleteSnapshot, RestoreError) as e:
+                raise CLIError(str(e), "start the node (`benchsync up`): its restore fetches "
+                               "missing blocks from peers; or fetch them first with "
+                               "`benchsync get CID --peer MULTIADDR`") from e  # fmt: skip
     print(json.dumps(doc) if args.json else doc["cid"])
     return 0
 
