@@ -8,13 +8,14 @@ the design), verifies every block against its CID (the CAR decoder, then
 `put(verify=True)`), stores verified blocks as they arrive so a broken
 transfer keeps them, and moves on to the next provider when one fails.
 
-Durability of a transfer: received blocks go into a blockstore batch that is
-synced once per `DURABLE_BATCH_BYTES` or `DURABLE_BATCH_SECONDS`, never per
-block (an fsync per 256 KiB block held a transfer to half the stream's speed).
-The batch makes its data durable before any block gets its name, so a crash
-loses at most the unsynced tail and never leaves a torn block under a CID; the
-blocks verified before a broken or refused response are committed all the
-same. A fetch marks its root in the store while it runs
+Durability of a transfer: a fetch's received blocks go into one blockstore
+batch, shared by its rounds and synced once per `DURABLE_BATCH_BYTES` or
+`DURABLE_BATCH_SECONDS` and before the DAG is reported complete, never per
+block (an fsync per 256 KiB block made the disk, not the network, set the
+pace: bench/bench_replica.py). The batch makes its data durable before any
+block gets its name, so a crash loses at most the unsynced tail and never
+leaves a torn block under a CID; the blocks verified before a broken or
+refused response are committed all the same. A fetch marks its root in the store while it runs
 (`Blockstore.begin_transfer`); the first fetch after a crash re-hashes what an
 interrupted transfer wrote (`recover_transfers`) before trusting any of it,
 then resumes: only the blocks still missing are asked for. A
