@@ -11,8 +11,7 @@
 
 Each timing is the median of --repeat runs; every Kubo->Kubo and benchsync run uses
 a fresh downloader (nothing cached). Kubo is v0.22 from the `kubo-python` wheel
-(tests/kubo.py: a child process per node, loopback only). Until benchsync's Bitswap
-server and `benchsync get` are in the tree, the Kubo->Kubo baselines alone are run.
+(tests/kubo.py: a child process per node, loopback only).
 
     .venv/bin/python bench/bench_bitswap.py [--mib 8] [--repeat 3]   # quick
     .venv/bin/python bench/bench_bitswap.py --mib 100                # the issue's size
@@ -95,14 +94,11 @@ def median_rate(nbytes: int, runs: list[float]) -> tuple[float, str]:
     return nbytes / MIB / med, spread
 
 
-def report(title: str, nbytes: int, baseline: list[float], ours: list[float] | None,
-           ours_label: str, missing: str) -> None:  # fmt: skip
+def report(title: str, nbytes: int, baseline: list[float], ours: list[float],
+           ours_label: str) -> None:  # fmt: skip
     base_rate, base_runs = median_rate(nbytes, baseline)
     print(f"{title}: {nbytes / MIB:.1f} MiB, median of {len(baseline)}")
     print(f"  Kubo -> Kubo            {base_rate:8.1f} MiB/s  (runs: {base_runs})")
-    if ours is None:
-        print(f"  {ours_label:23s} not measured: {missing}")
-        return
     rate, runs = median_rate(nbytes, ours)
     print(f"  {ours_label:23s} {rate:8.1f} MiB/s  (runs: {runs})")
     print(f"  ratio {ours_label} / Kubo->Kubo = {rate / base_rate:.2f}")
@@ -119,13 +115,6 @@ def make_snapshot(node: NodeProcess, mib: int) -> tuple[str, int]:
     return version.cid, version.manifest.total_bytes
 
 
-def bitswap_serving() -> str | None:
-    """None when this tree has a Bitswap server; else why it cannot be measured."""
-    if not (ROOT / "daemon" / "bitswap.py").exists():
-        return "no Bitswap server in this tree (daemon/bitswap.py)"
-    return None
-
-
 def bench_serve(work: Path, mib: int, repeat: int) -> None:
     node = NodeProcess(work / "node", free_port(), NETWORK,
                        extra_args=["--no-mdns", "--bitswap-serve", "all"])  # fmt: skip
@@ -138,18 +127,13 @@ def bench_serve(work: Path, mib: int, repeat: int) -> None:
         kubo_root = source.add(files)
         baseline = [timed_download(work, source.addr, kubo_root, nbytes, f"base{i}")
                     for i in range(repeat)]  # fmt: skip
-    missing = bitswap_serving()
-    ours: list[float] | None = None
-    if missing is None:
-        node.start()
-        try:
-            node.wait_ready()
-            ours = [timed_download(work, node.addr, root, nbytes, f"ours{i}")
-                    for i in range(repeat)]  # fmt: skip
-        finally:
-            node.stop()
-    report("serve: Kubo fetches a benchsync snapshot", nbytes, baseline, ours,
-           "benchsync -> Kubo", missing or "")  # fmt: skip
+    node.start()
+    try:
+        node.wait_ready()
+        ours = [timed_download(work, node.addr, root, nbytes, f"ours{i}") for i in range(repeat)]
+    finally:
+        node.stop()
+    report("serve: Kubo fetches a benchsync snapshot", nbytes, baseline, ours, "benchsync -> Kubo")
 
 
 # --- 2. benchsync get from a Kubo ------------------------------------------------------------
@@ -159,13 +143,6 @@ def cli(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("BENCHSYNC_")}
     return subprocess.run([sys.executable, "-m", "benchsync.daemon.cli", *args],
                           capture_output=True, text=True, timeout=timeout, env=env)  # fmt: skip
-
-
-def get_available() -> str | None:
-    """None when this tree has `benchsync get`; else why it cannot be measured."""
-    if not (ROOT / "daemon" / "cli" / "get.py").exists():
-        return "no `benchsync get` in this tree (daemon/cli/get.py)"
-    return None
 
 
 def timed_get(work: Path, kubo: Kubo, cid: str, payload: bytes, label: str) -> float:
@@ -188,20 +165,16 @@ def bench_get(work: Path, mib: int, repeat: int) -> None:
     payload = os.urandom(mib * MIB)
     src = work / "payload.bin"
     src.write_bytes(payload)
-    missing = get_available()
-    ours: list[float] | None = None
     with Kubo(work / "kubo-holder") as holder:
         cid = holder.add(src)
         baseline = [timed_download(work, holder.addr, cid, len(payload), f"getbase{i}")
                     for i in range(repeat)]  # fmt: skip
-        if missing is None:
-            ours = [timed_get(work, holder, cid, payload, f"get{i}") for i in range(repeat)]
+        ours = [timed_get(work, holder, cid, payload, f"get{i}") for i in range(repeat)]
     report("get: a file only a Kubo holds (CIDv0)", len(payload), baseline, ours,
-           "Kubo -> benchsync get", missing or "")  # fmt: skip
-    if ours is not None:
-        start = time.perf_counter()
-        cli("--help", timeout=CLI_TIMEOUT)
-        print(f"  (of which CLI start-up, `benchsync --help`: {time.perf_counter() - start:.2f} s)")
+           "Kubo -> benchsync get")  # fmt: skip
+    start = time.perf_counter()
+    cli("--help", timeout=CLI_TIMEOUT)
+    print(f"  (of which CLI start-up, `benchsync --help`: {time.perf_counter() - start:.2f} s)")
 
 
 def main() -> None:
