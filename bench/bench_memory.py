@@ -116,6 +116,7 @@ class Sampler:
         self.base_types: collections.Counter[str] | None = None
         self.stop = threading.Event()
         self.errors: list[str] = []
+        self.duckdb_tags: dict[str, int] = {}
         self.referrers = os.environ.get("BENCH_MEMORY_REFERRERS", "")
 
     def run(self) -> None:
@@ -145,6 +146,7 @@ class Sampler:
             "arrow_pool": pa.default_memory_pool().bytes_allocated(),
             "arrow_total": pa.total_allocated_bytes(),
             "duckdb": self._duckdb(),
+            "duckdb_tags": self.duckdb_tags,
             "gc_objects": len(gc.get_objects()),
         }
         types = collections.Counter(type(o).__qualname__ for o in gc.get_objects())
@@ -179,8 +181,10 @@ class Sampler:
             return None
         try:
             with node.dataset.db.reader() as cur:
-                row = cur.execute("SELECT sum(memory_usage_bytes) FROM duckdb_memory()").fetchone()
-            return int(row[0]) if row and row[0] is not None else 0
+                rows = cur.execute("SELECT tag, memory_usage_bytes FROM duckdb_memory() "
+                                   "WHERE memory_usage_bytes > 0").fetchall()  # fmt: skip
+            self.duckdb_tags = {str(tag): int(n) for tag, n in rows}
+            return sum(self.duckdb_tags.values())
         except Exception as e:  # closed, or swapped by a restore: not this bench's concern
             self.errors.append(repr(e))
             return None

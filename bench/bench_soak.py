@@ -15,6 +15,11 @@ Issue 19 aims at ratio <= 3. Not part of the test run:
 
     .venv/bin/python bench/bench_soak.py                 # 3 nodes, 3 minutes
     .venv/bin/python bench/bench_soak.py --minutes 30    # the issue's soak
+
+`--env K=V` starts the nodes with an environment variable, e.g. Arrow's and
+glibc's allocator defaults (`--env ARROW_DEFAULT_MEMORY_POOL=mimalloc --env
+MALLOC_ARENA_MAX=16`), which `benchsync up` replaces (daemon/cli/up.py); what
+grows inside one node, and before/after in the same run: bench/bench_memory.py.
 """
 
 from __future__ import annotations
@@ -73,7 +78,10 @@ def main() -> int:
     ap.add_argument("--maintenance", type=float, default=15.0,
                     help="maintenance_interval, seconds")  # fmt: skip
     ap.add_argument("--sample", type=float, default=30.0, help="seconds between reports")
+    ap.add_argument("--env", action="append", default=[], metavar="K=V",
+                    help="environment of the nodes (they inherit this process's)")  # fmt: skip
     args = ap.parse_args()
+    os.environ.update(kv.split("=", 1) for kv in args.env)
 
     base = Path(tempfile.mkdtemp(prefix="bench-soak-"))
     extra = ["--history-retention", str(args.retention), "--history-interval", str(args.interval),
@@ -87,7 +95,8 @@ def main() -> int:
     next_write = [start + i * args.every / len(nodes) for i in range(len(nodes))]
     next_sample = start
     print(f"{args.nodes} nodes in {base}; {args.rows} rows every {args.every:g} s each; "
-          f"retention {args.retention:g} s, interval {args.interval:g} s")  # fmt: skip
+          f"retention {args.retention:g} s, interval {args.interval:g} s; "
+          f"env {args.env or '-'}")  # fmt: skip
     print(f"{'t(s)':>6} {'node':>4} {'RSS MiB':>8} {'FDs':>4} {'blocks MB':>10} "
           f"{'versions':>9} {'kept':>5} {'db MB':>6} {'bound MB':>9} {'ratio':>6}")  # fmt: skip
     ratios: list[float] = []

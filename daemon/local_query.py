@@ -137,6 +137,9 @@ class LocalQueryService:
     def _changed(self, rows: int) -> None:
         with self._lock:
             self._generation += 1
+        # The loaded tables (a whole copy of the database, in Arrow) are stale now: let
+        # them go at once, not at the next query, which may come hours later (issue 19).
+        self._tables = None
 
     def invalidate(self) -> None:
         """Forget the loaded tables: the next query re-reads the database."""
@@ -153,13 +156,14 @@ class LocalQueryService:
             db = self._database()
             with self._lock:
                 generation = self._generation
-            if self._tables is None or self._tables[0] != generation:
+            loaded = self._tables  # one read: a write may drop it meanwhile (`_changed`)
+            if loaded is None or loaded[0] != generation:
                 # Read the generation first: a write landing during the read bumps
                 # it again, so the next query reloads instead of missing it.
                 tables = {t: db.query(f"SELECT * FROM {ident(t)}") for t in TABLES}
-                self._tables = (generation, tables)
+                loaded = self._tables = (generation, tables)
                 self.loads += 1
-            return self._tables
+            return loaded
 
     def _scope(
         self, scope: Scope, dataset: str | None = None

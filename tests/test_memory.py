@@ -21,18 +21,23 @@ import platform
 import re
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
 
 from benchsync.daemon.cli.up import NODE_ALLOCATOR_ENV, set_allocators
 from benchsync.daemon.demo import NodeProcess, free_port
+from benchsync.daemon.local_query import LocalQueryService
 from benchsync.daemon.metrics import Metrics, NodeCounters
 from benchsync.storage.dataset import LocalDataset
+from benchsync.storage.db import BenchmarkDB
 from benchsync.storage.retention import RetentionPolicy
 
 NETWORK = "memory"
 WARM_UP = 3  # snapshots before objects are counted: first-use imports and caches
+PERF = {"model_name": "m", "hardware_type": "cpu", "device_name": "d", "batch_size": 1,
+        "throughput": 1.0, "latency_avg": 2.0}  # fmt: skip
 WINDOW = 8  # snapshots per window: something kept per snapshot grows by this in each
 
 
@@ -111,6 +116,25 @@ def test_replica_lag_series_of_a_dataset_no_longer_followed_are_dropped() -> Non
     text = m.render().decode()
     assert 'dataset="gone"' not in text
     assert 'benchsync_replica_lag{dataset="stays"} 0.0' in text
+
+
+def test_the_local_query_service_lets_stale_tables_go(tmp_path: Path) -> None:
+    """The own tables a query loaded (a copy of the database) go as soon as a write makes
+    them stale, not at the next query, which may come hours later."""
+    db = BenchmarkDB(tmp_path / "db.duckdb")
+    local = LocalQueryService(db)
+    try:
+        db.ingest_records("perf", [PERF])
+        _, tables = local._current_tables()  # what a query loads (no worker needed)
+        loaded = weakref.ref(tables["performance_results"])
+        assert local._current_tables()[1] is tables  # unchanged data: kept for queries
+        del tables
+        db.ingest_records("perf", [PERF | {"batch_size": 2}])
+        gc.collect()
+        assert loaded() is None
+    finally:
+        local.close()
+        db.close()
 
 
 def _object_counts() -> collections.Counter[str]:
