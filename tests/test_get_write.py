@@ -73,3 +73,16 @@ def test_duplicate_names_do_not_overwrite(tmp_path: Path) -> None:
     with pytest.raises(FileExistsError):
         write_dag(store.get, root, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_get_reads_the_blockstore_the_dataset_writes(tmp_path: Path) -> None:
+    """`get` opens `<home>/blocks` without DuckDB: the same store `LocalDataset` uses."""
+    from benchsync.daemon.cli.get import home_blockstore
+    from benchsync.storage.dataset import LocalDataset
+
+    with LocalDataset(tmp_path / "home", "dataset") as ds:
+        cid, _, _ = unixfs.add_bytes(b"stored by the dataset", ds.blocks.put)
+        assert Path(ds.blocks.root) == home_blockstore(tmp_path / "home").root  # type: ignore[attr-defined]
+    assert home_blockstore(tmp_path / "home").get(cid) == b"stored by the dataset"
+    with pytest.raises(CLIError, match="not a benchsync data directory"):
+        home_blockstore(tmp_path / "typo")

@@ -5,7 +5,8 @@ one (`POST /v1/get`: lab members over `/benchsync/car`, any IPFS peer such as
 Kubo over Bitswap, every block verified before it is stored); without one, the
 command runs a short-lived libp2p client of its own on the data directory's
 identity and lab key (`P2PNode(client_only=True)`), dialing `--peer` and the
-`bootstrap` setting's peers. Blocks already held are not fetched again, so an
+`bootstrap` setting's peers; like `up`, it makes the data directory (mode
+0700, identity, lab key) when there is none. Blocks already held are not fetched again, so an
 interrupted `get` resumes where it stopped.
 
 Writing is done here, from the blockstore, as `ipfs get` writes: a file
@@ -37,10 +38,11 @@ from benchsync.daemon.cli.common import (
     call_node,
     data_dir,
     node_client,
-    open_dataset,
+    require_home,
 )
 from benchsync.daemon.cli.progress import Progress
 from benchsync.storage import dagpb, unixfs
+from benchsync.storage.blockstore import FsBlockstore
 from benchsync.storage.cid import DAG_PB, RAW
 from benchsync.storage.errors import StorageError
 
@@ -67,6 +69,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_get)
 
 
+def home_blockstore(home: Path) -> FsBlockstore:
+    """The data directory's blockstore, as `LocalDataset` opens it (`<home>/blocks`),
+    without loading DuckDB and Arrow (a second of a command's start on a loaded machine).
+    Raises CLIError for a directory that is no data directory."""
+    require_home(home)
+    return FsBlockstore(home / "blocks")
+
+
 def run_get(args: argparse.Namespace) -> int:
     try:
         root = CID.decode(args.cid)
@@ -85,13 +95,13 @@ def run_get(args: argparse.Namespace) -> int:
             doc = _offline(args, root, progress)
     finally:
         progress.close()
-    with open_dataset(args) as ds:
-        try:
-            written = write_dag(ds.blocks.get, root, out)
-        except (StorageError, OSError) as e:
-            raise CLIError(f"cannot write {root} to {out}: {e}",
-                           "check the path; the fetched blocks are kept, run the command "
-                           "again") from e  # fmt: skip
+    store = home_blockstore(data_dir(getattr(args, "home", None)))
+    try:
+        written = write_dag(store.get, root, out)
+    except (StorageError, OSError) as e:
+        raise CLIError(f"cannot write {root} to {out}: {e}",
+                       "check the path; the fetched blocks are kept, run the command "
+                       "again") from e  # fmt: skip
     doc |= {"path": str(out), "written_bytes": written}
     print(json.dumps(doc) if args.json else out)
     return 0
@@ -145,11 +155,13 @@ def _offline(args: argparse.Namespace, root: CID, progress: Progress) -> dict[st
 
     import trio
 
+    from benchsync.daemon.cli.init import make_private_home
     from benchsync.daemon.config import ConfigError, load_config
     from benchsync.daemon.lab import LabKeyError, load_lab_keys
     from benchsync.daemon.network import GetFailed, P2PNode
 
     home = data_dir(getattr(args, "home", None))
+    make_private_home(home)  # as `up` does: a first `get` on a machine makes its home
     try:
         config = load_config(home, None)
         keys = load_lab_keys(home, config.lab_key, config.lab_key_next)
@@ -169,16 +181,15 @@ def _offline(args: argparse.Namespace, root: CID, progress: Progress) -> dict[st
     logging.getLogger("benchsync.daemon.lab").setLevel(logging.ERROR)
 
     async def fetch() -> dict[str, Any]:
-        with open_dataset(args) as ds:
-            node = P2PNode(home, network=config.network, blockstore=ds.blocks, **lab,
-                           bitswap_serve=config.bitswap_serve, client_only=True)  # fmt: skip
-            async with trio.open_nursery() as nursery:
-                await nursery.start(node.run)
-                try:
-                    got = await node.get(root, dial=dial, progress=progress.update)
-                finally:
-                    nursery.cancel_scope.cancel()
-            return got.to_json()
+        node = P2PNode(home, network=config.network, blockstore=home_blockstore(home), **lab,
+                       bitswap_serve=config.bitswap_serve, client_only=True)  # fmt: skip
+        async with trio.open_nursery() as nursery:
+            await nursery.start(node.run)
+            try:
+                got = await node.get(root, dial=dial, progress=progress.update)
+            finally:
+                nursery.cancel_scope.cancel()
+        return got.to_json()
 
     try:
         return trio.run(fetch)
