@@ -5,7 +5,8 @@ nodes in child processes (tests/kubo.py). Kubo is a stranger to the lab, so the 
 serves it only with `bitswap_serve = all`.
 
 - serve: Kubo `Download`s a snapshot by its root CID from the node, and DuckDB reads
-  the recorded rows from the Parquet files Kubo wrote.
+  the recorded rows from the Parquet files Kubo wrote; then, that node gone, a node
+  that never had the snapshot restores it from Kubo alone.
 - get: `benchsync get` fetches a multi-megabyte file only Kubo holds (Kubo's default
   CIDv0 DAG, dag-pb leaves) and writes identical bytes, with no node running on the
   home and through a running node.
@@ -24,6 +25,8 @@ import os
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +69,12 @@ PERF = {"model_name": "bert-base-uncased", "hardware_type": "cuda", "device_name
 CHUNK = 256 * 1024  # bytes per UnixFS leaf
 
 
+RESTORED_SQL = (
+    "SELECT r.test_case, r.throughput_items_per_second, m.model_name "
+    "FROM performance_results r JOIN models m USING (model_id) ORDER BY r.test_case"
+)
+
+
 def serving_node(tmp_path: Path, *extra: str) -> NodeProcess:
     """A node (own lab key) that serves any Bitswap peer: Kubo is a stranger to its lab."""
     return NodeProcess(tmp_path / "node", free_port(), NETWORK,
@@ -86,18 +95,39 @@ def table_files(snap: Path, table: str) -> list[Path]:
     return files
 
 
-def test_kubo_downloads_a_snapshot_and_duckdb_reads_its_rows(tmp_path: Path) -> None:
-    require_kubo()
-    kubo = Kubo(tmp_path / "kubo", log_level=BITSWAP_LOG)
-    with running(serving_node(tmp_path)) as node, kubo:
-        assert node.client.post("/v1/record/perf", {"records": records()})["stored"] == ROWS
-        root = node.client.post("/v1/snapshot", {})["cid"]
-        kubo.connect(node.addr)
-        kubo.download(root, tmp_path / "snap", timeout=DOWNLOAD_TIMEOUT)
+@dataclass
+class SnapshotInKubo:
+    kubo: Kubo  # holds the snapshot's blocks (its Download stored them); still running
+    root: str
+    dataset: str  # the peer ID of the node that recorded it (stopped by now)
+    snap: Path  # the files Kubo wrote
 
-    snap = tmp_path / "snap"
+
+@pytest.fixture(scope="module")
+def snapshot_in_kubo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SnapshotInKubo]:
+    """A node records ROWS rows and snapshots; a Kubo Downloads the snapshot by root CID
+    from it (so Kubo holds its blocks); the node stops. Kubo stays up for the module."""
+    require_kubo()
+    tmp = tmp_path_factory.mktemp("snapshot-in-kubo")
+    with Kubo(tmp / "kubo", log_level=BITSWAP_LOG) as kubo:
+        with running(serving_node(tmp)) as node:
+            assert node.client.post("/v1/record/perf", {"records": records()})["stored"] == ROWS
+            root = node.client.post("/v1/snapshot", {})["cid"]
+            kubo.connect(node.addr)
+            kubo.download(root, tmp / "snap", timeout=DOWNLOAD_TIMEOUT)
+        yield SnapshotInKubo(kubo, root, node.peer_id, tmp / "snap")
+
+
+def expected_rows() -> list[tuple[str, float, str]]:
+    return sorted((f"kubo-{i}", 100.0 + i, str(PERF["model_name"])) for i in range(ROWS))
+
+
+def test_kubo_downloads_a_snapshot_and_duckdb_reads_its_rows(
+    snapshot_in_kubo: SnapshotInKubo,
+) -> None:
+    snap = snapshot_in_kubo.snap
     manifest = json.loads((snap / "manifest.json").read_text())
-    assert manifest["dataset"] == node.peer_id
+    assert manifest["dataset"] == snapshot_in_kubo.dataset
     results = table_files(snap, "performance_results")
     assert sum(f.stat().st_size for f in results) > 2 * CHUNK  # several blocks crossed
     con = duckdb.connect()
@@ -106,8 +136,22 @@ def test_kubo_downloads_a_snapshot_and_duckdb_reads_its_rows(tmp_path: Path) -> 
         "FROM read_parquet(?) r JOIN read_parquet(?) m USING (model_id) ORDER BY r.test_case",
         [[str(f) for f in results], [str(f) for f in table_files(snap, "models")]],
     ).fetchall()
-    expected = sorted((f"kubo-{i}", 100.0 + i, PERF["model_name"]) for i in range(ROWS))
-    assert got == expected
+    assert got == expected_rows()
+
+
+def test_a_fresh_node_restores_a_snapshot_only_kubo_holds(
+    snapshot_in_kubo: SnapshotInKubo, tmp_path: Path
+) -> None:
+    """The node that recorded it is gone; a node that never had it restores it from IPFS."""
+    kubo, root = snapshot_in_kubo.kubo, snapshot_in_kubo.root
+    with running(serving_node(tmp_path)) as node:
+        kubo.connect(node.addr)
+        version = node.client.post("/v1/restore", {"cid": root})
+        got = node.client.post("/v1/query", {"sql": RESTORED_SQL})
+        bitswap = node.status()["bitswap"]
+    assert version["seq"] >= 1, version
+    assert [tuple(r) for r in got["rows"]] == expected_rows(), got
+    assert bitswap["blocks_received"] >= 3, bitswap  # over Bitswap, from Kubo: nobody else has it
 
 
 
