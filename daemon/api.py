@@ -102,6 +102,8 @@ WRITE_FAILED = Failure(
 SNAPSHOT_FAILED = Failure(500, "snapshot_failed", "the database and history are unchanged")
 RESTORE_FAILED = Failure(409, "restore_failed", "the live database is unchanged")
 KEEP_FAILED = Failure(409, "cannot_keep", "pin or tag a version `benchsync log` shows as kept")
+GET_FAILED = Failure(500, "get_failed", "check free disk space and the node's log; blocks "
+                     "stored so far are kept, run the same get again")
 MAINTENANCE_FAILED = Failure(500, "maintenance_failed", "see the node's log; nothing kept was lost")
 
 
@@ -263,7 +265,7 @@ class ControlAPI:
         from benchsync.daemon.host import HostConfigError
 
         try:
-            with answering():
+            with answering(GET_FAILED):
                 return await self.node.get(cid, peers)
         except HostConfigError as e:
             raise ApiError(400, "bad_address", str(e), "give full /ip4/.../tcp/.../p2p/<peer id> "

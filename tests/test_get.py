@@ -194,6 +194,10 @@ def test_get_of_a_cid_nobody_holds_says_what_to_try(
     assert "Error:" in r.stderr and "no peer has block" in r.stderr and "Try:" in r.stderr
     r = cli(b.home, "get", "not-a-cid", check=False)
     assert r.returncode == 1 and "is not a CID" in r.stderr and "Try:" in r.stderr
+    for home in (b.home, tmp_path / "no-node"):  # through the node, and its own client
+        r = cli(home, "get", nobody, "--peer", "/ip4/127.0.0.1/tcp/1", check=False)
+        assert r.returncode == 1 and "/p2p/" in r.stderr and "Try:" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr
 
 
 def snapshot_node(tmp: Path, nodes: list[NodeProcess]) -> tuple[NodeProcess, str]:

@@ -157,6 +157,7 @@ def _offline(args: argparse.Namespace, root: CID, progress: Progress) -> dict[st
 
     from benchsync.daemon.cli.init import make_private_home
     from benchsync.daemon.config import ConfigError, load_config
+    from benchsync.daemon.host import HostConfigError
     from benchsync.daemon.lab import LabKeyError, load_lab_keys
     from benchsync.daemon.network import GetFailed, P2PNode
 
@@ -193,6 +194,9 @@ def _offline(args: argparse.Namespace, root: CID, progress: Progress) -> dict[st
 
     try:
         return trio.run(fetch)
+    except HostConfigError as e:
+        raise CLIError(str(e), "give each --peer as /ip4/HOST/tcp/PORT/p2p/PEER_ID (`ipfs id` "
+                       "or `benchsync status` on that machine shows it)") from e  # fmt: skip
     except GetFailed as e:
         raise CLIError(str(e), "name a peer that holds it with --peer MULTIADDR; blocks "
                        "fetched so far are kept") from e  # fmt: skip
