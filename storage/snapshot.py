@@ -1011,6 +1011,49 @@ def snapshot_tables(conn: Any) -> list[str]:
     return known + extra
 
 
+def _export_table(
+    exporter: _TableExport, old: dict[str, Any] | None, dirty: Dirty, legacy: bool
+) -> tuple[CID, int, TableInfo, str | None, dict[str, Any]]:
+    """One table of a snapshot: (its directory CID, Tsize, manifest entry, rows/1, index entry).
+
+    Incremental when the index entry `old` still describes the table (same key
+    and columns) and the changes are known; otherwise every segment. rows/1 is
+    computed only for a table of a one-file-layout head (`legacy`), to tell
+    "no change" by that head's digest: from the segment files when all were
+    exported, from the index when none was, so a dirty table is exported whole.
+    """
+    columns = [list(c) for c in exporter.columns]
+    usable = (
+        old is not None
+        and dirty is not None
+        and old["key"] == exporter.key
+        and old["columns"] == columns
+        and not (legacy and dirty.get(exporter.table))
+    )
+    exporter.keep = legacy
+    try:
+        if usable:
+            assert old is not None and dirty is not None
+            segs = exporter.update(
+                [Segment.from_json(x) for x in old["segments"]], dirty.get(exporter.table, [])
+            )
+        else:
+            segs = exporter.full()
+        cid, tsize, info = add_segments(exporter.table, segs, exporter.put)
+        rows1 = None
+        if legacy and exporter.files and exporter.exported_rows == info.rows:
+            rows1 = rows1_digest(exporter.files, exporter.table)
+        elif legacy and exporter.exported_rows == 0 and old is not None:
+            rows1 = old.get("rows1")
+    finally:
+        for path in exporter.files:
+            path.unlink(missing_ok=True)
+    entry = {"key": exporter.key, "columns": columns, "segments": [x.to_json() for x in segs]}
+    if rows1 is not None:
+        entry["rows1"] = rows1
+    return cid, tsize, info, rows1, entry
+
+
 @contextlib.contextmanager
 def _memory_limit(conn: Any, limit: str) -> Iterator[None]:
     """DuckDB's memory limit lowered to `limit` for the block (a process-wide setting)."""
@@ -1131,35 +1174,15 @@ class SnapshotStore:
                                 exporter = _TableExport(
                                     conn, table, columns[table], work, put
                                 )
-                                exporter.keep = table in legacy
                                 old = index.get(table) if dirty is not None else None
-                                if (
-                                    old is None
-                                    or dirty is None
-                                    or old["key"] != exporter.key
-                                    or old["columns"] != [list(c) for c in exporter.columns]
-                                ):
-                                    segs = exporter.full()
-                                else:
-                                    segs = exporter.update(
-                                        [Segment.from_json(x) for x in old["segments"]],
-                                        dirty.get(table, []),
-                                    )
+                                cid, tsize, info, rows1, kept[table] = _export_table(
+                                    exporter, old, dirty, table in legacy
+                                )
                                 exported += exporter.exported_rows
-                                cid, tsize, info = add_segments(table, segs, put)
                                 entries.append((table, cid, tsize))
                                 tables[table] = compare[table] = info
-                                if exporter.keep and exporter.exported_rows == info.rows:
-                                    compare[table] = replace(
-                                        info, digest=rows1_digest(exporter.files, table)
-                                    )
-                                for path in exporter.files:
-                                    path.unlink(missing_ok=True)
-                                kept[table] = {
-                                    "key": exporter.key,
-                                    "columns": [list(c) for c in exporter.columns],
-                                    "segments": [x.to_json() for x in segs],
-                                }
+                                if table in legacy:
+                                    compare[table] = replace(info, digest=rows1)
                             tables_cid, tables_tsize = unixfs.add_directory(entries, put)
                     finally:
                         conn.execute("COMMIT")

@@ -391,3 +391,76 @@ def test_a_write_that_declares_its_changes_exports_only_their_segments(
     after = ds.snapshot()
     assert after.created and after.version.manifest.tables["performance_results"].rows == 499
     assert after.exported_rows == 12  # its segment (166, 179], one row fewer
+
+
+def test_a_snapshot_lowers_duckdbs_memory_limit_only_while_it_runs(
+    snapshotted: LocalDataset, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ds = snapshotted
+    setting = "SELECT current_setting('memory_limit') AS m"
+    before = ds.db.query(setting).to_pylist()
+    seen: list[Any] = []
+    real = snapshot._TableExport.full
+
+    def full(self: Any) -> Any:
+        seen.append(self.conn.execute(setting).fetchone()[0])
+        return real(self)
+
+    monkeypatch.setattr(snapshot._TableExport, "full", full)
+    ds.db.write(lambda c: None)  # unknown changes: every table exported in full
+    ds.snapshot()
+    assert seen and set(seen) == {"64.0 MiB"}
+    assert ds.db.query(setting).to_pylist() == before
+
+
+def one_file_head(ds: LocalDataset, tmp: Path) -> snapshot.Version:
+    """Record the live rows as a version in the one-file layout (as nodes before issue 14)."""
+    tmp.mkdir()
+    files = {}
+    with ds.db.reader() as conn:
+        for table in snapshot.snapshot_tables(conn):
+            files[table] = tmp / f"{table}.parquet"
+            key = snapshot.schema.PRIMARY_KEYS[table]
+            conn.execute(
+                f"COPY (SELECT * FROM {table} ORDER BY {key}) TO '{files[table]}' "
+                "(FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE 8192)"
+            )
+    put = lambda c, d: ds.blocks.put(c, d, verify=False)  # noqa: E731
+    tables_cid, tsize, added = snapshot.add_tables(files, put)
+    head = ds.head()
+    manifest = snapshot.Manifest(
+        dataset="lab", seq=head.seq + 1 if head else 1, parent=head.cid if head else None,
+        created_at=0.0, schema_version=snapshot.schema.SCHEMA_VERSION,
+        tables={t: snapshot.TableInfo(rows=pq_rows(p), bytes=added[t][1], cid=str(added[t][0]),
+                                      digest=snapshot.parquet_digest(p, t))
+                for t, p in files.items()},
+    )
+    return ds.snapshots._commit(manifest, tables_cid, tsize, put)
+
+
+def pq_rows(path: Path) -> int:
+    import pyarrow.parquet as pq
+
+    return int(pq.ParquetFile(path).metadata.num_rows)
+
+
+def test_a_one_file_head_of_the_same_rows_stays_the_head(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    use_bits(monkeypatch, 6)
+    with LocalDataset(tmp_path / "node", "lab") as ds:
+        ds.db.ingest_records("perf", perf(0, 300))
+        ds.snapshot()
+        old = one_file_head(ds, tmp_path / "onefile")
+        # Unchanged rows: no new version, by the old head's rows/1 digests, once in full
+        # and then from the index without exporting anything.
+        ds.db.write(lambda c: None)
+        first = ds.snapshot()
+        assert not first.created and first.version.cid == old.cid
+        again = ds.snapshot()
+        assert not again.created and again.exported_rows == 0
+        # A change is a new version in the segment layout.
+        ds.db.ingest_records("perf", perf(300, 3))
+        changed = ds.snapshot()
+        assert changed.created
+        assert changed.version.manifest.tables["performance_results"].segments
