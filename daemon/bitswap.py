@@ -33,7 +33,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -83,6 +83,7 @@ LOOKUP_BATCH = 256  # wants looked up in the blockstore per worker-thread call
 STALL_TIMEOUT = 30.0  # seconds a fetch waits on a peer that sends nothing it was asked for
 TICK = 1.0  # seconds between a fetch's stall checks
 FETCH_QUEUE = 256  # blocks and presences buffered for one fetch before its peers' readers wait
+STORE_QUEUE = 16  # batches of received blocks waiting for the disk before a fetch waits
 MAX_LOGGED_REFUSALS = 4096  # peers whose refusal was logged (then the log starts over)
 
 
@@ -450,6 +451,52 @@ class BitswapService:
         result: FetchProgress,
         progress: Callable[[int], None] | None,
     ) -> None:
+        """Walk and fetch; received blocks are stored by a task of their own, so that new
+        wants go out while the disk syncs (a filesystem sync can take a while on a busy
+        disk). Returns once every block is stored."""
+        send, stored = trio.open_memory_channel[list[Block]](STORE_QUEUE)
+        failed: list[Exception] = []
+        with _single_error():
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._storer, stored, result, progress)
+                async with send:
+                    try:
+                        await self._walk_loop(root, fetch, recv, result, send)
+                    except Exception as e:  # NoProvider: what came before it is stored first
+                        failed.append(e)
+        if failed:
+            raise failed[0]
+
+    async def _storer(
+        self,
+        stored: trio.MemoryReceiveChannel[list[Block]],
+        result: FetchProgress,
+        progress: Callable[[int], None] | None,
+    ) -> None:
+        async with stored:
+            async for batch in stored:
+                while True:  # everything already waiting goes in the same sync
+                    try:
+                        batch = batch + stored.receive_nowait()
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                await trio.to_thread.run_sync(_store_blocks, self.store, batch)
+                nbytes = sum(len(b.data) for b in batch)
+                result.blocks += len(batch)
+                result.bytes += nbytes
+                self.stats.blocks_received += len(batch)
+                self.stats.bytes_received += nbytes
+                if progress is not None:
+                    progress(nbytes)
+
+    async def _walk_loop(
+        self,
+        root: CID,
+        fetch: _Fetch,
+        recv: trio.MemoryReceiveChannel[tuple[str, Block | Presence]],
+        result: FetchProgress,
+        store_send: trio.MemorySendChannel[list[Block]],
+    ) -> None:
         store = self.store
         queue = fetch.queue
         to_check: deque[tuple[CID, bytes | None]] = deque([(root, None)])
@@ -510,14 +557,7 @@ class BitswapService:
                     if peer not in result.peers:
                         result.peers.append(peer)
             if blocks:
-                await trio.to_thread.run_sync(_store_blocks, store, blocks)
-                nbytes = sum(len(b.data) for b in blocks)
-                result.blocks += len(blocks)
-                result.bytes += nbytes
-                self.stats.blocks_received += len(blocks)
-                self.stats.bytes_received += nbytes
-                if progress is not None:
-                    progress(nbytes)
+                await store_send.send(blocks)  # waits only when the disk is far behind
                 to_check.extend((b.cid, b.data) for b in blocks)
             for peer in queue.stalled(now, self.stall_timeout):
                 log.info("Bitswap peer %s sent nothing asked for %.0f s", peer, self.stall_timeout)
@@ -530,3 +570,23 @@ def _store_blocks(store: Blockstore, blocks: Sequence[Block]) -> None:
     with store.batch():
         for b in blocks:
             store.put(b.cid, b.data, verify=False)
+
+
+@contextlib.contextmanager
+def _single_error() -> Iterator[None]:
+    """Re-raise a nursery's lone exception bare (NoProvider, StorageError), so callers
+    catch it by type."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        leaves = []
+        pending: list[BaseException] = [group]
+        while pending:
+            e = pending.pop()
+            if isinstance(e, BaseExceptionGroup):
+                pending.extend(e.exceptions)
+            else:
+                leaves.append(e)
+        if len(leaves) == 1:
+            raise leaves[0] from None
+        raise

@@ -115,6 +115,26 @@ async def test_bitswap_get_resumes_from_the_blocks_it_holds(tmp_path: Path) -> N
     assert got.blocks == a.p2p.bitswap.stats.blocks_sent == len(blocks) - len(held)
 
 
+async def test_a_failed_get_keeps_what_it_received_and_the_next_fetches_the_rest(
+    tmp_path: Path,
+) -> None:
+    a = Node(tmp_path, "a", bitswap_serve="all")
+    b = Node(tmp_path, "b", lab_key=OTHER_KEY)
+    root, _ = add_tree(a.store, size=12 * CHUNK)
+    blocks = dict(unixfs.walk(a.store.get, root))
+    lost = [c for c in blocks if c.codec.code == RAW][-1]  # the big file's last leaf
+    a.store.delete(lost)
+    async with running(a, b):
+        with trio.fail_after(TIMEOUT):
+            with pytest.raises(GetFailed, match="no peer has block"):
+                await b.p2p.get(root, dial=[a.p2p.addrs[0]])
+            kept = [c for c in blocks if b.store.has(c)]
+            assert kept and lost not in kept
+            a.store.put(lost, blocks[lost])
+            got = await b.p2p.get(root)
+    assert complete(b.store, root) and got.blocks == len(blocks) - len(kept)
+
+
 async def test_a_lab_node_serves_no_stranger_by_default(tmp_path: Path) -> None:
     a = Node(tmp_path, "a")  # bitswap_serve = lab
     b = Node(tmp_path, "b", lab_key=OTHER_KEY, bitswap_serve="all")
