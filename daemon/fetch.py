@@ -54,7 +54,7 @@ from benchsync.protocol.fetch import (
 from benchsync.protocol.frames import Interrupted, RemoteProtocolError
 from benchsync.protocol.session import NEED_DATA, REQUESTER, RESPONDER, EndOfStream, Refusal
 from benchsync.storage import car
-from benchsync.storage.blockstore import Blockstore, WriteBatch
+from benchsync.storage.blockstore import BlockNotFound, Blockstore, WriteBatch
 from benchsync.storage.errors import StorageError
 
 log = logging.getLogger(__name__)
@@ -176,7 +176,11 @@ class BlockProvider:
         session = channel.session
 
         def sizes() -> dict[CID, int]:
-            return {c: store.size(c) for c in request.want if store.has(c)}
+            held: dict[CID, int] = {}
+            for c in request.want:
+                with contextlib.suppress(BlockNotFound):  # one lookup, not has() then size()
+                    held[c] = store.size(c)
+            return held
 
         held = await trio.to_thread.run_sync(sizes)
         send, status = plan_response(
