@@ -196,16 +196,31 @@ def check_get(r: subprocess.CompletedProcess[str], kubo: Kubo, cid: str) -> dict
     return doc
 
 
-def test_benchsync_get_fetches_a_file_only_kubo_holds(tmp_path: Path) -> None:
-    """No node runs on the home: `get` runs its own short-lived client and dials --peer."""
+@dataclass
+class OfflineGet:
+    result: subprocess.CompletedProcess[str]
+    cid: str
+    payload: bytes
+    out: Path
+
+
+@pytest.fixture(scope="module")
+def offline_get(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OfflineGet]:
+    """`benchsync get --json` of a file only a Kubo holds, with no node on the home: the
+    CLI runs its own short-lived client and dials --peer."""
     require_kubo()
-    out = tmp_path / "got.bin"
-    with Kubo(tmp_path / "kubo", log_level=BITSWAP_LOG) as kubo:
-        cid, payload = kubo_only_file(tmp_path, kubo)
-        r = run_cli("get", cid, "-o", str(out), "--peer", kubo.addr,
-                    "--home", str(tmp_path / "home"), "--json")  # fmt: skip
+    tmp = tmp_path_factory.mktemp("offline-get")
+    with Kubo(tmp / "kubo", log_level=BITSWAP_LOG) as kubo:
+        cid, payload = kubo_only_file(tmp, kubo)
+        r = run_cli("get", cid, "-o", str(tmp / "got.bin"), "--peer", kubo.addr,
+                    "--home", str(tmp / "home"), "--json")  # fmt: skip
         check_get(r, kubo, cid)
-    assert out.read_bytes() == payload
+        yield OfflineGet(r, cid, payload, tmp / "got.bin")
+
+
+def test_benchsync_get_fetches_a_file_only_kubo_holds(offline_get: OfflineGet) -> None:
+    assert json.loads(offline_get.result.stdout)["path"] == str(offline_get.out)
+    assert offline_get.out.read_bytes() == offline_get.payload
 
 
 def test_benchsync_get_through_the_running_node(tmp_path: Path) -> None:
