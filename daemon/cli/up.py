@@ -64,6 +64,8 @@ NODE_UMASK = 0o077  # files the node creates (database, blocks, keys) are its ow
 #   core: 16 here), each fragmenting on its own; two arenas held 6 MB free where 16 held
 #   21 MB after 5 minutes. Glibc reads MALLOC_ARENA_MAX at start-up, so `set_allocators`
 #   also sets it with mallopt (before any thread); the variable is for child processes.
+# Both together, same run: RSS 203, 212, 221 MiB at 1, 3, 7 minutes; the system pool on
+# 16 arenas 198, 220, 242; Arrow's and glibc's defaults 225, 271, 327 (1.48x at 7 min).
 # A value already in the environment wins (to compare, or to go back).
 NODE_ALLOCATOR_ENV = {"ARROW_DEFAULT_MEMORY_POOL": "system", "MALLOC_ARENA_MAX": "2"}
 M_ARENA_MAX = -8  # mallopt's parameter number, from glibc's malloc.h
