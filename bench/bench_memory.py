@@ -17,14 +17,27 @@ installed; the node itself is unchanged) and reports, every `--sample` seconds:
 
 `--trim` (or `BENCH_MEMORY_TRIM=1` in one node's environment) calls
 `malloc_trim(0)` at each sample and reports RSS after it ("trimmed"): what falls
-back was memory glibc kept after it was freed, not a leak. `--env K=V`
-starts the node with an environment variable (e.g. `MALLOC_ARENA_MAX=2`,
-`ARROW_DEFAULT_MEMORY_POOL=system`); `--plain` leaves out the node's own
-allocator settings, for a before/after comparison in one run of the bench.
+back was memory glibc kept after it was freed, not a leak. `--env K=V` starts
+the node with an environment variable; `--compare NAME:K=V[,K=V]` starts
+another node NAME beside it, with that environment, under the same writes, and
+the end reports each node's RSS at 1, 3 and 7 minutes as a ratio to the first
+node's (same run, same machine load). `benchsync` sets its own allocators
+(daemon/cli/up.py); a value in the environment wins, so the state before that
+fix is `--compare before:ARROW_DEFAULT_MEMORY_POOL=mimalloc,MALLOC_ARENA_MAX=16`
+(Arrow's default pool; glibc's default of 8 arenas per core, on 2 cores).
 
     .venv/bin/python bench/bench_memory.py --minutes 3
+    .venv/bin/python bench/bench_memory.py --minutes 7.5 \
+        --compare before:ARROW_DEFAULT_MEMORY_POOL=mimalloc,MALLOC_ARENA_MAX=16
     .venv/bin/python bench/bench_memory.py --minutes 3 --tracemalloc 10 --warmup 60
     .venv/bin/python bench/bench_memory.py --minutes 3 --trim
+
+Findings (issue 19; 2 cores shared with other work): Python objects, Arrow's
+allocated bytes and glibc's bytes in use (DuckDB's, growing with the data) did
+not explain the growth. Arrow's mimalloc pool kept freed memory (malloc_trim
+does not reach it); on the system pool, glibc's 16 arenas kept free chunks.
+Same run, RSS MiB at 1, 3, 7 min: the node 203, 212, 221; system pool on 16
+arenas 198, 220, 242; both defaults 225, 271, 327 (1.48x at 7 min).
 
 Not part of the test run.
 """
