@@ -423,9 +423,9 @@ class Fetcher:
     ) -> int:
         sink = _BlockSink(durable, channel.session)
         if not status.count:
-            sink.feed(b"")  # the session's EndOfResponse; nothing to store
+            sink.feed(())  # the session's EndOfResponse; nothing to store
             return 0
-        send, recv = trio.open_memory_channel[bytes](RECEIVE_QUEUE)
+        send, recv = trio.open_memory_channel[list[bytes]](RECEIVE_QUEUE)
         with _single_error():
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._verify_and_store, recv, sink, local)
@@ -435,7 +435,7 @@ class Fetcher:
     async def _pump(
         self,
         channel: Channel,
-        send: trio.MemorySendChannel[bytes],
+        send: trio.MemorySendChannel[list[bytes]],
         sink: _BlockSink,
         local: TransferStats,
     ) -> None:
@@ -444,7 +444,8 @@ class Fetcher:
             # writes happen in a worker thread, so the network never waits
             # on them (and Yamux window updates go out promptly). Reads
             # (~64 KiB each) are gathered into IO_BATCH batches here: one
-            # thread hop per read cost as much CPU as Noise itself.
+            # thread hop per read cost as much CPU as Noise itself. A batch
+            # goes as its list of reads: joining them is the worker's copy.
             batch: list[bytes] = []
             size = 0
             while True:
@@ -459,18 +460,18 @@ class Fetcher:
                 batch.append(data)
                 size += len(data)
                 if size >= IO_BATCH:
-                    await send.send(b"".join(batch))
+                    await send.send(batch)
                     batch, size = [], 0
             if batch:
                 # Whatever came before the end or the stall: its complete blocks are kept.
-                await send.send(b"".join(batch))
+                await send.send(batch)
 
     async def _verify_and_store(
-        self, recv: trio.MemoryReceiveChannel[bytes], sink: _BlockSink, local: TransferStats
+        self, recv: trio.MemoryReceiveChannel[list[bytes]], sink: _BlockSink, local: TransferStats
     ) -> None:
         durable = sink.durable
 
-        async def in_thread(fn: Callable[..., None], *args: bytes) -> None:
+        async def in_thread(fn: Callable[..., None], *args: list[bytes]) -> None:
             before = (durable.committed, durable.committed_bytes)
             try:
                 await trio.to_thread.run_sync(fn, *args)
@@ -613,11 +614,12 @@ class _BlockSink:
         self.received = 0  # blocks of this response stored (durable or pending)
         self.stalled = False
 
-    def feed(self, data: bytes) -> None:
-        """Bytes of the body (b"": nothing new); stores every block they complete."""
+    def feed(self, chunks: Sequence[bytes]) -> None:
+        """Bytes of the body, in order (none: nothing new); stores every block they complete."""
         with self.durable.joined():
-            if data:
-                self.session.receive_data(data)
+            for data in chunks:
+                if data:
+                    self.session.receive_data(data)
             self._drain()
         if self.durable.pending_bytes >= DURABLE_BATCH_BYTES:
             self.durable.commit()
