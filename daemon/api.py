@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
 RECORD_KINDS = ("perf", "compat", "test")
 MAX_RECORDS_PER_REQUEST = 100_000  # records in one POST /v1/record/{kind}
+MAX_GET_PEERS = 64  # peers one POST /v1/get may dial (each dial may take DIAL_TIMEOUT)
 QUERY_SCOPES = ("local", "replicas", "network")
 # QueryError kinds that the query metrics count as their own outcome (others: "error").
 QUERY_OUTCOMES = ("refused", "timeout", "too_large")
@@ -254,6 +255,9 @@ class ControlAPI:
                 and all(isinstance(p, str) for p in peers)):  # fmt: skip
             raise ApiError(400, "bad_request",
                            'expected {"cid": "...", "peers": ["/ip4/.../p2p/..."]}')  # fmt: skip
+        if len(peers) > MAX_GET_PEERS:
+            raise ApiError(400, "bad_request", f"{len(peers)} peers, limit {MAX_GET_PEERS}",
+                           "name the few peers that hold it")  # fmt: skip
         result = await self._get(body["cid"], peers)
         return 200, result.to_json()
 

@@ -220,10 +220,10 @@ class BitswapService:
 
     async def _inbound(self, stream: INetStream) -> None:
         peer = str(remote_peer(stream))
-        if not self.serve_all:
-            # Membership decides whether its wants are served; serving all, it does not
-            # (and a Kubo, which cannot prove it, is not asked again on every stream).
-            await self.streams.settle(peer)
+        # Membership decides whether its wants are served: settled at its first want, not
+        # for a stream that only brings blocks we asked for (a Kubo, which cannot prove
+        # membership, is not asked again on every stream); serving all, it never matters.
+        settled = self.serve_all
         decoder = MessageDecoder()
         while True:
             data = await read_some(stream)
@@ -231,6 +231,9 @@ class BitswapService:
                 decoder.close()  # a message cut short: BitswapDecodeError, the stream reset
                 return
             for msg in decoder.feed(data):
+                if not settled and (msg.entries or msg.full):
+                    await self.streams.settle(peer)
+                    settled = True
                 await self._handle(peer, msg)
 
     async def _handle(self, peer: str, msg: Message) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from multiformats import CID
 
+from benchsync.daemon.control import ControlAPIError
 from benchsync.daemon.demo import NodeProcess, free_port, lab_key_file
 from benchsync.storage import unixfs
 from benchsync.storage.dataset import LocalDataset
@@ -194,6 +195,9 @@ def test_get_of_a_cid_nobody_holds_says_what_to_try(
     assert "Error:" in r.stderr and "no peer has block" in r.stderr and "Try:" in r.stderr
     r = cli(b.home, "get", "not-a-cid", check=False)
     assert r.returncode == 1 and "is not a CID" in r.stderr and "Try:" in r.stderr
+    with pytest.raises(ControlAPIError) as e:  # a bounded number of dials per request
+        b.client.post("/v1/get", {"cid": nobody, "peers": [a.addr] * 65})
+    assert (e.value.status, e.value.code) == (400, "bad_request")
     for home in (b.home, tmp_path / "no-node"):  # through the node, and its own client
         r = cli(home, "get", nobody, "--peer", "/ip4/127.0.0.1/tcp/1", check=False)
         assert r.returncode == 1 and "/p2p/" in r.stderr and "Try:" in r.stderr, r.stderr

@@ -180,6 +180,9 @@ def _offline(args: argparse.Namespace, root: CID, progress: Progress) -> dict[st
 
     # A peer of another lab is expected here (Kubo, a lab serving all): not worth a warning.
     logging.getLogger("benchsync.daemon.lab").setLevel(logging.ERROR)
+    # py-libp2p logs a peer refusing a protocol (Kubo answering `na` to the lab proof) at
+    # ERROR, seven lines each; what fails the command comes out as Error:/Try: anyway.
+    logging.getLogger("libp2p").setLevel(logging.CRITICAL)
 
     async def fetch() -> dict[str, Any]:
         node = P2PNode(home, network=config.network, blockstore=home_blockstore(home), **lab,
