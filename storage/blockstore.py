@@ -335,6 +335,45 @@ class Blockstore(abc.ABC):
             ref.read(cid)
         return self._store(block_key(cid), ref)
 
+    def put_into_file(
+        self, cid: CID, data: bytes, path: Path | str, offset: int, *, verify: bool = True
+    ) -> bool:
+        """Write a block's bytes at `offset` of the file `path` (created if absent) and
+        store the block as a reference to them: a replica's leaf lands once, in the
+        segment file it belongs to, instead of in a block file and then a copy.
+
+        The bytes are written whether or not the block was stored before (the
+        file needs them); returns True if the block was not stored before. The
+        file's bytes are durable before the reference is: at once outside a
+        batch, by the batch's sync inside one. With `verify` (the default)
+        raises CorruptBlock / UnsupportedHash before writing anything; raises
+        BlockWriteError if the file cannot be written.
+        """
+        if verify:
+            verify_block(cid, data)
+        if offset < 0:
+            raise ValueError(f"a file offset must be >= 0, got {offset}")
+        target = Path(os.path.abspath(path))
+        try:
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT, 0o644)
+            try:
+                view = memoryview(data)
+                at = offset
+                while view:
+                    n = os.pwrite(fd, view, at)
+                    view, at = view[n:], at + n
+                self._wrote_file(fd, target)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise _write_error(f"write block {cid} into {target}", target.parent, e,
+                               "no reference to it was stored") from e  # fmt: skip
+        return self._store(block_key(cid), FileRef(target, offset, len(data)))
+
+    @abc.abstractmethod
+    def _wrote_file(self, fd: int, path: Path) -> None:
+        """`put_into_file` wrote `path` (open as `fd`): make it durable, now or with the batch."""
+
     def file_ref(self, cid: CID) -> FileRef | None:
         """Where a file-reference block's bytes are; None for a block stored as bytes.
         Raises BlockNotFound if absent."""
@@ -575,6 +614,9 @@ class MemoryBlockstore(Blockstore):
     def disk_bytes(self) -> int:
         return sum(len(d) for d in list(self._blocks.values()) if isinstance(d, bytes))
 
+    def _wrote_file(self, fd: int, path: Path) -> None:
+        pass  # nothing of this store outlives the process: no order of syncs to keep
+
     def begin_transfer(self, root: CID) -> None:
         self._marks.add(block_key(root))
 
@@ -630,6 +672,7 @@ class _Batch(WriteBatch):
         # this grows with the batch, ~150 bytes per 256 KiB block)
         self.pending: dict[str, str] = {}
         self.refs: set[str] = set()  # keys of `pending` that are file-reference records
+        self.files: set[str] = set()  # files put_into_file wrote: synced before the renames
         self.flusher: _Flusher | None = None  # started by the first put that needs it
 
     def finish_writeback(self) -> None:
@@ -640,6 +683,15 @@ class _Batch(WriteBatch):
     def clear(self) -> None:
         self.pending = {}
         self.refs = set()
+        self.files = set()
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _write_error(action: str, root: Path, e: OSError, outcome: str) -> BlockWriteError:
@@ -782,12 +834,15 @@ class FsBlockstore(Blockstore):
         assert isinstance(batch, _Batch)
         batch.finish_writeback()
         items = list(batch.pending.items())
-        refs = batch.refs
+        refs, files = batch.refs, batch.files
         batch.clear()  # whatever happens below, the batch starts afresh
         if not items:
             return
         if self.fsync:
             try:
+                # A written file may live on another filesystem than the store's.
+                for name in sorted(files):
+                    _fsync_path(Path(name))
                 self._sync(self._temp(key, name) for key, name in items)
             except OSError as e:
                 self._discard(items)
@@ -819,6 +874,13 @@ class FsBlockstore(Blockstore):
                     "they are stored but a crash may lose them",
                 ) from e
 
+    def _wrote_file(self, fd: int, path: Path) -> None:
+        batch = self._batch()
+        if batch is not None:
+            batch.files.add(str(path))
+        elif self.fsync:
+            os.fsync(fd)
+
     def _sync(self, fallback: Iterable[Path]) -> None:
         """Flush the store's filesystem: one syncfs(2) where libc has it, else fsync each path."""
         if _syncfs is not None:
@@ -831,11 +893,7 @@ class FsBlockstore(Blockstore):
                 os.close(fd)
             return
         for path in fallback:
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            _fsync_path(path)
 
     def _discard(self, pending: Iterable[tuple[str, str]]) -> None:
         """Delete the temp files of (key, temp name) pairs of a batch that is not committed."""

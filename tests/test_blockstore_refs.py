@@ -248,3 +248,78 @@ def test_verify_finds_and_drops_a_torn_block(tmp_path: Path) -> None:
     assert store.verify() == [torn_cid]
     assert store.has(good_cid) and not store.has(torn_cid)
     assert store.verify([good_cid, torn_cid]) == []
+
+
+# --- blocks written into the file they belong to ----------------------------------------
+
+
+def test_blocks_put_into_a_file_land_once_in_it_as_references(
+    store: Blockstore, tmp_path: Path
+) -> None:
+    payload = os.urandom(3 * CHUNK + 100)
+    chunks = [payload[i : i + CHUNK] for i in range(0, len(payload), CHUNK)]
+    target = tmp_path / "part-0000.parquet"
+    with store.batch():
+        # Out of order, as blocks of a transfer may come: each lands at its offset.
+        for i in (2, 0, 3, 1):
+            cid = block_cid(RAW, chunks[i])
+            assert store.put_into_file(cid, chunks[i], target, i * CHUNK) is True
+            assert store.get(cid) == chunks[i]  # readable by the batch's thread at once
+    assert target.read_bytes() == payload
+    for i, chunk in enumerate(chunks):
+        cid = block_cid(RAW, chunk)
+        assert store.get(cid) == chunk
+        assert store.file_ref(cid) == FileRef(target, i * CHUNK, len(chunk))
+    assert store.disk_bytes() < 200 * len(chunks)  # only the records: the bytes are the file's
+    # The bytes are written even for a block already stored (the file needs them).
+    again = tmp_path / "copy.parquet"
+    assert store.put_into_file(block_cid(RAW, chunks[0]), chunks[0], again, 0) is False
+    assert again.read_bytes() == chunks[0]
+
+
+def test_a_block_put_into_a_file_is_verified_before_anything_is_written(
+    store: Blockstore, tmp_path: Path
+) -> None:
+    target = tmp_path / "part.parquet"
+    with pytest.raises(CorruptBlock):
+        store.put_into_file(block_cid(RAW, b"right"), b"wrong", target, 0)
+    assert not target.exists() and list(store.cids()) == []
+
+
+def test_a_failed_batch_keeps_no_reference_into_the_file(
+    store: Blockstore, tmp_path: Path
+) -> None:
+    data = os.urandom(1000)
+    cid = block_cid(RAW, data)
+    with pytest.raises(KeyError), store.batch():
+        store.put_into_file(cid, data, tmp_path / "part.parquet", 0)
+        raise KeyError("boom")
+    assert not store.has(cid)
+
+
+def test_a_batch_syncs_the_written_file_before_any_reference_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = FsBlockstore(tmp_path / "blocks")
+    target = tmp_path / "elsewhere" / "part.parquet"  # maybe another filesystem
+    target.parent.mkdir()
+    events: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        if os.path.realpath(f"/proc/self/fd/{fd}") == str(target):
+            events.append("file synced")
+        real_fsync(fd)
+
+    def replace(src: str | Path, dst: str | Path) -> None:
+        if str(dst).endswith(REF_SUFFIX):
+            events.append("reference named")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    data = os.urandom(5000)
+    with store.batch():
+        store.put_into_file(block_cid(RAW, data), data, target, 0)
+        assert events == []  # nothing synced per block
+    assert events == ["file synced", "reference named"]
