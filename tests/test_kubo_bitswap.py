@@ -9,7 +9,7 @@ serves it only with `bitswap_serve = all`.
   that never had the snapshot restores it from Kubo alone.
 - get: `benchsync get` fetches a multi-megabyte file only Kubo holds (Kubo's default
   CIDv0 DAG, dag-pb leaves) and writes identical bytes, with no node running on the
-  home and through a running node.
+  home (printing its JSON answer and nothing else) and through a running node.
 - limits: a peer that wants 10,000 CIDs the node never held and every block of the
   snapshot over and over, and never reads a reply, costs only its own streams: Kubo's
   download beside it completes, the node's RSS stays bounded, the node stays up.
@@ -207,7 +207,7 @@ class OfflineGet:
 @pytest.fixture(scope="module")
 def offline_get(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OfflineGet]:
     """`benchsync get --json` of a file only a Kubo holds, with no node on the home: the
-    CLI runs its own short-lived client and dials --peer."""
+    CLI runs its own short-lived client and dials --peer. One run, checked twice below."""
     require_kubo()
     tmp = tmp_path_factory.mktemp("offline-get")
     with Kubo(tmp / "kubo", log_level=BITSWAP_LOG) as kubo:
@@ -221,6 +221,13 @@ def offline_get(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OfflineGet
 def test_benchsync_get_fetches_a_file_only_kubo_holds(offline_get: OfflineGet) -> None:
     assert json.loads(offline_get.result.stdout)["path"] == str(offline_get.out)
     assert offline_get.out.read_bytes() == offline_get.payload
+
+
+def test_a_get_from_kubo_prints_only_its_answer(offline_get: OfflineGet) -> None:
+    """A successful `get --json` from a Kubo (outside any lab: it answers `na` to
+    /benchsync/lab/1.0.0) writes its JSON and nothing else: no libp2p log lines."""
+    err = offline_get.result.stderr
+    assert err == "", f"{len(err.splitlines())} lines on stderr:\n{err[:2000]}"
 
 
 def test_benchsync_get_through_the_running_node(tmp_path: Path) -> None:
