@@ -54,7 +54,8 @@ from benchsync.protocol.fetch import (
 from benchsync.protocol.frames import Interrupted, RemoteProtocolError
 from benchsync.protocol.session import NEED_DATA, REQUESTER, RESPONDER, EndOfStream, Refusal
 from benchsync.storage import car
-from benchsync.storage.blockstore import BlockNotFound, Blockstore, WriteBatch
+from benchsync.storage.blockstore import BlockNotFound, Blockstore, FilePlacement, WriteBatch
+from benchsync.storage.cid import RAW
 from benchsync.storage.errors import StorageError
 
 log = logging.getLogger(__name__)
@@ -251,7 +252,9 @@ class Fetcher:
             )
         )
 
-    async def fetch(self, root: CID, providers: Sequence[str]) -> FetchResult:
+    async def fetch(
+        self, root: CID, providers: Sequence[str], *, place: FilePlacement | None = None
+    ) -> FetchResult:
         """Make the whole DAG under `root` present, asking `providers` in order.
 
         Returns once every block is stored and verified. A provider that fails
@@ -265,13 +268,17 @@ class Fetcher:
         refuses it.
         Raises `StorageError` when the local store fails (a full disk): no
         provider can fix that.
+
+        With `place`, the leaves of the DAG's files it names are written once,
+        into those files, and kept as references (`FilePlacement`); call its
+        `finish()` after this returns.
         """
         await self.recover()
         result = FetchResult(root)
         # One batch for the whole fetch: a small round (the root, an inner level)
         # costs no sync of its own; the batch commits every DURABLE_BATCH_BYTES
         # or DURABLE_BATCH_SECONDS, and here, before the DAG is reported complete.
-        durable = _Durability(self.store)
+        durable = _Durability(self.store, place)
         try:
             await self._fetch(root, providers, durable, result)
         finally:
@@ -536,8 +543,9 @@ class _Durability:
     threads, one at a time.
     """
 
-    def __init__(self, store: Blockstore) -> None:
+    def __init__(self, store: Blockstore, place: FilePlacement | None = None) -> None:
         self.store = store
+        self.place = place  # leaves written into their files, kept as references
         self.batch: WriteBatch | None = store.begin_batch() if DURABLE_BATCH_BYTES > 0 else None
         self.failed = False  # the store failed: the batch is dropped, not committed
         self.pending = 0  # blocks written into the batch, not yet durable
@@ -551,13 +559,19 @@ class _Durability:
 
     def put(self, cid: CID, data: bytes) -> None:
         """Store a verified block (inside `joined()`)."""
+        spot = None if self.place is None else self.place(cid, len(data))
         try:
             # The CAR decoder verified it against its CID; hashing again
             # would cost a second pass per byte.
-            self.store.put(cid, data, verify=False)
+            if spot is None:
+                self.store.put(cid, data, verify=False)
+            else:
+                self.store.put_into_file(cid, data, spot[0], spot[1], verify=False)
         except StorageError:
             self.failed = True
             raise
+        if self.place is not None and cid.codec.code != RAW:
+            self.place.stale()  # an inner node: it may place the next leaves
         if self.batch is None:
             self.committed += 1  # durable on its own (no batching)
             self.committed_bytes += len(data)

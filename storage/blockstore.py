@@ -66,7 +66,7 @@ from pathlib import Path
 
 from multiformats import CID, multihash
 
-from benchsync.storage import unixfs
+from benchsync.storage import dagpb, unixfs
 from benchsync.storage.cid import IDENTITY, RAW, cid_bytes_v1
 from benchsync.storage.errors import CorruptBlock, NotFound, StorageError
 
@@ -542,6 +542,136 @@ def add_file_by_reference(
 
     with path.open("rb") as stream, store.batch():
         return unixfs.add_file(stream, put, chunk_size=chunk_size, max_links=max_links)
+
+
+class FilePlacement:
+    """Where the leaves of a DAG's files go on disk while the DAG is fetched.
+
+    `target(path)` names the file on disk for the UnixFS file at `path` in the
+    DAG ("tables/runs/part-0000.parquet"), or None to keep that file's leaves
+    as blocks; it must validate `path` (names come from the DAG's writer) and
+    name a file that does not exist yet, in a directory that does. A received
+    leaf is then written once, at its offset in that file, and kept as a
+    reference (`Blockstore.put_into_file`); `finish()` writes in the leaves that were not
+    received (held before the fetch, or repeated in the file) and syncs the
+    files. The leaf -> (file, offset) map is built from the directory and file
+    nodes held so far, again after new inner nodes were stored (`stale`): a
+    leaf's parents always arrive in an earlier round than the leaf. Offsets come
+    from the file nodes' block sizes; a leaf whose size differs is kept as a
+    block. Used by one fetch's worker thread at a time.
+    """
+
+    def __init__(
+        self, store: Blockstore, root: CID, target: Callable[[str], Path | None]
+    ) -> None:
+        self.store = store
+        self.root = root
+        self.target = target
+        self.files: dict[Path, CID] = {}  # target file -> the UnixFS file it holds
+        self._spots: dict[CID, list[tuple[Path, int, int]]] = {}  # leaf -> (file, offset, size)
+        self._stale = True
+
+    def stale(self) -> None:
+        """An inner node was stored: the next unknown leaf rebuilds the map."""
+        self._stale = True
+
+    def __call__(self, cid: CID, size: int) -> tuple[Path, int] | None:
+        """The (file, offset) where the leaf `cid` of `size` bytes goes, or None."""
+        if cid.codec.code != RAW:
+            return None
+        if cid not in self._spots and self._stale:
+            self._build()
+        for path, offset, expected in self._spots.get(cid, ()):
+            if expected == size:
+                return path, offset
+        return None
+
+    def finish(self) -> list[Path]:
+        """Write into every target file the leaves it lacks (from the store), create the
+        empty ones, sync them; returns the files. Call once the DAG is complete. A
+        file whose layout cannot be placed (a node with inline data) is not among
+        them: write it from the DAG (`unixfs.cat`)."""
+        self._build()
+        for path in self.files:
+            with path.open("ab"):
+                pass  # an empty file has no leaf to create it
+        for cid, spots in self._spots.items():
+            for path, offset, size in spots:
+                if self.store.file_ref(cid) == FileRef(path, offset, size):
+                    continue  # received into place
+                data = self.store.get(cid)
+                fd = os.open(path, os.O_WRONLY)
+                try:
+                    os.pwrite(fd, data, offset)
+                finally:
+                    os.close(fd)
+        for path in self.files:
+            _fsync_path(path)
+        return list(self.files)
+
+    def _build(self) -> None:
+        self._stale = False
+        self._spots = {}
+        self.files = {}
+        self._directory(self.root, "")
+
+    def _node(self, cid: CID) -> tuple[list[dagpb.Link], dagpb.UnixFSData] | None:
+        if not self.store.has(cid):
+            return None
+        try:
+            links, data = dagpb.decode_node(self.store.get(cid))
+            return links, dagpb.decode_unixfs(data or b"")
+        except dagpb.DagPbError:
+            return None  # not UnixFS: nothing of it is placed
+
+    def _directory(self, cid: CID, prefix: str) -> None:
+        node = self._node(cid)
+        if node is None or node[1].type != dagpb.TYPE_DIRECTORY:
+            return
+        for link in node[0]:
+            path = prefix + link.name
+            if link.cid.codec.code == RAW:  # a one-leaf file
+                self._file(link.cid, path, link.tsize)
+                continue
+            child = self._node(link.cid)
+            if child is None:
+                continue
+            if child[1].type == dagpb.TYPE_DIRECTORY:
+                self._directory(link.cid, path + "/")
+            elif child[1].type == dagpb.TYPE_FILE:
+                self._file(link.cid, path, None)
+
+    def _file(self, cid: CID, path: str, size: int | None) -> None:
+        dest = self.target(path)
+        if dest is None:
+            return
+        self.files[dest] = cid
+        if not self._leaves(cid, dest, 0, size):
+            # Not a layout we can place: the file is not ours to complete.
+            del self.files[dest]
+            for spots in self._spots.values():
+                spots[:] = [s for s in spots if s[0] != dest]
+
+    def _leaves(self, cid: CID, dest: Path, offset: int, size: int | None) -> bool:
+        """Note where the leaves under `cid` go; False if the layout cannot be placed."""
+        if cid.codec.code == RAW:
+            if size is None:
+                return False
+            self._spots.setdefault(cid, []).append((dest, offset, size))
+            return True
+        node = self._node(cid)
+        if node is None:
+            return True  # not here yet: placed once it arrives
+        links, fs = node
+        if fs.type not in (dagpb.TYPE_FILE, dagpb.TYPE_RAW) or len(fs.blocksizes) != len(links):
+            return False
+        if fs.data:
+            return False  # inline bytes ahead of the children (not ours, nor Kubo's raw leaves)
+        for link, blocksize in zip(links, fs.blocksizes, strict=True):
+            if not self._leaves(link.cid, dest, offset, blocksize):
+                return False
+            offset += blocksize
+        return True
 
 
 @dataclass

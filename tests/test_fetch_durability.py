@@ -313,3 +313,54 @@ async def test_blocks_by_reference_are_served_as_the_same_dag_and_never_once_cha
     assert "misbehaved" not in str(failed.value)  # it sent nothing wrong: not banned
     assert not d.policy.is_banned(a.peer_id)
     assert not any(d.blockstore.has(c) for c in leaves_of(b.blockstore, root))
+
+
+# --- leaves received into the files they belong to ---------------------------------------
+
+
+def bench_dag(store: Blockstore, payload: bytes) -> tuple[CID, CID]:
+    """root -> (manifest.json, tables -> results.parquet): (root, the file's CID)."""
+    fcid, _, fsize = unixfs.add_bytes(payload, store.put)
+    tables, tsize = unixfs.add_directory([("results.parquet", fcid, fsize)], store.put)
+    mcid, _, msize = unixfs.add_bytes(b'{"seq": 1}', store.put)
+    root, _ = unixfs.add_directory([("manifest.json", mcid, msize), ("tables", tables, tsize)],
+                                   store.put)  # fmt: skip
+    return root, fcid
+
+
+@pytest.mark.parametrize("held_before", [0, 5])
+async def test_leaves_are_received_once_into_their_file(
+    tmp_path: Path, held_before: int
+) -> None:
+    a = node(tmp_path, "a", MemoryBlockstore())
+    payload = os.urandom(12 * CHUNK + 777)
+    root, fcid = bench_dag(a.blockstore, payload)
+    store = FsBlockstore(tmp_path / "b" / "blocks")
+    # An older version already brought some leaves: they are not received again.
+    for leaf in leaves_of(a.blockstore, fcid)[3 : 3 + held_before]:
+        store.put(leaf, a.blockstore.get(leaf))
+    b = node(tmp_path, "b", store)
+    segments = tmp_path / "replica"
+    segments.mkdir()
+
+    def target(path: str) -> Path | None:
+        return segments / "results.parquet" if path == "tables/results.parquet" else None
+
+    place = blockstore.FilePlacement(store, root, target)
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(a.run)
+            await nursery.start(b.run)
+            await b.connect(a.addrs[0])
+            result = await b.fetcher.fetch(root, [a.peer_id], place=place)
+            nursery.cancel_scope.cancel()
+    assert place.finish() == [segments / "results.parquet"]
+    assert (segments / "results.parquet").read_bytes() == payload
+    leaves = leaves_of(store, fcid)
+    received = [c for c in leaves if store.file_ref(c) is not None]
+    assert len(received) == len(leaves) - held_before  # each received leaf: in the file only
+    assert result.stats.block_bytes < len(payload) + 2 * CHUNK
+    # The store holds the inner nodes, the manifest, the earlier leaves and small records.
+    assert store.disk_bytes() < (held_before + 1) * CHUNK
+    assert store.verify() == [] and complete(store, root)
+    assert b"".join(unixfs.cat(store.get, fcid)) == payload
