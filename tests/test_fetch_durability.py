@@ -364,3 +364,47 @@ async def test_leaves_are_received_once_into_their_file(
     assert store.disk_bytes() < (held_before + 1) * CHUNK
     assert store.verify() == [] and complete(store, root)
     assert b"".join(unixfs.cat(store.get, fcid)) == payload
+
+
+async def test_kill_9_while_receiving_into_a_file_then_a_restart_completes_it(
+    tmp_path: Path,
+) -> None:
+    a = node(tmp_path, "a", MemoryBlockstore())
+    payload = os.urandom(24 * CHUNK)
+    root = make_dag(a.blockstore, payload)
+    leaves = leaves_of(a.blockstore, root)
+    home = tmp_path / "b"
+    out = tmp_path / "results.parquet"
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(a.run)
+            argv = [sys.executable, str(CHILD), str(home), a.addrs[0], str(root), str(MIB),
+                    "written", "3", LAB_KEY.hex(), str(out)]  # fmt: skip
+            child = await trio.run_process(argv, cwd=REPO, check=False, capture_stderr=True)
+            assert child.returncode == -signal.SIGKILL, child.stderr.decode()[-2000:]
+
+            store = FsBlockstore(home / "blocks")
+            placed = [c for c in leaves if store.has(c)]
+            assert 7 <= len(placed) <= 10
+            assert all(store.file_ref(c) is not None for c in placed)  # in the file only
+            # The disk lost the file bytes under one reference it had named.
+            ref = store.file_ref(placed[-1])
+            assert ref is not None and ref.path == out
+            with out.open("r+b") as f:
+                f.seek(ref.offset)
+                f.write(os.urandom(ref.length))
+
+            b = node(tmp_path, "b", store)
+            await nursery.start(b.run)
+            await b.connect(a.addrs[0])
+            assert await b.fetcher.recover() == [placed[-1]]
+            place = blockstore.FilePlacement(
+                store, root, lambda path: out if path == "results.parquet" else None
+            )
+            result = await b.fetcher.fetch(root, [a.peer_id], place=place)
+            nursery.cancel_scope.cancel()
+    assert place.finish() == [out]
+    assert out.read_bytes() == payload
+    assert result.stats.blocks == len(leaves) - len(placed) + 1
+    assert store.verify() == [] and complete(store, root)
+    assert all(store.file_ref(c) is not None for c in leaves)
