@@ -489,10 +489,9 @@ class P2PNode:
                 progress(got)
             if not await self.fetcher.missing(root, limit=1):
                 return result
-        # Asked in this order: the peers named for this get, lab members (they serve us),
-        # then the rest (a closed lab among them never answers: it costs a stall).
-        ordered = [*first, *members, *peers]
-        others = [p for p in dict.fromkeys(ordered) if not self.policy.is_banned(p)]
+        # The peers named for this get first (`peers` starts with them); members were
+        # asked over /benchsync/car already, so no other order helps.
+        others = [p for p in peers if not self.policy.is_banned(p)]
         try:
             got_bs = await self.bitswap.fetch_dag(root, others, progress=progress)
         except BitswapFetchFailed as e:
