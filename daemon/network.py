@@ -278,6 +278,9 @@ class P2PNode:
 
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen, serve and sync until cancelled or `stop()`; then close every connection."""
+        # Blocks a transfer killed before its sync left behind are re-hashed before any
+        # of them can be served (or trusted by a fetch).
+        await self.fetcher.recover()
         send, recv = trio.open_memory_channel[ID](CONNECT_QUEUE)
         self.host.get_network().register_notifee(_ConnectionEvents(send, self.lab, self.bitswap))
         self.streams.serve(CAR_PROTOCOL_ID, self.provider.new_session, self.provider.answer)
