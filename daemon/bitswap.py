@@ -17,9 +17,12 @@ with `bitswap_serve = all` (or `open`) strangers and plain IPFS peers too,
 bans and `trusted_peers` still applying. A refused peer's wants are dropped
 unread (its blocks for our own wants are still taken: they are verified by
 their CIDs). Each peer has a `Ledger` (wantlist size, request rate, bytes in
-flight) and one worker task that looks its wants up in a worker thread and
-writes the replies under `SEND_TIMEOUT`: a peer that never reads loses its
-stream and its wants, nobody else waits for it.
+flight) and one worker that looks its wants up in a worker thread and writes
+the replies under `SEND_TIMEOUT`: a peer that never reads loses its stream and
+its wants, nobody else waits for it. As boxo does, a block goes out in a
+message of its own as soon as it is read, and the next block is read while
+the previous one is written: a Kubo asking for 10 blocks gets the first one
+after one disk read, not after all of them.
 
 Fetching (`fetch_dag`): the DAG under a root is walked breadth first; blocks
 already held are read, not fetched (resumable), missing ones are asked of
@@ -80,6 +83,7 @@ OPEN_TIMEOUT = 10.0  # seconds to open our outbound stream to a peer
 SEND_TIMEOUT = 10.0  # seconds one message may take to write: longer, the peer is not reading
 IDLE_CLOSE = 10.0  # seconds our outbound stream stays open with nothing to send
 LOOKUP_BATCH = 256  # wants looked up in the blockstore per worker-thread call
+PIPELINE = 2  # messages loaded ahead of the one being written to a peer
 STALL_TIMEOUT = 30.0  # seconds a fetch waits on a peer that sends nothing it was asked for
 TICK = 1.0  # seconds between a fetch's stall checks
 FETCH_QUEUE = 256  # blocks and presences buffered for one fetch before its peers' readers wait
@@ -112,7 +116,8 @@ class _Peer:
 
     ledger: Ledger
     wants: list[WantEntry] = field(default_factory=list)  # ours, to send
-    # Blocks read while looking them up (at most MAX_BATCH bytes): one thread hop, not two.
+    # Blocks read while looking them up (the first one, or MAX_BATCH bytes of small ones):
+    # the first reply goes out after one thread hop, not two.
     read_ahead: dict[bytes, bytes] = field(default_factory=dict)
     gone: bool = False  # its connection closed: the worker ends
     wake: trio.Event = field(default_factory=trio.Event)
@@ -285,40 +290,23 @@ class BitswapService:
             self._nursery.start_soon(self._worker, peer, state)
 
     async def _worker(self, peer: str, state: _Peer) -> None:
-        """Look up, load and send what `peer` is owed and what we want of it, until idle."""
-        stream: INetStream | None = None
-        protocol = BITSWAP_120
+        """Look up, load and send what `peer` is owed and what we want of it, until idle.
+
+        Two tasks, so that reading the next block from disk overlaps writing the
+        previous one: `_produce` looks wants up and loads replies, one message at a
+        time (a block is sent as soon as it is read, not after a batch of them),
+        `_write` writes them on our stream. At most `PIPELINE` messages wait between
+        them (and the ledger's in-flight limit bounds their bytes).
+        """
+        box: list[INetStream] = []  # our outbound stream, once `_write` opened it
         ok = False
         try:
-            while not state.gone:
-                state.wake = trio.Event()
-                await self._look_up(state)
-                replies = state.ledger.next_batch(MAX_BATCH)
-                wants, state.wants = state.wants, []
-                if not replies and not wants:
-                    if state.ledger.lookups_pending:
-                        continue
-                    with trio.move_on_after(IDLE_CLOSE):
-                        await state.wake.wait()
-                    if state.wake.is_set():
-                        continue
-                    break
-                blocks, presences, nbytes = await self._load(state, replies)
-                for k in [k for k in state.read_ahead if not state.ledger.holds(k)]:
-                    del state.read_ahead[k]  # cancelled after it was read
-                msg = Message(entries=tuple(wants), blocks=blocks, presences=presences)
-                if stream is None:
-                    with trio.fail_after(OPEN_TIMEOUT):
-                        stream = await self.host.new_stream(
-                            ID.from_base58(peer), [TProtocol(p) for p in BITSWAP_PROTOCOLS]
-                        )
-                    protocol = str(stream.get_protocol() or BITSWAP_120)
-                with trio.fail_after(self.send_timeout):
-                    await stream.write(frame(encode_message(msg, protocol)))
-                state.ledger.sent(nbytes)
-                self.stats.blocks_sent += len(blocks)
-                self.stats.bytes_sent += nbytes
-                self.stats.presences_sent += len(presences)
+            send, recv = trio.open_memory_channel[tuple[Message, int]](PIPELINE)
+            with _single_error():
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._write, peer, state, recv, box)
+                    async with send:
+                        await self._produce(state, send)
             ok = True  # idle, or its connection closed
         except Exception as e:  # not reading (timeout), gone, refused our stream
             log.info("Bitswap stream to %s given up: %r", peer, e)
@@ -334,13 +322,65 @@ class BitswapService:
                 state.wants.clear()
             if self._peers.get(peer) is state and not state.ledger.wants and not state.wants:
                 del self._peers[peer]  # nothing held for it: no state kept
-            if stream is not None:
+            elif ok and not state.gone and self._peers.get(peer) is state and (
+                state.wants or state.ledger.lookups_pending or state.ledger.replies_pending
+            ):
+                self._kick(peer, state)  # arrived while the last messages were written
+            if box:
                 with trio.move_on_after(1), contextlib.suppress(Exception):
-                    await (stream.close() if ok else stream.reset())
+                    await (box[0].close() if ok else box[0].reset())
+
+    async def _produce(
+        self, state: _Peer, send: trio.MemorySendChannel[tuple[Message, int]]
+    ) -> None:
+        """Hand `_write` one message at a time (with its block bytes), until idle."""
+        while not state.gone:
+            state.wake = trio.Event()
+            await self._look_up(state)
+            replies = state.ledger.next_batch(MAX_BATCH)
+            wants, state.wants = state.wants, []
+            if not replies and not wants:
+                if state.ledger.lookups_pending:
+                    continue
+                with trio.move_on_after(IDLE_CLOSE):
+                    await state.wake.wait()
+                if state.wake.is_set():
+                    continue
+                return
+            blocks, presences, nbytes = await self._load(state, replies)
+            for k in [k for k in state.read_ahead if not state.ledger.holds(k)]:
+                del state.read_ahead[k]  # cancelled after it was read
+            msg = Message(entries=tuple(wants), blocks=blocks, presences=presences)
+            await send.send((msg, nbytes))
+
+    async def _write(
+        self,
+        peer: str,
+        state: _Peer,
+        recv: trio.MemoryReceiveChannel[tuple[Message, int]],
+        box: list[INetStream],
+    ) -> None:
+        """Write `_produce`'s messages on our stream to `peer` (opened at the first)."""
+        protocol = BITSWAP_120
+        async with recv:
+            async for msg, nbytes in recv:
+                if not box:
+                    with trio.fail_after(OPEN_TIMEOUT):
+                        box.append(await self.host.new_stream(
+                            ID.from_base58(peer), [TProtocol(p) for p in BITSWAP_PROTOCOLS]
+                        ))  # fmt: skip
+                    protocol = str(box[0].get_protocol() or BITSWAP_120)
+                with trio.fail_after(self.send_timeout):
+                    await box[0].write(frame(encode_message(msg, protocol)))
+                state.ledger.sent(nbytes)
+                self.stats.blocks_sent += len(msg.blocks)
+                self.stats.bytes_sent += nbytes
+                self.stats.presences_sent += len(msg.presences)
 
     async def _look_up(self, state: _Peer) -> None:
         """Look a batch of the peer's wants up in the blockstore (worker thread); the
-        first MAX_BATCH bytes of wanted blocks are read at once, for `_load`."""
+        first MAX_BATCH bytes of wanted blocks (at least one block) are read at once,
+        for `_load`."""
         ledger = state.ledger
         cids = ledger.to_look_up(LOOKUP_BATCH)
         if not cids:

@@ -199,6 +199,7 @@ class RawPeer:
         self.reading = reading
         self.presences = 0
         self.blocks = 0
+        self.messages = 0  # replies that carried blocks
 
         async def handler(stream: INetStream) -> None:
             if not self.reading:
@@ -208,6 +209,7 @@ class RawPeer:
                 for msg in decoder.feed(data):
                     self.presences += len(msg.presences)
                     self.blocks += len(msg.blocks)
+                    self.messages += bool(msg.blocks)
 
         self.host.set_stream_handler(TProtocol(BITSWAP_120), handler)
 
@@ -288,3 +290,21 @@ async def test_a_peer_that_never_reads_loses_only_its_own_stream(tmp_path: Path)
                 await trio.sleep(0.05)
     assert complete(b.store, root) and got.blocks > len(leaves)
     assert a.p2p.bitswap.peer_state(sid) == {"wants": 0, "inflight": 0}
+
+
+async def test_each_chunk_goes_out_in_a_message_of_its_own(tmp_path: Path) -> None:
+    # As boxo serves: a requester gets its first chunk after one disk read, not after a
+    # batch of them (a 2 MiB message of 8 chunks made Kubo wait ~90 ms for the first).
+    a = Node(tmp_path, "a", bitswap_serve="all")
+    root, _ = add_tree(a.store, size=10 * CHUNK)
+    leaves = [c for c, _ in unixfs.walk(a.store.get, root) if c.codec.code == RAW]
+    assert len(leaves) >= 10
+    peer = RawPeer()
+    async with running(a), peer.host.run([Multiaddr("/ip4/127.0.0.1/tcp/0")]):
+        with trio.fail_after(TIMEOUT):
+            await peer.send(
+                a.p2p.addrs[0], [Message(entries=tuple(WantEntry(c, WANT_BLOCK) for c in leaves))]
+            )
+            while peer.blocks < len(leaves):
+                await trio.sleep(0.05)
+    assert peer.messages == len(leaves)
