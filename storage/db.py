@@ -43,6 +43,7 @@ from benchsync.storage.records import (
     validate_arrow,
 )
 from benchsync.storage.schema import PRIMARY_KEYS, TABLES, ensure_schema
+from benchsync.storage.sqlnames import literal
 
 DB_FILENAME = "benchsync.duckdb"
 # DuckDB's file layout: three 4 KiB headers, then fixed-size blocks (`pragma_database_size`).
@@ -81,11 +82,65 @@ class WriteFailed(StorageError):
     """DuckDB failed a write (e.g. a full disk); the transaction was rolled back."""
 
 
+# The node-local change log: one row per key range a committed write changed, written in
+# the write's own transaction (so a crash keeps exactly the changes of what committed),
+# deleted by the snapshot that exported them. tbl NULL: anything may have changed. Never
+# part of a snapshot, like schema.VERSION_TABLE. See docs/storage-format.md.
+CHANGES_TABLE = "snapshot_changes"
+_CHANGES_DDL = (  # sql: CHANGES_TABLE is this module's constant
+    f"CREATE TABLE {CHANGES_TABLE} (seq BIGINT NOT NULL, tbl VARCHAR, lo BIGINT, hi BIGINT)"
+)
+
 Interval = tuple[int | None, int | None]  # inclusive key range; None: unbounded
 # Key ranges changed since the last snapshot, per table; None: unknown (all of it).
 Dirty = dict[str, list[Interval]] | None
 WHOLE: Interval = (None, None)
 MAX_DIRTY_INTERVALS = 64  # per table; more are merged into one covering range
+
+
+_INTERNAL = -1  # a job's row count that marks the change log's bookkeeping (never a write's)
+
+
+def _ensure_changes_table(conn: duckdb.DuckDBPyConnection) -> None:
+    """Create CHANGES_TABLE if the file lacks it, logging "everything changed".
+
+    A file without the log (new, older, restored, migrated) may hold any
+    rows the segment index does not describe: its first snapshot exports all.
+    """
+    present = conn.execute(
+        "SELECT count(*) FROM duckdb_tables() WHERE schema_name = 'main' AND table_name = ?",
+        [CHANGES_TABLE],
+    ).fetchall()[0][0]
+    if present:
+        return
+    conn.begin()
+    try:
+        conn.execute(_CHANGES_DDL)
+        conn.execute(  # sql: CHANGES_TABLE is this module's constant
+            f"INSERT INTO {CHANGES_TABLE} VALUES (0, NULL, NULL, NULL)")
+        conn.commit()
+    except BaseException:
+        conn.rollback()
+        raise
+
+
+def _log_changes(conn: duckdb.DuckDBPyConnection, state: _WriterState) -> None:
+    """Append the running job's changed ranges to CHANGES_TABLE, in its transaction."""
+    touched = state.touched
+    rows: list[tuple[str | None, int | None, int | None]]
+    if touched is None:
+        rows = [(None, None, None)]
+    else:
+        rows = [(t, lo, hi) for t, intervals in touched.items() for lo, hi in intervals]
+    if not rows:
+        return
+    first = state.seq + 1
+    conn.executemany(  # sql: CHANGES_TABLE is this module's constant
+        f"INSERT INTO {CHANGES_TABLE} VALUES (?, ?, ?, ?)",
+        [(first + i, *row) for i, row in enumerate(rows)],
+    )
+    # Advanced before the commit: a rolled-back job leaves a gap, which is harmless.
+    state.seq = first + len(rows) - 1
 
 
 def merge_dirty(a: Dirty, b: Dirty) -> Dirty:
@@ -117,8 +172,9 @@ class _WriterState:
         self.models: dict[str, tuple[int, bool]] = {}  # name -> (model_id, family known)
         self.hardware: dict[tuple[str, str | None], int] = {}
         self.runs: set[int] = set()
-        # What the running job changed (dirty key ranges), published when it commits.
+        # What the running job changed (dirty key ranges), logged in its transaction.
         self.touched: Dirty = {}
+        self.seq = 0  # the last CHANGES_TABLE seq used (it is the only writer)
 
     def touch(self, table: str, lo: int | None = None, hi: int | None = None) -> None:
         self.touched = merge_dirty(self.touched, {table: [(lo, hi)]})
@@ -187,13 +243,12 @@ class BenchmarkDB:
             queue.SimpleQueue())
         self._writer: threading.Thread | None = None
         self._writes_stopped = False
-        # Changed key ranges since the last snapshot took them (`begin_snapshot`). Unknown
-        # (None: everything) when the file is opened: it may have been written without us.
-        self._dirty: Dirty = None
-        self._dirty_lock = threading.Lock()
+        # The CHANGES_TABLE seq up to which the running snapshot took the changes.
+        self._taken: int | None = None
         if not read_only:
             try:
                 ensure_schema(self._root)
+                _ensure_changes_table(self._root)
             except duckdb.Error as e:
                 self._root.close()
                 if isinstance(e, duckdb.IOException) and "read enough" not in str(e):
@@ -275,32 +330,64 @@ class BenchmarkDB:
     # ---- what changed since the last snapshot ---------------------------------------------
 
     def begin_snapshot(self, conn: duckdb.DuckDBPyConnection) -> Dirty:
-        """Begin a read transaction on `conn` and return what changed since the last one.
+        """Begin a read transaction on `conn` and return what changed since the last snapshot.
 
-        The key ranges written since the previous call (None: unknown,
-        everything) are taken and reset in the same step as the transaction
-        starts, with no commit between: the transaction sees exactly the
-        writes of the sets taken so far. A snapshot that fails gives the set
-        back (`return_dirty`).
+        The changes are read from CHANGES_TABLE inside that transaction, so
+        they are exactly those of the writes it sees (each write logs its
+        ranges in its own transaction). They stay logged until
+        `snapshot_done` deletes them: a snapshot that fails or is killed
+        leaves them for the next one. None (everything) for a file without
+        the log (read-only, or never opened for writing by this benchsync).
         """
-        with self._dirty_lock:
-            conn.execute("BEGIN TRANSACTION")
-            try:
-                # DuckDB starts the transaction (its snapshot of the data) at the first
-                # statement that reads the database, not at BEGIN: read its catalog now.
-                conn.execute(
-                    "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'main'"
-                ).fetchall()
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            dirty, self._dirty = self._dirty, {}
+        conn.execute("BEGIN TRANSACTION")
+        try:
+            # DuckDB starts the transaction (its snapshot of the data) at the first
+            # statement that reads the database, not at BEGIN: this one.
+            logged = conn.execute(
+                "SELECT count(*) FROM information_schema.tables "
+                f"WHERE table_schema = 'main' AND table_name = {literal(CHANGES_TABLE)}"
+            ).fetchall()[0][0]
+            if not logged:
+                self._taken = None
+                return None
+            rows = conn.execute(  # sql: CHANGES_TABLE is this module's constant
+                f"SELECT seq, tbl, lo, hi FROM {CHANGES_TABLE} ORDER BY seq"
+            ).fetchall()
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        dirty: Dirty = {}
+        for _, table, lo, hi in rows:
+            dirty = None if table is None else merge_dirty(dirty, {table: [(lo, hi)]})
+            if dirty is None:
+                break
+        self._taken = max((int(r[0]) for r in rows), default=None)
         return dirty
 
     def return_dirty(self, dirty: Dirty) -> None:
-        """Put back what `begin_snapshot` returned, for a snapshot that did not complete."""
-        with self._dirty_lock:
-            self._dirty = merge_dirty(self._dirty, dirty)
+        """A snapshot did not complete: its changes stay logged for the next one."""
+        self._taken = None
+
+    def snapshot_done(self) -> None:
+        """The snapshot that `begin_snapshot` began is durable: delete the changes it took.
+
+        Best effort: when writes are stopped (a restore, a close) the changes
+        stay logged, and the next snapshot exports their segments again, to
+        the same bytes.
+        """
+        taken, self._taken = self._taken, None
+        if taken is None or self.read_only:
+            return
+
+        def job(conn: duckdb.DuckDBPyConnection, state: _WriterState) -> tuple[None, int]:
+            conn.execute(  # sql: CHANGES_TABLE is this module's constant
+                f"DELETE FROM {CHANGES_TABLE} WHERE seq <= ?", [taken]
+            )
+            state.touched = {}  # bookkeeping, not a change of the data
+            return None, _INTERNAL
+        # A failure here (closed, full disk) only means those segments are exported again.
+        with contextlib.suppress(StorageError):
+            self._submit(job)
 
     # ---- the writer ------------------------------------------------------------------------
 
@@ -308,6 +395,8 @@ class BenchmarkDB:
         with self._cursor_lock:
             conn = self._root.cursor()
         state = _WriterState()
+        state.seq = _scalar(  # sql: CHANGES_TABLE is this module's constant
+            conn, f"SELECT coalesce(max(seq), 0) FROM {CHANGES_TABLE}")
         while True:
             item = self._jobs.get()
             if item is None:
@@ -319,16 +408,18 @@ class BenchmarkDB:
             try:
                 conn.begin()
                 result, rows = job(conn, state)
-                # Commit and publish what changed as one step against `begin_snapshot`: a
-                # snapshot's transaction sees a write exactly when its set names it.
-                with self._dirty_lock:
-                    conn.commit()
-                    self._dirty = merge_dirty(self._dirty, state.touched)
+                # Logged in the write's own transaction: a snapshot (or a restart) sees a
+                # write exactly when it sees the ranges it changed.
+                _log_changes(conn, state)
+                conn.commit()
             except BaseException as e:
                 state.clear()  # the rolled-back job may have advanced the caches
                 with contextlib.suppress(duckdb.Error):  # BEGIN itself may have failed
                     conn.rollback()
                 fut.set_exception(e)
+                continue
+            if rows == _INTERNAL:  # the change log's own bookkeeping: no listener cares
+                fut.set_result(result)
                 continue
             for callback in list(self.on_write):
                 # A listener's bug must not fail a write that is already committed.

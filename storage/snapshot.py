@@ -67,6 +67,7 @@ from multiformats import CID
 import benchsync
 from benchsync.storage import rowdigest, schema, segments, unixfs
 from benchsync.storage.blockstore import Blockstore, BlockWriteError, verify_block
+from benchsync.storage.db import CHANGES_TABLE
 from benchsync.storage.errors import NotFound, StorageError, TooLarge
 from benchsync.storage.sqlnames import UnsafeName, check_table_name, ident, literal
 
@@ -197,8 +198,9 @@ class Manifest:
                 check_table_name(name): _table_info(name, t)
                 for name, t in doc["tables"].items()
             }
-            if schema.VERSION_TABLE in tables:  # node-local; a restore must not take a peer's
-                raise BadSnapshot(f"manifest lists the node-local table {schema.VERSION_TABLE!r}")
+            for local in (schema.VERSION_TABLE, CHANGES_TABLE):
+                if local in tables:  # node-local; a restore must not take a peer's
+                    raise BadSnapshot(f"manifest lists the node-local table {local!r}")
             parent = doc["parent"]
             return cls(
                 dataset=str(doc["dataset"]),
@@ -672,6 +674,29 @@ class ChangeSource(Protocol):
         """Take back changes a failed snapshot did not export."""
         ...
 
+    def snapshot_done(self) -> None:
+        """The snapshot is durable (head and segment index): forget the changes it took."""
+        ...
+
+
+# Called with a fault point's name at each step of a snapshot (see SNAPSHOT_FAULT_POINTS).
+# Never set in production; a crash test sets it to kill the process at that point.
+FAULT_HOOK: Callable[[str], None] | None = None
+SNAPSHOT_FAULT_POINTS = (
+    "exported",  # a table's segments exported and their blocks put (once per table)
+    "blocks-written",  # every table block written, not yet synced
+    "blocks-synced",  # the table blocks synced; no manifest yet
+    "root-written",  # the manifest and root blocks synced; HEAD still the old version
+    "head-written",  # HEAD names the new version; the segment index still the old one's
+    "index-written",  # the segment index names HEAD; the change log not yet cleared
+    "done",  # the change log cleared
+)
+
+
+def _fault(point: str) -> None:
+    if FAULT_HOOK is not None:
+        FAULT_HOOK(point)
+
 
 @dataclass(frozen=True)
 class Segment:
@@ -1007,7 +1032,8 @@ def snapshot_tables(conn: Any) -> list[str]:
     present = {r[0] for r in rows}
     known = [t for t in schema.TABLES if t in present]
     # The schema version table records when *this* file was migrated: node-local, not content.
-    extra = sorted(present - set(known) - {schema.VERSION_TABLE})
+    # So is the change log of what the next snapshot must export again.
+    extra = sorted(present - set(known) - {schema.VERSION_TABLE, CHANGES_TABLE})
     return known + extra
 
 
@@ -1179,11 +1205,14 @@ class SnapshotStore:
                                     exporter, old, dirty, table in legacy
                                 )
                                 exported += exporter.exported_rows
+                                _fault("exported")
                                 entries.append((table, cid, tsize))
                                 tables[table] = compare[table] = info
                                 if table in legacy:
                                     compare[table] = replace(info, digest=rows1)
                             tables_cid, tables_tsize = unixfs.add_directory(entries, put)
+                            _fault("blocks-written")
+                        _fault("blocks-synced")
                     finally:
                         conn.execute("COMMIT")
                 # The same bytes, or (another writer's bytes) the same rows: no new version.
@@ -1193,6 +1222,7 @@ class SnapshotStore:
                     or same_content(head.manifest.tables, compare)
                 ):
                     self._write_index(head, kept)
+                    self._done(changes)
                     return SnapshotResult(
                         version=head, created=False, exported_rows=exported
                     )
@@ -1206,7 +1236,9 @@ class SnapshotStore:
                     writer=current_writer(),
                 )
                 version = self._commit(manifest, tables_cid, tables_tsize, put)
+                _fault("head-written")
                 self._write_index(version, kept)
+                self._done(changes)
             except BaseException:
                 if began and changes is not None:
                     changes.return_dirty(dirty)  # not exported: still to do
@@ -1227,6 +1259,14 @@ class SnapshotStore:
             new_bytes=new_bytes,
             exported_rows=exported,
         )
+
+    @staticmethod
+    def _done(changes: ChangeSource | None) -> None:
+        """HEAD and the index are durable: the changes this snapshot took are no longer owed."""
+        _fault("index-written")
+        if changes is not None:
+            changes.snapshot_done()
+        _fault("done")
 
     # the segment index -------------------------------------------------------
     @property
@@ -1280,6 +1320,7 @@ class SnapshotStore:
             root, _ = unixfs.add_directory(
                 [(MANIFEST_NAME, mcid, mtsize), (TABLES_DIR, tables_cid, tables_tsize)], put
             )
+        _fault("root-written")
         version = Version(cid=str(root), tables_cid=str(tables_cid), manifest=manifest)
         self._set_head(version)
         return version

@@ -82,6 +82,9 @@ class Changes:
     def return_dirty(self, dirty: Dirty) -> None:
         self.dirty = None
 
+    def snapshot_done(self) -> None:
+        pass  # begin_snapshot already took the changes
+
 
 class Node:
     """A database written with explicit result ids and snapshotted incrementally."""
