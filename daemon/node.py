@@ -165,6 +165,8 @@ class Node:
             max_followed=config.max_followed_datasets,
             on_complete=self._install_replica,
         )
+        # Replica leaves are received once, into their content-addressed files (issue 14).
+        self.p2p.syncer.placement = lambda h: self.dataset.replica_placement(h.dataset, h.root)
         self.queries = QueryService(
             self.p2p,
             lambda: self.dataset.db,

@@ -48,6 +48,8 @@ from benchsync.storage.errors import StorageError
 if TYPE_CHECKING:
     from trio_typing import TaskStatus
 
+    from benchsync.storage.replica_files import ReplicaPlacement
+
 log = logging.getLogger(__name__)
 
 RETRY_DELAY = 0.5  # seconds before the first retry of a failed fetch
@@ -56,6 +58,8 @@ MAX_PROVIDERS_PER_ROOT = 64  # peers remembered as holders of one root
 DEFAULT_MAX_FOLLOWED: int = SETTINGS_BY_NAME["max_followed_datasets"].default  # datasets
 
 CompleteCallback = Callable[[Head], Awaitable[None]]
+# Where a fetch of a head writes its table files' leaves (None: kept as blocks).
+PlacementFactory = Callable[[Head], "ReplicaPlacement | None"]
 
 
 async def _nothing(head: Head) -> None:
@@ -119,6 +123,7 @@ class Syncer:
         retry_delay: float = RETRY_DELAY,
         max_followed: int = DEFAULT_MAX_FOLLOWED,
         limiter: NewDatasetLimiter | None = None,
+        placement: PlacementFactory | None = None,
     ) -> None:
         self.fetcher = fetcher
         self.me = me
@@ -128,6 +133,9 @@ class Syncer:
         self.retry_delay = retry_delay
         self.max_followed = max_followed
         self.limiter = limiter or NewDatasetLimiter()
+        # Replica leaves received straight into their content-addressed files; the
+        # node sets it once its dataset is open.
+        self.placement = placement
         self.refused_datasets = 0  # new datasets not followed (limit or rate); for status
         self.states: dict[str, ReplicaState] = {}
         self.providers: dict[CID, list[str]] = {}  # root -> peers that said they hold it
@@ -295,8 +303,28 @@ class Syncer:
         # one round trip.
         known = sorted(hinted, key=lambda p: p != target.dataset)
         providers = known + [p for p in self.connected_peers() if p not in known]
+        place = None if self.placement is None else self.placement(target)
         try:
-            result = await self.fetcher.fetch(target.root, providers)
+            return await self._fetch_install(state, target, providers, place)
+        finally:
+            if place is not None:
+                place.close()
+
+    async def _fetch_install(
+        self,
+        state: ReplicaState,
+        target: Head,
+        providers: list[str],
+        place: ReplicaPlacement | None,
+    ) -> bool:
+        try:
+            result = await self.fetcher.fetch(
+                target.root, providers, place=None if place is None else place.files
+            )
+            if place is not None:
+                # Write in the leaves held before (unchanged parts of a changed
+                # file) and sync the files, before the installer checks them.
+                await trio.to_thread.run_sync(place.finish)
         except FetchFailed as e:
             state.last_error = str(e)
             log.info("sync of %s seq %d: %s", state.dataset, target.seq, e)

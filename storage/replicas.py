@@ -19,25 +19,45 @@ dataset (peer ID) each row came from.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import os
 import re
 import shutil
+import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from multiformats import CID
 
-from benchsync.storage import schema, segments
-from benchsync.storage.blockstore import Blockstore
+from benchsync.storage import dagpb, schema, segments, unixfs
+from benchsync.storage.blockstore import Blockstore, verify_block
+from benchsync.storage.cid import RAW
+from benchsync.storage.errors import NotFound, StorageError
+from benchsync.storage.replica_files import (
+    FILES_DIR,
+    ActiveFiles,
+    ReplicaPlacement,
+    check_expansion,
+    drop_refs_into,
+    file_cids,
+    file_leaves,
+    file_name,
+    version_files,
+)
 from benchsync.storage.snapshot import (
     PARQUET_SUFFIX,
     BadSnapshot,
+    DiskFull,
     IncompleteSnapshot,
+    SnapshotError,
     Version,
     atomic_write,
-    materialize_tables,
+    check_parquet_file,
+    fsync_dir,
     missing_blocks,
 )
 from benchsync.storage.sqlnames import TABLE_NAME_RE, check_table_name, ident, literal
@@ -146,6 +166,13 @@ class ReplicaStore:
         self.root = Path(root)
         self.blocks = blocks
         self.root.mkdir(parents=True, exist_ok=True)
+        self._active = ActiveFiles()  # files fetches write now, and files known complete
+
+    def placement(self, dataset: str, root: CID) -> ReplicaPlacement:
+        """Where a fetch of `dataset`'s version `root` writes its table files' leaves:
+        pass `.files` to `Fetcher.fetch(place=...)`, then `finish()`, always `close()`."""
+        folder = self.root / _safe_component(dataset) / FILES_DIR
+        return ReplicaPlacement(self.blocks, root, folder, self._active)
 
     def install(self, version: Version, conn: Any) -> Replica:
         """Install `version` as its dataset's replica; returns it.
@@ -153,6 +180,13 @@ class ReplicaStore:
         `conn` is a DuckDB connection of the node's own database, used to check
         the Parquet files against our schema. Raises IncompleteSnapshot if any
         block is missing, BadSnapshot if the content is not valid.
+
+        Each table file is the dataset's content-addressed file of its CID
+        (`files/<file-cid>.parquet`): one a placed fetch completed, or one an
+        earlier version linked, is used as it is; any other is written from the
+        blocks (the copying path: a fetch without placement, a file whose layout
+        cannot be placed, or one a crash left unfinished). The version's folder
+        is then a folder of hard links to them, checked, and the pointer flips.
         """
         dataset = _safe_component(version.manifest.dataset)
         current = self.get(dataset)
@@ -168,17 +202,51 @@ class ReplicaStore:
             raise IncompleteSnapshot(
                 f"{len(missing)} block(s) of {version.cid} missing, e.g. {missing[0]}"
             )
-        dest = self.root / dataset / version.cid
-        staging = dest.with_name(f".{version.cid}.staging")
+        folder = self.root / dataset
+        files_dir = folder / FILES_DIR
+        files_dir.mkdir(parents=True, exist_ok=True)
+        links = version_files(self.blocks, version)  # checked names: all that reaches the disk
+        dest = folder / version.cid
+        staging = folder / f".{version.cid}.staging"
         shutil.rmtree(staging, ignore_errors=True)
+        live: dict[Path, CID] = {}
         try:
-            files = materialize_tables(self.blocks, version, staging)
-            for table, path in files.items():
-                check_parquet_schema(conn, table, path)
+            staging.mkdir()
+            for table, link in links.items():
+                info = version.manifest.tables[table]
+                paths = [self._complete_file(files_dir, table, cid) for cid in file_cids(link)]
+                live.update(zip(paths, file_cids(link), strict=True))
+                size = sum(p.stat().st_size for p in paths)
+                if size != info.bytes:
+                    raise BadSnapshot(
+                        f"tables/{table} holds {size} bytes, the manifest claims {info.bytes}"
+                    )
+                if link.parts is None:
+                    out = staging / f"{check_table_name(table)}{PARQUET_SUFFIX}"
+                    _link(paths[0], out)
+                else:
+                    out = staging / check_table_name(table)
+                    out.mkdir()
+                    for (name, _), path in zip(link.parts, paths, strict=True):
+                        _link(path, out / name)
+                    fsync_dir(out)
+                check_parquet_file(out, table, info)  # rows, expansion: read once
+                check_parquet_schema(conn, table, out)
+            fsync_dir(staging)
             shutil.rmtree(dest, ignore_errors=True)
             staging.rename(dest)
+            fsync_dir(folder)
+            # Before the pointer names the version: its leaves must not point into
+            # files the sweep below removes.
+            self._repoint(files_dir, live)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
+            # What this install wrote for a refused version goes (an installed
+            # version's files are linked, a running fetch's are active: kept).
+            self._sweep(files_dir, set())
+            for empty in (files_dir, folder):
+                with contextlib.suppress(OSError):
+                    empty.rmdir()
             raise
         replica = Replica(
             dataset=dataset,
@@ -188,12 +256,86 @@ class ReplicaStore:
             installed_at=time.time(),
             bytes=version.manifest.total_bytes,
             rows={n: t.rows for n, t in version.manifest.tables.items()},
-            tables={t: dest / path.name for t, path in files.items()},
+            tables=_installed_tables(dest),
         )
-        atomic_write(self.root / dataset / CURRENT_FILENAME, json.dumps(replica.to_json()).encode())
-        if current is not None and current.root != version.cid:
-            shutil.rmtree(self.root / dataset / current.root, ignore_errors=True)
+        atomic_write(folder / CURRENT_FILENAME, json.dumps(replica.to_json()).encode())
+        self._remove_other_versions(folder, version.cid)
+        self._sweep(files_dir, set(live))
         return replica
+
+    def _complete_file(self, files_dir: Path, table: str, cid: CID) -> Path:
+        """The content-addressed file of `cid`, complete: written from the blocks unless a
+        placed fetch completed it in this process or an installed version links it."""
+        path = files_dir / file_name(cid)
+        with contextlib.suppress(FileNotFoundError):
+            if self._active.is_complete(path) or path.stat().st_nlink > 1:
+                return path
+        info_bytes = unixfs_size(self.blocks, cid)
+        check_expansion(self.blocks, table, cid, info_bytes)
+        tmp = files_dir / f".{path.name}.tmp-{os.getpid()}"
+        try:
+            with open(tmp, "wb") as f:
+                for chunk in unixfs.cat(_verified_get(self.blocks), cid):
+                    f.write(chunk)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)  # refs into the old inode's bytes stay valid: same bytes
+        except OSError as e:
+            what = f"could not write replica file {path}: {e}"
+            if _full(e):
+                raise DiskFull(f"{what}; free disk space: the next sync retries") from e
+            raise SnapshotError(what) from e
+        except StorageError as e:
+            if isinstance(e, SnapshotError):
+                raise
+            raise BadSnapshot(f"tables/{table} ({cid}): {e}") from e
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        fsync_dir(files_dir)
+        self._active.finished([path])
+        return path
+
+    def _repoint(self, files_dir: Path, live: dict[Path, CID]) -> None:
+        """Re-point at a live file every leaf of `live` stored as a reference into another
+        of the dataset's files (a leaf shared with a file that is going away)."""
+        here = Path(os.path.abspath(files_dir))
+        live_abs = {Path(os.path.abspath(p)) for p in live}
+        for path, cid in live.items():
+            for leaf, offset, size in list(file_leaves(self.blocks, cid)):
+                try:
+                    ref = self.blocks.file_ref(leaf)
+                except NotFound:
+                    continue
+                if ref is None or ref.path.parent != here or ref.path in live_abs:
+                    continue
+                self.blocks.delete(leaf)
+                self.blocks.put_ref(leaf, path, offset, size)  # verified: read once
+
+    def _remove_other_versions(self, folder: Path, keep: str) -> None:
+        for child in folder.iterdir():
+            if child.is_dir() and child.name not in (keep, FILES_DIR):
+                shutil.rmtree(child, ignore_errors=True)  # old versions, crashed stagings
+
+    def _sweep(self, files_dir: Path, live: set[Path]) -> None:
+        """Remove the content-addressed files no installed version links, no fetch is
+        writing and `live` does not name; their reference blocks go first."""
+        try:
+            children = list(files_dir.iterdir())
+        except FileNotFoundError:
+            return
+        for path in children:
+            try:
+                if path.name.startswith("."):
+                    path.unlink()  # a copy a crash cut short (installs hold the lock)
+                    continue
+                if path in live or path in self._active or path.stat().st_nlink > 1:
+                    continue
+                drop_refs_into(self.blocks, path)
+                path.unlink()
+                self._active.forget(path)
+            except FileNotFoundError:
+                continue
 
     def get(self, dataset: str) -> Replica | None:
         pointer = self.root / dataset / CURRENT_FILENAME
@@ -258,8 +400,10 @@ class ReplicaStore:
                 dropped.append(replica.dataset)
                 continue
             for child in folder.iterdir():
-                if child.is_dir() and not child.name.startswith(".") and child.name != replica.root:
+                if (child.is_dir() and not child.name.startswith(".")
+                        and child.name not in (replica.root, FILES_DIR)):  # fmt: skip
                     shutil.rmtree(child, ignore_errors=True)  # a crash between switch and remove
+            self._sweep(folder / FILES_DIR, set())  # what a crash left in files/
         return dropped
 
     def drop(self, dataset: str) -> None:
@@ -273,12 +417,17 @@ class ReplicaStore:
         shutil.rmtree(gone, ignore_errors=True)
 
     def disk_bytes(self) -> int:
-        """Bytes of the installed replicas' files (their Parquet, not their blocks)."""
+        """Bytes of the installed replicas' files (their Parquet, not their blocks).
+
+        A file linked from several versions' folders (and `files/`) counts once."""
         total = 0
+        seen: set[tuple[int, int]] = set()
         for path in self.root.rglob("*"):
             with contextlib.suppress(FileNotFoundError):  # an install or drop going on
-                if path.is_file():
-                    total += path.stat().st_size
+                st = path.lstat()
+                if stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) not in seen:
+                    seen.add((st.st_dev, st.st_ino))
+                    total += st.st_size
         return total
 
     def roots(self) -> list[CID]:
@@ -311,3 +460,43 @@ class ReplicaStore:
             body = " UNION ALL BY NAME ".join(parts)  # sql: parts quote with ident()/literal()
             statements.append(f"CREATE OR REPLACE TEMP VIEW {ident(table)} AS {body}")
         return statements
+
+
+def _link(src: Path, dst: Path) -> None:
+    """`dst` names the content-addressed file `src` (a hard link: no bytes copied)."""
+    try:
+        os.link(src, dst)
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.EXDEV, errno.EMLINK, errno.ENOTSUP):
+            raise
+        shutil.copyfile(src, dst)  # a filesystem without hard links: the copying path
+
+
+def _full(e: OSError) -> bool:
+    return e.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def _verified_get(store: Blockstore) -> Callable[[CID], bytes]:
+    """A block reader that re-verifies every block (disks rot) and names a missing one."""
+
+    def get(cid: CID) -> bytes:
+        try:
+            data = store.get(cid)
+        except NotFound as e:
+            raise IncompleteSnapshot(f"block {cid} is missing from the blockstore") from e
+        verify_block(cid, data)
+        return data
+
+    return get
+
+
+def unixfs_size(store: Blockstore, cid: CID) -> int:
+    """The bytes a file DAG claims: a raw leaf's size, or its root node's filesize."""
+    if cid.codec.code == RAW:
+        return store.size(cid)
+    try:
+        _, data = dagpb.decode_node(store.get(cid))
+        fs = dagpb.decode_unixfs(data or b"")
+    except dagpb.DagPbError as e:
+        raise BadSnapshot(f"{cid} is not a UnixFS file: {e}") from e
+    return fs.filesize if fs.filesize is not None else len(fs.data) + sum(fs.blocksizes)
