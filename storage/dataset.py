@@ -56,6 +56,7 @@ from benchsync.storage.db import CHANGES_TABLE, DB_FILENAME, BenchmarkDB, Databa
 from benchsync.storage.errors import NotFound, StorageError
 from benchsync.storage.homelock import HomeLock
 from benchsync.storage.limits import QUERY_MEMORY_LIMIT
+from benchsync.storage.replica_files import ReplicaPlacement
 from benchsync.storage.replicas import LOSSLESS_WIDENING, ReplicaStore, check_parquet_schema
 from benchsync.storage.sandbox import QueryError, QueryLimits, run_once
 from benchsync.storage.schema import PRIMARY_KEYS, TABLES, VERSION_TABLE
@@ -929,10 +930,16 @@ class LocalDataset:
                 replica_block_bytes += size
             else:
                 other += size
+        # A replica's leaves are reference blocks into its Parquet files (issue 14):
+        # `size` says the bytes they name, which `replicas.disk_bytes()` counts already.
+        # What the store holds on its own disk for them is what is left of its total.
+        on_disk = self.blocks.disk_bytes()
+        replica_block_bytes = min(replica_block_bytes, max(0, on_disk - history_bytes - other))
         return DiskUsage(
             database_bytes=self.database_bytes(), history_bytes=history_bytes,
             replica_bytes=replica_block_bytes + self.replicas.disk_bytes(),
-            other_bytes=other, blocks_bytes=total, free_bytes=shutil.disk_usage(self.home).free,
+            other_bytes=other, blocks_bytes=min(total, on_disk),
+            free_bytes=shutil.disk_usage(self.home).free,
         )  # fmt: skip
 
     def database_bytes(self) -> int:
@@ -979,6 +986,17 @@ class LocalDataset:
         distquery.DUCKDB.parse(sql)  # the gate: refuse before reading the tables
         tables = scope_tables(self.query_inputs(scope))
         return run_once(sql, tables, params or None, limits=limits, memory_limit=memory_limit)
+
+    def replica_placement(self, dataset: str, root: CID) -> ReplicaPlacement | None:
+        """Where a fetch of a peer's version `root` writes its table files' leaves (once,
+        into the replica's content-addressed files); None for our own dataset or a
+        dataset name that is not a peer ID (its fetch keeps the leaves as blocks)."""
+        if dataset == self.dataset:
+            return None
+        try:
+            return self.replicas.placement(dataset, root)
+        except BadSnapshot:
+            return None
 
     def install_replica(self, root: str) -> Any:
         """Install a complete, verified peer snapshot from the blockstore as a replica."""
