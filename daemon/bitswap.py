@@ -84,6 +84,11 @@ SEND_TIMEOUT = 10.0  # seconds one message may take to write: longer, the peer i
 IDLE_CLOSE = 10.0  # seconds our outbound stream stays open with nothing to send
 LOOKUP_BATCH = 256  # wants looked up in the blockstore per worker-thread call
 PIPELINE = 2  # messages loaded ahead of the one being written to a peer
+# Bytes handed to the stream per write: py-libp2p's yamux cuts a write into frames of
+# 64 KiB of payload plus a 12-byte header, which its Noise (at most 65519 plaintext bytes
+# a message) cuts again into 65519 + 17 bytes: two encryptions and two socket writes for
+# every 64 KiB. Pieces of 65519 - 12 bytes make each yamux frame exactly one Noise message.
+WRITE_PIECE = 65519 - 12
 STALL_TIMEOUT = 30.0  # seconds a fetch waits on a peer that sends nothing it was asked for
 TICK = 1.0  # seconds between a fetch's stall checks
 FETCH_QUEUE = 256  # blocks and presences buffered for one fetch before its peers' readers wait
@@ -370,8 +375,10 @@ class BitswapService:
                             ID.from_base58(peer), [TProtocol(p) for p in BITSWAP_PROTOCOLS]
                         ))  # fmt: skip
                     protocol = str(box[0].get_protocol() or BITSWAP_120)
+                data = frame(encode_message(msg, protocol))
                 with trio.fail_after(self.send_timeout):
-                    await box[0].write(frame(encode_message(msg, protocol)))
+                    for i in range(0, len(data), WRITE_PIECE):
+                        await box[0].write(data[i : i + WRITE_PIECE])
                 state.ledger.sent(nbytes)
                 self.stats.blocks_sent += len(msg.blocks)
                 self.stats.bytes_sent += nbytes
