@@ -350,18 +350,24 @@ class BenchmarkDB:
             if not logged:
                 self._taken = None
                 return None
-            rows = conn.execute(  # sql: CHANGES_TABLE is this module's constant
-                f"SELECT seq, tbl, lo, hi FROM {CHANGES_TABLE} ORDER BY seq"
+            # sql: CHANGES_TABLE is this module's constant
+            taken, everything = conn.execute(
+                f"SELECT max(seq), bool_or(tbl IS NULL) FROM {CHANGES_TABLE}"
+            ).fetchall()[0]
+            # Distinct ranges only: a log of many small writes repeats most of them.
+            ranges = [] if everything or taken is None else conn.execute(
+                f"SELECT DISTINCT tbl, lo, hi FROM {CHANGES_TABLE} "  # sql: the constant
+                "ORDER BY tbl, lo NULLS FIRST, hi NULLS LAST"
             ).fetchall()
         except BaseException:
             conn.execute("ROLLBACK")
             raise
+        self._taken = None if taken is None else int(taken)
+        if everything:
+            return None
         dirty: Dirty = {}
-        for _, table, lo, hi in rows:
-            dirty = None if table is None else merge_dirty(dirty, {table: [(lo, hi)]})
-            if dirty is None:
-                break
-        self._taken = max((int(r[0]) for r in rows), default=None)
+        for table, lo, hi in ranges:
+            dirty = merge_dirty(dirty, {table: [(lo, hi)]})
         return dirty
 
     def return_dirty(self, dirty: Dirty) -> None:

@@ -107,7 +107,9 @@ DIGEST_BATCH_ROWS = 64 * 1024  # rows per Arrow batch when digesting a Parquet f
 # time, so a small buffer pool is enough, and a full scan does not grow the process.
 SNAPSHOT_MEMORY_LIMIT = "64MiB"
 SEGMENT_INDEX_NAME = "segments.json"  # the local index of the head's segments
-SEGMENT_INDEX_FORMAT = "benchsync-segment-index/1"
+# /2: the changes since the index are logged in the database (db.CHANGES_TABLE). An index
+# of /1 was written by a benchsync that kept them in memory only: not trusted after it.
+SEGMENT_INDEX_FORMAT = "benchsync-segment-index/2"
 
 
 class SnapshotError(StorageError):

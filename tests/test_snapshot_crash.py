@@ -13,6 +13,7 @@ whose tables CID equals a full export of the same rows.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -127,6 +128,68 @@ def test_the_change_log_is_not_part_of_a_snapshot(home: Path) -> None:
             # The snapshot that exported them deleted the changes it took.
             left = conn.execute(f"SELECT count(*) FROM {CHANGES_TABLE}").fetchall()  # sql: constant
         assert left == [(0,)]
+
+
+def test_a_write_committed_during_a_snapshot_stays_owed_to_the_next(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with LocalDataset(home, "lab") as ds:
+        ds.db.ingest_records("perf", perf(BASE, 1))
+        wrote: list[int] = []
+
+        def write_once(point: str) -> None:
+            # After the snapshot's transaction began: it does not see this row, so the
+            # snapshot must not clear its logged range.
+            if point == "exported" and not wrote:
+                wrote.append(ds.db.ingest_records("perf", perf(BASE + 1, 1)))
+
+        monkeypatch.setattr(snapshot, "FAULT_HOOK", write_once)
+        first = ds.snapshot()
+        monkeypatch.setattr(snapshot, "FAULT_HOOK", None)
+        assert wrote == [1]
+        assert first.version.manifest.tables["performance_results"].rows == BASE + 1
+        second = ds.snapshot()
+        assert second.created and 0 < second.exported_rows < TAIL_MAX
+        assert second.version.manifest.tables["performance_results"].rows == BASE + 2
+        assert second.version.tables_cid == full_export_tables_cid(ds, tmp_path / "full")
+
+
+def test_a_rolled_back_write_logs_nothing_and_bookkeeping_wakes_no_listener(
+    home: Path,
+) -> None:
+    with LocalDataset(home, "lab") as ds:
+        heard: list[int] = []
+        ds.db.on_write.append(heard.append)
+
+        def fails(conn: Any) -> None:
+            conn.execute("DELETE FROM performance_results")
+            raise RuntimeError("the caller's bug")
+
+        with pytest.raises(RuntimeError):
+            ds.db.write(fails)  # undeclared: it would log "everything" had it committed
+        assert ds.snapshot().exported_rows == 0
+        ds.db.ingest_records("perf", perf(BASE, 1))
+        assert ds.snapshot().created
+        # Clearing the log is a write of the writer thread, but no data changed: a node's
+        # snapshot policy listening here would otherwise snapshot forever.
+        assert heard == [1]
+
+
+def test_a_segment_index_of_the_in_memory_era_is_not_trusted(
+    home: Path, tmp_path: Path
+) -> None:
+    # Written by a benchsync that kept the change set in memory: writes it made after
+    # that snapshot are in no log, so the index cannot be trusted.
+    index = home / "snapshots" / snapshot.SEGMENT_INDEX_NAME
+    doc = json.loads(index.read_text())
+    index.write_text(json.dumps({**doc, "format": "benchsync-segment-index/1"}))
+    conn = duckdb.connect(str(home / DB_FILENAME))
+    conn.execute("UPDATE performance_results SET test_case = 'old-binary' WHERE result_id = 5")
+    conn.close()
+    with LocalDataset(home, "lab") as ds:
+        after = ds.snapshot()
+        assert after.created and after.exported_rows >= BASE
+        assert after.version.tables_cid == full_export_tables_cid(ds, tmp_path / "full")
 
 
 def test_a_node_killed_with_sigkill_exports_only_the_tail_when_restarted(
