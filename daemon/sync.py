@@ -44,6 +44,7 @@ from benchsync.daemon.fetch import Fetcher, FetchFailed
 from benchsync.daemon.host import AccessPolicy
 from benchsync.protocol.heads import Head, NewDatasetLimiter
 from benchsync.storage.errors import StorageError
+from benchsync.storage.snapshot import BadSnapshot
 
 if TYPE_CHECKING:
     from trio_typing import TaskStatus
@@ -328,6 +329,10 @@ class Syncer:
         except FetchFailed as e:
             state.last_error = str(e)
             log.info("sync of %s seq %d: %s", state.dataset, target.seq, e)
+            return False
+        except BadSnapshot as e:  # placing its files found it invalid: the writer's fault
+            state.last_error = f"snapshot {target.root} of {state.dataset} is not valid: {e}"
+            log.error("sync of %s seq %d: %s", state.dataset, target.seq, state.last_error)
             return False
         except StorageError as e:
             state.last_error = f"local storage failed: {e}"

@@ -19,6 +19,7 @@ import trio
 from multiformats import CID
 
 from benchsync.daemon.network import P2PNode
+from benchsync.protocol.heads import Head
 from benchsync.storage import segments
 from benchsync.storage.dataset import LocalDataset
 from benchsync.storage.replica_files import FILES_DIR, file_leaves, file_name
@@ -218,3 +219,41 @@ def test_kill_9_inside_an_install_leaves_a_queryable_replica_and_the_next_comple
         folders = {p.name for p in (tmp_path / "b" / "replicas" / PEER).iterdir() if p.is_dir()}
         assert folders == {FILES_DIR, v2.cid}
         assert b.blocks.verify() == []
+
+
+async def test_the_syncer_receives_a_followed_head_into_the_replica_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    use_bits(monkeypatch, 8)
+    with LocalDataset(tmp_path / "a", PEER) as a, LocalDataset(tmp_path / "b", "peerb") as b:
+        a.db.ingest_records("perf", perf(0, 2000))
+        v1 = a.snapshot().version
+
+        async def install(head: Head) -> None:
+            await trio.to_thread.run_sync(b.install_replica, str(head.root))
+
+        na = p2p(tmp_path, "pa", a)
+        nb = P2PNode(tmp_path / "pb", network="lab", blockstore=b.blocks, retry_delay=0.2,
+                     lab_key=LAB_KEY, on_complete=install)  # fmt: skip
+        nb.syncer.placement = lambda h: b.replica_placement(h.dataset, h.root)
+        root = CID.decode(v1.cid)
+        head = Head(PEER, v1.seq, root, CID.decode(v1.tables_cid), v1.created_at,
+                    v1.manifest.total_bytes)  # fmt: skip
+        with trio.fail_after(TIMEOUT):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(na.run)
+                await nursery.start(nb.run)
+                await nb.connect(na.addrs[0])
+                await nb.syncer.head_seen(head, na.peer_id)
+                await nb.wait_until(lambda: nb.syncer.installed(PEER) == head)
+                nursery.cancel_scope.cancel()
+        files = tmp_path / "b" / "replicas" / PEER / FILES_DIR
+        placed = table_cids(b, v1)
+        assert {p.name for p in files.iterdir()} == set(placed)
+        for name, cid in placed.items():
+            assert (files / name).stat().st_nlink == 2  # the file and its version's link
+            for leaf, _, _ in file_leaves(b.blocks, cid):
+                ref = b.blocks.file_ref(leaf)
+                assert ref is not None and ref.path == (files / name).absolute()
+        got = b.query("SELECT count(*) AS n FROM performance_results", scope="replicas")
+        assert got.to_pylist() == [{"n": 2000}]
