@@ -319,10 +319,10 @@ class Syncer:
         place: ReplicaPlacement | None,
     ) -> bool:
         try:
-            result = await self.fetcher.fetch(
-                target.root, providers, place=None if place is None else place.files
-            )
-            if place is not None:
+            if place is None:
+                result = await self.fetcher.fetch(target.root, providers)
+            else:
+                result = await self.fetcher.fetch(target.root, providers, place=place.files)
                 # Write in the leaves held before (unchanged parts of a changed
                 # file) and sync the files, before the installer checks them.
                 await trio.to_thread.run_sync(place.finish)
