@@ -33,13 +33,31 @@ Measured on the shared 2-core box (issue 14), ratios to the raw stream:
 
 Run: .venv/bin/python bench/bench_replica.py [--mb 16] [--repeat 3]
      (--mb 100 is the issue's figure; a few seconds per MiB-hundred on a quiet box)
+
+With --install: a real snapshot (benchmark rows in segmented Parquet) of a
+LocalDataset served by an in-process provider, received end to end into
+another LocalDataset: fetch, then `install_replica` until it is queryable
+(the provider serves the writer's blockstore from a child process).
+- copy-install: fetched as blocks, then installed by writing each
+  content-addressed segment file from them (the copying path, as every
+  install was before issue 14: two copies);
+- placed-install: as the syncer does now, each leaf received into its segment
+  file (`replica_placement`), then the install only checks and links;
+- +1%: after placed-install of v1, 1 % more rows, snapshot v2, fetched and
+  installed the same way: bytes written vs the bytes of the changed files.
+Ratios are each mode's Parquet bytes per second over the raw stream's, medians
+of the same run.
+
+Run: .venv/bin/python bench/bench_replica.py --install [--mb 8] [--repeat 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -56,6 +74,7 @@ import benchsync.daemon.fetch as fetch_mod  # noqa: E402
 from benchsync.daemon.network import P2PNode  # noqa: E402
 from benchsync.storage import unixfs  # noqa: E402
 from benchsync.storage.blockstore import FilePlacement, FsBlockstore  # noqa: E402
+from benchsync.storage.dataset import LocalDataset  # noqa: E402
 
 TIMEOUT = 1800  # seconds: upper bound for the whole run
 MODES = ("batched", "per-block", "no-sync", "+copy", "into-file")
@@ -151,9 +170,129 @@ async def main(mb: int, repeat: int) -> None:
               f"({', '.join(f'{r[0]:.2f}' for r in runs[mode])} s)")
 
 
+def bench_rows(start: int, n: int) -> list[dict[str, object]]:
+    """Benchmark rows whose text does not compress away (~20 bytes each in our zstd Parquet)."""
+    return [
+        {"model_name": f"model-{i % 7}", "hardware_type": "cpu",
+         "test_case": os.urandom(12).hex(), "batch_size": 1 + i % 8,
+         "latency_p90": float(i) * 1.25}
+        for i in range(start, start + n)
+    ]  # fmt: skip
+
+
+async def serve_home(home: str) -> None:
+    """Child process: serve the blockstore of the dataset at `home`; print the address."""
+    store = FsBlockstore(Path(home) / "blocks")
+    nd = P2PNode(Path(home) / "p2p-child", network="bench", blockstore=store,
+                 lab_key=BENCH_LAB_KEY)  # fmt: skip
+    async with trio.open_nursery() as nursery:
+        await nursery.start(nd.run)
+        print(json.dumps({"addr": nd.addrs[0]}), flush=True)
+        await trio.to_thread.run_sync(sys.stdin.readline)  # "quit"
+        nursery.cancel_scope.cancel()
+
+
+async def install_once(
+    tmp: Path, addr: str, dataset: str, root: str, mode: str, b: LocalDataset | None = None
+) -> tuple[list[float], int, LocalDataset]:
+    """([fetch, finish, install] seconds, disk bytes written, the receiving dataset) of one
+    fetch + install of `root` from the provider at `addr`."""
+    if b is None:
+        b = LocalDataset(tmp / f"{mode}-{time.monotonic_ns()}", "benchreceiver")
+    nd = P2PNode(b.home / "p2p", network="bench", blockstore=b.blocks, lab_key=BENCH_LAB_KEY)
+    place = None if mode == "copy-install" else b.replica_placement(dataset, CID.decode(root))
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(nd.run)
+            peer = await nd.connect(addr)
+            written = disk_written()
+            t0 = time.perf_counter()
+            await nd.fetcher.fetch(
+                CID.decode(root), [peer], place=None if place is None else place.files
+            )
+            t1 = time.perf_counter()
+            if place is not None:
+                await trio.to_thread.run_sync(place.finish)
+            t2 = time.perf_counter()
+            await trio.to_thread.run_sync(b.install_replica, root)
+            t3 = time.perf_counter()
+            written = disk_written() - written
+            nursery.cancel_scope.cancel()
+    finally:
+        if place is not None:
+            place.close()
+    return [t1 - t0, t2 - t1, t3 - t2], written, b
+
+
+async def install_main(mb: int, repeat: int) -> None:
+    rows = mb * 2**20 // 20  # ~20 bytes per row in our zstd Parquet
+    with tempfile.TemporaryDirectory() as tmp_s, trio.fail_after(TIMEOUT):
+        tmp = Path(tmp_s)
+        raw: list[float] = []
+        runs: dict[str, list[tuple[list[float], int]]] = {"copy-install": [],
+                                                          "placed-install": []}  # fmt: skip
+        delta: list[tuple[float, int, int]] = []
+        with LocalDataset(tmp / "a", "benchwriter") as a:
+            for start in range(0, rows, 200_000):
+                a.db.ingest_records("perf", bench_rows(start, min(200_000, rows - start)))
+            v1 = a.snapshot().version
+            a.db.ingest_records("perf", bench_rows(rows, max(1, rows // 100)))  # +1 %
+            v2 = a.snapshot().version
+            dataset = a.dataset
+        size = v1.manifest.total_bytes
+        proc = subprocess.Popen([sys.executable, __file__, "--serve-home", str(tmp / "a")],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert proc.stdout is not None
+        addr = str(json.loads(proc.stdout.readline())["addr"])
+        try:
+            for i in range(repeat):
+                order = ["raw", "copy-install", "placed-install"]
+                order = order[i % 3 :] + order[: i % 3]
+                for mode in order:
+                    if mode == "raw":
+                        raw.append(await raw_from_child(size, tmp))
+                        continue
+                    times, written, b = await install_once(tmp, addr, dataset, v1.cid, mode)
+                    runs[mode].append((times, written))
+                    if mode == "placed-install":
+                        # The +1 % version into the same replica, as the syncer does.
+                        files = b.replicas.root / dataset / "files"
+                        before = {f.name for f in files.iterdir()}
+                        secs2, written2, _ = await install_once(tmp, addr, dataset, v2.cid,
+                                                                mode, b)  # fmt: skip
+                        changed = sum(f.stat().st_size for f in files.iterdir()
+                                      if f.name not in before)  # fmt: skip
+                        delta.append((sum(secs2), written2, changed))
+                    b.close()
+        finally:
+            tell(proc, "quit")
+            proc.wait(10)
+    raw_s = statistics.median(raw)
+    print(f"replica install of {size / 2**20:.1f} MiB of segmented Parquet ({rows} rows, "
+          f"{v1.manifest.tables['performance_results'].segments} segments), provider in a child "
+          f"process, {repeat} rounds; raw Noise+Yamux stream of the same bytes: median "
+          f"{raw_s:.2f} s ({size / raw_s / 2**20:.0f} MiB/s)")
+    for mode, got in runs.items():
+        secs = statistics.median(sum(r[0]) for r in got)
+        parts = [statistics.median(r[0][k] for r in got) for k in range(3)]
+        median_written = statistics.median(r[1] for r in got)
+        print(f"  {mode:14s}: fetch+install median {secs:.2f} s -> x{raw_s / secs:.2f} of the raw "
+              f"stream (fetch {parts[0]:.2f} s, finish {parts[1]:.2f} s, install "
+              f"{parts[2]:.2f} s); disk written / Parquet bytes {median_written / size:.2f}")
+    for delta_s, delta_written, changed in delta:
+        print(f"  +1% version   : {delta_s:.2f} s, disk written {delta_written} bytes, changed files "
+              f"{changed} bytes -> x{delta_written / max(1, changed):.2f} of the changed data")
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--mb", type=int, default=16, help="replica size in MiB (default 16)")
     parser.add_argument("--repeat", type=int, default=3, help="rounds of every mode (default 3)")
+    parser.add_argument("--serve-home", help=argparse.SUPPRESS)
+    parser.add_argument("--install", action="store_true",
+                        help="a real snapshot fetched and installed end to end (see above)")
     args = parser.parse_args()
-    trio.run(main, args.mb, args.repeat)
+    if args.serve_home:
+        trio.run(serve_home, args.serve_home)
+    else:
+        trio.run(install_main if args.install else main, args.mb, args.repeat)
