@@ -280,7 +280,8 @@ async def install_main(mb: int, repeat: int) -> None:
               f"stream (fetch {parts[0]:.2f} s, finish {parts[1]:.2f} s, install "
               f"{parts[2]:.2f} s); disk written / Parquet bytes {median_written / size:.2f}")
     for delta_s, delta_written, changed in delta:
-        print(f"  +1% version   : {delta_s:.2f} s, disk written {delta_written} bytes, changed files "
+        print(f"  +1% version   : {delta_s:.2f} s, disk written {delta_written} bytes, "
+              f"changed files "
               f"{changed} bytes -> x{delta_written / max(1, changed):.2f} of the changed data")
 
 
