@@ -124,16 +124,40 @@ def _ensure_changes_table(conn: duckdb.DuckDBPyConnection) -> None:
         raise
 
 
+LoggedRange = tuple[str | None, int | None, int | None]  # CHANGES_TABLE's (tbl, lo, hi)
+MAX_LOGGED_CACHE = 64  # ranges the writer remembers as logged (to skip logging them again)
+
+
+def _covers(a: LoggedRange, b: LoggedRange) -> bool:
+    """Whether logged range `a` contains range `b` (NULL table: everything)."""
+    if a[0] is None:
+        return True
+    if a[0] != b[0]:
+        return False
+    lo_ok = a[1] is None or (b[1] is not None and a[1] <= b[1])
+    hi_ok = a[2] is None or (b[2] is not None and b[2] <= a[2])
+    return lo_ok and hi_ok
+
+
 def _log_changes(conn: duckdb.DuckDBPyConnection, state: _WriterState) -> None:
-    """Append the running job's changed ranges to CHANGES_TABLE, in its transaction."""
+    """Append the running job's changed ranges to CHANGES_TABLE, in its transaction.
+
+    A range inside one this writer logged since the last snapshot began
+    (`state.logged`) is skipped: the row that covers it stays until a snapshot
+    that sees this write deletes it. Appends, the common write, all fall in
+    the first append's (first id, unbounded) range.
+    """
     touched = state.touched
-    rows: list[tuple[str | None, int | None, int | None]]
+    wanted: list[LoggedRange]
     if touched is None:
-        rows = [(None, None, None)]
+        wanted = [(None, None, None)]
     else:
-        rows = [(t, lo, hi) for t, intervals in touched.items() for lo, hi in intervals]
+        wanted = [(t, lo, hi) for t, intervals in touched.items() for lo, hi in intervals]
+    rows = [r for r in wanted if not any(_covers(x, r) for x in state.logged)]
     if not rows:
         return
+    if len(state.logged) + len(rows) <= MAX_LOGGED_CACHE:
+        state.logged.extend(rows)  # forgotten if the commit fails (`_run_writer`)
     first = state.seq + 1
     # One statement, not executemany: DuckDB prepares each executemany row's statement
     # again, which costs more than the write it logs.
@@ -178,6 +202,9 @@ class _WriterState:
         # What the running job changed (dirty key ranges), logged in its transaction.
         self.touched: Dirty = {}
         self.seq = 0  # the last CHANGES_TABLE seq used (it is the only writer)
+        # Ranges logged since the snapshot of epoch `epoch` began (see `_log_changes`).
+        self.logged: list[LoggedRange] = []
+        self.epoch = 0
 
     def touch(self, table: str, lo: int | None = None, hi: int | None = None) -> None:
         self.touched = merge_dirty(self.touched, {table: [(lo, hi)]})
@@ -248,6 +275,11 @@ class BenchmarkDB:
         self._writes_stopped = False
         # The CHANGES_TABLE seq up to which the running snapshot took the changes.
         self._taken: int | None = None
+        # Held while a write logs and commits and while a snapshot's transaction begins:
+        # a write either commits before the snapshot's start, or sees the epoch moved
+        # and logs its ranges anew (the snapshot may delete the rows that covered them).
+        self._log_lock = threading.Lock()
+        self._log_epoch = 0
         if not read_only:
             try:
                 ensure_schema(self._root)
@@ -344,12 +376,14 @@ class BenchmarkDB:
         """
         conn.execute("BEGIN TRANSACTION")
         try:
-            # DuckDB starts the transaction (its snapshot of the data) at the first
-            # statement that reads the database, not at BEGIN: this one.
-            logged = conn.execute(
-                "SELECT count(*) FROM information_schema.tables "
-                f"WHERE table_schema = 'main' AND table_name = {literal(CHANGES_TABLE)}"
-            ).fetchall()[0][0]
+            with self._log_lock:
+                # DuckDB starts the transaction (its snapshot of the data) at the first
+                # statement that reads the database, not at BEGIN: this one.
+                logged = conn.execute(
+                    "SELECT count(*) FROM information_schema.tables "
+                    f"WHERE table_schema = 'main' AND table_name = {literal(CHANGES_TABLE)}"
+                ).fetchall()[0][0]
+                self._log_epoch += 1
             if not logged:
                 self._taken = None
                 return None
@@ -419,10 +453,15 @@ class BenchmarkDB:
                 result, rows = job(conn, state)
                 # Logged in the write's own transaction: a snapshot (or a restart) sees a
                 # write exactly when it sees the ranges it changed.
-                _log_changes(conn, state)
-                conn.commit()
+                with self._log_lock:
+                    if state.epoch != self._log_epoch:
+                        state.epoch = self._log_epoch
+                        state.logged.clear()  # that snapshot may delete what covered us
+                    _log_changes(conn, state)
+                    conn.commit()
             except BaseException as e:
                 state.clear()  # the rolled-back job may have advanced the caches
+                state.logged.clear()  # and logged rows that are not committed
                 with contextlib.suppress(duckdb.Error):  # BEGIN itself may have failed
                     conn.rollback()
                 fut.set_exception(e)

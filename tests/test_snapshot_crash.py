@@ -192,6 +192,24 @@ def test_a_segment_index_of_the_in_memory_era_is_not_trusted(
         assert after.version.tables_cid == full_export_tables_cid(ds, tmp_path / "full")
 
 
+def test_appends_between_snapshots_log_one_range_not_one_per_write(
+    home: Path, tmp_path: Path
+) -> None:
+    with LocalDataset(home, "lab") as ds:
+        for i in range(20):
+            ds.db.store_performance_result(perf(BASE + i, 1)[0])
+        with ds.db.reader() as conn:  # sql: the module's constant
+            logged = conn.execute(f"SELECT tbl, lo, hi FROM {CHANGES_TABLE}").fetchall()
+        # The first append's (first id, unbounded) covers the others; the models touched
+        # by the first writes of each model name add a few rows.
+        assert ("performance_results", BASE + 1, None) in logged
+        assert len([r for r in logged if r[0] == "performance_results"]) == 1, logged
+        assert len(logged) <= 8, logged
+        after = ds.snapshot()
+        assert after.version.manifest.tables["performance_results"].rows == BASE + 20
+        assert after.version.tables_cid == full_export_tables_cid(ds, tmp_path / "full")
+
+
 def test_a_node_killed_with_sigkill_exports_only_the_tail_when_restarted(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
