@@ -86,3 +86,41 @@ def test_get_reads_the_blockstore_the_dataset_writes(tmp_path: Path) -> None:
     assert home_blockstore(tmp_path / "home").get(cid) == b"stored by the dataset"
     with pytest.raises(CLIError, match="not a benchsync data directory"):
         home_blockstore(tmp_path / "typo")
+
+
+def test_a_writer_follows_the_fetch_and_writes_blocks_as_they_are_stored(
+    tmp_path: Path,
+) -> None:
+    """Without a node, `get` writes while the blocks arrive: a block the writer needs
+    before it is stored is waited for, not a failure."""
+    from benchsync.daemon.cli.get import _Arrivals, _Writer
+
+    source = FsBlockstore(tmp_path / "source")
+    big = os.urandom(1_500_000)
+    fcid, _, ftsize = unixfs.add_bytes(big, source.put)
+    root, _ = unixfs.add_directory([("big.bin", fcid, ftsize)], source.put)
+    blocks = list(unixfs.walk(source.get, root))
+    store = FsBlockstore(tmp_path / "blocks")
+    arrivals = _Arrivals(store)
+    writer = _Writer(arrivals, root, tmp_path / "out")
+    writer.start()
+    for cid, data in blocks:  # the fetch: one block at a time, the writer waiting on each
+        store.put(cid, data)
+        arrivals.stored()
+    arrivals.finish()
+    writer.join()
+    assert writer.error is None and writer.written == len(big)
+    assert (tmp_path / "out" / "big.bin").read_bytes() == big
+
+    # A fetch that ends without a block: the waiting writer stops and leaves nothing.
+    partial = FsBlockstore(tmp_path / "partial")
+    arrivals = _Arrivals(partial)
+    writer = _Writer(arrivals, root, tmp_path / "out2")
+    writer.start()
+    for cid, data in blocks[:-1]:
+        partial.put(cid, data)
+        arrivals.stored()
+    arrivals.finish()
+    writer.join()
+    assert isinstance(writer.error, CLIError) and "cannot write" in str(writer.error)
+    assert not (tmp_path / "out2").exists() and not (tmp_path / ".out2.partial").exists()
