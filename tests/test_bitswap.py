@@ -308,3 +308,30 @@ async def test_each_chunk_goes_out_in_a_message_of_its_own(tmp_path: Path) -> No
             while peer.blocks < len(leaves):
                 await trio.sleep(0.05)
     assert peer.messages == len(leaves)
+
+
+async def test_a_reply_is_written_in_pieces_of_one_noise_message_each(tmp_path: Path) -> None:
+    # py-libp2p's yamux frames a 64 KiB write as 65548 bytes, which its Noise splits in two
+    # (two encryptions, two socket writes); pieces of WRITE_PIECE bytes fit one message.
+    from benchsync.daemon.bitswap import WRITE_PIECE, BitswapService, _Peer
+    from benchsync.protocol.bitswap import Block
+    from benchsync.protocol.bitswap_ledger import Ledger
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.writes: list[bytes] = []
+
+        async def write(self, data: bytes) -> None:
+            self.writes.append(data)
+
+    data = os.urandom(CHUNK)
+    msg = Message(blocks=(Block(block_cid(RAW, data), data),))
+    service = BitswapService(None, None, streams=None, policy=None)  # type: ignore[arg-type, unused-ignore]
+    stream = Recorder()
+    send, recv = trio.open_memory_channel[tuple[Message, int]](1)
+    async with send:
+        await send.send((msg, len(data)))
+    await service._write("peer", _Peer(Ledger()), recv, [stream])  # type: ignore[list-item, unused-ignore]
+    assert b"".join(stream.writes) == frame(encode_message(msg, BITSWAP_120))
+    assert max(map(len, stream.writes)) == WRITE_PIECE == 65519 - 12
+    assert service.stats.blocks_sent == 1 and service.stats.bytes_sent == len(data)
