@@ -386,9 +386,10 @@ class ReplicaStore:
     def expire(self, now: float, max_age: float) -> list[str]:
         """Drop the replicas not installed or seen for `max_age` seconds; their datasets.
 
-        Also removes what a crash left: folders being dropped, and version
-        folders beside a dataset's current one. Call it where no `install`
-        runs at the same time (the dataset's lock).
+        Also removes what a crash left: folders being dropped, version folders
+        beside a dataset's current one, and content-addressed files no version
+        links and no running fetch writes (with their reference blocks). Call
+        it where no `install` runs at the same time (the dataset's lock).
         """
         for leftover in self.root.glob(f"{DROPPED_PREFIX}*"):
             shutil.rmtree(leftover, ignore_errors=True)
@@ -404,6 +405,12 @@ class ReplicaStore:
                         and child.name not in (replica.root, FILES_DIR)):  # fmt: skip
                     shutil.rmtree(child, ignore_errors=True)  # a crash between switch and remove
             self._sweep(folder / FILES_DIR, set())  # what a crash left in files/
+        installed = {r.dataset for r in self.all()}
+        for child in self.root.iterdir():
+            if child.is_dir() and not child.name.startswith(".") and child.name not in installed:
+                # Files of a first version never installed (its fetch failed or a crash
+                # cut it): a fetch writing now keeps its own (active); the rest goes.
+                self._sweep(child / FILES_DIR, set())
         return dropped
 
     def drop(self, dataset: str) -> None:

@@ -257,3 +257,36 @@ async def test_the_syncer_receives_a_followed_head_into_the_replica_files(
                 assert ref is not None and ref.path == (files / name).absolute()
         got = b.query("SELECT count(*) AS n FROM performance_results", scope="replicas")
         assert got.to_pylist() == [{"n": 2000}]
+
+
+def test_expiry_removes_the_files_of_a_fetch_that_never_completed_but_not_a_running_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    use_bits(monkeypatch, 8)
+    with LocalDataset(tmp_path / "a", PEER) as a, LocalDataset(tmp_path / "b", "peerb") as b:
+        a.db.ingest_records("perf", perf(0, 1000))
+        v1 = a.snapshot().version
+        import_version(a, b, tmp_path, v1.cid)
+        cids = table_cids(b, v1)
+        # What a fetch cut short leaves: a leaf received into its file, nothing installed.
+        files = tmp_path / "b" / "replicas" / PEER / FILES_DIR
+        files.mkdir(parents=True)
+        name, cid = next(iter(cids.items()))
+        leaf, offset, _ = next(file_leaves(b.blocks, cid))
+        data = b.blocks.get(leaf)
+        b.blocks.delete(leaf)
+        b.blocks.put_into_file(leaf, data, files / name, offset)
+        running = b.replica_placement(PEER, CID.decode(v1.cid))
+        assert running is not None
+        writing = running.files.target("tables/performance_results/part-0001.parquet")
+        assert writing is not None and writing.name != name
+        writing.write_bytes(b"being received")
+        try:
+            b.replicas.expire(0.0, 0)
+            assert list(files.iterdir()) == [writing]  # the running fetch's file stays
+            assert not b.blocks.has(leaf)  # the other's reference went with its file
+            assert b.blocks.verify() == []
+        finally:
+            running.close()
+        b.replicas.expire(0.0, 0)
+        assert list(files.iterdir()) == []
