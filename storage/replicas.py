@@ -1,14 +1,18 @@
 """Replicas: the latest verified snapshot of every dataset a node follows.
 
-A replica is installed only from a complete, verified DAG in the blockstore:
-its Parquet files are written into a fresh directory, checked against the
-schema, and only then does the dataset's `CURRENT.json` pointer switch to it
-(atomically). A reader therefore sees either the previous replica or the new
-one, never a partial one.
+A replica is installed only from a complete, verified DAG in the blockstore.
+Its Parquet files are content-addressed and shared across versions
+(`<dataset>/files/<file-cid>.parquet`, see `replica_files`): the syncer
+receives each leaf straight into its file, so a version's folder
+(`<dataset>/<version-cid>/`) is made of hard links to them, checked against
+the manifest and the schema, and only then does the dataset's `CURRENT.json`
+pointer switch to it (atomically). A reader therefore sees either the
+previous replica or the new one, never a partial one.
 
 Only the latest version of each dataset is kept: installing a new one removes
-the previous folder (and block GC its blocks, since `roots` names only the
-current ones). A dataset whose owner has not been seen for a while (it left
+the previous folder and the files no version links any more, with the
+reference blocks into them (block GC takes the rest of its blocks, since
+`roots` names only the current ones). A dataset whose owner has not been seen for a while (it left
 the lab) is dropped by `expire`.
 
 Queries in the `replicas` scope see union views: each table name resolves to
