@@ -15,14 +15,18 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import duckdb
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from multiformats import CID
 
 from benchsync.daemon.demo import NodeProcess, free_port
@@ -31,6 +35,7 @@ from benchsync.storage.blockstore import FsBlockstore, verify_block
 from benchsync.storage.dataset import LocalDataset
 from benchsync.storage.db import CHANGES_TABLE, DB_FILENAME
 from benchsync.storage.snapshot import Segment, SnapshotStore, add_segments
+from tests.fuzzing import FUZZ_SETTINGS
 from tests.snapshot_crash_child import UPDATED_CASE, UPDATED_ID, perf
 
 BITS = 6  # about 64 rows per segment: a few hundred rows make many segments
@@ -210,6 +215,50 @@ def test_appends_between_snapshots_log_one_range_not_one_per_write(
         assert after.version.tables_cid == full_export_tables_cid(ds, tmp_path / "full")
 
 
+OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("append"), st.integers(1, 40)),
+        st.tuples(st.sampled_from(["update", "delete"]), st.integers(1, BASE + 40)),
+        st.tuples(st.sampled_from(["snapshot", "reopen"]), st.just(0)),
+    ),
+    max_size=8,
+)
+
+
+@settings(FUZZ_SETTINGS, max_examples=8)  # a dataset and several full exports per case
+@given(ops=OPS)
+def test_any_history_of_writes_snapshots_and_restarts_snapshots_like_a_full_export(
+    home: Path, ops: list[tuple[str, int]]
+) -> None:
+    # Hypothesis reuses the fixture's home across cases: each case works on a copy.
+    with tempfile.TemporaryDirectory(dir=home.parent) as scratch:
+        node = Path(scratch) / "node"
+        shutil.copytree(home, node)
+        ds = LocalDataset(node, "lab")
+        try:
+            next_id = BASE
+            for op, arg in ops:
+                if op == "append":
+                    ds.db.ingest_records("perf", perf(next_id, arg))
+                    next_id += arg
+                elif op in ("update", "delete"):
+                    sql = ("UPDATE performance_results SET test_case = 'u' WHERE result_id = ?"
+                           if op == "update" else
+                           "DELETE FROM performance_results WHERE result_id = ?")  # fmt: skip
+                    ds.db.write(lambda c, sql=sql, i=arg: c.execute(sql, [i]),
+                                changes={"performance_results": [(arg, arg)]})  # fmt: skip
+                elif op == "snapshot":
+                    ds.snapshot()
+                else:
+                    ds.close()
+                    ds = LocalDataset(node, "lab")
+            last = ds.snapshot()
+            full = full_export_tables_cid(ds, Path(scratch) / "full")
+            assert last.version.tables_cid == full, ops
+        finally:
+            ds.close()
+
+
 def test_a_node_killed_with_sigkill_exports_only_the_tail_when_restarted(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -292,6 +341,10 @@ def test_kill_9_at_each_step_of_a_snapshot(home: Path, tmp_path: Path, point: st
         # The next snapshot is correct: the tables CID of a full export of the same rows.
         nxt = ds.snapshot()
         assert nxt.created != moved
+        if point == "head-written":  # the index names the old head: ignored, a full export
+            assert nxt.exported_rows >= BASE + NEW
+        else:  # the index and the logged changes still hold: only the changed segments
+            assert nxt.exported_rows < BASE, nxt.exported_rows
         assert nxt.version.tables_cid == full_export_tables_cid(ds, tmp_path / "full")
         assert nxt.version.manifest.tables["performance_results"].rows == BASE + NEW
         if point != "done":  # the crash left changes logged, or the index behind: re-done once
