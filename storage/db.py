@@ -11,6 +11,12 @@ It keeps the original benchmark API's method names (`store_performance_result`,
 `query_performance_results`, ...) and adds bulk ingest, which validates a whole
 batch first and inserts it with a few set-based SQL statements over an Arrow
 table (never a Python loop of INSERTs), all in one transaction.
+
+Each write also logs the key ranges it changed in the node-local table
+`snapshot_changes`, in its own transaction, for the next snapshot to export
+only those segments, also after a restart or a kill -9. Hand-written: DuckDB
+has no change-data capture, and a journal beside the file could disagree
+with it after a crash (docs/storage-format.md, "The change log").
 """
 
 from __future__ import annotations
