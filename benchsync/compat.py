@@ -38,9 +38,9 @@ from multiformats import CID
 from benchsync.storage import unixfs
 from benchsync.storage.dataset import LocalDataset, sidecar_path
 from benchsync.storage.db import BenchmarkDB
-from benchsync.storage.errors import NotFound, StorageError
+from benchsync.storage.errors import StorageError
 from benchsync.storage.migrate import MigrationError, backup_file, validate_legacy
-from benchsync.storage.snapshot import IncompleteSnapshot, Version, atomic_write
+from benchsync.storage.snapshot import Version, atomic_write, missing_blocks
 
 __all__ = [
     "BenchmarkDBAPI",
@@ -262,17 +262,22 @@ class IPFSDBBackend:
                 return False
             cid = head.cid
         try:
-            try:
-                self.dataset.restore(cid)
-            except (NotFound, IncompleteSnapshot):  # not here (or only partly): ask the lab
-                if not self._fetch_from_node(cid):
-                    return False
-                self.dataset.restore(cid)
+            if not self._held(cid) and not self._fetch_from_node(cid):  # ask the lab
+                return False
+            self.dataset.restore(cid)
         except StorageError as e:
             log.warning("restore_from_ipfs(%s) failed: %s", cid, e)
             return False
         _old_sidecar(self.dataset)
         return True
+
+    def _held(self, cid: str) -> bool:
+        """Is version `cid` (a CID, prefix or tag) here with every block of its DAG?"""
+        try:
+            root = CID.decode(self.dataset.find(cid).cid)
+        except (StorageError, ValueError):  # not in our history, or its root is not here
+            return False
+        return not missing_blocks(self.dataset.blocks, root)
 
     def _fetch_from_node(self, cid: str) -> bool:
         """Have the local node fetch `cid` from its peers, then copy its blocks here."""
