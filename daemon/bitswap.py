@@ -369,6 +369,8 @@ class BitswapService:
         protocol = BITSWAP_120
         async with recv:
             async for msg, nbytes in recv:
+                if state.gone:
+                    continue  # its connection closed: what was loaded for it is dropped
                 if not box:
                     with trio.fail_after(OPEN_TIMEOUT):
                         box.append(await self.host.new_stream(

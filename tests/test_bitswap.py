@@ -335,3 +335,19 @@ async def test_a_reply_is_written_in_pieces_of_one_noise_message_each(tmp_path: 
     assert b"".join(stream.writes) == frame(encode_message(msg, BITSWAP_120))
     assert max(map(len, stream.writes)) == WRITE_PIECE == 65519 - 12
     assert service.stats.blocks_sent == 1 and service.stats.bytes_sent == len(data)
+
+
+async def test_replies_loaded_for_a_peer_that_went_away_are_not_written() -> None:
+    from benchsync.daemon.bitswap import BitswapService, _Peer
+    from benchsync.protocol.bitswap import Block
+    from benchsync.protocol.bitswap_ledger import Ledger
+
+    data = b"loaded before its connection closed"
+    service = BitswapService(None, None, streams=None, policy=None)  # type: ignore[arg-type, unused-ignore]
+    state = _Peer(Ledger(), gone=True)
+    box: list[INetStream] = []  # no stream opened (host None would fail if it were)
+    send, recv = trio.open_memory_channel[tuple[Message, int]](1)
+    async with send:
+        await send.send((Message(blocks=(Block(block_cid(RAW, data), data),)), len(data)))
+    await service._write("peer", state, recv, box)
+    assert box == [] and service.stats.blocks_sent == 0
