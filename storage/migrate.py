@@ -59,6 +59,7 @@ import duckdb
 
 from benchsync.storage import schema
 from benchsync.storage.dataset import LocalDataset, write_sidecar
+from benchsync.storage.db import CHANGES_TABLE
 from benchsync.storage.errors import StorageError
 from benchsync.storage.snapshot import SnapshotStore
 from benchsync.storage.sqlnames import ident, literal
@@ -107,7 +108,7 @@ CARRIED_REFERENCES = {
     "run_id": "test_runs",
 }
 # Node-local bookkeeping that must not be copied out of a file that is itself a node database.
-NOT_CARRIED = frozenset({schema.VERSION_TABLE, SOURCES_TABLE, ROWS_TABLE})
+NOT_CARRIED = frozenset({schema.VERSION_TABLE, SOURCES_TABLE, ROWS_TABLE, CHANGES_TABLE})
 
 _PROVENANCE_DDL = (
     f"""CREATE TABLE IF NOT EXISTS {SOURCES_TABLE} (

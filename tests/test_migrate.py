@@ -258,6 +258,20 @@ def test_unknown_tables_and_views_are_carried(
     assert "web_platform_results" in ds.head().manifest.tables
 
 
+def test_a_node_database_file_carries_none_of_its_bookkeeping(tmp_path: Path) -> None:
+    """Migrating a file that is itself a node's database: its rows, not its change log."""
+    from benchsync.storage.db import CHANGES_TABLE
+    from benchsync.storage.migrate import NOT_CARRIED, inspect_legacy
+
+    with LocalDataset(tmp_path / "other", "other") as other:
+        other.db.store_performance_result(
+            {"model_name": "m", "hardware_type": "cpu", "batch_size": 1, "throughput": 1.0})
+        path = other.db_path
+    legacy = inspect_legacy(path)
+    assert CHANGES_TABLE in legacy.tables  # the node logs its writes' changes in the file
+    assert CHANGES_TABLE in NOT_CARRIED and CHANGES_TABLE not in legacy.carried_tables
+
+
 def test_no_backup_no_verify(ds: LocalDataset, lab_a: LegacyContents) -> None:
     result = migrate_file(ds, lab_a.path, backup=False, verify=False)
     assert result.status == "migrated"
