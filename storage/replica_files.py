@@ -28,20 +28,20 @@ from pathlib import Path
 
 from multiformats import CID
 
-from benchsync.storage import dagpb, unixfs
+from benchsync.storage import dagpb
 from benchsync.storage.blockstore import Blockstore, FilePlacement
 from benchsync.storage.cid import RAW
 from benchsync.storage.errors import NotFound, StorageError
 from benchsync.storage.snapshot import (
-    MAX_CHUNK_REUSE,
     PARQUET_SUFFIX,
     BadSnapshot,
     IncompleteSnapshot,
-    SnapshotTooLarge,
     TableLink,
     Version,
+    check_distinct_bytes,
     read_version,
     table_files,
+    verified_getter,
 )
 
 FILES_DIR = "files"  # <dataset>/files/<file-cid>.parquet
@@ -67,22 +67,6 @@ def version_files(store: Blockstore, version: Version) -> dict[str, TableLink]:
 def file_cids(link: TableLink) -> list[CID]:
     """The file CIDs of one table entry, in part order."""
     return [link.cid] if link.parts is None else [cid for _, cid in link.parts]
-
-
-def check_expansion(store: Blockstore, table: str, cid: CID, claimed: int) -> None:
-    """Refuse a file claiming far more bytes than the distinct blocks of its DAG hold
-    (the same bound as a copying install): placing it would write those repeats."""
-    try:
-        distinct = unixfs.distinct_bytes(store.get, cid)
-    except StorageError as e:
-        raise BadSnapshot(f"tables/{table} ({cid}): {e}") from e
-    if claimed > MAX_CHUNK_REUSE * distinct and claimed > 0:
-        raise SnapshotTooLarge(
-            f"tables/{table} (its DAG holds {distinct} distinct bytes; "
-            f"expanded at most {MAX_CHUNK_REUSE} times)",
-            limit=MAX_CHUNK_REUSE * distinct,
-            got=claimed,
-        )
 
 
 class ActiveFiles:
@@ -179,7 +163,7 @@ class ReplicaPlacement:
         version = read_version(self.store, self.root)
         for table, link in version_files(self.store, version).items():
             info = version.manifest.tables[table]
-            check_expansion(self.store, table, link.cid, info.bytes)
+            check_distinct_bytes(verified_getter(self.store), table, link.cid, info.bytes)
         try:
             done = self.files.finish()
         except NotFound as e:

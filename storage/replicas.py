@@ -30,7 +30,6 @@ import re
 import shutil
 import stat
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,14 +37,13 @@ from typing import Any
 from multiformats import CID
 
 from benchsync.storage import dagpb, schema, segments, unixfs
-from benchsync.storage.blockstore import Blockstore, verify_block
+from benchsync.storage.blockstore import Blockstore
 from benchsync.storage.cid import RAW
 from benchsync.storage.errors import NotFound, StorageError
 from benchsync.storage.replica_files import (
     FILES_DIR,
     ActiveFiles,
     ReplicaPlacement,
-    check_expansion,
     drop_refs_into,
     file_cids,
     file_leaves,
@@ -60,9 +58,11 @@ from benchsync.storage.snapshot import (
     SnapshotError,
     Version,
     atomic_write,
+    check_distinct_bytes,
     check_parquet_file,
     fsync_dir,
     missing_blocks,
+    verified_getter,
 )
 from benchsync.storage.sqlnames import TABLE_NAME_RE, check_table_name, ident, literal
 
@@ -275,11 +275,11 @@ class ReplicaStore:
             if self._active.is_complete(path) or path.stat().st_nlink > 1:
                 return path
         info_bytes = unixfs_size(self.blocks, cid)
-        check_expansion(self.blocks, table, cid, info_bytes)
+        check_distinct_bytes(verified_getter(self.blocks), table, cid, info_bytes)
         tmp = files_dir / f".{path.name}.tmp-{os.getpid()}"
         try:
             with open(tmp, "wb") as f:
-                for chunk in unixfs.cat(_verified_get(self.blocks), cid):
+                for chunk in unixfs.cat(verified_getter(self.blocks), cid):
                     f.write(chunk)
                 f.flush()
                 os.fsync(f.fileno())
@@ -485,20 +485,6 @@ def _link(src: Path, dst: Path) -> None:
 
 def _full(e: OSError) -> bool:
     return e.errno in (errno.ENOSPC, errno.EDQUOT)
-
-
-def _verified_get(store: Blockstore) -> Callable[[CID], bytes]:
-    """A block reader that re-verifies every block (disks rot) and names a missing one."""
-
-    def get(cid: CID) -> bytes:
-        try:
-            data = store.get(cid)
-        except NotFound as e:
-            raise IncompleteSnapshot(f"block {cid} is missing from the blockstore") from e
-        verify_block(cid, data)
-        return data
-
-    return get
 
 
 def unixfs_size(store: Blockstore, cid: CID) -> int:

@@ -322,7 +322,7 @@ class Version:
 # --- reading snapshots out of a blockstore -------------------------------------------
 
 
-def _getter(store: Blockstore) -> Callable[[CID], bytes]:
+def verified_getter(store: Blockstore) -> Callable[[CID], bytes]:
     """A block reader that re-verifies every block: disks rot, and a restore must not install it."""
 
     def get(cid: CID) -> bytes:
@@ -347,7 +347,7 @@ def read_version(store: Blockstore, root: CID | str) -> Version:
         root = CID.decode(root) if isinstance(root, str) else root
     except (ValueError, KeyError) as e:
         raise BadSnapshot(f"{str(root)[:100]!r} is not a CID: {e}") from e
-    get = _getter(store)
+    get = verified_getter(store)
     listing = _list_dir(get, root)
     entries = dict((name, cid) for name, cid, _ in listing)
     if len(entries) != len(listing) or set(entries) != {MANIFEST_NAME, TABLES_DIR}:
@@ -479,7 +479,7 @@ def missing_blocks(store: Blockstore, root: CID) -> list[CID]:
 
 def dag_blocks(store: Blockstore, root: CID) -> Iterator[tuple[CID, bytes]]:
     """Every block of the DAG under `root`, parents first; raises IncompleteSnapshot."""
-    return unixfs.walk(_getter(store), root)
+    return unixfs.walk(verified_getter(store), root)
 
 
 def materialize_tables(store: Blockstore, version: Version, dest: Path) -> dict[str, Path]:
@@ -494,7 +494,7 @@ def materialize_tables(store: Blockstore, version: Version, dest: Path) -> dict[
     IncompleteSnapshot, BadSnapshot (SnapshotTooLarge for a bomb), DiskFull or
     SnapshotError.
     """
-    get = _getter(store)
+    get = verified_getter(store)
     links = table_files(get, version)
     created = not dest.exists()
     dest.mkdir(parents=True, exist_ok=True)
@@ -502,7 +502,7 @@ def materialize_tables(store: Blockstore, version: Version, dest: Path) -> dict[
     try:
         for table, link in links.items():
             info = version.manifest.tables[table]
-            _check_distinct_bytes(get, table, link.cid, info.bytes)
+            check_distinct_bytes(get, table, link.cid, info.bytes)
             if link.parts is None:
                 path = dest / f"{check_table_name(table)}{PARQUET_SUFFIX}"
                 files[table] = path
@@ -532,17 +532,17 @@ def materialize_tables(store: Blockstore, version: Version, dest: Path) -> dict[
     return files
 
 
-def _check_distinct_bytes(get: Callable[[CID], bytes], table: str, cid: CID, claimed: int) -> None:
+def check_distinct_bytes(get: Callable[[CID], bytes], table: str, cid: CID, claimed: int) -> None:
     """Refuse a file claiming far more bytes than the distinct blocks of its DAG hold."""
     try:
         distinct = unixfs.distinct_bytes(get, cid)
     except SnapshotError:
         raise
     except StorageError as e:
-        raise BadSnapshot(f"tables/{table}.parquet ({cid}): {e}") from e
+        raise BadSnapshot(f"tables/{table} ({cid}): {e}") from e
     if claimed > MAX_CHUNK_REUSE * distinct and claimed > 0:
         raise SnapshotTooLarge(
-            f"tables/{table}.parquet (its DAG holds {distinct} distinct bytes; "
+            f"tables/{table} (its DAG holds {distinct} distinct bytes; "
             f"expanded at most {MAX_CHUNK_REUSE} times)",
             limit=MAX_CHUNK_REUSE * distinct,
             got=claimed,
