@@ -606,7 +606,7 @@ class FilePlacement:
                 finally:
                     os.close(fd)
         for path in self.files:
-            _fsync_path(path)
+            fsync_path(path)
         return list(self.files)
 
     def _build(self) -> None:
@@ -816,7 +816,8 @@ class _Batch(WriteBatch):
         self.files = set()
 
 
-def _fsync_path(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Make a file's bytes, or a directory's entries, durable (one fsync)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -972,7 +973,7 @@ class FsBlockstore(Blockstore):
             try:
                 # A written file may live on another filesystem than the store's.
                 for name in sorted(files):
-                    _fsync_path(Path(name))
+                    fsync_path(Path(name))
                 self._sync(self._temp(key, name) for key, name in items)
             except OSError as e:
                 self._discard(items)
@@ -1023,7 +1024,7 @@ class FsBlockstore(Blockstore):
                 os.close(fd)
             return
         for path in fallback:
-            _fsync_path(path)
+            fsync_path(path)
 
     def _discard(self, pending: Iterable[tuple[str, str]]) -> None:
         """Delete the temp files of (key, temp name) pairs of a batch that is not committed."""

@@ -66,7 +66,12 @@ from multiformats import CID
 
 import benchsync
 from benchsync.storage import rowdigest, schema, segments, unixfs
-from benchsync.storage.blockstore import Blockstore, BlockWriteError, verify_block
+from benchsync.storage.blockstore import (
+    Blockstore,
+    BlockWriteError,
+    fsync_path,
+    verify_block,
+)
 from benchsync.storage.db import CHANGES_TABLE
 from benchsync.storage.errors import NotFound, StorageError, TooLarge
 from benchsync.storage.sqlnames import UnsafeName, check_table_name, ident, literal
@@ -1427,9 +1432,4 @@ def atomic_write(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+fsync_dir = fsync_path  # a directory's entries durable: the same one fsync

@@ -63,8 +63,12 @@ def p2p(tmp: Path, name: str, ds: LocalDataset) -> P2PNode:
 
 async def fetch_placed(tmp: Path, a: LocalDataset, b: LocalDataset, root: str) -> int:
     """Fetch `root` from `a` into `b` as the syncer does (leaves placed into `b`'s
-    replica files, then finish); returns the block bytes received."""
-    na, nb = p2p(tmp, "pa", a), p2p(tmp, "pb", b)
+    replica files, then finish); returns the block bytes received.
+
+    Each call's hosts get homes of their own: hosts on the homes of a previous call
+    would redial each other's old addresses (peers.json) beside the test's dial."""
+    n = len(list(tmp.glob("pa*")))
+    na, nb = p2p(tmp, f"pa{n}", a), p2p(tmp, f"pb{n}", b)
     place = b.replica_placement(PEER, CID.decode(root))
     assert place is not None
     try:
