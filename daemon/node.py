@@ -46,14 +46,12 @@ from benchsync.daemon.snapshot_policy import SnapshotPolicy
 from benchsync.protocol.heads import Head, encode_head
 from benchsync.storage.dataset import LocalDataset, MaintenanceReport, RestoreError
 from benchsync.storage.db import BenchmarkDB
-from benchsync.storage.errors import NotFound, StorageError
+from benchsync.storage.errors import StorageError
 from benchsync.storage.migrate import MigrationResult, migrate_files
 from benchsync.storage.retention import RetentionPolicy
 from benchsync.storage.snapshot import (
-    BadSnapshot,
     DiskFull,
     Version,
-    missing_blocks,
     read_version,
 )
 
@@ -77,31 +75,6 @@ def head_of(version: Version) -> Head:
         created_at=version.created_at,
         bytes=version.manifest.total_bytes,
     )
-
-
-def pin_dag(dataset: LocalDataset, name: str) -> str:
-    """Pin `name`: a version of ours (CID, prefix, tag) or the root CID of any complete DAG
-    held here (one `get` fetched, say); returns the pinned root.
-
-    `LocalDataset.pin_version` reads a CID that is not in the history as a
-    snapshot and refuses any other DAG (BadSnapshot); such a DAG is pinned here
-    once it is complete. Raises NotFound, RestoreError (incomplete or thinned).
-    """
-    try:
-        return dataset.pin_version(name)
-    except BadSnapshot:
-        try:
-            root = CID.decode(name)
-        except (ValueError, KeyError):
-            raise NotFound(f"{name!r} is neither a version, a tag nor a CID") from None
-        missing = missing_blocks(dataset.blocks, root)
-        if missing:
-            raise RestoreError(
-                f"{root} cannot be kept forever: {len(missing)} block(s) are missing here "
-                f"(fetch it first: `benchsync get {root}`)"
-            ) from None
-        dataset.pin(root)
-        return str(root)
 
 
 def _free_bytes(path: Path) -> int:
@@ -442,7 +415,7 @@ class Node:
         removed. Raises NotFound, BadTag, RestoreError (a thinned version)."""
         ds = self.dataset
         calls = {
-            "pin": lambda: pin_dag(ds, name),
+            "pin": lambda: ds.pin_version(name),
             "unpin": lambda: ds.unpin(name),
             "tag": lambda: ds.tag(name, cid),
             "untag": lambda: ds.untag(name),

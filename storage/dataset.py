@@ -730,7 +730,7 @@ class LocalDataset:
         """The root `name` names (a version or any DAG), checked complete in the blockstore."""
         try:
             root = self.find(name).cid
-        except NotFound:
+        except (NotFound, SnapshotError):  # not a version of ours: any DAG held here
             try:
                 root = str(CID.decode(name))
             except (ValueError, KeyError) as e:

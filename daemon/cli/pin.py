@@ -78,9 +78,7 @@ def run_pin(args: argparse.Namespace) -> int:
         with open_dataset(args) as ds:
             try:
                 if action == "add":
-                    from benchsync.daemon.node import pin_dag
-
-                    doc = {"pinned": pin_dag(ds, args.cid)}
+                    doc = {"pinned": ds.pin_version(args.cid)}
                 else:
                     doc = {"unpinned": ds.unpin(args.cid)}
             except StorageError as e:  # NotFound, a thinned or incomplete DAG
