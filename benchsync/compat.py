@@ -36,6 +36,7 @@ from typing import Any
 from multiformats import CID
 
 from benchsync.storage import unixfs
+from benchsync.storage.cid import parse_cid_text
 from benchsync.storage.dataset import LocalDataset, sidecar_path
 from benchsync.storage.db import BenchmarkDB
 from benchsync.storage.errors import StorageError
@@ -329,7 +330,7 @@ class IPFSDBBackend:
     def retrieve_result_from_ipfs(self, cid: str) -> dict[str, Any] | None:
         """The result stored under `cid`, or None (unknown CID, not a stored result)."""
         try:
-            data = b"".join(unixfs.cat(self.dataset.blocks.get, CID.decode(cid)))
+            data = b"".join(unixfs.cat(self.dataset.blocks.get, parse_cid_text(cid)))
             if len(data) > MAX_RESULT_BYTES:
                 return None
             doc = json.loads(data)

@@ -26,6 +26,7 @@ from benchsync.daemon.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from benchsync.daemon.network import GetFailed, GetResult
 from benchsync.daemon.staging import StagingRoutes
 from benchsync.protocol.planner import PlanError
+from benchsync.storage.cid import InvalidCID
 from benchsync.storage.errors import InvalidRecord, NotFound, StorageError
 from benchsync.storage.retention import BadTag
 from benchsync.storage.sandbox import QueryError
@@ -59,6 +60,7 @@ ERRORS: tuple[tuple[type[Exception], Failure], ...] = (
         507, "disk_full",
         "free disk space (e.g. `benchsync gc`); the database and history are unchanged",
     )),  # fmt: skip
+    (InvalidCID, Failure(400, "bad_cid", "give a CIDv0 (Qm...) or CIDv1 (bafy...)")),
     (NotFound, Failure(404, "not_found", "list versions with `benchsync log`")),
     (BadTag, Failure(400, "bad_tag", "choose another name")),
     (QueryError, Failure(400, None, "only single read-only SELECTs run")),  # refused, SQL, limits

@@ -44,6 +44,7 @@ from benchsync.daemon.query import QueryService
 from benchsync.daemon.sdnotify import Notifier, run_watchdog
 from benchsync.daemon.snapshot_policy import SnapshotPolicy
 from benchsync.protocol.heads import Head, encode_head
+from benchsync.storage.cid import InvalidCID, parse_cid_text
 from benchsync.storage.dataset import LocalDataset, MaintenanceReport, RestoreError
 from benchsync.storage.db import BenchmarkDB
 from benchsync.storage.errors import StorageError
@@ -326,8 +327,8 @@ class Node:
                 return CID.decode(self.dataset.find(name).cid)
             except StorageError:  # not in the history, or its root block is missing
                 try:
-                    return CID.decode(name)
-                except (ValueError, KeyError):
+                    return parse_cid_text(name)
+                except InvalidCID:
                     return None  # neither: dataset.restore says NotFound
 
         root = await trio.to_thread.run_sync(resolve)
@@ -349,7 +350,7 @@ class Node:
         multiaddrs) are dialed and asked first. Kept from GC for GET_KEEP seconds
         (pin it to keep it for good). Raises ValueError (not a CID), HostConfigError (a
         bad address), GetFailed, StorageError."""
-        root = CID.decode(cid)
+        root = parse_cid_text(cid)
         key = str(root)
         self._got[key] = time.monotonic()  # before fetching: a partial DAG is kept too
         state = self.gets.setdefault(key, {"cid": key, "blocks": 0, "bytes": 0, "callers": 0})

@@ -182,6 +182,17 @@ def cid_text(cid: CID) -> str:
     return str(cid)
 
 
+def parse_cid_text(text: str) -> CID:
+    """The CID `text` spells (any base and version multiformats reads); InvalidCID for
+    anything else. multiformats raises ValueError, KeyError or IndexError (for "m")
+    on malformed text: callers catch one error instead of guessing.
+    """
+    try:
+        return CID.decode(text)
+    except (ValueError, KeyError, IndexError, TypeError) as e:
+        raise InvalidCID(f"{text[:80]!r} is not a CID ({e or type(e).__name__})") from None
+
+
 def cid_from_text(text: str) -> CID | None:
     """The CID spelled by `text` if it is the canonical text of a sha2-256 raw or
     dag-pb CIDv1 (then equal to `CID.decode(text)`); None for anything else, which

@@ -52,6 +52,7 @@ from multiformats import CID
 
 from benchsync.storage import car, distquery, retention, rowdigest, segments, unixfs
 from benchsync.storage.blockstore import TEMP_GRACE, FsBlockstore, block_key
+from benchsync.storage.cid import parse_cid_text
 from benchsync.storage.db import CHANGES_TABLE, DB_FILENAME, BenchmarkDB, DatabaseClosed
 from benchsync.storage.errors import NotFound, StorageError
 from benchsync.storage.homelock import HomeLock
@@ -732,7 +733,7 @@ class LocalDataset:
             root = self.find(name).cid
         except (NotFound, SnapshotError):  # not a version of ours: any DAG held here
             try:
-                root = str(CID.decode(name))
+                root = str(parse_cid_text(name))
             except (ValueError, KeyError) as e:
                 raise NotFound(f"{name!r} is neither a version, a tag nor a CID") from e
         missing = missing_blocks(self.blocks, CID.decode(root))

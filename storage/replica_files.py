@@ -30,7 +30,7 @@ from multiformats import CID
 
 from benchsync.storage import dagpb
 from benchsync.storage.blockstore import Blockstore, FilePlacement
-from benchsync.storage.cid import RAW
+from benchsync.storage.cid import RAW, parse_cid_text
 from benchsync.storage.errors import NotFound, StorageError
 from benchsync.storage.snapshot import (
     PARQUET_SUFFIX,
@@ -204,7 +204,7 @@ def drop_refs_into(store: Blockstore, path: Path) -> int:
     """Delete the reference blocks pointing into `path` (a content-addressed file about to
     be removed): found from the file's own DAG, its name being its CID. Returns how many."""
     try:
-        cid = CID.decode(path.name.removesuffix(PARQUET_SUFFIX))
+        cid = parse_cid_text(path.name.removesuffix(PARQUET_SUFFIX))
     except (ValueError, KeyError):
         return 0
     target = Path(os.path.abspath(path))

@@ -203,6 +203,10 @@ class QuerySandbox:
         QueryTimeout, ResultTooLarge (all QueryError, with `.kind`), or
         QueryError(kind="internal"). The sandbox keeps serving after any of them.
         """
+        if not (params is None or isinstance(params, list | tuple)
+                or (isinstance(params, dict) and all(isinstance(k, str) for k in params))):
+            raise InvalidSQL("query parameters must be a list of values (or an object of "
+                             f"named values), not {type(params).__name__}")  # fmt: skip
         with self._lock:
             gate(self._conn, sql)
             return self._run(sql, params, limits.timeout_s, limits.max_rows, limits.max_bytes)

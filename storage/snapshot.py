@@ -72,6 +72,7 @@ from benchsync.storage.blockstore import (
     fsync_path,
     verify_block,
 )
+from benchsync.storage.cid import parse_cid_text
 from benchsync.storage.db import CHANGES_TABLE
 from benchsync.storage.errors import NotFound, StorageError, TooLarge
 from benchsync.storage.sqlnames import UnsafeName, check_table_name, ident, literal
@@ -349,7 +350,7 @@ def read_version(store: Blockstore, root: CID | str) -> Version:
     unlisted table file, a size beyond the limits).
     """
     try:
-        root = CID.decode(root) if isinstance(root, str) else root
+        root = parse_cid_text(root) if isinstance(root, str) else root
     except (ValueError, KeyError) as e:
         raise BadSnapshot(f"{str(root)[:100]!r} is not a CID: {e}") from e
     get = verified_getter(store)
@@ -1402,7 +1403,7 @@ class SnapshotStore:
         if len(matches) > 1:
             raise NotFound(f"{cid!r} is the prefix of {len(matches)} versions; give more of it")
         try:
-            root = CID.decode(cid)
+            root = parse_cid_text(cid)
         except (ValueError, KeyError) as e:
             raise NotFound(f"no version {cid!r} in the history or the blockstore") from e
         return read_version(self.blocks, root)

@@ -145,6 +145,12 @@ async def test_bad_requests_get_one_error_shape(tmp_path: Path) -> None:
             ("POST", "/v1/query", {"sql": "SELECT 1", "scope": "network", "peers": {"a": 1}},
              400, "bad_request"),
             ("POST", "/v1/restore", {"cid": "bafynothing"}, 404, "not_found"),
+            # Found by the control API fuzz: text multiformats fails on with IndexError
+            # ("m") was a 500; so were parameters that are not a list (a worker crash).
+            ("POST", "/v1/restore", {"cid": "m"}, 404, "not_found"),
+            ("POST", "/v1/pins", {"cid": "m", "action": "add"}, 404, "not_found"),
+            ("POST", "/v1/get", {"cid": "m"}, 400, "bad_cid"),
+            ("POST", "/v1/query", {"sql": "SELECT 1", "params": 5}, 400, "invalid_sql"),
         ]  # fmt: skip
         for method, path, body, status, code in cases:
             with pytest.raises(ControlAPIError) as info:

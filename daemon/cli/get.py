@@ -46,7 +46,7 @@ from benchsync.daemon.cli.common import (
 from benchsync.daemon.cli.progress import Progress
 from benchsync.storage import dagpb, unixfs
 from benchsync.storage.blockstore import BlockNotFound, FsBlockstore
-from benchsync.storage.cid import DAG_PB, RAW
+from benchsync.storage.cid import DAG_PB, RAW, parse_cid_text
 from benchsync.storage.errors import StorageError
 
 POLL_INTERVAL = 0.2  # seconds between progress polls of the node
@@ -84,7 +84,7 @@ def home_blockstore(home: Path) -> FsBlockstore:
 
 def run_get(args: argparse.Namespace) -> int:
     try:
-        root = CID.decode(args.cid)
+        root = parse_cid_text(args.cid)
     except (ValueError, KeyError) as e:
         raise CLIError(f"{args.cid!r} is not a CID ({e})",
                        "give a CIDv0 (Qm...) or a CIDv1 (bafy...)") from None  # fmt: skip
