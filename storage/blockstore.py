@@ -646,19 +646,29 @@ class FilePlacement:
         if dest is None:
             return
         self.files[dest] = cid
-        if not self._leaves(cid, dest, 0, size):
+        if not self._leaves(cid, dest, 0, size, set()):
             # Not a layout we can place: the file is not ours to complete.
             del self.files[dest]
             for spots in self._spots.values():
                 spots[:] = [s for s in spots if s[0] != dest]
 
-    def _leaves(self, cid: CID, dest: Path, offset: int, size: int | None) -> bool:
-        """Note where the leaves under `cid` go; False if the layout cannot be placed."""
+    def _leaves(
+        self, cid: CID, dest: Path, offset: int, size: int | None, seen: set[CID]
+    ) -> bool:
+        """Note where the leaves under `cid` go; False if the layout cannot be placed.
+
+        An inner node met twice in one file is not placed: a DAG that reuses its
+        subtrees (a diamond of n nodes spells 2^n leaves) would make this walk, and
+        the map, exponential. Such a file is written from the DAG instead, under the
+        declared-size and chunk-reuse bounds of a copying install."""
         if cid.codec.code == RAW:
             if size is None:
                 return False
             self._spots.setdefault(cid, []).append((dest, offset, size))
             return True
+        if cid in seen:
+            return False
+        seen.add(cid)
         node = self._node(cid)
         if node is None:
             return True  # not here yet: placed once it arrives
@@ -668,7 +678,7 @@ class FilePlacement:
         if fs.data:
             return False  # inline bytes ahead of the children (not ours, nor Kubo's raw leaves)
         for link, blocksize in zip(links, fs.blocksizes, strict=True):
-            if not self._leaves(link.cid, dest, offset, blocksize):
+            if not self._leaves(link.cid, dest, offset, blocksize, seen):
                 return False
             offset += blocksize
         return True
