@@ -260,14 +260,6 @@ def child(argv: list[str]) -> int:
 # --- the driver --------------------------------------------------------------------------------
 
 
-def records(rng: random.Random, start: int, n: int) -> list[dict[str, Any]]:
-    hardware = ["cpu", "cuda"]
-    return [{"model_name": f"model-{(start + i) % 50}", "hardware_type": rng.choice(hardware),
-             "device_name": f"dev-{i % 4}", "batch_size": 1 + i % 32,
-             "throughput": rng.uniform(1, 5000), "latency_avg": rng.uniform(0.1, 50),
-             "memory_peak": rng.uniform(100, 40000)} for i in range(n)]  # fmt: skip
-
-
 COLUMNS = [
     ("t", "t(s)", 1, "{:6.0f}"), ("VmRSS", "RSS", MiB, "{:5.0f}"),
     ("RssAnon", "anon", MiB, "{:5.0f}"),
@@ -420,6 +412,9 @@ BEFORE = "before:ARROW_DEFAULT_MEMORY_POOL=mimalloc,MALLOC_ARENA_MAX=16"  # 16: 
 
 def drive(runs: list[Run], args: argparse.Namespace) -> None:
     """The same writes to every node (one random stream each, one seed) until the end."""
+    # The soak's writes (imported here: the node's own process loads this module too).
+    from bench_soak import records
+
     rngs = [random.Random(7) for _ in runs]
     clients = [run.client() for run in runs]
     start = time.monotonic()
