@@ -55,6 +55,7 @@ from benchsync.storage.snapshot import (
     BadSnapshot,
     DiskFull,
     IncompleteSnapshot,
+    ParquetCheck,
     SnapshotError,
     Version,
     atomic_write,
@@ -68,6 +69,8 @@ from benchsync.storage.sqlnames import TABLE_NAME_RE, check_table_name, ident, l
 
 CURRENT_FILENAME = "CURRENT.json"
 SEEN_FILENAME = "SEEN.json"  # when the dataset's owner or head was last seen in the lab
+# file CID -> its Parquet check (`ParquetCheck`): an unchanged segment is not decoded again
+CHECKS_FILENAME = "CHECKS.json"
 DROPPED_PREFIX = ".dropped-"  # a dataset folder being removed (a crash leaves it: removed later)
 # (file type, table type) pairs whose values load exactly: a version or replica written
 # before a migration widened a column (schema 3: FLOAT -> DOUBLE) still loads and reads.
@@ -152,6 +155,16 @@ def check_parquet_schema(
             )
 
 
+def _load_checks(path: Path) -> dict[str, ParquetCheck]:
+    """The dataset's remembered Parquet checks by file CID; none if absent or damaged
+    (a cache: what it lacks is checked again)."""
+    try:
+        doc = json.loads(path.read_bytes())
+        return {str(cid): ParquetCheck.from_json(c) for cid, c in doc.items()}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
 def _installed_tables(folder: Path) -> dict[str, Path]:
     tables: dict[str, Path] = {}
     with contextlib.suppress(FileNotFoundError):
@@ -214,6 +227,8 @@ class ReplicaStore:
         staging = folder / f".{version.cid}.staging"
         shutil.rmtree(staging, ignore_errors=True)
         live: dict[Path, CID] = {}
+        known = _load_checks(folder / CHECKS_FILENAME)
+        checks: dict[str, ParquetCheck] = {}
         try:
             staging.mkdir()
             for table, link in links.items():
@@ -234,7 +249,11 @@ class ReplicaStore:
                     for (name, _), path in zip(link.parts, paths, strict=True):
                         _link(path, out / name)
                     fsync_dir(out)
-                check_parquet_file(out, table, info)  # rows, expansion: read once
+                by_path = ({out: str(link.cid)} if link.parts is None
+                           else {out / name: str(cid) for name, cid in link.parts})  # fmt: skip
+                earlier = {p: known[c] for p, c in by_path.items() if c in known}
+                found = check_parquet_file(out, table, info, earlier.get)
+                checks.update((by_path[p], c) for p, c in found.items())
                 check_parquet_schema(conn, table, out)
             fsync_dir(staging)
             shutil.rmtree(dest, ignore_errors=True)
@@ -263,6 +282,10 @@ class ReplicaStore:
             tables=_installed_tables(dest),
         )
         atomic_write(folder / CURRENT_FILENAME, json.dumps(replica.to_json()).encode())
+        atomic_write(  # the installed version's files only: a swept file's check goes too
+            folder / CHECKS_FILENAME,
+            json.dumps({cid: c.to_json() for cid, c in checks.items()}).encode(),
+        )
         self._remove_other_versions(folder, version.cid)
         self._sweep(files_dir, set(live))
         return replica

@@ -595,16 +595,43 @@ def _write_file(
     return written
 
 
-def check_parquet_file(path: Path, table: str, info: TableInfo) -> None:
-    """Check a table file before anything loads its rows into DuckDB.
+@dataclass(frozen=True)
+class ParquetCheck:
+    """What checking one Parquet file found: a function of its bytes alone, so a caller
+    that knows the file's CID may remember it (a replica's unchanged segments)."""
+
+    rows: int
+    stated: int  # uncompressed bytes its metadata states
+    decoded: int  # bytes its data decodes to, every dictionary value spelled out
+
+    def to_json(self) -> list[int]:
+        return [self.rows, self.stated, self.decoded]
+
+    @classmethod
+    def from_json(cls, doc: object) -> ParquetCheck:
+        if not (isinstance(doc, list) and len(doc) == 3
+                and all(type(v) is int and v >= 0 for v in doc)):  # fmt: skip
+            raise ValueError(f"not a Parquet check: {doc!r}")
+        return cls(*doc)
+
+
+def check_parquet_file(
+    path: Path,
+    table: str,
+    info: TableInfo,
+    known: Callable[[Path], ParquetCheck | None] = lambda _: None,
+) -> dict[Path, ParquetCheck]:
+    """Check a table file before anything loads its rows into DuckDB; returns each
+    Parquet file's check.
 
     The row count must equal the manifest's, and the decoded size stay under
     MAX_TABLE_UNCOMPRESSED_BYTES and MAX_PARQUET_EXPANSION times the file (above
     PARQUET_EXPANSION_FLOOR). The metadata's uncompressed sizes are checked
     first; then the data is decoded one row group at a time, dictionaries kept
     as dictionaries, because one dictionary value repeated on every row decodes
-    to far more than any size the metadata states. Raises BadSnapshot
-    (SnapshotTooLarge for a bomb).
+    to far more than any size the metadata states. A file `known` returns a
+    check for is neither read nor decoded again (its bytes were checked
+    before). Raises BadSnapshot (SnapshotTooLarge for a bomb).
     """
     limit = min(
         MAX_TABLE_UNCOMPRESSED_BYTES,
@@ -614,25 +641,32 @@ def check_parquet_file(path: Path, table: str, info: TableInfo) -> None:
     where = f"tables/{table}{'/' if path.is_dir() else PARQUET_SUFFIX}"
     what = f"{where} decoded ({info.bytes} bytes on disk)"
     try:
-        metas = [pq.ParquetFile(p).metadata for p in files]
-        rows = sum(meta.num_rows for meta in metas)
+        checks = {p: c for p in files if (c := known(p)) is not None}
+        metas = {p: pq.ParquetFile(p).metadata for p in files if p not in checks}
+        stated_of = {
+            p: sum(
+                meta.row_group(g).column(c).total_uncompressed_size
+                for g in range(meta.num_row_groups)
+                for c in range(meta.num_columns)
+            )
+            for p, meta in metas.items()
+        }
+        rows = sum(c.rows for c in checks.values()) + sum(m.num_rows for m in metas.values())
         if rows != info.rows:
             raise BadSnapshot(f"{where} holds {rows} rows, the manifest claims {info.rows}")
-        stated = sum(
-            meta.row_group(g).column(c).total_uncompressed_size
-            for meta in metas
-            for g in range(meta.num_row_groups)
-            for c in range(meta.num_columns)
-        )
+        stated = sum(c.stated for c in checks.values()) + sum(stated_of.values())
         if stated > limit:
             raise SnapshotTooLarge(what, limit=limit, got=stated)
-        decoded = 0
-        for p, meta in zip(files, metas, strict=True):
+        decoded = sum(c.decoded for c in checks.values())
+        for p, meta in metas.items():
+            before = decoded
             decoded = _check_decoded(p, meta, limit, decoded, what)
+            checks[p] = ParquetCheck(meta.num_rows, stated_of[p], decoded - before)
     except SnapshotError:
         raise
     except (pa.ArrowException, OSError, ValueError) as e:
         raise BadSnapshot(f"{where} is not readable Parquet: {e}") from e
+    return checks
 
 
 def _check_decoded(path: Path, meta: Any, limit: int, decoded: int, what: str) -> int:

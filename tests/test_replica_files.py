@@ -8,6 +8,7 @@ child process killed with SIGKILL inside an install.
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -168,6 +169,55 @@ def test_an_install_without_placement_writes_each_file_once_and_shares_it(
         got = b.query("SELECT count(*) AS n FROM performance_results", scope="replicas")
         assert got.to_pylist() == [{"n": 2020}]
         assert b.blocks.verify() == []
+
+
+def test_a_new_version_decodes_only_its_new_segment_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The install's Parquet check (rows, decoded size) is remembered by file CID in
+    CHECKS.json: the next version decodes only the files it does not share."""
+    from benchsync.storage import replicas, snapshot
+
+    use_bits(monkeypatch, 8)
+    decoded: list[int] = []  # inodes of the files decoded
+    real = snapshot._check_decoded
+
+    def spy(path: Path, *args: Any) -> int:
+        decoded.append(path.stat().st_ino)
+        return real(path, *args)
+
+    monkeypatch.setattr(snapshot, "_check_decoded", spy)
+    with LocalDataset(tmp_path / "a", PEER) as a, LocalDataset(tmp_path / "b", "peerb") as b:
+        a.db.ingest_records("perf", perf(0, 3000))
+        v1 = a.snapshot().version
+        a.db.ingest_records("perf", perf(3000, 30))
+        v2 = a.snapshot().version
+        a.db.ingest_records("perf", perf(3030, 30))
+        v3 = a.snapshot().version
+        files = tmp_path / "b" / "replicas" / PEER / FILES_DIR
+        import_version(a, b, tmp_path, v1.cid)
+        b.install_replica(v1.cid)
+        assert sorted(decoded) == sorted(p.stat().st_ino for p in files.iterdir())
+        checks = tmp_path / "b" / "replicas" / PEER / replicas.CHECKS_FILENAME
+        assert set(json.loads(checks.read_text())) == {str(c) for c in table_cids(b, v1).values()}
+
+        decoded.clear()
+        before = set(table_cids(b, v1))
+        import_version(a, b, tmp_path, v2.cid)
+        b.install_replica(v2.cid)
+        new = set(table_cids(b, v2)) - before
+        assert new and len(new) < len(before)
+        assert sorted(decoded) == sorted((files / n).stat().st_ino for n in new)
+        assert set(json.loads(checks.read_text())) == {str(c) for c in table_cids(b, v2).values()}
+
+        # A damaged record is a cache miss, not an error: everything is decoded again.
+        checks.write_text("{not json")
+        decoded.clear()
+        import_version(a, b, tmp_path, v3.cid)
+        b.install_replica(v3.cid)
+        assert sorted(decoded) == sorted(p.stat().st_ino for p in files.iterdir())
+        got = b.query("SELECT count(*) AS n FROM performance_results", scope="replicas")
+        assert got.to_pylist() == [{"n": 3060}]
 
 
 CRASH_CHILD = """
