@@ -271,6 +271,7 @@ def walk(
     limit: int | None = None,
     order: WalkOrder = DEPTH_FIRST,
     malformed_as_leaf: bool = False,
+    read_leaves: bool = True,
 ) -> Iterator[tuple[CID, bytes]]:
     """Every block of the DAGs under `roots` once, as (CID, bytes).
 
@@ -285,7 +286,10 @@ def walk(
     held) and its subtree is skipped; the walk ends once `limit` blocks are
     missing. Raises DagPbError for a malformed node, unless
     `malformed_as_leaf`: then its bytes are yielded and it links nowhere.
+    With `has` and not `read_leaves`, a held raw leaf is neither read nor
+    yielded: it links nowhere, so only its presence matters (`frontier`).
     """
+    assert read_leaves or has is not None, "without `has` a leaf's presence is its read"
     seen: set[CID] = set()
     queue = deque(roots)
     take = queue.popleft if order == BREADTH_FIRST else queue.pop
@@ -306,6 +310,8 @@ def walk(
             if limit is not None and lacking >= limit:
                 return
             continue
+        if not read_leaves and cid.codec.code == RAW:
+            continue  # held (`has` said so), and a raw block has no links to follow
         data = get(cid)
         yield cid, data
         try:
@@ -327,9 +333,13 @@ def frontier(
 ) -> list[CID]:
     """The blocks under `root` that `has` lacks and whose parents it holds, in walk
     order (`walk`'s `order`), at most `limit` of them. Empty: the DAG is whole.
+    Held raw leaves are not read: the walk of a 100 MiB file costs its inner
+    nodes, not a second read and hash of every leaf.
     Raises DagPbError for a malformed held node, and whatever `get` raises."""
     missing: list[CID] = []
-    for _ in walk(get, root, has=has, missing=missing, limit=limit, order=order):
+    for _ in walk(
+        get, root, has=has, missing=missing, limit=limit, order=order, read_leaves=False
+    ):
         pass
     return missing
 

@@ -589,3 +589,28 @@ def test_parquet_decompression_bomb_is_refused(
         dataset=PEER if op == "install" else OWN,
     )
     _assert_refused_cleanly(run_bomb(ds, tmp_path, op, root))
+
+
+@pytest.mark.parametrize("op", ["install", "restore"])
+def test_a_text_bomb_behind_a_fixed_width_twin_is_refused(
+    ds: LocalDataset, tmp_path: Path, op: str
+) -> None:
+    """The decode check skips fixed-width columns (their size is rows x width): a file
+    naming a 256 MiB text column like an int column must not slip through."""
+    import pyarrow as pa
+
+    path = tmp_path / "twins.parquet"
+    text = pa.array(["x" * 1048576] * 256).dictionary_encode()
+    pq.write_table(
+        pa.Table.from_arrays([pa.array(range(256)), text], names=["note", "note"]),
+        path,
+        compression="zstd",
+    )
+    data = path.read_bytes()
+    assert len(data) < 1024 * 1024
+    root = hostile_snapshot(
+        ds.blocks, [("notes.parquet", data)], tmp_path, dataset=PEER if op == "install" else OWN
+    )
+    result = run_bomb(ds, tmp_path, op, root)
+    _assert_refused_cleanly(result, "BadSnapshot")
+    assert "two columns of one name" in result["message"], result

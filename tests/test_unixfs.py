@@ -316,6 +316,25 @@ def test_walk_stops_at_the_frontier_of_what_is_held() -> None:
     assert leaf_parent not in walked and set(walked) < held
 
 
+def test_frontier_reads_inner_nodes_only() -> None:
+    """Whether a DAG is whole is a question for its inner nodes: a held raw leaf links
+    nowhere, so the fetch's and the install's completeness walks never read one (they
+    read and hashed every byte of a replica twice more)."""
+    store = MemoryBlockstore()
+    root, _, _ = unixfs.add_bytes(os.urandom(40), store.put, chunk_size=4, max_links=3)
+    read: list[CID] = []
+
+    def get(cid: CID) -> bytes:
+        read.append(cid)
+        return store.get(cid)
+
+    assert unixfs.frontier(get, store.has, root) == []
+    assert read and all(c.codec.code == DAG_PB for c in read)
+    leaves = [c for c, _ in unixfs.walk(store.get, root) if c.codec.code != DAG_PB]
+    store.delete(leaves[3])
+    assert unixfs.frontier(get, store.has, root) == [leaves[3]]
+
+
 def _levels(get: unixfs.GetBlock, root: CID) -> list[list[CID]]:
     """The DAG's blocks level by level, read with the dag-pb decoder alone."""
     levels, level = [], [root]
