@@ -98,6 +98,7 @@ MAX_TABLE_UNCOMPRESSED_BYTES = 64 * 1024**3  # bytes
 # that decodes to more than this (once above the floor) is a decompression bomb.
 MAX_PARQUET_EXPANSION = 200  # uncompressed bytes per file byte
 PARQUET_EXPANSION_FLOOR = 64 * 1024 * 1024  # bytes; small files may compress as they like
+CHECK_MEMORY_LIMIT = "256MB"  # DuckDB's memory while measuring a received file's text columns
 # Identical 256 KiB chunks may share one leaf, but zstd Parquet all but never repeats
 # one; a file claiming more than this many times the distinct bytes its DAG holds
 # is a DAG bomb (a diamond of links to one leaf), however its claims add up.
@@ -658,10 +659,13 @@ def check_parquet_file(
         if stated > limit:
             raise SnapshotTooLarge(what, limit=limit, got=stated)
         decoded = sum(c.decoded for c in checks.values())
-        for p, meta in metas.items():
-            before = decoded
-            decoded = _check_decoded(p, meta, limit, decoded, what)
-            checks[p] = ParquetCheck(meta.num_rows, stated_of[p], decoded - before)
+        if metas:
+            # One connection for the files (opening one costs ~30 ms).
+            with duckdb.connect(config={"memory_limit": CHECK_MEMORY_LIMIT}) as conn:
+                for p, meta in metas.items():
+                    before = decoded
+                    decoded = _check_decoded(conn, p, meta, limit, decoded, what)
+                    checks[p] = ParquetCheck(meta.num_rows, stated_of[p], decoded - before)
     except SnapshotError:
         raise
     except (pa.ArrowException, OSError, ValueError) as e:
@@ -669,45 +673,71 @@ def check_parquet_file(
     return checks
 
 
-def _check_decoded(path: Path, meta: Any, limit: int, decoded: int, what: str) -> int:
-    """Decode `path` a row group at a time; the running decoded total, refused past `limit`.
+def _check_decoded(
+    conn: duckdb.DuckDBPyConnection, path: Path, meta: Any, limit: int, decoded: int, what: str
+) -> int:
+    """The running decoded total with `path`'s rows added, refused past `limit`.
 
-    Only variable-width columns (text, binary, nested) are decoded: a fixed-width
-    column decodes to its rows times its width whatever its pages hold (a reader
-    takes the row count from the metadata), so that is counted without reading
-    it; decoding every column was most of a replica install's time.
+    A fixed-width column decodes to its rows times its width whatever its
+    pages hold (a reader takes the row count from the metadata), so that is
+    counted without reading it. A text or binary column is measured by one
+    DuckDB scan summing its values' lengths, a dictionary value counted on
+    every row that uses it (DuckDB's strings point into the dictionary: the
+    scan never spells a bomb out; `conn` runs under CHECK_MEMORY_LIMIT), plus its
+    offsets. Any other column (nested) is decoded a row group at a time by
+    pyarrow, dictionaries kept as dictionaries. Decoding every column with
+    pyarrow was most of a replica install's time (bench/bench_replica.py).
     """
     schema_arrow = meta.schema.to_arrow_schema()
     if len(set(schema_arrow.names)) != len(schema_arrow.names):
         # Columns are chosen by name below: a twin could hide a bomb behind an int.
         raise BadSnapshot(f"{what}: the file has two columns of one name")
-    fixed: dict[str, int] = {}  # column -> bits per row
+    width = 0  # bits per row of the fixed-width columns
+    text: list[tuple[str, bool]] = []  # (column, whether it is a string: else binary)
+    nested: list[str] = []
     for f in schema_arrow:
-        with contextlib.suppress(ValueError):  # no fixed width: decoded below
-            fixed[f.name] = f.type.bit_width
-    text = [
-        f.name
-        for f in schema_arrow
-        if pa.types.is_string(f.type)
-        or pa.types.is_binary(f.type)
-        or pa.types.is_large_string(f.type)
-        or pa.types.is_large_binary(f.type)
-    ]
-    variable = [f.name for f in schema_arrow if f.name not in fixed]
-    width = sum(fixed.values())
-    # One row group in memory at a time, dictionaries kept as dictionaries.
-    pf = pq.ParquetFile(path, read_dictionary=text)
-    for g in range(meta.num_row_groups):
-        decoded += (meta.row_group(g).num_rows * width + 7) // 8
+        if _is_text(f.type):
+            text.append((f.name, pa.types.is_string(f.type) or pa.types.is_large_string(f.type)))
+            continue
+        try:
+            width += f.type.bit_width
+        except ValueError:  # no fixed width
+            nested.append(f.name)
+    decoded += (meta.num_rows * (width + 32 * len(text)) + 7) // 8  # values and text offsets
+    if decoded > limit:
+        raise SnapshotTooLarge(what, limit=limit, got=decoded)
+    if text:
+        lengths = ", ".join(
+            f"coalesce(sum({'strlen' if kind else 'octet_length'}({ident(c)})), 0)"
+            for c, kind in text
+        )
+        try:
+            # sql: the path through literal(), every column through ident().
+            row = conn.execute(f"SELECT {lengths} FROM read_parquet({literal(path)})").fetchone()
+        except duckdb.OutOfMemoryException as e:
+            raise SnapshotTooLarge(what, limit=limit, got=limit + 1) from e
+        except duckdb.Error as e:
+            raise BadSnapshot(f"{what}: not readable Parquet: {e}") from e
+        decoded += sum(int(n) for n in row or ())
         if decoded > limit:
             raise SnapshotTooLarge(what, limit=limit, got=decoded)
-        if not variable:
-            continue
-        for column in pf.read_row_group(g, columns=variable).columns:
-            decoded += sum(_decoded_bytes(chunk) for chunk in column.chunks)
-            if decoded > limit:
-                raise SnapshotTooLarge(what, limit=limit, got=decoded)
+    if nested:
+        pf = pq.ParquetFile(path, read_dictionary=[c for c, _ in text])
+        for g in range(meta.num_row_groups):
+            for column in pf.read_row_group(g, columns=nested).columns:
+                decoded += sum(_decoded_bytes(chunk) for chunk in column.chunks)
+                if decoded > limit:
+                    raise SnapshotTooLarge(what, limit=limit, got=decoded)
     return decoded
+
+
+def _is_text(t: pa.DataType) -> bool:
+    return (
+        pa.types.is_string(t)
+        or pa.types.is_binary(t)
+        or pa.types.is_large_string(t)
+        or pa.types.is_large_binary(t)
+    )
 
 
 def _decoded_bytes(array: pa.Array) -> int:

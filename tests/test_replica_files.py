@@ -182,9 +182,9 @@ def test_a_new_version_decodes_only_its_new_segment_files(
     decoded: list[int] = []  # inodes of the files decoded
     real = snapshot._check_decoded
 
-    def spy(path: Path, *args: Any) -> int:
+    def spy(conn: Any, path: Path, *args: Any) -> int:
         decoded.append(path.stat().st_ino)
-        return real(path, *args)
+        return real(conn, path, *args)
 
     monkeypatch.setattr(snapshot, "_check_decoded", spy)
     with LocalDataset(tmp_path / "a", PEER) as a, LocalDataset(tmp_path / "b", "peerb") as b:

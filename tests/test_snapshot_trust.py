@@ -614,3 +614,42 @@ def test_a_text_bomb_behind_a_fixed_width_twin_is_refused(
     result = run_bomb(ds, tmp_path, op, root)
     _assert_refused_cleanly(result, "BadSnapshot")
     assert "two columns of one name" in result["message"], result
+
+
+def _measure(table: Any, tmp: Path, **write: Any) -> Any:
+    """check_parquet_file of `table` written as one file: (ParquetCheck, or the error)."""
+    from benchsync.storage.snapshot import TableInfo, check_parquet_file
+
+    path = tmp / f"measured-{os.urandom(4).hex()}.parquet"
+    pq.write_table(table, path, compression="zstd", **write)
+    info = TableInfo(rows=table.num_rows, bytes=path.stat().st_size, cid="unused")
+    try:
+        return check_parquet_file(path, "notes", info)[path]
+    except SnapshotTooLarge as e:
+        return e
+
+
+@pytest.mark.parametrize("kind", ["string", "binary", "nested"])
+def test_every_column_kind_is_measured_as_decoded(tmp_path: Path, kind: str) -> None:
+    """Text and binary columns are measured by a DuckDB scan, nested ones by pyarrow, fixed-
+    width ones from the row count: a 256 MiB dictionary bomb of each kind is refused, and an
+    honest file measures about what pyarrow decodes it to."""
+    import pyarrow as pa
+
+    value: Any = {"string": "x" * 1048576, "binary": b"x" * 1048576,
+                  "nested": ["x" * 1048576]}[kind]  # fmt: skip
+    bomb = pa.table({"n": pa.array(range(256)), "note": pa.array([value] * 256)})
+    assert isinstance(_measure(bomb, tmp_path, use_dictionary=True), SnapshotTooLarge)
+
+    honest_value: Any = {"string": "é-{}", "binary": b"b-{}", "nested": ["l-{}"]}[kind]
+    rows = [
+        [v.format(i) for v in honest_value] if isinstance(honest_value, list)
+        else honest_value.format(i) if isinstance(honest_value, str)
+        else honest_value.decode().format(i).encode()
+        for i in range(5000)
+    ]  # fmt: skip
+    honest = pa.table({"n": pa.array(range(5000)), "x": pa.array([1.5] * 5000),
+                       "note": pa.array(rows)})  # fmt: skip
+    check = _measure(honest, tmp_path)
+    assert check.rows == 5000
+    assert 0.9 < check.decoded / honest.nbytes < 1.1, (check, honest.nbytes)
