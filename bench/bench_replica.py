@@ -207,6 +207,7 @@ async def install_once(
     fetch + install of `root` from the provider at `addr`."""
     if b is None:
         b = LocalDataset(tmp / f"{mode}-{time.monotonic_ns()}", "benchreceiver")
+    b.db  # noqa: B018  (opened: a running node's database is open when a replica arrives)
     nd = P2PNode(b.home / "p2p", network="bench", blockstore=b.blocks, lab_key=BENCH_LAB_KEY)
     place = None if mode == "copy-install" else b.replica_placement(dataset, CID.decode(root))
     try:
