@@ -540,12 +540,21 @@ def materialize_tables(store: Blockstore, version: Version, dest: Path) -> dict[
     return files
 
 
-def check_distinct_bytes(get: Callable[[CID], bytes], table: str, cid: CID, claimed: int) -> None:
-    """Refuse a file claiming far more bytes than the distinct blocks of its DAG hold."""
+def check_distinct_bytes(
+    get: Callable[[CID], bytes],
+    table: str,
+    cid: CID,
+    claimed: int,
+    size: Callable[[CID], int] | None = None,
+) -> None:
+    """Refuse a file claiming far more bytes than the distinct blocks of its DAG hold
+    (raw leaves measured with `size` when given, see `unixfs.distinct_bytes`)."""
     try:
-        distinct = unixfs.distinct_bytes(get, cid)
+        distinct = unixfs.distinct_bytes(get, cid, size)
     except SnapshotError:
         raise
+    except NotFound as e:  # from `size`
+        raise IncompleteSnapshot(f"tables/{table} ({cid}): {e}") from e
     except StorageError as e:
         raise BadSnapshot(f"tables/{table} ({cid}): {e}") from e
     if claimed > MAX_CHUNK_REUSE * distinct and claimed > 0:

@@ -344,18 +344,28 @@ def frontier(
     return missing
 
 
-def distinct_bytes(get: GetBlock, root: CID) -> int:
+def distinct_bytes(
+    get: GetBlock, root: CID, size: Callable[[CID], int] | None = None
+) -> int:
     """File bytes held by the distinct blocks under `root`, each block counted once.
 
     What a DAG really stores, as opposed to what it expands to when leaves repeat.
-    Raises DagPbError for a malformed node, and whatever `get` raises.
+    With `size` (a store's block sizes), raw leaves are measured, not read: a
+    file just received is not read and hashed again. Raises DagPbError for a
+    malformed node, and whatever `get` or `size` raises.
     """
     total = 0
-    for cid, block in walk(get, root):
+    leaves: set[CID] = {root} if root.codec.code == RAW else set()
+    held = None if size is None else (lambda _: True)
+    for cid, block in walk(get, root, has=held, read_leaves=size is None):
         if cid.codec.code == RAW:
             total += len(block)
         elif cid.codec.code == DAG_PB:
-            total += len(dagpb.decode_unixfs(dagpb.decode_node(block)[1] or b"").data)
+            links, data = dagpb.decode_node(block)
+            total += len(dagpb.decode_unixfs(data or b"").data)
+            leaves.update(link.cid for link in links if link.cid.codec.code == RAW)
+    if size is not None:
+        total += sum(size(leaf) for leaf in leaves)
     return total
 
 

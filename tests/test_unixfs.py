@@ -335,6 +335,26 @@ def test_frontier_reads_inner_nodes_only() -> None:
     assert unixfs.frontier(get, store.has, root) == [leaves[3]]
 
 
+def test_distinct_bytes_by_stored_sizes_reads_no_leaf() -> None:
+    """The expansion check of a file just received measures its leaves by the store's
+    sizes instead of reading and hashing them again; the figure is the same."""
+    store = MemoryBlockstore()
+    data = os.urandom(30) * 3  # repeated chunks: fewer distinct leaves than positions
+    root, _, _ = unixfs.add_bytes(data, store.put, chunk_size=10, max_links=3)
+    read: list[CID] = []
+
+    def get(cid: CID) -> bytes:
+        read.append(cid)
+        return store.get(cid)
+
+    by_reading = unixfs.distinct_bytes(store.get, root)
+    assert by_reading < len(data)
+    assert unixfs.distinct_bytes(get, root, store.size) == by_reading
+    assert read and all(c.codec.code == DAG_PB for c in read)
+    leaf, _, _ = unixfs.add_bytes(b"one raw block", store.put)
+    assert unixfs.distinct_bytes(get, leaf, store.size) == len(b"one raw block")
+
+
 def _levels(get: unixfs.GetBlock, root: CID) -> list[list[CID]]:
     """The DAG's blocks level by level, read with the dag-pb decoder alone."""
     levels, level = [], [root]
