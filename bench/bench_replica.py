@@ -75,6 +75,7 @@ import trio
 from multiformats import CID
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.kubo (--kubo)
 
 from bench_sync import BENCH_LAB_KEY, raw_from_child, spawn, tell  # noqa: E402
 
@@ -233,7 +234,26 @@ async def install_once(
     return [t1 - t0, t2 - t1, t3 - t2], written, b
 
 
-async def install_main(mb: int, repeat: int) -> None:
+def kubo_rounds(tmp: Path, home: Path, root: str, repeat: int) -> tuple[list[float], int]:
+    """Kubo -> Kubo on the same bytes: the version's files added to a Kubo (its default
+    DAG), each round a fresh Kubo connects and Downloads them (fetch and write, as our
+    install is); the seconds of each round and the bytes."""
+    from bench_bitswap import extract, timed_download, tree_bytes
+
+    from tests.kubo import Kubo
+
+    files = tmp / "kubo-files"
+    with LocalDataset(home, "benchwriter", read_only=True) as a:
+        extract(a.blocks.get, CID.decode(root), files)
+    nbytes = tree_bytes(files)
+    with Kubo(tmp / "kubo-source") as source:
+        cid = source.add(files)
+        return [timed_download(tmp, source.addr, cid, nbytes, f"k{i}") for i in range(repeat)], (
+            nbytes
+        )
+
+
+async def install_main(mb: int, repeat: int, kubo: bool = False) -> None:
     rows = mb * 2**20 // 20  # ~20 bytes per row in our zstd Parquet
     with tempfile.TemporaryDirectory() as tmp_s, trio.fail_after(TIMEOUT):
         tmp = Path(tmp_s)
@@ -276,6 +296,10 @@ async def install_main(mb: int, repeat: int) -> None:
         finally:
             tell(proc, "quit")
             proc.wait(10)
+        if kubo:  # after ours (the provider holds the writer's store open until it quits)
+            kubo_runs, kubo_bytes = await trio.to_thread.run_sync(
+                kubo_rounds, tmp, tmp / "a", v1.cid, repeat
+            )
     raw_s = statistics.median(raw)
     print(f"replica install of {size / 2**20:.1f} MiB of segmented Parquet ({rows} rows, "
           f"{v1.manifest.tables['performance_results'].segments} segments), provider in a child "
@@ -288,6 +312,13 @@ async def install_main(mb: int, repeat: int) -> None:
         print(f"  {mode:14s}: fetch+install median {secs:.2f} s -> x{raw_s / secs:.2f} of the raw "
               f"stream (fetch {parts[0]:.2f} s, finish {parts[1]:.2f} s, install "
               f"{parts[2]:.2f} s); disk written / Parquet bytes {median_written / size:.2f}")
+    if kubo:
+        kubo_s = statistics.median(kubo_runs)
+        ours_s = statistics.median(sum(r[0]) for r in runs["placed-install"])
+        print(f"  Kubo -> Kubo  : {kubo_bytes / 2**20:.1f} MiB of the version's files Downloaded "
+              f"by a fresh Kubo, median {kubo_s:.2f} s "
+              f"({', '.join(f'{r:.2f}' for r in kubo_runs)} s) -> placed-install (per byte) "
+              f"x{(size / ours_s) / (kubo_bytes / kubo_s):.2f} of Kubo -> Kubo")
     for delta_s, delta_written, changed in delta:
         print(f"  +1% version   : {delta_s:.2f} s, disk written {delta_written} bytes, "
               f"changed files "
@@ -301,8 +332,13 @@ if __name__ == "__main__":
     parser.add_argument("--serve-home", help=argparse.SUPPRESS)
     parser.add_argument("--install", action="store_true",
                         help="a real snapshot fetched and installed end to end (see above)")
+    parser.add_argument("--kubo", action="store_true",
+                        help="with --install: also Kubo -> Kubo on the same files (kubo-python)")
     args = parser.parse_args()
     if args.serve_home:
         trio.run(serve_home, args.serve_home)
     else:
-        trio.run(install_main if args.install else main, args.mb, args.repeat)
+        if args.install:
+            trio.run(install_main, args.mb, args.repeat, args.kubo)
+        else:
+            trio.run(main, args.mb, args.repeat)
