@@ -228,19 +228,30 @@ def tell(proc: subprocess.Popen[str], word: str) -> None:
     proc.stdin.flush()
 
 
-async def raw_from_child(nbytes: int, tmp: Path) -> float:
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) process `pid` has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def raw_from_child(nbytes: int, tmp: Path, cpu: list[float] | None = None) -> float:
+    """Seconds to read `nbytes` over one raw stream from a child; with `cpu`, appends the
+    CPU seconds the receiver (this process) and the provider used meanwhile."""
     proc, info = await trio.to_thread.run_sync(spawn, "raw", nbytes, tmp)
     host = new_benchsync_host(create_new_key_pair())
     try:
         async with host.run([multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
             peer = info_from_p2p_addr(multiaddr.Multiaddr(str(info["addr"])))
             await host.connect(peer)
+            cpu0 = (time.process_time(), process_cpu(proc.pid))
             t0 = time.perf_counter()
             stream = await host.new_stream(peer.peer_id, [RAW_PROTOCOL])
             got = 0
             while data := await read_some(stream):
                 got += len(data)
             elapsed = time.perf_counter() - t0
+            if cpu is not None:
+                cpu += [time.process_time() - cpu0[0], process_cpu(proc.pid) - cpu0[1]]
             await host.close()
         assert got >= nbytes, got
         return elapsed

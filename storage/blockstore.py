@@ -234,6 +234,10 @@ class Blockstore(abc.ABC):
     def _size(self, key: str) -> int | None:
         """The size in bytes of the block under `key`, or None if absent."""
 
+    def _exists(self, key: str) -> bool:
+        """Whether a block is stored under `key` (a store may answer without reading it)."""
+        return self._size(key) is not None
+
     @abc.abstractmethod
     def _store(self, key: str, data: bytes | FileRef) -> bool:
         """Store `data` (bytes, or a file reference) under `key` unless present; True if new."""
@@ -285,7 +289,7 @@ class Blockstore(abc.ABC):
 
     def has(self, cid: CID) -> bool:
         """Whether the block is stored."""
-        return self._size(block_key(cid)) is not None
+        return self._exists(block_key(cid))
 
     def get(self, cid: CID) -> bytes:
         """The block's bytes. Raises BlockNotFound if absent, FileRefChanged if it is a
@@ -903,6 +907,14 @@ class FsBlockstore(Blockstore):
             return self._read_ref(key, self._ref_path(key))
         except FileNotFoundError:
             return None
+
+    def _exists(self, key: str) -> bool:
+        # Names only: a completeness walk asks this of every leaf of a replica, and
+        # reading each file-reference record cost as much as the rest of the walk.
+        batch = self._batch()
+        if batch is not None and key in batch.pending:
+            return True
+        return self._path(key).exists() or self._ref_path(key).exists()
 
     def _size(self, key: str) -> int | None:
         batch = self._batch()

@@ -328,6 +328,8 @@ class ReplicaStore:
         of the dataset's files (a leaf shared with a file that is going away)."""
         here = Path(os.path.abspath(files_dir))
         live_abs = {Path(os.path.abspath(p)) for p in live}
+        if all(here / p.name in live_abs for p in here.iterdir() if not p.name.startswith(".")):
+            return  # no file is going away (a first version): nothing points into one
         for path, cid in live.items():
             for leaf, offset, size in list(file_leaves(self.blocks, cid)):
                 try:
