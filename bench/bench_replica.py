@@ -48,7 +48,7 @@ another LocalDataset: fetch, then `install_replica` until it is queryable
 Ratios are each mode's Parquet bytes per second over the raw stream's, medians
 of the same run.
 
-Run: .venv/bin/python bench/bench_replica.py --install [--mb 8] [--repeat 3]
+Run: .venv/bin/python bench/bench_replica.py --install [--kubo] [--mb 8] [--repeat 3]
 
 Measured (issue 14, --install --mb 64 --repeat 3, load 2-4; 62.6 MiB, 28
 segments; raw stream 0.70 s, 89 MiB/s): copy-install x0.25 of the raw stream
