@@ -670,14 +670,14 @@ def check_parquet_file(
             raise SnapshotTooLarge(what, limit=limit, got=stated)
         decoded = sum(c.decoded for c in checks.values())
         if metas:
-            with _check_database().cursor() as conn:
+            with _check_cursor() as conn:
                 for p, meta in metas.items():
                     before = decoded
                     decoded = _check_decoded(conn, p, meta, limit, decoded, what)
                     checks[p] = ParquetCheck(meta.num_rows, stated_of[p], decoded - before)
     except SnapshotError:
         raise
-    except (pa.ArrowException, OSError, ValueError) as e:
+    except (pa.ArrowException, duckdb.Error, OSError, ValueError) as e:
         raise BadSnapshot(f"{where} is not readable Parquet: {e}") from e
     return checks
 
@@ -723,10 +723,8 @@ def _check_decoded(
         try:
             # sql: the path through literal(), every column through ident().
             row = conn.execute(f"SELECT {lengths} FROM read_parquet({literal(path)})").fetchone()
-        except duckdb.OutOfMemoryException as e:
+        except duckdb.OutOfMemoryException as e:  # other errors: not readable (the caller)
             raise SnapshotTooLarge(what, limit=limit, got=limit + 1) from e
-        except duckdb.Error as e:
-            raise BadSnapshot(f"{what}: not readable Parquet: {e}") from e
         decoded += sum(int(n) for n in row or ())
         if decoded > limit:
             raise SnapshotTooLarge(what, limit=limit, got=decoded)
@@ -744,18 +742,19 @@ _check_db: duckdb.DuckDBPyConnection | None = None
 _check_db_lock = threading.Lock()
 
 
-def _check_database() -> duckdb.DuckDBPyConnection:
-    """The process's in-memory DuckDB for measuring received files (no tables: only
-    `read_parquet` scans), under CHECK_MEMORY_LIMIT; take a `.cursor()` per use.
+def _check_cursor() -> duckdb.DuckDBPyConnection:
+    """A connection of its own (a cursor) to the process's in-memory DuckDB for measuring
+    received files (no tables: only `read_parquet` scans), under CHECK_MEMORY_LIMIT.
 
-    Opened once: opening and closing a database per check cost 30-150 ms, as
-    much as the scans of a 30 MiB replica.
+    The database is opened once: opening and closing one per check cost 30-150
+    ms, as much as the scans of a 30 MiB replica. Checks run in worker threads:
+    each takes its own cursor, made under the lock.
     """
     global _check_db
     with _check_db_lock:
         if _check_db is None:
             _check_db = duckdb.connect(config={"memory_limit": CHECK_MEMORY_LIMIT})
-        return _check_db
+        return _check_db.cursor()
 
 
 def _is_text(t: pa.DataType) -> bool:
