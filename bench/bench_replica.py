@@ -62,10 +62,11 @@ After remembering checks by file CID, measuring text columns with DuckDB, and
 reading no leaf twice (--install --kubo --mb 100 --repeat 3, load 1.2-1.5;
 97.5 MiB, 43 segments; raw 0.64 s, 153 MiB/s, the receiver at 97 % of a core
 and the provider at 89 % meanwhile; SHA-256 + write of the bytes 0.25 s, so
-x0.72 is the floor; in other runs the write took 0.10 s, a floor of x0.88): copy-install x0.25 (fetch 1.55 s, install 0.97 s), 2.08
-bytes written per byte; placed-install x0.29 (fetch 1.53 s, finish 0.16 s,
-install 0.48 s), 1.10 per byte, x0.94 of Kubo -> Kubo (2.09 s); a +1 % version
-0.38-0.43 s, writing 1.39-1.51x its changed files (1.5 MB).
+x0.72 is the floor; in other runs the write took 0.10 s, a floor of x0.88):
+copy-install x0.25 (fetch 1.55 s, install 0.97 s), 2.08 bytes written per
+byte; placed-install x0.29 (fetch 1.53 s, finish 0.16 s, install 0.48 s),
+1.10 per byte, x0.94 of Kubo -> Kubo (2.09 s); a +1 % version 0.38-0.43 s,
+writing 1.39-1.51x its changed files (1.5 MB).
 
 With --kubo: Kubo -> Kubo on the same files (tests/kubo.py; a fresh Kubo per
 round Downloads what another Kubo added, after our rounds).
