@@ -25,25 +25,13 @@ from benchsync.storage import segments
 from benchsync.storage.dataset import LocalDataset
 from benchsync.storage.replica_files import FILES_DIR, file_leaves, file_name
 from benchsync.storage.snapshot import Version
+from tests.snapshot_crash_child import perf
 from tests.test_p2p import LAB_KEY
+from tests.test_segments import use_bits
 
 TIMEOUT = 60  # seconds: one transfer scenario on a loaded 2-core box
 PEER = "peera"  # the writer's dataset name (a replica folder name)
 REPO = Path(__file__).resolve().parents[1]
-
-
-def use_bits(monkeypatch: pytest.MonkeyPatch, bits: int) -> None:
-    bound = 2 ** (64 - bits)
-    monkeypatch.setattr(segments, "BOUNDARY_BOUND", bound)
-    monkeypatch.setattr(segments, "BOUNDARY_HEX_BOUND", f"{bound:016x}")
-
-
-def perf(start: int, n: int) -> list[dict[str, Any]]:
-    return [
-        {"model_name": f"model-{i % 4}", "hardware_type": "cpu", "test_case": f"case-{i}",
-         "batch_size": 1, "latency_p90": float(i)}
-        for i in range(start, start + n)
-    ]  # fmt: skip
 
 
 def table_cids(ds: LocalDataset, version: Version) -> dict[str, CID]:

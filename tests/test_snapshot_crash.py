@@ -31,13 +31,14 @@ from hypothesis import strategies as st
 from multiformats import CID
 
 from benchsync.daemon.demo import NodeProcess, free_port
-from benchsync.storage import segments, snapshot
+from benchsync.storage import snapshot
 from benchsync.storage.blockstore import FsBlockstore, verify_block
 from benchsync.storage.dataset import LocalDataset
 from benchsync.storage.db import CHANGES_TABLE, DB_FILENAME
 from benchsync.storage.snapshot import Segment, SnapshotStore, add_segments
 from tests.fuzzing import FUZZ_SETTINGS
 from tests.snapshot_crash_child import UPDATED_CASE, UPDATED_ID, perf
+from tests.test_segments import use_bits
 
 BITS = 6  # about 64 rows per segment: a few hundred rows make many segments
 BASE = 600  # rows of the snapshotted history before the crash
@@ -45,12 +46,6 @@ NEW = 30  # rows the child appends before it snapshots
 TAIL_MAX = 64 * 8  # generous bound for "the last segment or two": far below BASE
 CHILD = Path(__file__).with_name("snapshot_crash_child.py")
 CHILD_TIMEOUT = 120.0  # seconds: a child on a loaded 2-core machine
-
-
-def use_bits(monkeypatch: pytest.MonkeyPatch, bits: int) -> None:
-    bound = 2 ** (64 - bits)
-    monkeypatch.setattr(segments, "BOUNDARY_BOUND", bound)
-    monkeypatch.setattr(segments, "BOUNDARY_HEX_BOUND", f"{bound:016x}")
 
 
 @pytest.fixture
