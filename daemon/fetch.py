@@ -55,7 +55,6 @@ from benchsync.protocol.frames import Interrupted, RemoteProtocolError
 from benchsync.protocol.session import NEED_DATA, REQUESTER, RESPONDER, EndOfStream, Refusal
 from benchsync.storage import car
 from benchsync.storage.blockstore import BlockNotFound, Blockstore, FilePlacement, WriteBatch
-from benchsync.storage.cid import RAW
 from benchsync.storage.errors import StorageError
 
 log = logging.getLogger(__name__)
@@ -559,19 +558,16 @@ class _Durability:
 
     def put(self, cid: CID, data: bytes) -> None:
         """Store a verified block (inside `joined()`)."""
-        spot = None if self.place is None else self.place(cid, len(data))
         try:
             # The CAR decoder verified it against its CID; hashing again
             # would cost a second pass per byte.
-            if spot is None:
+            if self.place is None:
                 self.store.put(cid, data, verify=False)
             else:
-                self.store.put_into_file(cid, data, spot[0], spot[1], verify=False)
+                self.place.put(cid, data, verify=False)
         except StorageError:
             self.failed = True
             raise
-        if self.place is not None and cid.codec.code != RAW:
-            self.place.stale()  # an inner node: it may place the next leaves
         if self.batch is None:
             self.committed += 1  # durable on its own (no batching)
             self.committed_bytes += len(data)

@@ -574,6 +574,9 @@ class FilePlacement:
         self.files: dict[Path, CID] = {}  # target file -> the UnixFS file it holds
         self._spots: dict[CID, list[tuple[Path, int, int]]] = {}  # leaf -> (file, offset, size)
         self._stale = True
+        # What `put` wrote into the files: `finish` and `size` need not ask the store.
+        self._written: set[tuple[CID, Path, int, int]] = set()  # (leaf, file, offset, size)
+        self._sizes: dict[CID, int] = {}
 
     def stale(self) -> None:
         """An inner node was stored: the next unknown leaf rebuilds the map."""
@@ -590,6 +593,26 @@ class FilePlacement:
                 return path, offset
         return None
 
+    def put(self, cid: CID, data: bytes, *, verify: bool = True) -> bool:
+        """Store a block: a leaf this placement has a spot for is written into its file
+        (`Blockstore.put_into_file`), anything else stored as bytes. Returns whether
+        the block was new, as `Blockstore.put` does."""
+        spot = self(cid, len(data))
+        if spot is None:
+            new = self.store.put(cid, data, verify=verify)
+            if cid.codec.code != RAW:
+                self.stale()  # an inner node: it may place the next leaves
+            return new
+        new = self.store.put_into_file(cid, data, spot[0], spot[1], verify=verify)
+        self._written.add((cid, spot[0], spot[1], len(data)))
+        self._sizes[cid] = len(data)
+        return new
+
+    def size(self, cid: CID) -> int:
+        """`Blockstore.size`, without a lookup for a leaf this placement wrote."""
+        size = self._sizes.get(cid)
+        return self.store.size(cid) if size is None else size
+
     def finish(self) -> list[Path]:
         """Write into every target file the leaves it lacks (from the store), create the
         empty ones, sync them; returns the files. Call once the DAG is complete. A
@@ -601,8 +624,10 @@ class FilePlacement:
                 pass  # an empty file has no leaf to create it
         for cid, spots in self._spots.items():
             for path, offset, size in spots:
+                if (cid, path, offset, size) in self._written:
+                    continue  # received into place by this placement
                 if self.store.file_ref(cid) == FileRef(path, offset, size):
-                    continue  # received into place
+                    continue  # received into place before (an interrupted fetch)
                 data = self.store.get(cid)
                 fd = os.open(path, os.O_WRONLY)
                 try:

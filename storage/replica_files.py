@@ -30,7 +30,7 @@ from multiformats import CID
 
 from benchsync.storage import dagpb
 from benchsync.storage.blockstore import Blockstore, FilePlacement
-from benchsync.storage.cid import RAW, parse_cid_text
+from benchsync.storage.cid import RAW, cid_text, parse_cid_text
 from benchsync.storage.errors import NotFound, StorageError
 from benchsync.storage.snapshot import (
     PARQUET_SUFFIX,
@@ -49,7 +49,7 @@ FILES_DIR = "files"  # <dataset>/files/<file-cid>.parquet
 
 def file_name(cid: CID) -> str:
     """The content-addressed name of a table file: its CID (base32/base58, alphanumeric)."""
-    return f"{cid}{PARQUET_SUFFIX}"
+    return f"{cid_text(cid)}{PARQUET_SUFFIX}"
 
 
 def version_files(store: Blockstore, version: Version) -> dict[str, TableLink]:
@@ -166,7 +166,7 @@ class ReplicaPlacement:
                 info = version.manifest.tables[table]
                 # Leaves by their stored size: verified as they arrived, not read again.
                 check_distinct_bytes(verified_getter(self.store), table, link.cid, info.bytes,
-                                     self.store.size)  # fmt: skip
+                                     self.files.size)  # fmt: skip
             done = self.files.finish()
         except NotFound as e:
             raise IncompleteSnapshot(f"a block of {self.root} went missing: {e}") from e

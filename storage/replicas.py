@@ -38,7 +38,7 @@ from multiformats import CID
 
 from benchsync.storage import dagpb, schema, segments, unixfs
 from benchsync.storage.blockstore import Blockstore
-from benchsync.storage.cid import RAW
+from benchsync.storage.cid import RAW, cid_text
 from benchsync.storage.errors import NotFound, StorageError
 from benchsync.storage.replica_files import (
     FILES_DIR,
@@ -249,8 +249,9 @@ class ReplicaStore:
                     for (name, _), path in zip(link.parts, paths, strict=True):
                         _link(path, out / name)
                     fsync_dir(out)
-                by_path = ({out: str(link.cid)} if link.parts is None
-                           else {out / name: str(cid) for name, cid in link.parts})  # fmt: skip
+                by_path = {out: cid_text(link.cid)} if link.parts is None else {
+                    out / name: cid_text(cid) for name, cid in link.parts
+                }
                 earlier = {p: known[c] for p, c in by_path.items() if c in known}
                 found = check_parquet_file(out, table, info, earlier.get)
                 checks.update((by_path[p], c) for p, c in found.items())

@@ -332,7 +332,7 @@ def bench_dag(store: Blockstore, payload: bytes) -> tuple[CID, CID]:
 
 @pytest.mark.parametrize("held_before", [0, 5])
 async def test_leaves_are_received_once_into_their_file(
-    tmp_path: Path, held_before: int
+    tmp_path: Path, held_before: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     a = node(tmp_path, "a", MemoryBlockstore())
     payload = os.urandom(12 * CHUNK + 777)
@@ -356,7 +356,18 @@ async def test_leaves_are_received_once_into_their_file(
             await b.connect(a.addrs[0])
             result = await b.fetcher.fetch(root, [a.peer_id], place=place)
             nursery.cancel_scope.cancel()
+    looked_up: list[CID] = []
+    file_ref = store.file_ref
+
+    def counting_file_ref(cid: CID) -> blockstore.FileRef | None:
+        looked_up.append(cid)
+        return file_ref(cid)
+
+    monkeypatch.setattr(store, "file_ref", counting_file_ref)
     assert place.finish() == [segments / "results.parquet"]
+    # What it wrote itself, finish knows: it asks the store about the earlier leaves only.
+    assert len(looked_up) == held_before
+    monkeypatch.undo()
     assert (segments / "results.parquet").read_bytes() == payload
     leaves = leaves_of(store, fcid)
     received = [c for c in leaves if store.file_ref(c) is not None]
