@@ -73,7 +73,7 @@ from benchsync.storage.blockstore import (
     fsync_path,
     verify_block,
 )
-from benchsync.storage.cid import parse_cid_text
+from benchsync.storage.cid import cid_text, parse_cid_text
 from benchsync.storage.db import CHANGES_TABLE
 from benchsync.storage.errors import NotFound, StorageError, TooLarge
 from benchsync.storage.sqlnames import UnsafeName, check_table_name, ident, literal
@@ -365,7 +365,8 @@ def read_version(store: Blockstore, root: CID | str) -> Version:
             f"[{MANIFEST_NAME!r}, {TABLES_DIR!r}]"
         )
     manifest = Manifest.from_bytes(_read_small_file(get, entries[MANIFEST_NAME]))
-    version = Version(cid=str(root), tables_cid=str(entries[TABLES_DIR]), manifest=manifest)
+    tables_cid = cid_text(entries[TABLES_DIR])
+    version = Version(cid=cid_text(root), tables_cid=tables_cid, manifest=manifest)
     # History outlives garbage-collected tables; their listing is checked again by
     # `materialize_tables` before anything is read from them.
     with contextlib.suppress(IncompleteSnapshot):
@@ -416,7 +417,7 @@ def table_files(get: Callable[[CID], bytes], version: Version) -> dict[str, Tabl
                 f"unexpected entry tables/{name}: the manifest's layout for {table} is "
                 f"tables/{want} (segment layout: <table>/part-NNNN.parquet)"
             )
-        if str(cid) != info.cid:
+        if cid_text(cid) != info.cid:
             raise BadSnapshot(f"tables/{name} is {cid}, but the manifest says {info.cid}")
         files[table] = TableLink(cid, None if info.segments is None else _segment_links(
             get, table, cid, info.segments))
