@@ -46,7 +46,13 @@ from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 from multiformats import CID
 
-from benchsync.daemon.host import AccessPolicy, guard_handler, read_some, remote_peer
+from benchsync.daemon.host import (
+    AccessPolicy,
+    guard_handler,
+    new_stream,
+    read_some,
+    remote_peer,
+)
 from benchsync.protocol.bitswap import (
     BITSWAP_120,
     BITSWAP_PROTOCOLS,
@@ -372,10 +378,9 @@ class BitswapService:
                 if state.gone:
                     continue  # its connection closed: what was loaded for it is dropped
                 if not box:
-                    with trio.fail_after(OPEN_TIMEOUT):
-                        box.append(await self.host.new_stream(
-                            ID.from_base58(peer), [TProtocol(p) for p in BITSWAP_PROTOCOLS]
-                        ))  # fmt: skip
+                    box.append(await new_stream(
+                        self.host, ID.from_base58(peer), BITSWAP_PROTOCOLS, OPEN_TIMEOUT
+                    ))  # fmt: skip
                     protocol = str(box[0].get_protocol() or BITSWAP_120)
                 data = frame(encode_message(msg, protocol))
                 with trio.fail_after(self.send_timeout):

@@ -456,6 +456,54 @@ def _peer_or_unknown(stream: INetStream) -> str:
         return "?"
 
 
+SEVER_TIMEOUT = 2.0  # seconds to close one connection at its transport
+
+
+async def new_stream(
+    host: IHost, peer: ID, protocols: Sequence[str], timeout: float
+) -> INetStream:
+    """`host.new_stream` (dialing if needed) within `timeout` seconds; raises
+    `trio.TooSlowError` past it, after severing the peer's connections.
+
+    A stream open that takes this long on a connection means its muxer is
+    wedged: py-libp2p's Yamux writes ACKs and pongs from its read loop under
+    the connection's write lock, so two peers whose writers both wait on full
+    socket buffers stop reading each other for good (seen under mutual bulk
+    fetches). Closing the connection at its transport frees both sides; the
+    next stream dials a new one. A slow dial loses nothing by it.
+    """
+    try:
+        with trio.fail_after(timeout):
+            return await host.new_stream(peer, [TProtocol(p) for p in protocols])
+    except trio.TooSlowError:
+        severed = await sever(host, peer)
+        if severed:
+            log.warning("opening a stream to %s took over %.0f s: closed its %d connection(s) "
+                        "to start afresh", peer, timeout, severed)  # fmt: skip
+        raise
+
+
+async def sever(host: IHost, peer: ID) -> int:
+    """Close every connection to `peer` at its transport; returns how many.
+
+    Not `conn.close()`: its goodbye frame waits on the same write lock as the
+    wedged writer. With the socket closed, that writer fails and lets go, the
+    muxer's read loop fails in turn and py-libp2p drops the connection as it
+    drops any broken one (streams reset, peer disconnected).
+    """
+    conns = list(host.get_network().get_connections(peer))
+    for conn in conns:
+        secured = getattr(conn.muxed_conn, "secured_conn", None)
+        if secured is None:
+            continue
+        with trio.move_on_after(SEVER_TIMEOUT):
+            try:
+                await secured.close()
+            except Exception as e:  # already closing: what we wanted
+                log.debug("closing a connection to %s: %r", peer, e)
+    return len(conns)
+
+
 async def read_some(stream: INetStream, n: int = READ_CHUNK) -> bytes:
     """Read up to `n` bytes; returns b"" at end of stream (EOF, reset or closed)."""
     try:

@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 from libp2p.abc import INetConn, INetStream, INetwork, INotifee
-from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 from multiaddr import Multiaddr
 from multiformats import CID
@@ -35,6 +34,7 @@ from benchsync.daemon.host import (
     PRIVATE_LISTEN,
     AccessPolicy,
     new_benchsync_host,
+    new_stream,
     parse_multiaddr,
     parse_peer_addr,
 )
@@ -414,8 +414,7 @@ class P2PNode:
 
     async def open_stream(self, peer_id: str, protocol_id: str) -> INetStream:
         """Open a stream to `peer_id` speaking `protocol_id` (dialing it if needed)."""
-        with trio.fail_after(DIAL_TIMEOUT):
-            return await self.host.new_stream(ID.from_base58(peer_id), [TProtocol(protocol_id)])
+        return await new_stream(self.host, ID.from_base58(peer_id), [protocol_id], DIAL_TIMEOUT)
 
     async def connect(self, addr: str) -> str:
         """Connect to a full `/p2p/` multiaddr; returns the peer ID once its lab

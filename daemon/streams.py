@@ -43,7 +43,13 @@ from libp2p.abc import IHost, INetStream
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
-from benchsync.daemon.host import AccessPolicy, guard_handler, read_some, remote_peer
+from benchsync.daemon.host import (
+    AccessPolicy,
+    guard_handler,
+    new_stream,
+    read_some,
+    remote_peer,
+)
 from benchsync.protocol.frames import Refused, RemoteProtocolError, encode_json_frame, refusal
 from benchsync.protocol.session import NEED_DATA, Refusal, Session
 
@@ -290,8 +296,7 @@ class StreamAdapter:
         self, peer: str, protocol_id: str, session: Session
     ) -> AsyncIterator[Channel]:
         """`open` without `settle` and `admit`: only for the membership proof."""
-        with trio.fail_after(self.open_timeout):
-            stream = await self.host.new_stream(ID.from_base58(peer), [TProtocol(protocol_id)])
+        stream = await new_stream(self.host, ID.from_base58(peer), [protocol_id], self.open_timeout)
         channel = Channel(stream, session, peer)
         ok = False
         try:

@@ -19,13 +19,14 @@ import pytest
 import trio
 from libp2p.abc import IHost, INetStream
 from libp2p.exceptions import BaseLibp2pError
+from libp2p.peer.id import ID
 from multiformats import CID
 
-from benchsync.daemon.host import AccessPolicy
+from benchsync.daemon.host import AccessPolicy, new_stream
 from benchsync.daemon.lab import Lab
 from benchsync.daemon.network import P2PNode
 from benchsync.daemon.streams import StreamAdapter
-from benchsync.protocol.fetch import missing_blocks
+from benchsync.protocol.fetch import CAR_PROTOCOL_ID, missing_blocks
 from benchsync.protocol.frames import Refused
 from benchsync.protocol.heads import Head, encode_head
 from benchsync.storage import unixfs
@@ -424,6 +425,46 @@ async def test_provider_killed_mid_fetch_another_holder_completes_it(
     assert c.p2p.fetcher.stats.block_bytes == total
     assert a.p2p.provider.served.blocks > 0
     assert c.completed == [head]
+
+
+async def test_a_wedged_connection_is_severed_and_the_next_fetch_dials_afresh(
+    tmp_path: Path,
+) -> None:
+    a, b = Node(tmp_path, "a"), Node(tmp_path, "b")
+    dag = make_dag(b.store, os.urandom(3 * CHUNK), "b1")
+    b_id = ID.from_base58(b.peer_id)
+    with trio.fail_after(TIMEOUT):
+        async with running(a, b) as nursery:
+            await a.p2p.connect(b.p2p.addrs[0])
+            network = a.p2p.host.get_network()
+            (conn,) = network.get_connections(b_id)
+            # A writer holds the connection's write lock, as one waiting on a full socket
+            # does (until the socket closes): py-libp2p's read loop then cannot even
+            # acknowledge a new stream.
+            wedged, socket_closed = trio.Event(), trio.Event()
+            secured = conn.muxed_conn.secured_conn  # type: ignore[attr-defined]
+            close_socket = secured.close
+
+            async def close() -> None:
+                socket_closed.set()
+                await close_socket()
+
+            secured.close = close
+
+            async def hold_the_write_lock() -> None:
+                async with conn.muxed_conn._write_lock:  # type: ignore[attr-defined]
+                    wedged.set()
+                    await socket_closed.wait()
+
+            nursery.start_soon(hold_the_write_lock)
+            await wedged.wait()
+            with pytest.raises(trio.TooSlowError):
+                await new_stream(a.p2p.host, b_id, [CAR_PROTOCOL_ID], 1.0)
+            while conn in network.get_connections(b_id):  # under the test's deadline
+                await trio.sleep(0.05)
+            # The next fetch dials a new connection (before, it waited on the old one forever).
+            await a.p2p.fetcher.fetch(dag[0], [b.peer_id])
+    assert complete(a.store, dag[0])
 
 
 def test_access_policy_trust_and_temporary_bans() -> None:
