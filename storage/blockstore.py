@@ -162,9 +162,20 @@ class FileRef:
         doc = {"path": str(self.path), "offset": self.offset, "length": self.length}
         return json.dumps(doc, separators=(",", ":")).encode()
 
+    @staticmethod
+    def group_bytes(path: Path, refs: dict[str, FileRef]) -> bytes:
+        """One record for several blocks' references into the file `path`, by key."""
+        doc = {"path": str(path), "refs": {k: [r.offset, r.length] for k, r in refs.items()}}
+        return json.dumps(doc, separators=(",", ":")).encode()
+
     @classmethod
-    def from_bytes(cls, raw: bytes) -> FileRef:
+    def from_bytes(cls, raw: bytes, key: str | None = None) -> FileRef:
+        """The reference a record holds: the record of one block, or the entry for `key`
+        in a group record (`group_bytes`). Raises ValueError, KeyError or TypeError."""
         doc = json.loads(raw)
+        if "refs" in doc:
+            offset, length = doc["refs"][key]
+            return cls(Path(doc["path"]), int(offset), int(length))
         return cls(Path(doc["path"]), int(doc["offset"]), int(doc["length"]))
 
     def read(self, cid: CID) -> bytes:
@@ -840,7 +851,9 @@ class _Batch(WriteBatch):
         # key -> name of its temp file in the key's shard directory (names, not Paths:
         # this grows with the batch, ~150 bytes per 256 KiB block)
         self.pending: dict[str, str] = {}
-        self.refs: set[str] = set()  # keys of `pending` that are file-reference records
+        # key -> file reference: written at the commit, one record per referenced file
+        # linked under each key (a record file per block cost as much as the block's bytes).
+        self.refs: dict[str, FileRef] = {}
         self.files: set[str] = set()  # files put_into_file wrote: synced before the renames
         self.flusher: _Flusher | None = None  # started by the first put that needs it
 
@@ -851,8 +864,16 @@ class _Batch(WriteBatch):
 
     def clear(self) -> None:
         self.pending = {}
-        self.refs = set()
+        self.refs = {}
         self.files = set()
+
+
+def _keys_by_file(refs: dict[str, FileRef]) -> dict[Path, list[str]]:
+    """The keys of `refs` grouped by the file they point into, in order."""
+    by_file: dict[Path, list[str]] = {}
+    for key, ref in refs.items():
+        by_file.setdefault(ref.path, []).append(key)
+    return by_file
 
 
 def fsync_path(path: Path) -> None:
@@ -914,16 +935,18 @@ class FsBlockstore(Blockstore):
     def _read_ref(self, key: str, path: Path) -> FileRef:
         raw = path.read_bytes()
         try:
-            return FileRef.from_bytes(raw)
+            return FileRef.from_bytes(raw, key)
         except (ValueError, KeyError, TypeError):
             detail = f"its file-reference record {path} is unreadable (delete it; fetch again)"
             raise CorruptBlock(key, detail) from None
 
     def _lookup(self, key: str) -> bytes | FileRef | None:
         batch = self._batch()
-        if batch is not None and key in batch.pending:
-            tmp = self._temp(key, batch.pending[key])
-            return self._read_ref(key, tmp) if key in batch.refs else tmp.read_bytes()
+        if batch is not None:
+            if key in batch.refs:
+                return batch.refs[key]
+            if key in batch.pending:
+                return self._temp(key, batch.pending[key]).read_bytes()
         try:
             return self._path(key).read_bytes()
         except FileNotFoundError:
@@ -937,15 +960,15 @@ class FsBlockstore(Blockstore):
         # Names only: a completeness walk asks this of every leaf of a replica, and
         # reading each file-reference record cost as much as the rest of the walk.
         batch = self._batch()
-        if batch is not None and key in batch.pending:
+        if batch is not None and (key in batch.pending or key in batch.refs):
             return True
         return self._path(key).exists() or self._ref_path(key).exists()
 
     def _size(self, key: str) -> int | None:
         batch = self._batch()
-        if batch is not None and key in batch.pending and key not in batch.refs:
+        if batch is not None and key in batch.pending:
             return self._temp(key, batch.pending[key]).stat().st_size
-        if batch is None or key not in batch.pending:
+        if batch is None or key not in batch.refs:
             try:
                 return self._path(key).stat().st_size
             except FileNotFoundError:
@@ -955,15 +978,16 @@ class FsBlockstore(Blockstore):
 
     def _store(self, key: str, data: bytes | FileRef) -> bool:
         batch = self._batch()
-        if batch is not None and key in batch.pending:
+        if batch is not None and (key in batch.pending or key in batch.refs):
             return False
         path = self._path(key)
         ref_path = self._ref_path(key)
         if path.is_file() or ref_path.is_file():
             return False
-        if path.parent.name not in self._shards:
-            path.parent.mkdir(exist_ok=True)
-            self._shards.add(path.parent.name)
+        if batch is not None and isinstance(data, FileRef):
+            batch.refs[key] = data  # recorded at the commit, with the file's other blocks
+            return True
+        self._shard_dir(path)
         is_ref = isinstance(data, FileRef)
         payload = data.to_bytes() if isinstance(data, FileRef) else data
         tmp_name = f"{TMP_PREFIX}{secrets.token_hex(8)}"
@@ -987,8 +1011,6 @@ class FsBlockstore(Blockstore):
                 os.close(fd)
             if batch is not None:
                 batch.pending[key] = tmp_name
-                if is_ref:
-                    batch.refs.add(key)
                 return True
             # Content-addressed: if another writer won the race, the bytes are
             # identical, so replacing is harmless.
@@ -1008,49 +1030,92 @@ class FsBlockstore(Blockstore):
         batch.clear()
 
     def _commit_batch(self, batch: WriteBatch) -> None:
-        """Make the batch's temp files durable, rename them into place, make that durable."""
+        """Make the batch durable: its files, its blocks' temp files and one reference record
+        per referenced file, synced; then the blocks renamed into place and the records
+        linked under their blocks' keys; then those names synced."""
         assert isinstance(batch, _Batch)
         batch.finish_writeback()
         items = list(batch.pending.items())
         refs, files = batch.refs, batch.files
         batch.clear()  # whatever happens below, the batch starts afresh
-        if not items:
+        if not items and not refs:
             return
+        groups: list[tuple[str, str, list[str]]] = []  # (key it sits beside, temp name, keys)
+        try:
+            for path, keys in _keys_by_file(refs).items():
+                record = FileRef.group_bytes(path, {key: refs[key] for key in keys})
+                groups.append((keys[0], self._write_temp(keys[0], record), keys))
+        except OSError as e:
+            self._discard(items + [(key, name) for key, name, _ in groups])
+            raise _write_error(f"record {len(refs)} file references", self.root, e,
+                               "no block of the batch was stored") from e  # fmt: skip
+        temps = items + [(key, name) for key, name, _ in groups]
         if self.fsync:
             try:
                 # A written file may live on another filesystem than the store's.
                 for name in sorted(files):
                     fsync_path(Path(name))
-                self._sync(self._temp(key, name) for key, name in items)
+                self._sync(self._temp(key, name) for key, name in temps)
             except OSError as e:
-                self._discard(items)
+                self._discard(temps)
                 raise _write_error(
-                    f"make {len(items)} new blocks durable", self.root, e, "none of them was stored"
-                ) from e
-        for i, (key, name) in enumerate(items):
-            path = self._ref_path(key) if key in refs else self._path(key)
+                    f"make {len(items) + len(refs)} new blocks durable", self.root, e,
+                    "none of them was stored",
+                ) from e  # fmt: skip
+        for i, (key, name) in enumerate(temps):
             try:
-                os.replace(path.parent / name, path)
+                if i < len(items):
+                    os.replace(self._temp(key, name), self._path(key))
+                else:
+                    self._link_record(self._temp(key, name), groups[i - len(items)][2])
             except OSError as e:
-                # The blocks renamed so far are complete and synced: keeping them is safe.
-                self._discard(items[i:])
+                # The blocks put in place so far are complete and synced: keeping them is safe.
+                self._discard(temps[i:])
                 raise _write_error(
-                    f"rename block {key} into place",
-                    self.root,
-                    e,
-                    f"{len(items) - i} blocks of the batch were not stored",
-                ) from e
+                    f"put block {key} in place", self.root, e,
+                    "the blocks of the batch not yet in place were not stored",
+                ) from e  # fmt: skip
         if self.fsync:
             try:
-                self._sync({self._path(key).parent for key, _ in items})
+                self._sync({self._path(key).parent for key in [*dict(items), *refs]})
             except OSError as e:
-                # Renamed but maybe not durable: a crash may lose a block, never corrupt one.
+                # In place but maybe not durable: a crash may lose a block, never corrupt one.
                 raise _write_error(
-                    f"make the names of {len(items)} new blocks durable",
+                    f"make the names of {len(items) + len(refs)} new blocks durable",
                     self.root,
                     e,
                     "they are stored but a crash may lose them",
                 ) from e
+
+    def _link_record(self, record: Path, keys: list[str]) -> None:
+        """Name the reference record `record` (a synced temp file) under each key's
+        record path, then drop its temp name: a block's record is one hard link."""
+        for key in keys:
+            dest = self._ref_path(key)
+            self._shard_dir(dest)
+            with contextlib.suppress(FileExistsError):  # stored meanwhile: it holds the block
+                os.link(record, dest)
+        record.unlink()
+
+    def _write_temp(self, key: str, payload: bytes) -> str:
+        """A new temp file in `key`'s shard directory holding `payload`; returns its name."""
+        path = self._path(key)
+        self._shard_dir(path)
+        name = f"{TMP_PREFIX}{secrets.token_hex(8)}"
+        fd = os.open(path.parent / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            view = memoryview(payload)
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
+        return name
+
+    def _shard_dir(self, path: Path) -> None:
+        """Create `path`'s shard directory unless known to exist."""
+        if path.parent.name not in self._shards:
+            path.parent.mkdir(exist_ok=True)
+            self._shards.add(path.parent.name)
 
     def _wrote_file(self, fd: int, path: Path) -> None:
         batch = self._batch()
@@ -1080,13 +1145,14 @@ class FsBlockstore(Blockstore):
 
     def _remove(self, key: str) -> int:
         batch = self._batch()
+        if batch is not None and key in batch.refs:
+            del batch.refs[key]
+            return 0
         if batch is not None and key in batch.pending:
             tmp = self._temp(key, batch.pending.pop(key))
-            was_ref = key in batch.refs
-            batch.refs.discard(key)
             size = tmp.stat().st_size
             tmp.unlink()
-            return 0 if was_ref else size
+            return size
         path = self._path(key)
         try:
             size = path.stat().st_size
@@ -1115,7 +1181,8 @@ class FsBlockstore(Blockstore):
         total = 0
         for entry in self._entries():
             with contextlib.suppress(FileNotFoundError):
-                total += entry.stat().st_size
+                st = entry.stat()
+                total += st.st_size // st.st_nlink  # a reference record is shared by its blocks
         return total
 
     def _marks(self) -> Path:

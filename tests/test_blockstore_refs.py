@@ -162,7 +162,11 @@ def test_references_survive_a_restart(tmp_path: Path) -> None:
     again = FsBlockstore(tmp_path / "blocks")
     assert b"".join(unixfs.cat(again.get, root)) == path.read_bytes()
     records = list((tmp_path / "blocks").glob(f"*/*{REF_SUFFIX}"))
-    assert len(records) == 3 and all(r.stat().st_size < 200 for r in records)
+    # One record for the file's three blocks, named under each (a record per block cost
+    # a file creation per 256 KiB received: as much as writing the bytes).
+    assert len(records) == 3 and len({r.stat().st_ino for r in records}) == 1
+    assert records[0].stat().st_size < 3 * 200 and records[0].stat().st_nlink == 3
+    assert again.disk_bytes() < 2 * CHUNK  # the root node, and the record counted once
 
 
 def test_a_failed_batch_keeps_no_reference(store: Blockstore, tmp_path: Path) -> None:
@@ -304,20 +308,20 @@ def test_a_batch_syncs_the_written_file_before_any_reference_is_named(
     target = tmp_path / "elsewhere" / "part.parquet"  # maybe another filesystem
     target.parent.mkdir()
     events: list[str] = []
-    real_fsync, real_replace = os.fsync, os.replace
+    real_fsync, real_link = os.fsync, os.link
 
     def fsync(fd: int) -> None:
         if os.path.realpath(f"/proc/self/fd/{fd}") == str(target):
             events.append("file synced")
         real_fsync(fd)
 
-    def replace(src: str | Path, dst: str | Path) -> None:
+    def link(src: str | Path, dst: str | Path) -> None:
         if str(dst).endswith(REF_SUFFIX):
             events.append("reference named")
-        real_replace(src, dst)
+        real_link(src, dst)
 
     monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(os, "link", link)
     data = os.urandom(5000)
     with store.batch():
         store.put_into_file(block_cid(RAW, data), data, target, 0)
