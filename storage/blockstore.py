@@ -1062,19 +1062,21 @@ class FsBlockstore(Blockstore):
                     f"make {len(items) + len(refs)} new blocks durable", self.root, e,
                     "none of them was stored",
                 ) from e  # fmt: skip
-        for i, (key, name) in enumerate(temps):
-            try:
-                if i < len(items):
-                    os.replace(self._temp(key, name), self._path(key))
-                else:
-                    self._link_record(self._temp(key, name), groups[i - len(items)][2])
-            except OSError as e:
-                # The blocks put in place so far are complete and synced: keeping them is safe.
-                self._discard(temps[i:])
-                raise _write_error(
-                    f"put block {key} in place", self.root, e,
-                    "the blocks of the batch not yet in place were not stored",
-                ) from e  # fmt: skip
+        done = 0  # temp files put in place
+        try:
+            for key, name in items:
+                os.replace(self._temp(key, name), self._path(key))
+                done += 1
+            for key, name, keys in groups:
+                self._link_record(self._temp(key, name), keys)
+                done += 1
+        except OSError as e:
+            # The blocks put in place so far are complete and synced: keeping them is safe.
+            self._discard(temps[done:])
+            raise _write_error(
+                f"put block {temps[done][0]} in place", self.root, e,
+                "the blocks of the batch not yet in place were not stored",
+            ) from e  # fmt: skip
         if self.fsync:
             try:
                 self._sync({self._path(key).parent for key in [*dict(items), *refs]})
